@@ -1,0 +1,1 @@
+//! Corpora, tokenized windows, a crash-safe activation cache and shuffled streaming batches.

@@ -1,0 +1,1 @@
+//! Real transformer checkpoints with TransformerLens hook points.
