@@ -1,0 +1,217 @@
+//! PNG plots for people (JSON is for scripts).
+//!
+//! plotters draws text with `ab_glyph` from font bytes registered at run time; the crate ships
+//! DejaVu Sans Mono (`assets/`, Bitstream Vera licence) so that a fresh machine without
+//! fontconfig or system fonts can still label its axes.
+
+use std::path::Path;
+use std::sync::Once;
+
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use crate::error::{MetricsError, Result};
+use crate::reconstruction::DensityHistogram;
+
+const FONT_BYTES: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
+const FONT: &str = "sans-serif";
+static REGISTER: Once = Once::new();
+
+fn register_font() {
+    REGISTER.call_once(|| {
+        // The bytes are a valid TTF shipped with the crate; a failure here would be a packaging
+        // bug caught by the tests, and text then falls back to not being drawn.
+        if plotters::style::register_font(FONT, FontStyle::Normal, FONT_BYTES).is_err() {
+            tracing::error!("the bundled DejaVu Sans Mono font could not be parsed");
+        }
+    });
+}
+
+fn plot_err(path: &Path) -> impl Fn(String) -> MetricsError + '_ {
+    move |reason| MetricsError::Plot {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// A bar chart of pre-binned counts: `bin_edges.len() == counts.len() + 1`.
+///
+/// # Errors
+/// `InvalidArgument` for inconsistent bins; `Plot` if drawing or writing the PNG fails.
+pub fn plot_histogram(
+    bin_edges: &[f64],
+    counts: &[u64],
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    path: &Path,
+) -> Result<()> {
+    if counts.is_empty() || bin_edges.len() != counts.len() + 1 {
+        return Err(MetricsError::InvalidArgument {
+            what: "histogram bins".into(),
+            reason: format!(
+                "need n + 1 edges for n > 0 counts, got {} edges and {} counts",
+                bin_edges.len(),
+                counts.len()
+            ),
+        });
+    }
+    if bin_edges.iter().any(|e| !e.is_finite()) {
+        return Err(MetricsError::InvalidArgument {
+            what: "histogram bin edges".into(),
+            reason: "every edge must be finite".into(),
+        });
+    }
+    register_font();
+    let e = plot_err(path);
+    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let x0 = bin_edges[0];
+    let x1 = bin_edges[bin_edges.len() - 1];
+    let ymax = counts.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.08;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 20))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x0..x1, 0.0..ymax)
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    let bars = counts.iter().enumerate().map(|(i, &c)| {
+        Rectangle::new(
+            [(bin_edges[i], 0.0), (bin_edges[i + 1], c as f64)],
+            RGBColor(66, 114, 196).filled(),
+        )
+    });
+    chart.draw_series(bars).map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
+}
+
+/// The feature-density histogram (log10 firing rate), with the dead-feature count in the title
+/// because log10(0) has no bin.
+///
+/// # Errors
+/// As [`plot_histogram`].
+pub fn plot_density_histogram(hist: &DensityHistogram, title: &str, path: &Path) -> Result<()> {
+    let n_features = hist.counts.iter().sum::<u64>() + hist.n_dead;
+    let title = format!(
+        "{title} ({} of {n_features} dead over {} tokens)",
+        hist.n_dead, hist.n_tokens
+    );
+    plot_histogram(
+        &hist.bin_edges,
+        &hist.counts,
+        &title,
+        "log10 firing rate",
+        "features",
+        path,
+    )
+}
+
+/// Bars of named values (e.g. NLL per splicing condition), each labelled with its value.
+///
+/// # Errors
+/// `InvalidArgument` if empty or not finite; `Plot` if drawing fails.
+pub fn plot_bars(items: &[(&str, f64)], title: &str, y_label: &str, path: &Path) -> Result<()> {
+    if items.is_empty() {
+        return Err(MetricsError::InvalidArgument {
+            what: "bar chart".into(),
+            reason: "no bars to draw".into(),
+        });
+    }
+    if let Some((name, v)) = items.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(MetricsError::NonFinite {
+            what: format!("bar `{name}`"),
+            value: *v,
+        });
+    }
+    register_font();
+    let e = plot_err(path);
+    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let ymax = items.iter().map(|(_, v)| *v).fold(0.0, f64::max) * 1.15;
+    let ymin = items.iter().map(|(_, v)| *v).fold(0.0, f64::min) * 1.15;
+    let ymax = if ymax <= ymin { ymin + 1.0 } else { ymax };
+    let n = items.len();
+    let labels: Vec<String> = items.iter().map(|(s, _)| s.to_string()).collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d((0..n).into_segmented(), ymin..ymax)
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .y_desc(y_label)
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .draw_series(items.iter().enumerate().map(|(i, (_, v))| {
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), *v),
+                ],
+                RGBColor(66, 114, 196).filled(),
+            );
+            bar.set_margin(0, 0, 12, 12);
+            bar
+        }))
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .draw_series(items.iter().enumerate().map(|(i, (_, v))| {
+            Text::new(
+                format!("{v:.4}"),
+                (SegmentValue::CenterOf(i), *v),
+                (FONT, 14).into_font(),
+            )
+        }))
+        .map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_font_parses() {
+        assert!(plotters::style::register_font("test-font", FontStyle::Normal, FONT_BYTES).is_ok());
+    }
+
+    #[test]
+    fn writes_png_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.png");
+        let hist = DensityHistogram {
+            bin_edges: vec![-3.0, -2.0, -1.0, 0.0],
+            counts: vec![3, 10, 2],
+            n_dead: 1,
+            n_tokens: 1000,
+        };
+        plot_density_histogram(&hist, "density", &p).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        let p2 = dir.path().join("b.png");
+        plot_bars(&[("clean", 3.3), ("spliced", 3.6)], "NLL", "nats", &p2).unwrap();
+        assert_eq!(&std::fs::read(&p2).unwrap()[1..4], b"PNG");
+        assert!(plot_histogram(&[0.0], &[1], "x", "x", "y", &p).is_err());
+    }
+}
