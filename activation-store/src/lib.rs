@@ -1,1 +1,57 @@
-//! Corpora, tokenized windows, a crash-safe activation cache and shuffled streaming batches.
+//! From registry corpora to a crash-safe, shuffled activation cache that streams to the trainer.
+//!
+//! The data flow, one module per step:
+//!
+//! 1. [`corpus`]: the pinned corpora of `ASSETS.md` as clean documents with stable ids
+//!    ([`load_corpora`]); [`rdata`] reads the Austen novels out of R's lazy-load format.
+//! 2. [`windows`]: a split by document id ([`SplitSpec`]), tokenization
+//!    ([`tokenize_documents`]), fixed windows `BOS + text` that never cross a document boundary
+//!    ([`WindowPlan`]), and token counts per split ([`corpus_report`]).
+//! 3. [`harvest()`]: a model behind [`ActivationSource`] runs over the windows; the activations of
+//!    one or more hooks are written as shards with per-row provenance and a JSON manifest
+//!    ([`manifest`]), committed crash-safely ([`writer`]) so that a killed harvest resumes without
+//!    a lost or duplicated row.
+//! 4. [`ActivationCache`]: opens and verifies a cache; [`HookActivations::batches`] streams
+//!    `[batch, d_in]` f32 tensors in a shuffled order that holds every row exactly once per epoch
+//!    ([`stream`]).
+//!
+//! ```no_run
+//! use activation_store::{ActivationCache, StreamConfig};
+//! # fn main() -> activation_store::Result<()> {
+//! let cache = ActivationCache::open("runs/cache")?;
+//! let acts = cache.hook("blocks.15.mlp.hook_post")?;
+//! for batch in acts.batches(StreamConfig { epochs: Some(1), ..StreamConfig::new(4096) })? {
+//!     let batch = batch?; // [4096, d_in] f32
+//! #   let _ = batch;
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod cache;
+pub mod corpus;
+pub mod error;
+pub mod harvest;
+pub mod hooked;
+pub mod manifest;
+pub mod rdata;
+pub mod stream;
+pub mod windows;
+pub mod writer;
+
+pub use cache::{ActivationCache, HookActivations, PlanInfo, VerifyReport};
+pub use corpus::{CorpusName, Document, default_corpora_root, load_corpora, load_corpus};
+pub use error::{Error, Result};
+pub use harvest::{
+    ActivationSource, HarvestConfig, HarvestSummary, ModelIdentity, SyntheticSource, harvest,
+    sha256_file,
+};
+pub use hooked::HookedModel;
+pub use manifest::{
+    CacheSettings, FileInfo, HookInfo, Manifest, Provenance, ShardInfo, SourceInfo, StoreDtype,
+};
+pub use stream::{BatchStream, Shuffle, StreamConfig};
+pub use windows::{
+    CorpusReport, Split, SplitCounts, SplitSpec, TokenizedDocument, WindowPlan, WindowSpan,
+    corpus_report, tokenize_documents,
+};
+pub use writer::{CacheWriter, ShardBuilder};
