@@ -54,6 +54,9 @@ pub enum MetricsError {
         #[source]
         source: std::io::Error,
     },
+    /// The SAE refused an operation (wrong width, NaN input, ...).
+    #[error(transparent)]
+    Sae(#[from] sae_core::SaeError),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
     #[error(transparent)]

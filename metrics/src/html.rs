@@ -169,7 +169,11 @@ pub fn render_context(ex: &ContextExample, max_activation: f32, max_abs_delta: f
                 0.0
             };
             // Blue: ablation made this token less likely (the feature helped predict it).
-            let (r, g, b) = if d < 0.0 { (30, 90, 230) } else { (220, 30, 30) };
+            let (r, g, b) = if d < 0.0 {
+                (30, 90, 230)
+            } else {
+                (220, 30, 30)
+            };
             if w > 0.02 {
                 let _ = write!(style, "border-bottom-color: rgba({r},{g},{b},{w:.3});");
             }
@@ -240,7 +244,11 @@ pub fn svg_histogram(edges: &[f32], counts: &[u64], width: u32, height: u32) -> 
 fn max_abs_delta(page: &FeaturePage) -> f32 {
     page.top_examples
         .iter()
-        .chain(page.interval_examples.iter().flat_map(|g| g.examples.iter()))
+        .chain(
+            page.interval_examples
+                .iter()
+                .flat_map(|g| g.examples.iter()),
+        )
         .flat_map(|e| e.logprob_delta.iter().flatten())
         .fold(0.0f32, |m, d| m.max(d.abs()))
 }

@@ -2,16 +2,36 @@
 //!
 //! - [`reconstruction`]: L0, MSE, FVU / explained variance, cosine, dead and dense fractions and
 //!   the feature-density histogram, streamed over batches of held-out activations.
-//! - [`plots`]: PNG plots of those (plotters with a bundled font).
-//! - [`html`]: self-contained feature pages in the style of Towards Monosemanticity.
+//! - [`spliced`]: the model's loss with the SAE spliced in at its hook, against the clean loss and
+//!   zero- and mean-ablation; loss recovered; KL(clean ‖ spliced).
+//! - [`ablation`]: the feature-ablation study (per-token Δ log p when one feature is removed).
+//! - [`examples`]: top-activating and decile-sampled contexts from an activation cache.
+//! - [`pages`] and [`html`]: self-contained feature pages in the style of Towards Monosemanticity.
+//! - [`plots`]: PNG plots (plotters with a bundled font).
+//! - [`nll`]: next-token log-probabilities and KL from logits.
 
+pub mod ablation;
 pub mod error;
+pub mod examples;
 pub mod html;
+pub mod nll;
+pub mod pages;
 pub mod plots;
 pub mod reconstruction;
+pub mod sae_ops;
+pub mod spliced;
+#[cfg(test)]
+mod testutil;
 
+pub use ablation::{ContextAblation, ablate_feature, top_logit_effects};
 pub use error::{MetricsError, Result};
+pub use examples::{Example, ExampleCollector, IntervalExamples, RowSource};
+pub use pages::{PageConfig, TokenSource, build_feature_page, write_pages};
 pub use reconstruction::{
     DEFAULT_DENSE_THRESHOLD, DensityHistogram, FeatureDensity, ReconstructionAccumulator,
     ReconstructionMetrics,
+};
+pub use spliced::{
+    MeanActivation, SpliceTarget, SplicedConfig, SplicedEvaluation, SplicedNll, evaluate_spliced,
+    loss_recovered,
 };

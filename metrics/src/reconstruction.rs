@@ -282,9 +282,46 @@ impl ReconstructionAccumulator {
         if n == 0 {
             return Ok(());
         }
+        let active = feature_acts
+            .to_dtype(DType::F32)?
+            .gt(0f32)?
+            .to_dtype(DType::F32)?;
+        let l0 = active
+            .sum(1)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        // Counts within one batch are exact in f32 up to 2^24 rows.
+        let fires = active
+            .sum(0)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|c| c.round() as u64)
+            .collect();
+        self.update_dense_parts(x, x_hat, l0, fires)
+    }
+
+    fn update_dense_parts(
+        &mut self,
+        x: &Tensor,
+        x_hat: &Tensor,
+        l0: Vec<f64>,
+        fires: Vec<u64>,
+    ) -> Result<()> {
+        let n = x.dim(0)?;
+        if x.dims() != [n, self.d_in] || x_hat.dims() != x.dims() {
+            return Err(shape_err(
+                "x and x_hat",
+                format!("both [n, {}]", self.d_in),
+                format!("{:?} and {:?}", x.dims(), x_hat.dims()),
+            ));
+        }
+        if n == 0 {
+            return Ok(());
+        }
         let x = x.to_dtype(DType::F32)?;
         let x_hat = x_hat.to_dtype(DType::F32)?;
-        let acts = feature_acts.to_dtype(DType::F32)?;
 
         let dim_sum_t = x.sum(0)?;
         let batch_mean = (&dim_sum_t / n as f64)?;
@@ -293,9 +330,6 @@ impl ReconstructionAccumulator {
         let dot = (&x * &x_hat)?.sum(1)?;
         let x_sq = x.sqr()?.sum(1)?;
         let xh_sq = x_hat.sqr()?.sum(1)?;
-        let active = acts.gt(0f32)?.to_dtype(DType::F32)?;
-        let l0 = active.sum(1)?;
-        let fires = active.sum(0)?;
 
         let to64 = |t: &Tensor| -> Result<Vec<f64>> {
             Ok(t.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
@@ -308,15 +342,59 @@ impl ReconstructionAccumulator {
             dot: to64(&dot)?,
             x_sq: to64(&x_sq)?,
             xh_sq: to64(&xh_sq)?,
-            l0: to64(&l0)?,
-            // Counts within one batch are exact in f32 up to 2^24 rows.
-            fires: fires
-                .to_vec1::<f32>()?
-                .into_iter()
-                .map(|c| c.round() as u64)
-                .collect(),
+            l0,
+            fires,
         };
         self.merge_batch(stats)
+    }
+
+    /// Adds a batch whose feature activations are sparse, in CSR form as `sae_core`'s
+    /// `SparseCodes` holds them: row `r`'s (feature, value) pairs are
+    /// `features[offsets[r]..offsets[r + 1]]` and the same range of `values`.
+    ///
+    /// # Errors
+    /// As [`Self::update`]; `ShapeMismatch` for inconsistent CSR arrays or a feature index out of range.
+    pub fn update_sparse(
+        &mut self,
+        x: &Tensor,
+        x_hat: &Tensor,
+        offsets: &[usize],
+        features: &[u32],
+        values: &[f32],
+    ) -> Result<()> {
+        let n = x.dim(0).unwrap_or(0);
+        let d_sae = self.density.d_sae();
+        if offsets.len() != n + 1 || features.len() != values.len() || offsets[n] != values.len() {
+            return Err(shape_err(
+                "sparse feature activations",
+                format!("{} offsets ending at the number of values", n + 1),
+                format!(
+                    "{} offsets, {} features, {} values",
+                    offsets.len(),
+                    features.len(),
+                    values.len()
+                ),
+            ));
+        }
+        let mut l0 = vec![0.0; n];
+        let mut fires = vec![0u64; d_sae];
+        for r in 0..n {
+            for i in offsets[r]..offsets[r + 1] {
+                let f = features[i] as usize;
+                if f >= d_sae {
+                    return Err(shape_err(
+                        "sparse feature index",
+                        format!("< d_sae = {d_sae}"),
+                        format!("{f}"),
+                    ));
+                }
+                if values[i] > 0.0 {
+                    l0[r] += 1.0;
+                    fires[f] += 1;
+                }
+            }
+        }
+        self.update_dense_parts(x, x_hat, l0, fires)
     }
 
     /// Adds a batch given as row-major slices: `x` and `x_hat` of `n * d_in` values,
@@ -528,12 +606,20 @@ mod tests {
 
         let mut many = ReconstructionAccumulator::new(d, k);
         for (lo, hi) in [(0, 1), (1, 10), (10, 11), (11, 37)] {
-            many.update_slices(&x[lo * d..hi * d], &xh[lo * d..hi * d], &acts[lo * k..hi * k])
-                .unwrap();
+            many.update_slices(
+                &x[lo * d..hi * d],
+                &xh[lo * d..hi * d],
+                &acts[lo * k..hi * k],
+            )
+            .unwrap();
         }
         let many = many.finish(0.1).unwrap();
         assert_relative_eq!(one.fvu, many.fvu, epsilon = 1e-12);
-        assert_relative_eq!(one.cosine_similarity, many.cosine_similarity, epsilon = 1e-12);
+        assert_relative_eq!(
+            one.cosine_similarity,
+            many.cosine_similarity,
+            epsilon = 1e-12
+        );
         assert_eq!(one.l0, many.l0);
 
         // Direct two-pass FVU with the global mean.
@@ -583,19 +669,23 @@ mod tests {
     #[test]
     fn wrong_shapes_name_the_tensor() {
         let mut acc = ReconstructionAccumulator::new(3, 2);
-        let e = acc.update_slices(&[0.0; 6], &[0.0; 5], &[0.0; 4]).unwrap_err();
+        let e = acc
+            .update_slices(&[0.0; 6], &[0.0; 5], &[0.0; 4])
+            .unwrap_err();
         assert!(e.to_string().contains("x_hat"), "{e}");
-        let e = acc.update_slices(&[0.0; 6], &[0.0; 6], &[0.0; 5]).unwrap_err();
+        let e = acc
+            .update_slices(&[0.0; 6], &[0.0; 6], &[0.0; 5])
+            .unwrap_err();
         assert!(e.to_string().contains("feature_acts"), "{e}");
         let dev = Device::Cpu;
         let x = Tensor::zeros((2, 4), DType::F32, &dev).unwrap();
         let a = Tensor::zeros((2, 2), DType::F32, &dev).unwrap();
         let e = acc.update(&x, &x, &a).unwrap_err();
-        assert!(e.to_string().contains("x:") || e.to_string().contains("for x"), "{e}");
-        assert!(matches!(
-            acc.finish(0.1),
-            Err(MetricsError::Empty { .. })
-        ));
+        assert!(
+            e.to_string().contains("x:") || e.to_string().contains("for x"),
+            "{e}"
+        );
+        assert!(matches!(acc.finish(0.1), Err(MetricsError::Empty { .. })));
         let e = acc
             .update_slices(&[f32::NAN, 0.0, 0.0], &[0.0; 3], &[0.0; 2])
             .unwrap_err();

@@ -1,0 +1,140 @@
+//! Toy models and hand-built SAEs for unit tests.
+
+use candle_core::{DType, Device, Tensor};
+use sae_core::config::StandardConfig;
+use sae_core::{
+    CommonConfig, DecoderNorm, Param, Params, SaeConfig, SaeModel, StandardSae, StandardTraining,
+};
+
+use crate::error::Result;
+use crate::spliced::{HookEdit, SpliceTarget};
+
+/// A causal toy "transformer": the hook's activation at position p is the mean of the token
+/// embeddings up to p plus the current token's embedding; logits are `h · W_U + b`.
+pub struct ToyModel {
+    pub embed: Vec<f32>,
+    pub w_u: Vec<f32>,
+    pub vocab: usize,
+    pub d: usize,
+}
+
+fn lcg(state: &mut u64) -> f32 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*state >> 33) as f64 / (1u64 << 31) as f64) as f32 * 2.0 - 1.0
+}
+
+impl ToyModel {
+    pub fn new(vocab: usize, d: usize, seed: u64) -> Self {
+        let mut s = seed;
+        let embed = (0..vocab * d).map(|_| lcg(&mut s) * 1.5).collect();
+        let w_u = (0..d * vocab).map(|_| lcg(&mut s)).collect();
+        Self {
+            embed,
+            w_u,
+            vocab,
+            d,
+        }
+    }
+
+    /// The hook's clean activations for one sequence, on the host.
+    pub fn hook_acts(&self, toks: &[u32]) -> Vec<f32> {
+        let d = self.d;
+        let mut out = vec![0.0; toks.len() * d];
+        let mut run = vec![0.0f32; d];
+        for (p, &t) in toks.iter().enumerate() {
+            let e = &self.embed[t as usize * d..(t as usize + 1) * d];
+            for j in 0..d {
+                run[j] += e[j];
+                out[p * d + j] = run[j] / (p + 1) as f32 + e[j];
+            }
+        }
+        out
+    }
+
+    /// Logits from (possibly edited) hook activations, on the host: `[t, vocab]`.
+    pub fn logits_from(&self, h: &[f32]) -> Vec<f32> {
+        let (d, v) = (self.d, self.vocab);
+        let t = h.len() / d;
+        let mut out = vec![0.0; t * v];
+        for p in 0..t {
+            for k in 0..v {
+                let mut s = 0.0;
+                for j in 0..d {
+                    s += h[p * d + j] * self.w_u[j * v + k];
+                }
+                out[p * v + k] = s;
+            }
+        }
+        out
+    }
+}
+
+impl SpliceTarget for ToyModel {
+    fn hook_name(&self) -> String {
+        "blocks.0.mlp.hook_post".into()
+    }
+    fn hook_width(&self) -> usize {
+        self.d
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+    fn forward(&mut self, tokens: &Tensor, edit: Option<&mut HookEdit<'_>>) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let ids = tokens.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let mut h = Vec::with_capacity(b * t * self.d);
+        for row in &ids {
+            h.extend(self.hook_acts(row));
+        }
+        let mut h = Tensor::from_vec(h, (b, t, self.d), &Device::Cpu)?;
+        if let Some(f) = edit {
+            h = f(&h)?;
+        }
+        let hv = h.flatten_all()?.to_vec1::<f32>()?;
+        let mut logits = Vec::with_capacity(b * t * self.vocab);
+        for bi in 0..b {
+            logits.extend(self.logits_from(&hv[bi * t * self.d..(bi + 1) * t * self.d]));
+        }
+        Ok(Tensor::from_vec(logits, (b, t, self.vocab), &Device::Cpu)?)
+    }
+}
+
+fn standard(d_in: usize, d_sae: usize, w_enc: Vec<f32>, w_dec: Vec<f32>) -> SaeModel {
+    let params = Params::new(vec![
+        Param::new("W_enc", &[d_sae, d_in], true, w_enc),
+        Param::zeros("b_enc", &[d_sae], true),
+        Param::new("W_dec", &[d_sae, d_in], true, w_dec),
+        Param::zeros("b_dec", &[d_in], false),
+    ]);
+    let cfg = StandardTraining {
+        decoder_norm: DecoderNorm::Free,
+        ..StandardTraining::default()
+    };
+    let sae = StandardSae::from_params(d_in, d_sae, cfg, params).expect("valid toy SAE");
+    let scfg = SaeConfig::Standard(StandardConfig {
+        common: CommonConfig::new(d_in, d_sae),
+    });
+    SaeModel::from_parts(scfg, Box::new(sae), None)
+}
+
+/// A ReLU SAE with features ±e_j: ReLU(x)·I + ReLU(-x)·(-I) = x, a perfect reconstruction.
+pub fn perfect_sae(d: usize) -> SaeModel {
+    let mut w = vec![0.0; 2 * d * d];
+    for j in 0..d {
+        w[j * d + j] = 1.0;
+        w[(d + j) * d + j] = -1.0;
+    }
+    standard(d, 2 * d, w.clone(), w)
+}
+
+/// An SAE whose decoder is zero: its reconstruction is the zero vector (zero-ablation).
+pub fn zero_sae(d: usize) -> SaeModel {
+    let mut w = vec![0.0; 2 * d * d];
+    for j in 0..d {
+        w[j * d + j] = 1.0;
+        w[(d + j) * d + j] = -1.0;
+    }
+    standard(d, 2 * d, w, vec![0.0; 2 * d * d])
+}
