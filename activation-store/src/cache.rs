@@ -338,7 +338,11 @@ impl HookActivations {
     /// norm sqrt(d_in)" divides by.
     pub fn mean_norm(&self) -> f64 {
         let m = self.cache.manifest();
-        let sum: f64 = m.shards.iter().map(|s| s.hooks[self.index].norm_sum).sum();
+        let sum: f64 = m
+            .shards
+            .iter()
+            .map(|s| s.hooks[self.index].norm_sum as f64)
+            .sum();
         sum / m.rows.max(1) as f64
     }
 

@@ -197,8 +197,10 @@ pub struct FileInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HookShard {
     pub file: FileInfo,
-    /// Sum of the rows' L2 norms, for the mean norm that SAE training normalises by.
-    pub norm_sum: f64,
+    /// Sum of the rows' L2 norms, for the mean norm that SAE training normalises by. Stored as
+    /// f32 because serde_json's default float parser round-trips f32 exactly but not every f64,
+    /// and a resumed harvest must rewrite the manifest bit for bit.
+    pub norm_sum: f32,
 }
 
 /// One committed shard.

@@ -733,4 +733,57 @@ mod tests {
             }
         }
     }
+
+    /// Buckets larger than memory are dealt again (a third pass), and still every row comes out
+    /// exactly once.
+    #[test]
+    fn oversized_buckets_are_split_again() {
+        use crate::{HarvestConfig, ModelIdentity, Split, SyntheticSource, TokenizedDocument};
+        let tmp = tempfile::tempdir().unwrap();
+        let docs: Vec<TokenizedDocument> = (0..40)
+            .map(|i| TokenizedDocument {
+                id: format!("d/{i}"),
+                split: Split::Train,
+                tokens: (0..30).map(|j| 2 + (i * 31 + j) as u32).collect(),
+            })
+            .collect();
+        let plan = crate::WindowPlan::build(&docs, Split::Train, 16, 1, 0).unwrap();
+        let mut src = SyntheticSource {
+            widths: vec![("h".into(), 12)],
+            delay: std::time::Duration::ZERO,
+        };
+        let id = ModelIdentity {
+            model: "m".into(),
+            model_sha256: "0".into(),
+            tokenizer: "t".into(),
+        };
+        let mut cfg = HarvestConfig::new(vec!["h".into()]);
+        cfg.shard_rows = 300;
+        crate::harvest(tmp.path(), &plan, &id, &mut src, &cfg, None).unwrap();
+        let acts = crate::ActivationCache::open(tmp.path())
+            .unwrap()
+            .hook("h")
+            .unwrap();
+        let n = acts.rows() as usize;
+        assert_eq!(n, 1200);
+        let stop = AtomicBool::new(false);
+        let rng = ChaCha8Rng::seed_from_u64(3);
+        let mut r = ExternalReader::new(acts.clone(), 1 << 30, None, rng, true, &stop).unwrap();
+        assert_eq!(r.pending.len(), 2);
+        // Now only ~100 rows fit: each ~600-row bucket must be dealt again.
+        r.memory_bytes = 100 * (r.row_bytes + 4);
+        let mut out = Vec::new();
+        while r.fill(&mut out, 77).unwrap() > 0 {}
+        assert!(
+            r.next_name > 4,
+            "no bucket was re-dealt ({} files)",
+            r.next_name
+        );
+        let key = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        let mut got: Vec<_> = out.chunks(12).map(key).collect();
+        let mut want: Vec<_> = acts.read_rows(0, n).unwrap().chunks(12).map(key).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+    }
 }

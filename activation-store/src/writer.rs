@@ -423,7 +423,7 @@ impl CacheWriter {
         for (pending, norm_sum) in shard.hooks.into_iter().zip(shard.norm_sums) {
             hooks.push(HookShard {
                 file: pending.finish()?,
-                norm_sum,
+                norm_sum: norm_sum as f32,
             });
         }
         let provenance = shard.provenance.finish()?;
