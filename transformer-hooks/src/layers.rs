@@ -1,0 +1,562 @@
+//! The transformer components every family shares, and the one forward pass that wires them.
+//!
+//! Every hook point is applied in exactly one place in this file. Families differ only through
+//! [`ModelConfig`] flags (sandwich norms, q/k norms, gated MLP, learned positions, ...).
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{Activation, AttentionType, ModelConfig, NormKind};
+use crate::error::{Error, Result};
+use crate::hook_point::{HookPoint, Site};
+use crate::hooks::HookRun;
+use crate::ops;
+use crate::weights::Params;
+
+/// Apply the hooks at a site; return `Ok(None)` from the enclosing function if the pass stops there.
+macro_rules! hook {
+    ($run:expr, $point:expr, $x:expr) => {{
+        let point = $point;
+        let x = $run.at(point, $x)?;
+        if $run.stops_at(point) {
+            return Ok(None);
+        }
+        x
+    }};
+}
+
+fn param(p: &Params, name: &str) -> Result<Tensor> {
+    p.get(name).cloned().ok_or_else(|| Error::MissingTensor {
+        path: "<parameters>".into(),
+        name: name.to_string(),
+        arch: "any".into(),
+    })
+}
+
+/// `x W^T + b` with `W` stored `[out, in]`.
+pub(crate) struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(p: &Params, prefix: &str) -> Result<Self> {
+        Ok(Self {
+            w: param(p, &format!("{prefix}.weight"))?,
+            b: p.get(&format!("{prefix}.bias")).cloned(),
+        })
+    }
+
+    /// `[..., in] -> [..., out]`, as one matrix product over all leading dimensions.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let d_in = dims[dims.len() - 1];
+        let rows = x.elem_count() / d_in.max(1);
+        let y = x.reshape((rows, d_in))?.matmul(&self.w.t()?)?;
+        let y = match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims.to_vec();
+        let last = out.len() - 1;
+        out[last] = self.w.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// RMSNorm or LayerNorm over the last dimension.
+pub(crate) struct Norm {
+    kind: NormKind,
+    w: Tensor,
+    b: Option<Tensor>,
+    eps: f64,
+}
+
+impl Norm {
+    fn new(p: &Params, prefix: &str, kind: NormKind, eps: f64) -> Result<Self> {
+        let b = match kind {
+            NormKind::RmsNorm => None,
+            NormKind::LayerNorm => Some(param(p, &format!("{prefix}.bias"))?),
+        };
+        Ok(Self {
+            kind,
+            w: param(p, &format!("{prefix}.weight"))?,
+            b,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match (&self.kind, &self.b) {
+            (NormKind::LayerNorm, Some(b)) => ops::layer_norm(x, &self.w, b, self.eps)?,
+            _ => ops::rms_norm(x, &self.w, self.eps)?,
+        })
+    }
+}
+
+/// Multi-head attention with grouped key/value heads, optional q/k norms and rotary.
+pub(crate) struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+}
+
+/// Per-pass tensors shared by all layers: rotary tables and masks for each attention type.
+pub(crate) struct PassContext {
+    /// `(cos, sin)`, `[seq, d_head/2]` or `[batch, seq, d_head/2]`, per attention type.
+    rope_full: Option<(Tensor, Tensor)>,
+    rope_local: Option<(Tensor, Tensor)>,
+    /// Additive masks `[batch or 1, 1, seq, seq]` (0 or -inf).
+    mask_full: Tensor,
+    mask_local: Tensor,
+}
+
+impl Attention {
+    fn new(p: &Params, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let qk_norm = |which: &str| -> Result<Option<Norm>> {
+            if cfg.qk_norm {
+                Ok(Some(Norm::new(
+                    p,
+                    &format!("{prefix}.{which}"),
+                    NormKind::RmsNorm,
+                    cfg.norm_eps,
+                )?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Self {
+            q: Linear::new(p, &format!("{prefix}.q"))?,
+            k: Linear::new(p, &format!("{prefix}.k"))?,
+            v: Linear::new(p, &format!("{prefix}.v"))?,
+            o: Linear::new(p, &format!("{prefix}.o"))?,
+            q_norm: qk_norm("q_norm")?,
+            k_norm: qk_norm("k_norm")?,
+        })
+    }
+
+    /// `[batch, seq, d_model] -> [batch, seq, d_model]`.
+    fn forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        cfg: &ModelConfig,
+        kind: AttentionType,
+        ctx: &PassContext,
+        run: &mut HookRun,
+    ) -> Result<Option<Tensor>> {
+        let (b, s, _) = x.dims3()?;
+        let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
+        let at = |site| HookPoint::Block(layer, site);
+        let q = hook!(run, at(Site::Q), self.q.forward(x)?.reshape((b, s, h, dh))?);
+        let k = hook!(
+            run,
+            at(Site::K),
+            self.k.forward(x)?.reshape((b, s, kvh, dh))?
+        );
+        let v = hook!(
+            run,
+            at(Site::V),
+            self.v.forward(x)?.reshape((b, s, kvh, dh))?
+        );
+        let (q, k) = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
+            _ => (q, k),
+        };
+        // [batch, heads, seq, d_head] from here on.
+        let mut q = q.transpose(1, 2)?.contiguous()?;
+        let mut k = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (rope, mask) = match kind {
+            AttentionType::Full => (&ctx.rope_full, &ctx.mask_full),
+            AttentionType::Sliding => (&ctx.rope_local, &ctx.mask_local),
+        };
+        if let Some((cos, sin)) = rope {
+            q = ops::rope(&q, cos, sin, cfg.rope_layout)?;
+            k = ops::rope(&k, cos, sin, cfg.rope_layout)?;
+            for (site, t) in [(Site::RotQ, &mut q), (Site::RotK, &mut k)] {
+                if run.wants(at(site)) {
+                    *t = hook!(run, at(site), t.transpose(1, 2)?)
+                        .transpose(1, 2)?
+                        .contiguous()?;
+                }
+            }
+        }
+        // Scaling q before the product is the same as scaling the scores, on s*d not s*s numbers.
+        let q = (q * cfg.attn_scale)?;
+        // Grouped-query attention without copying k/v: the n_rep query heads sharing a kv head are
+        // stacked along the sequence axis of one product.
+        let n_rep = h / kvh;
+        let q = q.reshape((b, kvh, n_rep * s, dh))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, h, s, s))?;
+        let scores = scores.broadcast_add(mask)?;
+        let scores = hook!(run, at(Site::AttnScores), scores);
+        let pattern = ops::softmax_last_dim(&scores)?;
+        let pattern = hook!(run, at(Site::Pattern), pattern);
+        let z = pattern
+            .reshape((b, kvh, n_rep * s, s))?
+            .matmul(&v)?
+            .reshape((b, h, s, dh))?
+            .transpose(1, 2)?;
+        let z = hook!(run, at(Site::Z), z);
+        Ok(Some(self.o.forward(&z.reshape((b, s, h * dh))?)?))
+    }
+}
+
+/// The MLP: gated (`down(act(gate x) * up x)`) or not (`down(act(up x))`).
+pub(crate) struct Mlp {
+    gate: Option<Linear>,
+    up: Linear,
+    down: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn new(p: &Params, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        Ok(Self {
+            gate: if cfg.gated_mlp {
+                Some(Linear::new(p, &format!("{prefix}.gate"))?)
+            } else {
+                None
+            },
+            up: Linear::new(p, &format!("{prefix}.up"))?,
+            down: Linear::new(p, &format!("{prefix}.down"))?,
+            act: cfg.act,
+        })
+    }
+
+    fn act(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self.act {
+            Activation::Silu => x.silu()?,
+            Activation::GeluTanh => x.gelu()?,
+            Activation::GeluErf => x.gelu_erf()?,
+        })
+    }
+
+    fn forward(&self, layer: usize, x: &Tensor, run: &mut HookRun) -> Result<Option<Tensor>> {
+        let at = |site| HookPoint::Block(layer, site);
+        let post = match &self.gate {
+            Some(gate) => {
+                let pre = hook!(run, at(Site::MlpPre), gate.forward(x)?);
+                let lin = hook!(run, at(Site::MlpPreLinear), self.up.forward(x)?);
+                (self.act(&pre)? * lin)?
+            }
+            None => {
+                let pre = hook!(run, at(Site::MlpPre), self.up.forward(x)?);
+                self.act(&pre)?
+            }
+        };
+        let post = hook!(run, at(Site::MlpPost), post);
+        Ok(Some(self.down.forward(&post)?))
+    }
+}
+
+/// One pre-norm block, with Gemma's optional post-norms on both branches.
+pub(crate) struct Block {
+    ln1: Norm,
+    attn: Attention,
+    ln1_post: Option<Norm>,
+    ln2: Norm,
+    mlp: Mlp,
+    ln2_post: Option<Norm>,
+    kind: AttentionType,
+}
+
+impl Block {
+    fn new(p: &Params, layer: usize, cfg: &ModelConfig) -> Result<Self> {
+        let pre = format!("blocks.{layer}");
+        let norm = |n: &str| Norm::new(p, &format!("{pre}.{n}"), cfg.norm, cfg.norm_eps);
+        Ok(Self {
+            ln1: norm("ln1")?,
+            attn: Attention::new(p, &format!("{pre}.attn"), cfg)?,
+            ln1_post: if cfg.sandwich_norms {
+                Some(norm("ln1_post")?)
+            } else {
+                None
+            },
+            ln2: norm("ln2")?,
+            mlp: Mlp::new(p, &format!("{pre}.mlp"), cfg)?,
+            ln2_post: if cfg.sandwich_norms {
+                Some(norm("ln2_post")?)
+            } else {
+                None
+            },
+            kind: cfg.layer_types[layer],
+        })
+    }
+
+    fn forward(
+        &self,
+        layer: usize,
+        resid: Tensor,
+        cfg: &ModelConfig,
+        ctx: &PassContext,
+        run: &mut HookRun,
+    ) -> Result<Option<Tensor>> {
+        let at = |site| HookPoint::Block(layer, site);
+        let resid = hook!(run, at(Site::ResidPre), resid);
+        let x = hook!(run, at(Site::Ln1Normalized), self.ln1.forward(&resid)?);
+        let Some(attn) = self.attn.forward(layer, &x, cfg, self.kind, ctx, run)? else {
+            return Ok(None);
+        };
+        let attn = match &self.ln1_post {
+            Some(n) => n.forward(&attn)?,
+            None => attn,
+        };
+        let attn = hook!(run, at(Site::AttnOut), attn);
+        let resid = hook!(run, at(Site::ResidMid), (resid + attn)?);
+        let x = hook!(run, at(Site::Ln2Normalized), self.ln2.forward(&resid)?);
+        let Some(mlp) = self.mlp.forward(layer, &x, run)? else {
+            return Ok(None);
+        };
+        let mlp = match &self.ln2_post {
+            Some(n) => n.forward(&mlp)?,
+            None => mlp,
+        };
+        let mlp = hook!(run, at(Site::MlpOut), mlp);
+        let resid = hook!(run, at(Site::ResidPost), (resid + mlp)?);
+        Ok(Some(resid))
+    }
+}
+
+/// The whole stack, built from canonical parameters.
+pub(crate) struct Transformer {
+    embed: Tensor,
+    pos_embed: Option<Tensor>,
+    blocks: Vec<Block>,
+    ln_final: Norm,
+    unembed: Tensor,
+}
+
+/// Where each sequence's tokens sit: `0..seq` for every row, or per row from an attention mask.
+pub(crate) struct Positions {
+    /// `[batch][seq]` position of each token; `None` means `0..seq` in every row.
+    pub per_row: Option<Vec<Vec<u32>>>,
+    /// `[batch][seq]` whether each token is real (not padding); `None` means all are.
+    pub real: Option<Vec<Vec<bool>>>,
+}
+
+impl Positions {
+    pub(crate) fn from_mask(mask: Option<Vec<Vec<u32>>>) -> Self {
+        match mask {
+            None => Self {
+                per_row: None,
+                real: None,
+            },
+            Some(rows) => {
+                let real: Vec<Vec<bool>> = rows
+                    .iter()
+                    .map(|r| r.iter().map(|&m| m != 0).collect())
+                    .collect();
+                let per_row = real
+                    .iter()
+                    .map(|r| {
+                        let mut n = 0u32;
+                        r.iter()
+                            .map(|&is_real| {
+                                let p = n;
+                                if is_real {
+                                    n += 1;
+                                }
+                                // Padding before the first token shares position 0.
+                                if is_real { p } else { p.saturating_sub(1) }
+                            })
+                            .collect()
+                    })
+                    .collect();
+                Self {
+                    per_row: Some(per_row),
+                    real: Some(real),
+                }
+            }
+        }
+    }
+}
+
+fn rope_tables(
+    theta: f64,
+    d_head: usize,
+    seq: usize,
+    pos: &Positions,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = d_head / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / d_head as f64))
+        .collect();
+    let angles = |p: u32| inv_freq.iter().map(move |f| p as f64 * f);
+    let (cos, sin, shape): (Vec<f32>, Vec<f32>, Vec<usize>) = match &pos.per_row {
+        None => {
+            let a: Vec<f64> = (0..seq as u32).flat_map(angles).collect();
+            (
+                a.iter().map(|x| x.cos() as f32).collect(),
+                a.iter().map(|x| x.sin() as f32).collect(),
+                vec![seq, half],
+            )
+        }
+        Some(rows) => {
+            let a: Vec<f64> = rows
+                .iter()
+                .flat_map(|r| r.iter().flat_map(|&p| angles(p)))
+                .collect();
+            (
+                a.iter().map(|x| x.cos() as f32).collect(),
+                a.iter().map(|x| x.sin() as f32).collect(),
+                vec![rows.len(), seq, half],
+            )
+        }
+    };
+    Ok((
+        Tensor::from_vec(cos, shape.clone(), device)?.to_dtype(dtype)?,
+        Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+    ))
+}
+
+/// Causal (and windowed) additive mask; padded keys are masked except a token's own position, so
+/// that no row is all `-inf` (which would make softmax NaN for padding rows).
+fn attention_mask(
+    batch: usize,
+    seq: usize,
+    window: Option<usize>,
+    pos: &Positions,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let allowed = |q: usize, k: usize| k <= q && window.is_none_or(|w| q - k < w);
+    let rows = match &pos.real {
+        None => 1,
+        Some(_) => batch,
+    };
+    let mut m = vec![0f32; rows * seq * seq];
+    for r in 0..rows {
+        for q in 0..seq {
+            for k in 0..seq {
+                let real = pos.real.as_ref().is_none_or(|real| real[r][k] || k == q);
+                if !(allowed(q, k) && real) {
+                    m[(r * seq + q) * seq + k] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (rows, 1, seq, seq), device)?.to_dtype(dtype)?)
+}
+
+impl Transformer {
+    pub(crate) fn new(cfg: &ModelConfig, p: &Params) -> Result<Self> {
+        let embed = param(p, "embed.weight")?;
+        let unembed = if cfg.tied_embeddings {
+            embed.clone()
+        } else {
+            param(p, "unembed.weight")?
+        };
+        Ok(Self {
+            embed,
+            pos_embed: if cfg.learned_positions {
+                Some(param(p, "pos_embed.weight")?)
+            } else {
+                None
+            },
+            blocks: (0..cfg.n_layers)
+                .map(|l| Block::new(p, l, cfg))
+                .collect::<Result<_>>()?,
+            ln_final: Norm::new(p, "ln_final", cfg.norm, cfg.norm_eps)?,
+            unembed,
+        })
+    }
+
+    /// Runs to `ln_final.hook_normalized` and returns it, or `None` if the pass stopped earlier.
+    ///
+    /// `tokens` is `[batch, seq]` u32, already checked against the vocabulary.
+    pub(crate) fn forward(
+        &self,
+        cfg: &ModelConfig,
+        tokens: &Tensor,
+        pos: &Positions,
+        run: &mut HookRun,
+    ) -> Result<Option<Tensor>> {
+        let (b, s) = tokens.dims2()?;
+        let device = tokens.device();
+        let dtype = self.embed.dtype();
+        let x = self
+            .embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, s, cfg.d_model))?;
+        let x = match cfg.embed_scale {
+            Some(scale) => (x * scale)?,
+            None => x,
+        };
+        let mut x = hook!(run, HookPoint::Embed, x);
+        if let Some(pe) = &self.pos_embed {
+            if s > cfg.n_ctx {
+                return Err(Error::invalid(
+                    "sequence length",
+                    format!("{s} tokens exceed the {} learned positions", cfg.n_ctx),
+                ));
+            }
+            let p = match &pos.per_row {
+                None => pe
+                    .narrow(0, 0, s)?
+                    .unsqueeze(0)?
+                    .broadcast_as((b, s, cfg.d_model))?,
+                Some(rows) => {
+                    let ids: Vec<u32> = rows.iter().flatten().copied().collect();
+                    let ids = Tensor::from_vec(ids, b * s, device)?;
+                    pe.index_select(&ids, 0)?.reshape((b, s, cfg.d_model))?
+                }
+            };
+            let p = hook!(run, HookPoint::PosEmbed, p.contiguous()?);
+            x = (x + p)?;
+        }
+        let uses = |t: AttentionType| cfg.layer_types.contains(&t);
+        let rope = |theta: f64| -> Result<Option<(Tensor, Tensor)>> {
+            if cfg.learned_positions {
+                Ok(None)
+            } else {
+                rope_tables(theta, cfg.d_head, s, pos, dtype, device).map(Some)
+            }
+        };
+        let mask_full = attention_mask(b, s, None, pos, dtype, device)?;
+        let window = cfg.sliding_window.filter(|&w| w < s);
+        let ctx = PassContext {
+            rope_full: if uses(AttentionType::Full) {
+                rope(cfg.rope_theta)?
+            } else {
+                None
+            },
+            rope_local: if uses(AttentionType::Sliding) {
+                rope(cfg.local_rope_theta)?
+            } else {
+                None
+            },
+            mask_local: match (uses(AttentionType::Sliding), window) {
+                (true, Some(w)) => attention_mask(b, s, Some(w), pos, dtype, device)?,
+                _ => mask_full.clone(),
+            },
+            mask_full,
+        };
+        for (layer, block) in self.blocks.iter().enumerate() {
+            match block.forward(layer, x, cfg, &ctx, run)? {
+                Some(next) => x = next,
+                None => return Ok(None),
+            }
+        }
+        let x = hook!(
+            run,
+            HookPoint::LnFinalNormalized,
+            self.ln_final.forward(&x)?
+        );
+        Ok(Some(x))
+    }
+
+    /// Logits `[rows, vocab]` of `[rows, d_model]` normalized residuals.
+    pub(crate) fn unembed(&self, cfg: &ModelConfig, x: &Tensor) -> Result<Tensor> {
+        let logits = x.matmul(&self.unembed.t()?)?;
+        Ok(match cfg.final_logit_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
+    }
+}

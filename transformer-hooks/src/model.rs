@@ -1,0 +1,654 @@
+//! [`Model`]: a loaded checkpoint with its tokenizer, and the calls that run it.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{D, DType, Device, Tensor, Var};
+
+use crate::assets;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::families;
+use crate::generate::{GenerateOptions, Generation, Sampler, StopReason};
+use crate::hook_point::HookPoint;
+use crate::hooks::{ActivationCache, HookRun, Hooks};
+use crate::layers::{Positions, Transformer};
+use crate::tokenizer::{ChatTemplate, Tokenizer};
+use crate::weights::{Checkpoint, Format, HfConfig, Params};
+
+/// How to load a checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct LoadOptions {
+    /// Dtype of the weights and activations. `F32` (default) is what the parity tests check;
+    /// `BF16`/`F16` halve memory where the device runs them.
+    pub dtype: DType,
+    /// A `tokenizer.json` to use instead of the one found beside the model or built from it.
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            tokenizer: None,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Load in `dtype`.
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// Use this `tokenizer.json`.
+    pub fn with_tokenizer(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tokenizer = Some(path.into());
+        self
+    }
+}
+
+/// What one forward pass returns.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Output {
+    /// `[batch, seq, vocab]` logits at every position; `None` when the pass stopped early.
+    pub logits: Option<Tensor>,
+    /// The captured activations.
+    pub cache: ActivationCache,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LogitsFor {
+    All,
+    Last,
+}
+
+/// A transformer with its tokenizer, ready to run with hooks.
+pub struct Model {
+    cfg: ModelConfig,
+    params: Params,
+    net: Transformer,
+    tokenizer: Option<Tokenizer>,
+    /// Why there is no tokenizer, to say so when one is asked for.
+    no_tokenizer: String,
+    device: Device,
+    dtype: DType,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("path", &self.path)
+            .field("config", &self.cfg)
+            .field("dtype", &self.dtype)
+            .field("device", &self.device)
+            .field("tokenizer", &self.tokenizer)
+            .finish()
+    }
+}
+
+/// `config.json` of a model saved by [`Model::save`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedConfig {
+    format: String,
+    config: ModelConfig,
+    chat_template: Option<ChatTemplate>,
+}
+
+const SAVED_FORMAT: &str = "transformer-hooks";
+
+impl Model {
+    /// Loads a GGUF file, an HF folder (`config.json` + `*.safetensors`, sharded or not), or a
+    /// folder written by [`Model::save`], in f32.
+    ///
+    /// # Errors
+    /// The file is missing or unreadable, its architecture is unsupported, a tensor is missing or
+    /// has the wrong shape, or a GGUF file is truncated: each an [`Error`] naming the thing.
+    pub fn load(path: &Path, device: &Device) -> Result<Model> {
+        Self::load_with(path, device, &LoadOptions::default())
+    }
+
+    /// [`Model::load`] with options (dtype, tokenizer file).
+    pub fn load_with(path: &Path, device: &Device, opts: &LoadOptions) -> Result<Model> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let dir_of_file = path
+            .extension()
+            .is_some_and(|e| e == "safetensors" || e == "json");
+        let mut model = if meta.is_dir() || dir_of_file {
+            let dir = if meta.is_dir() {
+                path
+            } else {
+                path.parent().unwrap_or(Path::new("."))
+            };
+            Self::load_dir(dir, device, opts.dtype)?
+        } else {
+            Self::load_gguf(path, device, opts.dtype)?
+        };
+        if let Some(t) = &opts.tokenizer {
+            let tok = Tokenizer::from_file(
+                t,
+                model.cfg.bos_token_id,
+                model.cfg.eos_token_id,
+                model.cfg.add_bos,
+            )?;
+            model.tokenizer = Some(tok);
+        }
+        Ok(model)
+    }
+
+    fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<Model> {
+        let (mut ckpt, meta) = Checkpoint::open_gguf(path, device, dtype)?;
+        let cfg = families::config_from_gguf(&meta, &ckpt)?;
+        let params = families::load_params(&cfg, &mut ckpt, Format::Gguf)?;
+        let (bos, eos, add_bos) = (cfg.bos_token_id, cfg.eos_token_id, cfg.add_bos);
+        let mut no_tokenizer = String::new();
+        let tokenizer = if meta.opt_str("tokenizer.ggml.model") == Some("gpt2") {
+            Some(Tokenizer::from_gguf(&meta, bos, eos, add_bos)?)
+        } else {
+            // SentencePiece vocabularies (Gemma) are not rebuilt from GGUF: use tokenizer.json.
+            let arch = cfg.arch.as_str();
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let candidates = [
+                dir.join("tokenizer.json"),
+                dir.join("..")
+                    .join("tokenizers")
+                    .join(arch)
+                    .join("tokenizer.json"),
+                assets::assets_dir()
+                    .join("tokenizers")
+                    .join(arch)
+                    .join("tokenizer.json"),
+            ];
+            match candidates.iter().find(|p| p.exists()) {
+                Some(p) => Some(Tokenizer::from_file(p, bos, eos, add_bos)?),
+                None => {
+                    no_tokenizer = format!(
+                        "{} stores a SentencePiece vocabulary; put its tokenizer.json at one of {:?} or pass LoadOptions::with_tokenizer",
+                        path.display(),
+                        candidates
+                    );
+                    None
+                }
+            }
+        };
+        Self::assemble(cfg, params, tokenizer, no_tokenizer, device, dtype, path)
+    }
+
+    fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {
+        let config_path = dir.join("config.json");
+        let hf = HfConfig::read(&config_path)?;
+        if hf.opt_str("format") == Some(SAVED_FORMAT) {
+            return Self::load_saved(dir, hf, device, dtype);
+        }
+        let (arch, _) = families::hf_architecture(&hf)?;
+        let mut ckpt = Checkpoint::open_safetensors(dir, arch.to_string(), device, dtype)?;
+        let cfg = families::config_from_hf(arch, &hf, &ckpt)?;
+        let params = families::load_params(&cfg, &mut ckpt, Format::Hf)?;
+        let tok_path = dir.join("tokenizer.json");
+        let (tokenizer, why) = if tok_path.exists() {
+            (
+                Some(Tokenizer::from_file(
+                    &tok_path,
+                    cfg.bos_token_id,
+                    cfg.eos_token_id,
+                    cfg.add_bos,
+                )?),
+                String::new(),
+            )
+        } else {
+            (None, format!("{} has no tokenizer.json", dir.display()))
+        };
+        Self::assemble(cfg, params, tokenizer, why, device, dtype, dir)
+    }
+
+    fn load_saved(dir: &Path, hf: HfConfig, device: &Device, dtype: DType) -> Result<Model> {
+        let saved: SavedConfig = serde_json::from_value(hf.json.clone())
+            .map_err(|e| Error::metadata(&hf.path, "config", e.to_string()))?;
+        saved.config.validate()?;
+        let cfg = saved.config;
+        let mut ckpt = Checkpoint::open_safetensors(dir, cfg.arch.to_string(), device, dtype)?;
+        let mut params = Params::new();
+        for name in ckpt.names() {
+            let t = ckpt.load_shaped(&name, &families::expected_shape(&cfg, &name))?;
+            params.insert(name, t);
+        }
+        let tok_path = dir.join("tokenizer.json");
+        let (tokenizer, why) = if tok_path.exists() {
+            let mut t =
+                Tokenizer::from_file(&tok_path, cfg.bos_token_id, cfg.eos_token_id, cfg.add_bos)?;
+            t.set_chat_template(saved.chat_template);
+            (Some(t), String::new())
+        } else {
+            (None, format!("{} has no tokenizer.json", dir.display()))
+        };
+        Self::assemble(cfg, params, tokenizer, why, device, dtype, dir)
+    }
+
+    fn assemble(
+        cfg: ModelConfig,
+        params: Params,
+        tokenizer: Option<Tokenizer>,
+        no_tokenizer: String,
+        device: &Device,
+        dtype: DType,
+        path: &Path,
+    ) -> Result<Model> {
+        let net = Transformer::new(&cfg, &params)?;
+        Ok(Model {
+            cfg,
+            params,
+            net,
+            tokenizer,
+            no_tokenizer,
+            device: device.clone(),
+            dtype,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// A model from a config and canonical parameters (see [`Model::params`] for the names),
+    /// e.g. random weights for a test or weights trained elsewhere. Every tensor's shape is checked.
+    pub fn from_params(
+        cfg: ModelConfig,
+        params: Params,
+        tokenizer: Option<Tokenizer>,
+    ) -> Result<Model> {
+        cfg.validate()?;
+        let first = params
+            .values()
+            .next()
+            .ok_or_else(|| Error::invalid("params", "empty"))?;
+        let (device, dtype) = (first.device().clone(), first.dtype());
+        for (name, t) in &params {
+            let expected = families::expected_shape(&cfg, name);
+            if t.dims() != expected.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    what: format!("parameter `{name}`"),
+                    expected,
+                    got: t.dims().to_vec(),
+                });
+            }
+        }
+        Self::assemble(
+            cfg,
+            params,
+            tokenizer,
+            "built from parameters without one".into(),
+            &device,
+            dtype,
+            Path::new("<params>"),
+        )
+    }
+
+    /// Writes the model (canonical safetensors, config and tokenizer) to `dir`, loadable by
+    /// [`Model::load`]; for a fine-tuned model, whose weights no longer match any GGUF file.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let cfg = SavedConfig {
+            format: SAVED_FORMAT.into(),
+            config: self.cfg.clone(),
+            chat_template: self
+                .tokenizer
+                .as_ref()
+                .and_then(|t| t.chat_template().cloned()),
+        };
+        let json = serde_json::to_string_pretty(&cfg)
+            .map_err(|e| Error::invalid("config", e.to_string()))?;
+        let tmp = dir.join("config.json.tmp");
+        std::fs::write(&tmp, json).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, dir.join("config.json")).map_err(|e| Error::io(dir, e))?;
+        let st_tmp = dir.join("model.safetensors.tmp");
+        let tensors: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.detach().contiguous()?)))
+            .collect::<Result<_>>()?;
+        candle_core::safetensors::save(&tensors.into_iter().collect(), &st_tmp)?;
+        std::fs::rename(&st_tmp, dir.join("model.safetensors")).map_err(|e| Error::io(dir, e))?;
+        if let Some(t) = &self.tokenizer {
+            let p = dir.join("tokenizer.json");
+            t.inner().save(&p, false).map_err(|e| Error::Tokenizer {
+                what: p.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The model's dimensions, family and special tokens.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The model's tokenizer.
+    ///
+    /// # Errors
+    /// [`Error::Tokenizer`] saying why none was found and where to put one.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer {
+            what: "none loaded".into(),
+            reason: self.no_tokenizer.clone(),
+        })
+    }
+
+    /// Replaces the tokenizer.
+    pub fn set_tokenizer(&mut self, tokenizer: Option<Tokenizer>) {
+        self.tokenizer = tokenizer;
+    }
+
+    /// Device of the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Dtype of the weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The file or folder the model was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The weights by canonical name (`blocks.3.mlp.up.weight`, ...; listed in the `families`
+    /// module docs), linear weights as `[out, in]`, norm weights as the factor applied.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// Makes every weight a [`Var`] (once; later calls return the same ones) and rebuilds the
+    /// network on them, so that the same forward pass is differentiable through candle autograd.
+    /// The fused kernels switch to composed ops automatically wherever a `Var` is upstream.
+    pub fn trainable_params(&mut self) -> Result<Vec<(String, Var)>> {
+        let mut vars = Vec::with_capacity(self.params.len());
+        for (name, t) in self.params.iter_mut() {
+            let v = Var::from_tensor(t)?;
+            *t = v.as_tensor().clone();
+            vars.push((name.clone(), v));
+        }
+        self.net = Transformer::new(&self.cfg, &self.params)?;
+        Ok(vars)
+    }
+
+    /// Every hook point this model has, in forward order.
+    pub fn hook_points(&self) -> Vec<HookPoint> {
+        HookPoint::all(&self.cfg)
+    }
+
+    /// Parses a TransformerLens name and checks this model has it.
+    ///
+    /// # Errors
+    /// [`Error::UnknownHookPoint`] for a malformed name, [`Error::HookNotInModel`] for e.g.
+    /// `blocks.99.mlp.hook_post` on a 30-layer model.
+    pub fn hook_point(&self, name: &str) -> Result<HookPoint> {
+        let h: HookPoint = name.parse()?;
+        h.check(&self.cfg)?;
+        Ok(h)
+    }
+
+    /// `[1, n]` u32 tokens on the model's device.
+    pub fn tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        Ok(Tensor::new(ids, &self.device)?.unsqueeze(0)?)
+    }
+
+    /// `[batch, seq]` tokens and `[batch, seq]` attention mask (1 real, 0 padding) of sequences of
+    /// different lengths, padded with `pad_id` on the `left` (for generation) or the right.
+    pub fn pad_batch(
+        &self,
+        seqs: &[Vec<u32>],
+        pad_id: u32,
+        left: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let len = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if len == 0 {
+            return Err(Error::invalid(
+                "sequences",
+                "empty batch or all sequences empty",
+            ));
+        }
+        let mut ids: Vec<u32> = Vec::with_capacity(seqs.len() * len);
+        let mut mask: Vec<u32> = Vec::with_capacity(seqs.len() * len);
+        for s in seqs {
+            let pad = len - s.len();
+            let (pi, pm) = (vec![pad_id; pad], vec![0u32; pad]);
+            if left {
+                ids.extend(&pi);
+                mask.extend(&pm);
+            }
+            ids.extend(s);
+            mask.extend(std::iter::repeat_n(1u32, s.len()));
+            if !left {
+                ids.extend(&pi);
+                mask.extend(&pm);
+            }
+        }
+        let shape = (seqs.len(), len);
+        Ok((
+            Tensor::from_vec(ids, shape, &self.device)?,
+            Tensor::from_vec(mask, shape, &self.device)?,
+        ))
+    }
+
+    /// Checks `tokens` is `[batch, seq]` of in-range integer ids; returns them as u32.
+    fn check_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, s) = tokens.dims2().map_err(|_| Error::ShapeMismatch {
+            what: "tokens (expected [batch, seq])".into(),
+            expected: vec![],
+            got: tokens.dims().to_vec(),
+        })?;
+        if b == 0 || s == 0 {
+            return Err(Error::invalid("tokens", format!("empty batch [{b}, {s}]")));
+        }
+        if tokens.dtype().is_float() {
+            return Err(Error::invalid(
+                "tokens",
+                format!(
+                    "dtype {:?}; token ids must be integers (u32)",
+                    tokens.dtype()
+                ),
+            ));
+        }
+        let ids = tokens.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+        for (bi, row) in ids.iter().enumerate() {
+            for (pi, &id) in row.iter().enumerate() {
+                if id < 0 || id as u64 >= self.cfg.vocab_size as u64 {
+                    return Err(Error::TokenOutOfRange {
+                        id,
+                        batch: bi,
+                        position: pi,
+                        vocab_size: self.cfg.vocab_size,
+                    });
+                }
+            }
+        }
+        Ok(tokens.to_dtype(DType::U32)?.to_device(&self.device)?)
+    }
+
+    fn positions(&self, tokens: &Tensor, mask: Option<&Tensor>) -> Result<Positions> {
+        let Some(mask) = mask else {
+            return Ok(Positions::from_mask(None));
+        };
+        if mask.dims() != tokens.dims() {
+            return Err(Error::ShapeMismatch {
+                what: "attention_mask (must match tokens)".into(),
+                expected: tokens.dims().to_vec(),
+                got: mask.dims().to_vec(),
+            });
+        }
+        let rows = mask.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+        let rows = rows
+            .into_iter()
+            .map(|r| r.into_iter().map(|m| u32::from(m != 0)).collect())
+            .collect();
+        Ok(Positions::from_mask(Some(rows)))
+    }
+
+    /// Runs to the final norm; `None` if the hooks stopped the pass earlier.
+    fn run(
+        &self,
+        tokens: &Tensor,
+        mask: Option<&Tensor>,
+        hooks: &mut Hooks,
+    ) -> Result<(Tensor, Option<Tensor>, ActivationCache)> {
+        let tokens = self.check_tokens(tokens)?;
+        hooks.validate(&self.cfg)?;
+        let pos = self.positions(&tokens, mask)?;
+        let mut run = HookRun::new(hooks);
+        let x = self.net.forward(&self.cfg, &tokens, &pos, &mut run)?;
+        Ok((tokens, x, run.cache))
+    }
+
+    fn logits_of(&self, x: &Tensor, which: LogitsFor) -> Result<Tensor> {
+        let (b, s, d) = x.dims3()?;
+        let x = match which {
+            LogitsFor::All => x.clone(),
+            LogitsFor::Last => x.narrow(1, s - 1, 1)?,
+        };
+        let rows = x.dim(1)?;
+        let logits = self.net.unembed(&self.cfg, &x.reshape((b * rows, d))?)?;
+        Ok(logits.reshape((b, rows, self.cfg.vocab_size))?)
+    }
+
+    /// One forward pass over `tokens` (`[batch, seq]` u32), applying `hooks`.
+    ///
+    /// # Shapes
+    /// `tokens: [batch, seq]` -> `logits: [batch, seq, vocab]` (unless stopped early).
+    ///
+    /// # Errors
+    /// Malformed or out-of-range tokens, a hook point this model lacks, an intervention that
+    /// fails or changes a shape.
+    pub fn forward(&self, tokens: &Tensor, hooks: &mut Hooks) -> Result<Output> {
+        self.forward_impl(tokens, None, hooks)
+    }
+
+    /// [`Model::forward`] on a padded batch: `attention_mask` `[batch, seq]` is 1 for real tokens
+    /// and 0 for padding (either side). Padding is never attended to and positions count real
+    /// tokens only, so each row's outputs at real positions equal those of the unpadded sequence.
+    pub fn forward_masked(
+        &self,
+        tokens: &Tensor,
+        attention_mask: &Tensor,
+        hooks: &mut Hooks,
+    ) -> Result<Output> {
+        self.forward_impl(tokens, Some(attention_mask), hooks)
+    }
+
+    fn forward_impl(
+        &self,
+        tokens: &Tensor,
+        mask: Option<&Tensor>,
+        hooks: &mut Hooks,
+    ) -> Result<Output> {
+        let (_, x, cache) = self.run(tokens, mask, hooks)?;
+        let logits = match x {
+            Some(x) => Some(self.logits_of(&x, LogitsFor::All)?),
+            None => None,
+        };
+        Ok(Output { logits, cache })
+    }
+
+    /// Captures `hooks` in one pass that stops after the deepest of them.
+    pub fn run_with_cache(&self, tokens: &Tensor, hooks: &[HookPoint]) -> Result<ActivationCache> {
+        let mut h = Hooks::new()
+            .capture_all(hooks.iter().copied())
+            .stop_at_deepest_capture();
+        Ok(self.forward(tokens, &mut h)?.cache)
+    }
+
+    /// `[batch, seq - 1]`: the log-probability of each actual next token, `log p(t[i+1] | t[..=i])`.
+    pub fn logprobs(&self, tokens: &Tensor) -> Result<Tensor> {
+        self.logprobs_with_hooks(tokens, None, &mut Hooks::new())
+    }
+
+    /// [`Model::logprobs`] with an optional attention mask and with hooks applied (e.g. an SAE
+    /// spliced in at `mlp.hook_post`). The vocabulary-sized logits are made a few rows at a time,
+    /// so memory stays bounded for 262k-token vocabularies. Values at padding are meaningless.
+    pub fn logprobs_with_hooks(
+        &self,
+        tokens: &Tensor,
+        attention_mask: Option<&Tensor>,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let (tokens, x, _) = self.run(tokens, attention_mask, hooks)?;
+        let x = x.ok_or_else(|| Error::invalid("hooks", "they stop the pass before the logits"))?;
+        let (b, s, d) = x.dims3()?;
+        if s < 2 {
+            return Err(Error::invalid(
+                "tokens",
+                "need at least 2 tokens per row for next-token log-probabilities",
+            ));
+        }
+        let rows = b * (s - 1);
+        let x = x.narrow(1, 0, s - 1)?.reshape((rows, d))?;
+        let targets = tokens.narrow(1, 1, s - 1)?.contiguous()?.reshape(rows)?;
+        // About 256 MB of f32 logits per chunk.
+        let chunk = ((1usize << 26) / self.cfg.vocab_size).max(1);
+        let mut parts = Vec::with_capacity(rows.div_ceil(chunk));
+        let mut start = 0;
+        while start < rows {
+            let n = chunk.min(rows - start);
+            let logits = self
+                .net
+                .unembed(&self.cfg, &x.narrow(0, start, n)?)?
+                .to_dtype(DType::F32)?;
+            let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let t = targets.narrow(0, start, n)?.unsqueeze(1)?;
+            parts.push(lsm.gather(&t, 1)?.squeeze(1)?);
+            start += n;
+        }
+        Ok(Tensor::cat(&parts, 0)?.reshape((b, s - 1))?)
+    }
+
+    /// Continues `prompt`, applying `hooks` at every step to every position so far.
+    ///
+    /// # Errors
+    /// Invalid options (temperature <= 0, top_p outside (0, 1]), hooks that stop the pass early,
+    /// and everything [`Model::forward`] can fail with.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        hooks: &mut Hooks,
+    ) -> Result<Generation> {
+        opts.validate()?;
+        if prompt.is_empty() {
+            return Err(Error::invalid(
+                "prompt",
+                "empty (start with BOS if the model has one)",
+            ));
+        }
+        if hooks.stop_point().is_some() {
+            return Err(Error::invalid(
+                "hooks",
+                "stop_at_deepest_capture leaves no logits to generate from",
+            ));
+        }
+        let mut sampler = Sampler::new(&opts.sampling);
+        let mut seq = prompt.to_vec();
+        let mut new = Vec::new();
+        let stop = loop {
+            if new.len() >= opts.max_new_tokens {
+                break StopReason::MaxTokens;
+            }
+            if seq.len() >= self.cfg.n_ctx {
+                break StopReason::ContextFull;
+            }
+            let tokens = self.tokens(&seq)?;
+            let (_, x, _) = self.run(&tokens, None, hooks)?;
+            let x =
+                x.ok_or_else(|| Error::invalid("hooks", "they stop the pass before the logits"))?;
+            let logits = self.logits_of(&x, LogitsFor::Last)?.flatten_all()?;
+            let next = sampler.next(&logits)?;
+            seq.push(next);
+            new.push(next);
+            if opts.stop_tokens.contains(&next) {
+                break StopReason::StopToken(next);
+            }
+        };
+        Ok(Generation { tokens: new, stop })
+    }
+}

@@ -1,0 +1,175 @@
+//! The four kernels where speed and differentiability part ways.
+//!
+//! candle-nn's fused RMSNorm, LayerNorm, softmax and rotary kernels are several times faster than
+//! the same maths written in tensor ops, but they are applied with `apply_op*_no_bwd`: their output
+//! is cut from the autograd graph, so a gradient through them would silently be zero. Each function
+//! here uses the fused kernel when nothing upstream is tracked (inference) and the composed,
+//! differentiable ops when something is (a `Var` weight or input): one forward pass, fast for
+//! inference and trainable for fine-tuning, with no flag to forget.
+
+use candle_core::{D, DType, Result, Tensor};
+
+use crate::config::RopeLayout;
+
+fn tracked(ts: &[&Tensor]) -> bool {
+    ts.iter().any(|t| t.track_op())
+}
+
+fn f32_internal(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::F16 | DType::BF16 => x.to_dtype(DType::F32),
+        _ => Ok(x.clone()),
+    }
+}
+
+/// `x / sqrt(mean(x^2) + eps) * w` over the last dimension.
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if !tracked(&[x, w]) {
+        return candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32);
+    }
+    let dtype = x.dtype();
+    let xf = f32_internal(x)?;
+    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = xf.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(w)
+}
+
+/// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension.
+pub(crate) fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if !tracked(&[x, w, b]) {
+        return candle_nn::ops::layer_norm(&x.contiguous()?, w, b, eps as f32);
+    }
+    let dtype = x.dtype();
+    let xf = f32_internal(x)?;
+    let centred = xf.broadcast_sub(&xf.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(w)?.broadcast_add(b)
+}
+
+/// Softmax over the last dimension.
+pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !tracked(&[x]) {
+        return candle_nn::ops::softmax_last_dim(&x.contiguous()?);
+    }
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// Rotary embedding of `x` `[batch, heads, seq, d_head]` with `cos`/`sin` of shape
+/// `[seq, d_head/2]` or `[batch, seq, d_head/2]`.
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, layout: RopeLayout) -> Result<Tensor> {
+    if !tracked(&[x, cos, sin]) {
+        let x = x.contiguous()?;
+        return match layout {
+            RopeLayout::Half => candle_nn::rotary_emb::rope(&x, cos, sin),
+            RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin),
+        };
+    }
+    let (b, h, s, d) = x.dims4()?;
+    // [batch or 1, 1, seq, d/2]
+    let (cos, sin) = match cos.rank() {
+        2 => (
+            cos.unsqueeze(0)?.unsqueeze(0)?,
+            sin.unsqueeze(0)?.unsqueeze(0)?,
+        ),
+        _ => (cos.unsqueeze(1)?, sin.unsqueeze(1)?),
+    };
+    match layout {
+        RopeLayout::Half => {
+            let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+            let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+            let y1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+            let y2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+            Tensor::cat(&[y1, y2], D::Minus1)
+        }
+        RopeLayout::Interleaved => {
+            let xr = x.reshape((b, h, s, d / 2, 2))?;
+            let x1 = xr.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
+            let x2 = xr.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
+            let y1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+            let y2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+            Tensor::stack(&[y1, y2], D::Minus1)?.reshape((b, h, s, d))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// The fused (inference) and composed (autograd) paths compute the same function.
+    #[test]
+    fn fused_and_composed_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 3, 5, 8), &dev)?;
+        let w = Tensor::randn(1f32, 0.1, 8, &dev)?;
+        let bias = Tensor::randn(0f32, 0.1, 8, &dev)?;
+        let xv = Var::from_tensor(&x)?;
+        let (cos, sin) = {
+            let ang = Tensor::randn(0f32, 1., (5, 4), &dev)?;
+            (ang.cos()?, ang.sin()?)
+        };
+        assert!(
+            max_diff(
+                &rms_norm(&x, &w, 1e-5)?,
+                &rms_norm(xv.as_tensor(), &w, 1e-5)?
+            ) < 1e-5
+        );
+        assert!(
+            max_diff(
+                &layer_norm(&x, &w, &bias, 1e-5)?,
+                &layer_norm(xv.as_tensor(), &w, &bias, 1e-5)?
+            ) < 1e-5
+        );
+        assert!(max_diff(&softmax_last_dim(&x)?, &softmax_last_dim(xv.as_tensor())?) < 1e-6);
+        for layout in [RopeLayout::Half, RopeLayout::Interleaved] {
+            let fused = rope(&x, &cos, &sin, layout)?;
+            let composed = rope(xv.as_tensor(), &cos, &sin, layout)?;
+            assert!(max_diff(&fused, &composed) < 1e-5, "{layout:?}");
+        }
+        // Per-batch positions ([batch, seq, d/2]).
+        let ang = Tensor::randn(0f32, 1., (2, 5, 4), &dev)?;
+        let (cos, sin) = (ang.cos()?, ang.sin()?);
+        for layout in [RopeLayout::Half, RopeLayout::Interleaved] {
+            let fused = rope(&x, &cos, &sin, layout)?;
+            let composed = rope(xv.as_tensor(), &cos, &sin, layout)?;
+            assert!(max_diff(&fused, &composed) < 1e-5, "{layout:?} batched");
+        }
+        Ok(())
+    }
+
+    /// Interleaved rotary on a vector equals half rotary on the same vector with its dimensions
+    /// permuted (even indices first, then odd): the identity that un-permuting Llama's GGUF q/k
+    /// weights relies on.
+    #[test]
+    fn interleaved_is_permuted_half() -> Result<()> {
+        let dev = Device::Cpu;
+        let d = 8;
+        let x = Tensor::randn(0f32, 1., (1, 2, 3, d), &dev)?;
+        let ang = Tensor::randn(0f32, 1., (3, d / 2), &dev)?;
+        let (cos, sin) = (ang.cos()?, ang.sin()?);
+        let perm: Vec<u32> = (0..d as u32 / 2)
+            .map(|i| 2 * i)
+            .chain((0..d as u32 / 2).map(|i| 2 * i + 1))
+            .collect();
+        let perm = Tensor::new(perm.as_slice(), &dev)?;
+        let a = rope(&x, &cos, &sin, RopeLayout::Interleaved)?.index_select(&perm, 3)?;
+        let b = rope(&x.index_select(&perm, 3)?, &cos, &sin, RopeLayout::Half)?;
+        assert!(max_diff(&a, &b) < 1e-5);
+        Ok(())
+    }
+}
