@@ -313,10 +313,15 @@ pub fn clean_text(text: &str) -> String {
     let mut blank_run = 0usize;
     for line in text.split('\n') {
         let line = line.trim_end_matches(['\r', ' ', '\t']);
-        if line.is_empty() {
+        if line.trim_start().is_empty() {
             blank_run += 1;
             continue;
         }
+        let line = if out.is_empty() {
+            line.trim_start()
+        } else {
+            line
+        };
         if !out.is_empty() {
             out.push_str(if blank_run > 0 { "\n\n" } else { "\n" });
         }
@@ -339,7 +344,10 @@ mod tests {
 
     #[test]
     fn cleaning_collapses_layout() {
-        assert_eq!(clean_text("\r\n a  \r\n\r\n\r\n\nb\t\nc\n\n"), " a\n\nb\nc");
+        assert_eq!(
+            clean_text("\r\n a  \r\n \r\n\r\n\nb\t\n  c\n\n"),
+            "a\n\nb\n  c"
+        );
     }
 
     #[test]

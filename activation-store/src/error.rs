@@ -78,7 +78,10 @@ pub enum Error {
         field: &'static str,
         message: String,
     },
-    /// The activation source (the model) failed.
+    /// The model (transformer-hooks) failed: loading, tokenizing, a hook name, a forward pass.
+    #[error(transparent)]
+    Model(#[from] transformer_hooks::Error),
+    /// Another activation source failed.
     #[error("activation source: {0}")]
     Source(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The background prefetch thread stopped without sending its error (it panicked).
