@@ -57,6 +57,9 @@ pub enum MetricsError {
     /// The SAE refused an operation (wrong width, NaN input, ...).
     #[error(transparent)]
     Sae(#[from] sae_core::SaeError),
+    /// The model refused an operation (unknown hook, bad tokens, ...).
+    #[error(transparent)]
+    Model(#[from] transformer_hooks::Error),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
     #[error(transparent)]

@@ -8,11 +8,13 @@
 //! - [`examples`]: top-activating and decile-sampled contexts from an activation cache.
 //! - [`pages`] and [`html`]: self-contained feature pages in the style of Towards Monosemanticity.
 //! - [`plots`]: PNG plots (plotters with a bundled font).
+//! - [`hooked`]: the adapter to `transformer-hooks` models and token windows from text.
 //! - [`nll`]: next-token log-probabilities and KL from logits.
 
 pub mod ablation;
 pub mod error;
 pub mod examples;
+pub mod hooked;
 pub mod html;
 pub mod nll;
 pub mod pages;
@@ -26,6 +28,7 @@ mod testutil;
 pub use ablation::{ContextAblation, ablate_feature, top_logit_effects};
 pub use error::{MetricsError, Result};
 pub use examples::{Example, ExampleCollector, IntervalExamples, RowSource};
+pub use hooked::{HookedSplice, token_batches};
 pub use pages::{PageConfig, TokenSource, build_feature_page, write_pages};
 pub use reconstruction::{
     DEFAULT_DENSE_THRESHOLD, DensityHistogram, FeatureDensity, ReconstructionAccumulator,
