@@ -181,7 +181,7 @@ impl ModelConfig {
                 return bad(what, "must be positive".into());
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(
                 "n_kv_heads",
                 format!(
@@ -190,7 +190,7 @@ impl ModelConfig {
                 ),
             );
         }
-        if !self.learned_positions && self.d_head % 2 != 0 {
+        if !self.learned_positions && !self.d_head.is_multiple_of(2) {
             return bad(
                 "d_head",
                 format!("rotary needs an even head width, got {}", self.d_head),

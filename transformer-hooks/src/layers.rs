@@ -63,6 +63,59 @@ impl Linear {
     }
 }
 
+/// Several linear maps of one input (q/k/v, gate/up). With fixed weights they run as one matrix
+/// product over the concatenated weights (fewer, larger products run faster); when any weight is
+/// a `Var` they run separately, so that gradients reach each weight and an optimizer's in-place
+/// update is never hidden behind a stale concatenated copy.
+pub(crate) struct MultiLinear {
+    parts: Vec<Linear>,
+    fused: Option<Linear>,
+}
+
+impl MultiLinear {
+    fn new(parts: Vec<Linear>) -> Result<Self> {
+        let trainable = parts
+            .iter()
+            .any(|l| l.w.track_op() || l.b.as_ref().is_some_and(|b| b.track_op()));
+        let all_bias = parts.iter().all(|l| l.b.is_some());
+        let no_bias = parts.iter().all(|l| l.b.is_none());
+        let fused = if trainable || !(all_bias || no_bias) {
+            None
+        } else {
+            let ws: Vec<&Tensor> = parts.iter().map(|l| &l.w).collect();
+            let b = if all_bias {
+                let bs: Vec<&Tensor> = parts.iter().filter_map(|l| l.b.as_ref()).collect();
+                Some(Tensor::cat(&bs, 0)?)
+            } else {
+                None
+            };
+            Some(Linear {
+                w: Tensor::cat(&ws, 0)?,
+                b,
+            })
+        };
+        Ok(Self { parts, fused })
+    }
+
+    /// One output per part, `[..., out_i]` (views into one product when fused).
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match &self.fused {
+            None => self.parts.iter().map(|l| l.forward(x)).collect(),
+            Some(f) => {
+                let y = f.forward(x)?;
+                let mut start = 0;
+                let mut out = Vec::with_capacity(self.parts.len());
+                for l in &self.parts {
+                    let n = l.w.dim(0)?;
+                    out.push(y.narrow(candle_core::D::Minus1, start, n)?);
+                    start += n;
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
 /// RMSNorm or LayerNorm over the last dimension.
 pub(crate) struct Norm {
     kind: NormKind,
@@ -95,9 +148,8 @@ impl Norm {
 
 /// Multi-head attention with grouped key/value heads, optional q/k norms and rotary.
 pub(crate) struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k, v projections.
+    qkv: MultiLinear,
     o: Linear,
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
@@ -128,9 +180,11 @@ impl Attention {
             }
         };
         Ok(Self {
-            q: Linear::new(p, &format!("{prefix}.q"))?,
-            k: Linear::new(p, &format!("{prefix}.k"))?,
-            v: Linear::new(p, &format!("{prefix}.v"))?,
+            qkv: MultiLinear::new(vec![
+                Linear::new(p, &format!("{prefix}.q"))?,
+                Linear::new(p, &format!("{prefix}.k"))?,
+                Linear::new(p, &format!("{prefix}.v"))?,
+            ])?,
             o: Linear::new(p, &format!("{prefix}.o"))?,
             q_norm: qk_norm("q_norm")?,
             k_norm: qk_norm("k_norm")?,
@@ -150,17 +204,14 @@ impl Attention {
         let (b, s, _) = x.dims3()?;
         let (h, kvh, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.d_head);
         let at = |site| HookPoint::Block(layer, site);
-        let q = hook!(run, at(Site::Q), self.q.forward(x)?.reshape((b, s, h, dh))?);
-        let k = hook!(
-            run,
-            at(Site::K),
-            self.k.forward(x)?.reshape((b, s, kvh, dh))?
-        );
-        let v = hook!(
-            run,
-            at(Site::V),
-            self.v.forward(x)?.reshape((b, s, kvh, dh))?
-        );
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
+            .forward(x)?
+            .try_into()
+            .map_err(|_| Error::invalid("attention", "q/k/v projections"))?;
+        let q = hook!(run, at(Site::Q), q.reshape((b, s, h, dh))?);
+        let k = hook!(run, at(Site::K), k.reshape((b, s, kvh, dh))?);
+        let v = hook!(run, at(Site::V), v.reshape((b, s, kvh, dh))?);
         let (q, k) = match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             _ => (q, k),
@@ -207,21 +258,22 @@ impl Attention {
 
 /// The MLP: gated (`down(act(gate x) * up x)`) or not (`down(act(up x))`).
 pub(crate) struct Mlp {
-    gate: Option<Linear>,
-    up: Linear,
+    /// `[gate, up]` for gated MLPs, `[up]` otherwise.
+    input: MultiLinear,
     down: Linear,
     act: Activation,
 }
 
 impl Mlp {
     fn new(p: &Params, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+        let up = Linear::new(p, &format!("{prefix}.up"))?;
+        let input = if cfg.gated_mlp {
+            MultiLinear::new(vec![Linear::new(p, &format!("{prefix}.gate"))?, up])?
+        } else {
+            MultiLinear::new(vec![up])?
+        };
         Ok(Self {
-            gate: if cfg.gated_mlp {
-                Some(Linear::new(p, &format!("{prefix}.gate"))?)
-            } else {
-                None
-            },
-            up: Linear::new(p, &format!("{prefix}.up"))?,
+            input,
             down: Linear::new(p, &format!("{prefix}.down"))?,
             act: cfg.act,
         })
@@ -237,16 +289,16 @@ impl Mlp {
 
     fn forward(&self, layer: usize, x: &Tensor, run: &mut HookRun) -> Result<Option<Tensor>> {
         let at = |site| HookPoint::Block(layer, site);
-        let post = match &self.gate {
-            Some(gate) => {
-                let pre = hook!(run, at(Site::MlpPre), gate.forward(x)?);
-                let lin = hook!(run, at(Site::MlpPreLinear), self.up.forward(x)?);
+        let mut parts = self.input.forward(x)?.into_iter();
+        let (pre, lin) = (parts.next(), parts.next());
+        let pre = pre.ok_or_else(|| Error::invalid("mlp", "no input projection"))?;
+        let pre = hook!(run, at(Site::MlpPre), pre);
+        let post = match lin {
+            Some(lin) => {
+                let lin = hook!(run, at(Site::MlpPreLinear), lin);
                 (self.act(&pre)? * lin)?
             }
-            None => {
-                let pre = hook!(run, at(Site::MlpPre), self.up.forward(x)?);
-                self.act(&pre)?
-            }
+            None => self.act(&pre)?,
         };
         let post = hook!(run, at(Site::MlpPost), post);
         Ok(Some(self.down.forward(&post)?))

@@ -127,6 +127,9 @@ pub(crate) fn config_from_hf(hf: &HfConfig, ckpt: &Checkpoint) -> Result<ModelCo
     Ok(cfg)
 }
 
+/// (canonical name, name in the file, shape in the file).
+type FileTensor = (&'static str, String, Vec<usize>);
+
 pub(crate) fn load_params(cfg: &ModelConfig, ckpt: &mut Checkpoint, fmt: Format) -> Result<Params> {
     let d = cfg.d_model;
     let f = cfg.d_mlp;
@@ -170,7 +173,7 @@ pub(crate) fn load_params(cfg: &ModelConfig, ckpt: &mut Checkpoint, fmt: Format)
         );
     }
     for l in 0..cfg.n_layers {
-        let (names, conv1d): (Vec<(&str, String, Vec<usize>)>, bool) = match fmt {
+        let (names, conv1d): (Vec<FileTensor>, bool) = match fmt {
             Format::Gguf => {
                 let b = |s: &str| format!("blk.{l}.{s}");
                 (

@@ -1,0 +1,108 @@
+//! Tiny random checkpoints of every family, saved by HF transformers in its own layout
+//! (`config.json` + `model.safetensors`), against HF's own forward pass on them
+//! (`scripts/hf_tiny_reference.py`). This is where GPT-2 and Qwen2 are checked without real
+//! weights, and where the HF-folder loaders (Gemma's `1 + w` norms, GPT-2's Conv1D layout,
+//! untied unembeddings, Gemma's sliding window) are checked for every family.
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+use transformer_hooks::{Architecture, HookPoint, Hooks, Model};
+
+#[derive(Deserialize)]
+struct Reference {
+    ids: Vec<Vec<u32>>,
+    logits: Vec<Vec<Vec<f32>>>,
+    resid_pre: Vec<Vec<Vec<Vec<f32>>>>,
+    padded_ids: Vec<Vec<u32>>,
+    padded_mask: Vec<Vec<u32>>,
+    padded_logits: Vec<Vec<Vec<f32>>>,
+}
+
+fn dir(key: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tiny")
+        .join(key)
+}
+
+fn reference(key: &str) -> Reference {
+    let text = std::fs::read_to_string(dir(key).join("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn tensor2(rows: &[Vec<u32>]) -> Tensor {
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Tensor::from_vec(flat, (rows.len(), rows[0].len()), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(ours: &Tensor, theirs: &[Vec<Vec<f32>>]) -> f32 {
+    let ours: Vec<Vec<Vec<f32>>> = ours.to_vec3().unwrap();
+    let mut m = 0f32;
+    for (a, b) in ours.iter().flatten().zip(theirs.iter().flatten()) {
+        for (x, y) in a.iter().zip(b) {
+            m = m.max((x - y).abs());
+        }
+    }
+    m
+}
+
+fn check(key: &str, arch: Architecture) {
+    let r = reference(key);
+    let model = Model::load(&dir(key), &Device::Cpu).unwrap();
+    assert_eq!(model.config().arch, arch);
+    let n_layers = model.config().n_layers;
+
+    // Logits at every position and the residual stream entering every block.
+    let pts: Vec<HookPoint> = (0..n_layers).map(HookPoint::resid_pre).collect();
+    let mut hooks = Hooks::new().capture_all(pts.clone());
+    let out = model.forward(&tensor2(&r.ids), &mut hooks).unwrap();
+    let d = max_abs_diff(out.logits.as_ref().unwrap(), &r.logits);
+    assert!(d < 1e-4, "{key}: logits differ from HF by {d}");
+    for (l, h) in pts.iter().enumerate() {
+        let d = max_abs_diff(out.cache.require(*h).unwrap(), &r.resid_pre[l]);
+        assert!(
+            d < 1e-4,
+            "{key}: {h} differs from HF hidden_states[{l}] by {d}"
+        );
+    }
+
+    // Left-padded batch with a mask: HF was given the same positions (counting real tokens).
+    let out = model
+        .forward_masked(
+            &tensor2(&r.padded_ids),
+            &tensor2(&r.padded_mask),
+            &mut Hooks::new(),
+        )
+        .unwrap();
+    let logits: Vec<Vec<Vec<f32>>> = out.logits.unwrap().to_vec3().unwrap();
+    let mut m = 0f32;
+    for (row, mask) in r.padded_mask.iter().enumerate() {
+        for (pos, &real) in mask.iter().enumerate() {
+            if real == 1 {
+                for (x, y) in logits[row][pos].iter().zip(&r.padded_logits[row][pos]) {
+                    m = m.max((x - y).abs());
+                }
+            }
+        }
+    }
+    assert!(m < 1e-4, "{key}: padded logits differ from HF by {m}");
+}
+
+#[test]
+fn gpt2_matches_hf() {
+    check("gpt2", Architecture::Gpt2);
+}
+
+#[test]
+fn llama_matches_hf() {
+    check("llama", Architecture::Llama);
+}
+
+#[test]
+fn qwen2_matches_hf() {
+    check("qwen2", Architecture::Qwen2);
+}
+
+#[test]
+fn gemma3_matches_hf_including_sliding_window() {
+    check("gemma3", Architecture::Gemma3);
+}
