@@ -384,15 +384,11 @@ pub fn harvest(
             pb.set_position(rows_total.min(target));
         }
         let last = batch == n_batches || rows_total >= cfg.max_rows;
-        if s.rows() >= cfg.shard_rows || (last && s.rows() > 0) {
-            if let Some(s) = shard.take() {
-                w.commit(
-                    s,
-                    batch,
-                    (batch as usize * b).min(plan.len()) as u64,
-                    dropped_in_shard,
-                )?;
-            }
+        if (s.rows() >= cfg.shard_rows || (last && s.rows() > 0))
+            && let Some(s) = shard.take()
+        {
+            let windows_end = (batch as usize * b).min(plan.len()) as u64;
+            w.commit(s, batch, windows_end, dropped_in_shard)?;
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
