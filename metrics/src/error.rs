@@ -60,6 +60,9 @@ pub enum MetricsError {
     /// The model refused an operation (unknown hook, bad tokens, ...).
     #[error(transparent)]
     Model(#[from] transformer_hooks::Error),
+    /// The activation cache refused an operation (missing hook, corrupt shard, ...).
+    #[error(transparent)]
+    Store(#[from] activation_store::Error),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
     #[error(transparent)]

@@ -300,6 +300,59 @@ impl ExampleCollector {
     }
 }
 
+/// Scans up to `max_rows` rows of a cached hook in storage order, `batch_rows` at a time, through
+/// `sae`, into a new collector (`top_k` top examples and a `reservoir_size` sample per feature).
+///
+/// # Errors
+/// `SaeHookWidth` if the SAE does not read the cache's width; cache and SAE errors.
+#[allow(clippy::too_many_arguments)]
+pub fn collect_examples(
+    acts: &activation_store::HookActivations,
+    sae: &sae_core::SaeModel,
+    max_rows: u64,
+    batch_rows: usize,
+    top_k: usize,
+    reservoir_size: usize,
+    seed: u64,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<ExampleCollector> {
+    if sae.d_in() != acts.width() {
+        return Err(MetricsError::SaeHookWidth {
+            hook: acts.name().to_string(),
+            sae_d_in: sae.d_in(),
+            hook_width: acts.width(),
+        });
+    }
+    let total = acts.rows().min(max_rows);
+    if let Some(pb) = progress {
+        pb.set_length(total);
+    }
+    let mut collector = ExampleCollector::new(sae.d_sae(), top_k, reservoir_size, seed);
+    let cache = acts.cache();
+    let mut start = 0u64;
+    while start < total {
+        let n = (batch_rows.max(1) as u64).min(total - start) as usize;
+        let x = acts.read_rows(start, n)?;
+        let t = candle_core::Tensor::from_vec(x, (n, acts.width()), &candle_core::Device::Cpu)?;
+        let codes = sae.encode_sparse(&t)?;
+        let mut sources = Vec::with_capacity(n);
+        for r in start..start + n as u64 {
+            let p = cache.provenance(r)?;
+            sources.push(RowSource {
+                window: p.window,
+                position: p.position,
+                token: p.token,
+            });
+        }
+        collector.observe(&codes, &sources)?;
+        start += n as u64;
+        if let Some(pb) = progress {
+            pb.set_position(start);
+        }
+    }
+    Ok(collector)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,7 +27,7 @@ mod testutil;
 
 pub use ablation::{ContextAblation, ablate_feature, top_logit_effects};
 pub use error::{MetricsError, Result};
-pub use examples::{Example, ExampleCollector, IntervalExamples, RowSource};
+pub use examples::{Example, ExampleCollector, IntervalExamples, RowSource, collect_examples};
 pub use hooked::{HookedSplice, token_batches};
 pub use pages::{PageConfig, TokenSource, build_feature_page, write_pages};
 pub use reconstruction::{

@@ -3,6 +3,9 @@
 //! Position `i`'s logits predict token `i + 1`, so a `[b, t]` batch has `b * (t - 1)` predictions;
 //! every function here works on those `t - 1` positions, and the KL is averaged over the same
 //! positions as the NLL so that both count the same tokens.
+//!
+//! The tensor functions are the reference; [`HostLogits`] does the same reductions in one fused
+//! pass per row for speed, and is tested against them.
 
 use candle_core::{D, DType, Tensor};
 
@@ -86,23 +89,136 @@ pub fn kl_per_position(p_logits: &Tensor, q_logits: &Tensor) -> Result<Tensor> {
         return Err(shape_err("logits", "at least 2 positions", format!("{t}")));
     }
     let lp = log_softmax(&p_logits.narrow(1, 0, t - 1)?)?;
-    kl_from_log_probs(&lp, q_logits)
-}
-
-/// KL(p || q) where p is already a log-softmax over the first `t - 1` positions (so the clean
-/// distribution is computed once per batch and reused for every condition).
-pub(crate) fn kl_from_log_probs(p_log_probs: &Tensor, q_logits: &Tensor) -> Result<Tensor> {
-    let t1 = p_log_probs.dim(1)?;
-    let lq = log_softmax(&q_logits.narrow(1, 0, t1)?)?;
-    let kl = (p_log_probs.exp()? * (p_log_probs - lq)?)?.sum(D::Minus1)?;
+    let lq = log_softmax(&q_logits.narrow(1, 0, t - 1)?)?;
+    let kl = (lp.exp()? * (&lp - lq)?)?.sum(D::Minus1)?;
     // Rounding can leave tiny negative values for identical distributions.
     Ok(kl.relu()?)
 }
 
-/// Sum of a tensor's values in f64 (after an f32 reduction on its device).
-pub(crate) fn sum_f64(t: &Tensor) -> Result<f64> {
-    let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    Ok(v.iter().map(|&x| f64::from(x)).sum())
+/// A batch's logits on the host with the log-sum-exp of every predicting position, for the
+/// reductions spliced evaluation needs (target log-probabilities, KL against another condition).
+///
+/// Each is one fused pass over a vocabulary-sized row, parallel over rows; done with candle ops
+/// on the CPU the same reductions take several passes over a `[batch, seq, vocab]` tensor each
+/// (tens of ms per 16M elements), more than the forward pass of a small model.
+#[derive(Debug, Clone)]
+pub struct HostLogits {
+    data: Vec<f32>,
+    b: usize,
+    t: usize,
+    v: usize,
+    /// log Σ exp(logits) of row (bi, p) at `bi * (t - 1) + p`, for p < t - 1.
+    lse: Vec<f32>,
+}
+
+impl HostLogits {
+    /// Copies `logits` (`[b, t, vocab]`, any float dtype, any device) to the host.
+    ///
+    /// # Errors
+    /// `ShapeMismatch` if not 3-D or `t < 2`.
+    pub fn new(logits: &Tensor) -> Result<Self> {
+        use rayon::prelude::*;
+        let (b, t, v) = logits.dims3().map_err(|_| {
+            shape_err(
+                "logits",
+                "[batch, seq, vocab]",
+                format!("{:?}", logits.dims()),
+            )
+        })?;
+        if t < 2 {
+            return Err(shape_err("logits", "at least 2 positions", format!("{t}")));
+        }
+        let data = logits
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let lse = (0..b * (t - 1))
+            .into_par_iter()
+            .map(|i| {
+                let (bi, p) = (i / (t - 1), i % (t - 1));
+                let row = &data[(bi * t + p) * v..(bi * t + p + 1) * v];
+                log_sum_exp(row)
+            })
+            .collect();
+        Ok(Self { data, b, t, v, lse })
+    }
+
+    /// Number of predictions, `b * (t - 1)`.
+    pub fn n_predictions(&self) -> usize {
+        self.b * (self.t - 1)
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        let (bi, p) = (i / (self.t - 1), i % (self.t - 1));
+        let o = (bi * self.t + p) * self.v;
+        &self.data[o..o + self.v]
+    }
+
+    /// log p(token_{p+1} | ..=p) for every prediction, row-major `[b, t - 1]`.
+    ///
+    /// # Errors
+    /// `ShapeMismatch` if `tokens` is not `b * t` ids; `InvalidArgument` for an id outside the
+    /// vocabulary.
+    pub fn target_log_probs(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.len() != self.b * self.t {
+            return Err(shape_err(
+                "tokens",
+                format!("{} ids ([{}, {}])", self.b * self.t, self.b, self.t),
+                format!("{}", tokens.len()),
+            ));
+        }
+        (0..self.n_predictions())
+            .map(|i| {
+                let (bi, p) = (i / (self.t - 1), i % (self.t - 1));
+                let target = tokens[bi * self.t + p + 1] as usize;
+                let x = self.row(i).get(target).ok_or_else(|| {
+                    crate::error::MetricsError::InvalidArgument {
+                        what: format!("token id {target}"),
+                        reason: format!("the vocabulary has {} tokens", self.v),
+                    }
+                })?;
+                Ok(x - self.lse[i])
+            })
+            .collect()
+    }
+
+    /// KL(self ‖ q) for every prediction, row-major `[b, t - 1]`.
+    ///
+    /// # Errors
+    /// `ShapeMismatch` if the two batches differ in shape.
+    pub fn kl_to(&self, q: &HostLogits) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
+        if (self.b, self.t, self.v) != (q.b, q.t, q.v) {
+            return Err(shape_err(
+                "logits for KL",
+                format!("[{}, {}, {}]", self.b, self.t, self.v),
+                format!("[{}, {}, {}]", q.b, q.t, q.v),
+            ));
+        }
+        Ok((0..self.n_predictions())
+            .into_par_iter()
+            .map(|i| {
+                let (pr, qr) = (self.row(i), q.row(i));
+                let (lp0, lq0) = (self.lse[i], q.lse[i]);
+                let mut kl = 0.0f64;
+                for (&a, &c) in pr.iter().zip(qr) {
+                    let lp = a - lp0;
+                    let lq = c - lq0;
+                    kl += f64::from(lp.exp() * (lp - lq));
+                }
+                kl.max(0.0) as f32
+            })
+            .collect())
+    }
+}
+
+fn log_sum_exp(row: &[f32]) -> f32 {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !m.is_finite() {
+        return m;
+    }
+    let s: f32 = row.iter().map(|&x| (x - m).exp()).sum();
+    m + s.ln()
 }
 
 #[cfg(test)]
@@ -142,6 +258,48 @@ mod tests {
         let want = 0.5 * (0.5f64 / 0.75).ln() + 0.5 * 2f64.ln();
         assert_relative_eq!(kl[0][0] as f64, want, epsilon = 1e-6);
         assert_eq!(kl[0].len(), 1);
+    }
+
+    #[test]
+    fn host_kernels_match_candle_ops() {
+        let dev = Device::Cpu;
+        let (b, t, v) = (3, 5, 37);
+        let mut state = 7u64;
+        let vals: Vec<f32> = (0..2 * b * t * v)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 12.0
+            })
+            .collect();
+        let p = Tensor::from_slice(&vals[..b * t * v], (b, t, v), &dev).unwrap();
+        let q = Tensor::from_slice(&vals[b * t * v..], (b, t, v), &dev).unwrap();
+        let toks: Vec<u32> = (0..b * t).map(|i| (i * 7 % v) as u32).collect();
+        let tt = Tensor::from_slice(&toks, (b, t), &dev).unwrap();
+        let want = next_token_log_probs(&p, &tt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let hp = HostLogits::new(&p).unwrap();
+        let got = hp.target_log_probs(&toks).unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert_relative_eq!(*a, *b, epsilon = 1e-4);
+        }
+        let want = kl_per_position(&p, &q)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = hp.kl_to(&HostLogits::new(&q).unwrap()).unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert_relative_eq!(*a, *b, epsilon = 1e-4, max_relative = 1e-4);
+        }
+        assert!(hp.kl_to(&hp).unwrap().iter().all(|&k| k.abs() < 1e-6));
+        assert!(hp.target_log_probs(&toks[1..]).is_err());
     }
 
     #[test]

@@ -31,7 +31,7 @@ use sae_core::SaeModel;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{MetricsError, Result, shape_err};
-use crate::nll::{kl_from_log_probs, log_softmax, next_token_log_probs, sum_f64};
+use crate::nll::HostLogits;
 use crate::reconstruction::{
     DEFAULT_DENSE_THRESHOLD, ReconstructionAccumulator, ReconstructionMetrics,
 };
@@ -250,8 +250,13 @@ pub fn evaluate_spliced(
         }
     };
 
+    let sum = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>();
     for tokens in batches {
         let t = tokens.dim(1)?;
+        let ids = tokens
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .to_vec1::<u32>()?;
         // Clean, capturing the activations for the eval-token mean.
         let mut capture = |x: &Tensor| -> Result<Tensor> {
             if deferred_mean && first < t {
@@ -266,12 +271,9 @@ pub fn evaluate_spliced(
             }
             Ok(x.clone())
         };
-        let clean_logits = model.forward(tokens, Some(&mut capture))?;
-        let clean_lp = next_token_log_probs(&clean_logits, tokens)?;
-        s.clean -= sum_f64(&clean_lp)?;
-        let t1 = clean_logits.dim(1)? - 1;
-        let clean_dist = log_softmax(&clean_logits.narrow(1, 0, t1)?)?;
-        drop(clean_logits);
+        let clean = HostLogits::new(&model.forward(tokens, Some(&mut capture))?)?;
+        let clean_lp = clean.target_log_probs(&ids)?;
+        s.clean -= sum(&clean_lp);
         tick();
 
         // Spliced: reconstruction at positions >= first, recording reconstruction metrics.
@@ -295,10 +297,10 @@ pub fn evaluate_spliced(
             *x_hat_saved.borrow_mut() = Some(full.clone());
             Ok(full)
         };
-        let logits = model.forward(tokens, Some(&mut splice))?;
-        s.spliced -= sum_f64(&next_token_log_probs(&logits, tokens)?)?;
-        s.kl_spliced += sum_f64(&kl_from_log_probs(&clean_dist, &logits)?)?;
-        drop(logits);
+        let spliced = HostLogits::new(&model.forward(tokens, Some(&mut splice))?)?;
+        s.spliced -= sum(&spliced.target_log_probs(&ids)?);
+        s.kl_spliced += sum(&clean.kl_to(&spliced)?);
+        drop(spliced);
         tick();
 
         // Reconstruction plus the error term computed from the activations this pass sees.
@@ -312,31 +314,30 @@ pub fn evaluate_spliced(
                 None => Ok(x.clone()),
             }
         };
-        let logits = model.forward(tokens, Some(&mut with_error))?;
-        let lp = next_token_log_probs(&logits, tokens)?;
-        s.with_error -= sum_f64(&lp)?;
-        let worst = (&lp - &clean_lp)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        s.with_error_max = s.with_error_max.max(f64::from(worst));
-        drop(logits);
+        let lp = HostLogits::new(&model.forward(tokens, Some(&mut with_error))?)?
+            .target_log_probs(&ids)?;
+        s.with_error -= sum(&lp);
+        let worst = lp
+            .iter()
+            .zip(&clean_lp)
+            .map(|(a, b)| f64::from((a - b).abs()))
+            .fold(0.0, f64::max);
+        s.with_error_max = s.with_error_max.max(worst);
         tick();
 
         // Zero ablation.
         let mut zero = |x: &Tensor| splice_positions(x, &x.zeros_like()?, first);
-        let logits = model.forward(tokens, Some(&mut zero))?;
-        s.zero -= sum_f64(&next_token_log_probs(&logits, tokens)?)?;
-        s.kl_zero += sum_f64(&kl_from_log_probs(&clean_dist, &logits)?)?;
-        drop(logits);
+        let zeroed = HostLogits::new(&model.forward(tokens, Some(&mut zero))?)?;
+        s.zero -= sum(&zeroed.target_log_probs(&ids)?);
+        s.kl_zero += sum(&clean.kl_to(&zeroed)?);
+        drop(zeroed);
         tick();
 
         if let MeanActivation::Provided(m) = &cfg.mean {
-            s.mean -= mean_ablated_nll(model, tokens, m, first)?;
+            s.mean -= mean_ablated_nll(model, tokens, &ids, m, first)?;
             tick();
         }
-        s.n += (tokens.dim(0)? * (t - 1)) as u64;
+        s.n += clean.n_predictions() as u64;
     }
 
     let mean_source = match &cfg.mean {
@@ -354,7 +355,11 @@ pub fn evaluate_spliced(
             }
             let mean: Vec<f32> = sum.iter().map(|v| (v / n as f64) as f32).collect();
             for tokens in batches {
-                s.mean -= mean_ablated_nll(model, tokens, &mean, first)?;
+                let ids = tokens
+                    .to_dtype(DType::U32)?
+                    .flatten_all()?
+                    .to_vec1::<u32>()?;
+                s.mean -= mean_ablated_nll(model, tokens, &ids, &mean, first)?;
                 tick();
             }
             "eval_tokens"
@@ -397,6 +402,7 @@ pub fn evaluate_spliced(
 fn mean_ablated_nll(
     model: &mut dyn SpliceTarget,
     tokens: &Tensor,
+    ids: &[u32],
     mean: &[f32],
     first: usize,
 ) -> Result<f64> {
@@ -407,8 +413,8 @@ fn mean_ablated_nll(
             .contiguous()?;
         splice_positions(x, &m, first)
     };
-    let logits = model.forward(tokens, Some(&mut ablate))?;
-    sum_f64(&next_token_log_probs(&logits, tokens)?)
+    let lp = HostLogits::new(&model.forward(tokens, Some(&mut ablate))?)?.target_log_probs(ids)?;
+    Ok(lp.iter().map(|&x| f64::from(x)).sum())
 }
 
 #[cfg(test)]
