@@ -106,6 +106,11 @@ MODELS = [
         "tokenizer_json": "tokenizers/gemma3/tokenizer.json",
         "ablate_layer": 9,
     },
+    {
+        "key": "qwen2",
+        "file": "models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "ablate_layer": 12,
+    },
 ]
 
 
@@ -154,7 +159,10 @@ def main():
             continue
         d, f = os.path.split(path)
         gguf_tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-        if spec["key"] == "smollm2":
+        if spec["key"] == "qwen2":
+            tok = gguf_tok
+            add_bos = False
+        elif spec["key"] == "smollm2":
             tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
             tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
                 [

@@ -591,10 +591,11 @@ impl Model {
         let mut start = 0;
         while start < rows {
             let n = chunk.min(rows - start);
-            let logits = self
-                .net
-                .unembed(&self.cfg, &x.narrow(0, start, n)?)?
-                .to_dtype(DType::F32)?;
+            let logits = self.net.unembed(&self.cfg, &x.narrow(0, start, n)?)?;
+            let logits = match logits.dtype() {
+                DType::F16 | DType::BF16 => logits.to_dtype(DType::F32)?,
+                _ => logits,
+            };
             let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             let t = targets.narrow(0, start, n)?.unsqueeze(1)?;
             parts.push(lsm.gather(&t, 1)?.squeeze(1)?);

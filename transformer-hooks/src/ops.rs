@@ -11,8 +11,11 @@ use candle_core::{D, DType, Result, Tensor};
 
 use crate::config::RopeLayout;
 
+/// Whether the composed ops must be used: something is on the autograd graph, or the dtype is
+/// one the fused kernels do not implement (f64, used for gradient checks).
 fn tracked(ts: &[&Tensor]) -> bool {
-    ts.iter().any(|t| t.track_op())
+    ts.iter()
+        .any(|t| t.track_op() || !matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16))
 }
 
 fn f32_internal(x: &Tensor) -> Result<Tensor> {

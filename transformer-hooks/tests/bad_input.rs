@@ -1,0 +1,296 @@
+//! Everything a user can pass in that is wrong gives an error naming it, never a panic.
+
+mod common;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::gguf_file::Value;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use transformer_hooks::{Error, GenerateOptions, HookPoint, Hooks, Model, Sampling, assets};
+
+fn load_err(path: &std::path::Path) -> Error {
+    Model::load(path, &Device::Cpu).unwrap_err()
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.gguf");
+    write_gguf(&tiny("llama"), &path, GgmlDType::F32, |meta, _| {
+        meta[0].1 = Value::String("mamba".into());
+    });
+    let e = load_err(&path);
+    assert!(
+        matches!(e, Error::UnsupportedArchitecture { ref arch, .. } if arch == "mamba"),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("mamba") && e.to_string().contains("llama, gemma3"),
+        "{e}"
+    );
+
+    let dir = tmp.path().join("hf");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "mamba", "hidden_size": 8}"#,
+    )
+    .unwrap();
+    std::fs::copy(
+        tiny_dir("llama").join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let e = load_err(&dir);
+    assert!(e.to_string().contains("mamba"), "{e}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.gguf");
+    write_gguf(&tiny("llama"), &path, GgmlDType::F32, |_, tensors| {
+        tensors.retain(|(n, _)| n != "blk.1.ffn_up.weight");
+    });
+    let e = load_err(&path);
+    assert!(
+        matches!(e, Error::MissingTensor { ref name, .. } if name == "blk.1.ffn_up.weight"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("m.gguf"), "{e}");
+}
+
+#[test]
+fn wrong_shape_is_named_with_both_shapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.gguf");
+    write_gguf(&tiny("qwen2"), &path, GgmlDType::F32, |_, tensors| {
+        for (n, t) in tensors.iter_mut() {
+            if n == "blk.2.attn_k.weight" {
+                // A fresh tensor: candle's quantizer ignores a view's offset.
+                let rows: Vec<f32> = t
+                    .narrow(0, 0, 8)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                *t = Tensor::from_vec(rows, (8, 32), &Device::Cpu).unwrap();
+            }
+        }
+    });
+    let e = load_err(&path);
+    match &e {
+        Error::ShapeMismatch {
+            what,
+            expected,
+            got,
+        } => {
+            assert!(what.contains("blk.2.attn_k.weight"), "{e}");
+            assert_eq!(expected, &vec![16, 32]);
+            assert_eq!(got, &vec![8, 32]);
+        }
+        other => panic!("expected ShapeMismatch, got {other}"),
+    }
+}
+
+#[test]
+fn truncated_or_foreign_files_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.gguf");
+    write_gguf(&tiny("gemma3"), &path, GgmlDType::F32, |_, _| {});
+    let bytes = std::fs::read(&path).unwrap();
+    for keep in [bytes.len() - 100, bytes.len() / 2, 200, 10, 0] {
+        let cut = tmp.path().join(format!("cut{keep}.gguf"));
+        std::fs::write(&cut, &bytes[..keep]).unwrap();
+        let e = load_err(&cut);
+        assert!(
+            matches!(e, Error::Gguf { .. } | Error::Metadata { .. }),
+            "{keep}: {e}"
+        );
+        assert!(e.to_string().contains(&format!("cut{keep}.gguf")), "{e}");
+    }
+    // The last tensor is the one cut short: the error names it.
+    let cut = tmp.path().join("short.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    assert!(
+        load_err(&cut).to_string().contains("tensor `"),
+        "{}",
+        load_err(&cut)
+    );
+    let text = tmp.path().join("notes.txt");
+    std::fs::write(&text, "not a model").unwrap();
+    assert!(matches!(load_err(&text), Error::Gguf { .. }));
+    assert!(matches!(
+        load_err(&tmp.path().join("absent.gguf")),
+        Error::Io { .. }
+    ));
+
+    // A truncated safetensors shard.
+    let dir = tmp.path().join("hf");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(
+        tiny_dir("gpt2").join("config.json"),
+        dir.join("config.json"),
+    )
+    .unwrap();
+    let st = std::fs::read(tiny_dir("gpt2").join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &st[..st.len() / 2]).unwrap();
+    let e = load_err(&dir);
+    assert!(matches!(e, Error::Safetensors { .. }), "{e}");
+    assert!(e.to_string().contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn bad_config_json_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("hf");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::copy(
+        tiny_dir("llama").join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(tiny_dir("llama").join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    v.as_object_mut().unwrap().remove("num_hidden_layers");
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+    let e = load_err(&dir);
+    assert!(
+        matches!(e, Error::Metadata { ref key, .. } if key == "num_hidden_layers"),
+        "{e}"
+    );
+    std::fs::write(dir.join("config.json"), "{not json").unwrap();
+    assert!(matches!(load_err(&dir), Error::Metadata { .. }));
+    v["num_hidden_layers"] = serde_json::json!(3);
+    v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0});
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+    assert!(load_err(&dir).to_string().contains("llama3"));
+}
+
+#[test]
+fn hook_points_the_model_lacks_are_named() {
+    let model = tiny("llama");
+    let e = model.hook_point("blocks.99.mlp.hook_post").unwrap_err();
+    assert!(matches!(e, Error::HookNotInModel { .. }));
+    let msg = e.to_string();
+    assert!(
+        msg.contains("blocks.99.mlp.hook_post") && msg.contains("3 layers"),
+        "{msg}"
+    );
+    let toks = some_tokens(1, 4, model.config().vocab_size);
+    let e = model
+        .run_with_cache(&toks, &[HookPoint::mlp_post(99)])
+        .unwrap_err();
+    assert!(e.to_string().contains("blocks.99.mlp.hook_post"), "{e}");
+    assert!(model.hook_point("hook_pos_embed").is_err());
+    assert!(
+        tiny("gpt2")
+            .hook_point("blocks.0.mlp.hook_pre_linear")
+            .is_err()
+    );
+}
+
+#[test]
+fn bad_tokens_are_named() {
+    let model = tiny("llama");
+    let v = model.config().vocab_size as u32;
+    let toks = Tensor::new(&[[1u32, 2, v, 3]], &Device::Cpu).unwrap();
+    let e = model.forward(&toks, &mut Hooks::new()).unwrap_err();
+    match e {
+        Error::TokenOutOfRange {
+            id,
+            batch,
+            position,
+            vocab_size,
+        } => {
+            assert_eq!(
+                (id, batch, position, vocab_size),
+                (v as i64, 0, 2, v as usize)
+            );
+        }
+        other => panic!("{other}"),
+    }
+    let neg = Tensor::new(&[[1i64, -4]], &Device::Cpu).unwrap();
+    assert!(matches!(
+        model.logprobs(&neg).unwrap_err(),
+        Error::TokenOutOfRange { id: -4, .. }
+    ));
+    let flat = Tensor::new(&[1u32, 2, 3], &Device::Cpu).unwrap();
+    assert!(matches!(
+        model.forward(&flat, &mut Hooks::new()).unwrap_err(),
+        Error::ShapeMismatch { .. }
+    ));
+    let floats = Tensor::new(&[[1f32, 2.]], &Device::Cpu).unwrap();
+    assert!(model.forward(&floats, &mut Hooks::new()).is_err());
+    let empty = Tensor::zeros((1, 0), DType::U32, &Device::Cpu).unwrap();
+    assert!(model.forward(&empty, &mut Hooks::new()).is_err());
+    let toks = some_tokens(2, 4, v as usize);
+    let mask = Tensor::ones((2, 3), DType::U32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        model
+            .forward_masked(&toks, &mask, &mut Hooks::new())
+            .unwrap_err(),
+        Error::ShapeMismatch { .. }
+    ));
+    assert!(model.logprobs(&some_tokens(1, 1, v as usize)).is_err());
+}
+
+#[test]
+fn bad_generation_options_are_errors() {
+    let model = tiny("llama");
+    let mut opts = GenerateOptions::sampled(3, 0.0, 1);
+    assert!(
+        model
+            .generate(&[1, 2], &opts, &mut Hooks::new())
+            .unwrap_err()
+            .to_string()
+            .contains("temperature")
+    );
+    opts.sampling = Sampling::Sample {
+        temperature: 1.0,
+        top_k: Some(0),
+        top_p: None,
+        seed: 0,
+    };
+    assert!(model.generate(&[1, 2], &opts, &mut Hooks::new()).is_err());
+    opts.sampling = Sampling::Sample {
+        temperature: 1.0,
+        top_k: None,
+        top_p: Some(1.5),
+        seed: 0,
+    };
+    assert!(model.generate(&[1, 2], &opts, &mut Hooks::new()).is_err());
+    assert!(
+        model
+            .generate(&[], &GenerateOptions::greedy(2), &mut Hooks::new())
+            .is_err()
+    );
+    let mut stop = Hooks::new()
+        .capture(HookPoint::resid_pre(0))
+        .stop_at_deepest_capture();
+    assert!(
+        model
+            .generate(&[1], &GenerateOptions::greedy(2), &mut stop)
+            .is_err()
+    );
+}
+
+#[test]
+fn blocks_99_on_smollm2_names_the_hook_and_the_layer_count() {
+    let Some(path) = assets::asset_or_skip(assets::SMOLLM2) else {
+        return;
+    };
+    let model = Model::load(&path, &Device::Cpu).unwrap();
+    let msg = model
+        .hook_point("blocks.99.mlp.hook_post")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("blocks.99.mlp.hook_post") && msg.contains("30 layers"),
+        "{msg}"
+    );
+    let ids = Tensor::new(&[[1u32, 49152]], &Device::Cpu).unwrap();
+    let msg = model.logprobs(&ids).unwrap_err().to_string();
+    assert!(msg.contains("49152") && msg.contains("position 1"), "{msg}");
+}
