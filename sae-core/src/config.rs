@@ -238,7 +238,10 @@ impl SaeConfig {
         if c.reshape_activations != "none" && c.reshape_activations != "hook_z" {
             return Err(SaeError::config(
                 "reshape_activations",
-                format!("expected `none` or `hook_z`, got `{}`", c.reshape_activations),
+                format!(
+                    "expected `none` or `hook_z`, got `{}`",
+                    c.reshape_activations
+                ),
             ));
         }
         Ok(())
@@ -364,7 +367,11 @@ fn legacy_to_v6(map: serde_json::Map<String, Value>) -> serde_json::Map<String, 
         .or_insert_with(|| Value::String("standard".into()));
     match out.get("normalize_activations") {
         Some(Value::Bool(b)) => {
-            let s = if *b { "expected_average_only_in" } else { "none" };
+            let s = if *b {
+                "expected_average_only_in"
+            } else {
+                "none"
+            };
             out.insert("normalize_activations".into(), Value::String(s.into()));
         }
         Some(Value::Null) => {
@@ -409,7 +416,11 @@ fn sparsify_to_v6(
                 .into(),
         });
     }
-    if map.get("activation").and_then(Value::as_str).is_some_and(|a| a != "topk") {
+    if map
+        .get("activation")
+        .and_then(Value::as_str)
+        .is_some_and(|a| a != "topk")
+    {
         return Err(SaeError::Unsupported {
             file: file.to_path_buf(),
             reason: format!(
@@ -454,7 +465,9 @@ mod tests {
             "some_future_key": [1, 2],
             "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.0.mlp.hook_post", "odd": 3}});
         let cfg = parse(v.clone()).unwrap();
-        let SaeConfig::TopK(t) = &cfg else { panic!("{cfg:?}") };
+        let SaeConfig::TopK(t) = &cfg else {
+            panic!("{cfg:?}")
+        };
         assert_eq!(t.k, 2);
         assert!(t.rescale_acts_by_decoder_norm);
         assert_eq!(cfg.hook_name(), Some("blocks.0.mlp.hook_post"));
@@ -470,11 +483,16 @@ mod tests {
             "model_name": "gpt2", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 5},
             "normalize_activations": false, "sae_lens_training_version": "3.13.0", "hook_layer": 3});
         let cfg = parse(v).unwrap();
-        let SaeConfig::TopK(t) = &cfg else { panic!("{cfg:?}") };
+        let SaeConfig::TopK(t) = &cfg else {
+            panic!("{cfg:?}")
+        };
         assert_eq!(t.k, 5);
         assert_eq!(cfg.hook_name(), Some("blocks.3.hook_resid_post"));
         assert_eq!(cfg.metadata().model_name.as_deref(), Some("gpt2"));
-        assert_eq!(cfg.common().normalize_activations, NormalizeActivations::None);
+        assert_eq!(
+            cfg.common().normalize_activations,
+            NormalizeActivations::None
+        );
     }
 
     #[test]
@@ -495,7 +513,9 @@ mod tests {
         let v = json!({"expansion_factor": 4, "normalize_decoder": true, "num_latents": 0, "k": 3,
             "multi_topk": false, "skip_connection": false, "d_in": 8});
         let cfg = parse(v).unwrap();
-        let SaeConfig::TopK(t) = &cfg else { panic!("{cfg:?}") };
+        let SaeConfig::TopK(t) = &cfg else {
+            panic!("{cfg:?}")
+        };
         assert_eq!((t.common.d_in, t.common.d_sae, t.k), (8, 32, 3));
         assert!(t.common.apply_b_dec_to_input);
     }

@@ -73,9 +73,7 @@ fn to_f32(dtype: Dtype, b: &[u8]) -> Option<Vec<f32>> {
             .collect(),
         Dtype::F64 => b
             .chunks_exact(8)
-            .map(|c| {
-                f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
-            })
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
             .collect(),
         Dtype::F16 => b
             .chunks_exact(2)
@@ -111,10 +109,11 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> R
     }
     let mut views = Vec::with_capacity(bufs.len());
     for (name, shape, b) in &bufs {
-        let v = TensorView::new(Dtype::F32, shape.clone(), b).map_err(|e| SaeError::CorruptFile {
-            file: path.to_path_buf(),
-            reason: format!("tensor {name}: {e}"),
-        })?;
+        let v =
+            TensorView::new(Dtype::F32, shape.clone(), b).map_err(|e| SaeError::CorruptFile {
+                file: path.to_path_buf(),
+                reason: format!("tensor {name}: {e}"),
+            })?;
         views.push((name.clone(), v));
     }
     let bytes = safetensors::serialize(views, None).map_err(|e| SaeError::CorruptFile {

@@ -159,29 +159,196 @@ pub fn encoder_preacts(
     })
 }
 
+/// Whether the CPU has AVX2 and FMA (checked once; the std macro caches it).
+#[inline]
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+macro_rules! dot_body {
+    ($a:expr, $b:expr, $fma:expr) => {{
+        let a: &[f32] = $a;
+        let b: &[f32] = &$b[..a.len()];
+        let (ac, ar) = a.as_chunks::<16>();
+        let (bc, br) = b.as_chunks::<16>();
+        let mut acc = [0.0f32; 16];
+        for (x, y) in ac.iter().zip(bc) {
+            for i in 0..16 {
+                acc[i] = $fma(x[i], y[i], acc[i]);
+            }
+        }
+        let mut s = 0.0f32;
+        for i in 0..8 {
+            s += acc[i] + acc[i + 8];
+        }
+        for (x, y) in ar.iter().zip(br) {
+            s += x * y;
+        }
+        s
+    }};
+}
+
+#[inline(always)]
+fn mul_add_plain(a: f32, b: f32, c: f32) -> f32 {
+    a * b + c
+}
+#[inline(always)]
+fn mul_add_fused(a: f32, b: f32, c: f32) -> f32 {
+    a.mul_add(b, c)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_body!(a, b, mul_add_fused)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_avx2(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi = a.mul_add(*xi, *yi);
+    }
+}
+
+/// `Σ a_i b_i` (AVX2 + FMA when available; the same machine always takes the same path).
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let (ac, ar) = a.as_chunks::<8>();
-    let (bc, br) = b[..a.len()].as_chunks::<8>();
-    let mut acc = [0.0f32; 8];
-    for (x, y) in ac.iter().zip(bc) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        return unsafe { dot_avx2(a, b) };
     }
-    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
-    }
-    s
+    dot_body!(a, b, mul_add_plain)
 }
 
 /// `y += a * x`.
 #[inline]
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        return unsafe { axpy_avx2(a, x, y) };
+    }
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;
     }
+}
+
+/// Below this many multiply-adds per dense product the per-pair loops always win.
+const DENSE_MIN_WORK: usize = 1 << 26;
+/// Dense products take over above one active pair in this many (token, feature) cells.
+const DENSE_RATIO: usize = 32;
+
+/// Whether `nnz` active pairs are dense enough that GEMMs beat the per-pair loops (early in
+/// ReLU-family training, when half the features fire). The per-pair loops cost a few memory
+/// reads of a `d_in` row per pair; a dense product costs `n · d_sae · d_in` multiply-adds at GEMM
+/// speed, which wins above a density of about 1/32.
+pub fn use_dense(nnz: usize, n: usize, d_sae: usize, d_in: usize) -> bool {
+    n * d_sae * d_in >= DENSE_MIN_WORK && nnz * DENSE_RATIO > n * d_sae
+}
+
+/// Dense `[n, d_sae]` from per-pair coefficients.
+fn scatter_dense(offsets: &[usize], features: &[u32], coef: &[f32], d_sae: usize) -> Vec<f32> {
+    let n = offsets.len() - 1;
+    let mut out = vec![0.0f32; n * d_sae];
+    out.par_chunks_mut(d_sae).enumerate().for_each(|(t, row)| {
+        for p in offsets[t]..offsets[t + 1] {
+            row[features[p] as usize] += coef[p];
+        }
+    });
+    out
+}
+
+/// `op(a) · op(b)` with candle's GEMM on the CPU; `a` is `[ar, ac]`, `b` is `[br, bc]` as stored.
+fn gemm(
+    a: &[f32],
+    ar: usize,
+    ac: usize,
+    ta: bool,
+    b: &[f32],
+    br: usize,
+    bc: usize,
+    tb: bool,
+) -> Result<Vec<f32>> {
+    let dev = Device::Cpu;
+    let mut at = Tensor::from_slice(a, (ar, ac), &dev)?;
+    let mut bt = Tensor::from_slice(b, (br, bc), &dev)?;
+    if ta {
+        at = at.t()?;
+    }
+    if tb {
+        bt = bt.t()?;
+    }
+    Ok(at.matmul(&bt)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// Per-token decode, reconstruction gradient and pair dot products in one pass, so that each
+/// token's decoder rows are read from memory once and reused from cache:
+///
+/// * `x̂_t = bias + Σ_p values[p] · W[features[p]]` (pairs with value 0 are skipped);
+/// * `d_t = scale · (x̂_t - x_t)` (returned, `[n, d_in]`) and `sq_t = ||x̂_t - x_t||²`;
+/// * `dots[p] = d_t · W[features[p]]` for every pair.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_residual_dots(
+    offsets: &[usize],
+    features: &[u32],
+    values: &[f32],
+    w: &[f32],
+    d_in: usize,
+    bias: Option<&[f32]>,
+    x: &[f32],
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = offsets.len() - 1;
+    let d_sae = w.len() / d_in.max(1);
+    if use_dense(features.len(), n, d_sae, d_in)
+        && let Ok(r) =
+            decode_residual_dots_dense(offsets, features, values, w, d_in, bias, x, scale)
+    {
+        return r;
+    }
+    let mut d = vec![0.0f32; n * d_in];
+    let mut sq = vec![0.0f32; n];
+    let mut dots = vec![0.0f32; features.len()];
+    let parts = split_ragged(&mut dots, offsets);
+    d.par_chunks_mut(d_in)
+        .zip(sq.par_iter_mut())
+        .zip(parts.into_par_iter())
+        .enumerate()
+        .with_min_len(TOKEN_CHUNK)
+        .for_each(|(t, ((row, s), dp))| {
+            if let Some(b) = bias {
+                row.copy_from_slice(b);
+            }
+            let r = offsets[t]..offsets[t + 1];
+            for p in r.clone() {
+                let v = values[p];
+                if v != 0.0 {
+                    let f = features[p] as usize;
+                    axpy(v, &w[f * d_in..(f + 1) * d_in], row);
+                }
+            }
+            let mut acc = 0.0f32;
+            for (a, b) in row.iter_mut().zip(&x[t * d_in..(t + 1) * d_in]) {
+                let e = *a - b;
+                acc += e * e;
+                *a = scale * e;
+            }
+            *s = acc;
+            for (o, p) in dp.iter_mut().zip(r) {
+                let f = features[p] as usize;
+                *o = dot(row, &w[f * d_in..(f + 1) * d_in]);
+            }
+        });
+    (d, sq, dots)
 }
 
 /// `x - b` for every row (the pre-encoder bias), or a copy of `x` when `b` is `None`.
@@ -237,6 +404,46 @@ pub fn decode_sparse(
             }
         });
     out
+}
+
+/// [`decode_residual_dots`] with dense GEMMs (same results up to rounding).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_residual_dots_dense(
+    offsets: &[usize],
+    features: &[u32],
+    values: &[f32],
+    w: &[f32],
+    d_in: usize,
+    bias: Option<&[f32]>,
+    x: &[f32],
+    scale: f32,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let n = offsets.len() - 1;
+    let d_sae = w.len() / d_in;
+    let a = scatter_dense(offsets, features, values, d_sae);
+    let mut d = gemm(&a, n, d_sae, false, w, d_sae, d_in, false)?;
+    drop(a);
+    let mut sq = vec![0.0f32; n];
+    d.par_chunks_mut(d_in)
+        .zip(x.par_chunks(d_in))
+        .zip(sq.par_iter_mut())
+        .for_each(|((row, xr), s)| {
+            let mut acc = 0.0f32;
+            for i in 0..d_in {
+                let e = row[i] + bias.map_or(0.0, |b| b[i]) - xr[i];
+                acc += e * e;
+                row[i] = scale * e;
+            }
+            *s = acc;
+        });
+    let m = gemm(&d, n, d_in, false, w, d_sae, d_in, true)?;
+    let mut dots = vec![0.0f32; features.len()];
+    for t in 0..n {
+        for p in offsets[t]..offsets[t + 1] {
+            dots[p] = m[t * d_sae + features[p] as usize];
+        }
+    }
+    Ok((d, sq, dots))
 }
 
 /// For each pair p of token t: `dot(vecs[t], W[features[p]])` (e.g. the gradient reaching an
@@ -322,6 +529,13 @@ pub fn feature_rows(
     g_w_dec: &mut [f32],
     g_w_enc: &mut [f32],
 ) -> Vec<f32> {
+    let n = sets.first().map_or(0, |s| s.offsets.len() - 1);
+    let nnz: usize = sets.iter().map(|s| s.features.len()).sum();
+    if use_dense(nnz, n, d_sae, d_in)
+        && let Ok(b) = feature_rows_dense(d_sae, d_in, sets, enc_vecs, g_w_dec, g_w_enc)
+    {
+        return b;
+    }
     let groups: Vec<ByFeature> = sets
         .iter()
         .map(|s| group_by_feature(s.offsets, s.features, d_sae))
@@ -359,6 +573,43 @@ pub fn feature_rows(
             *gb = bias_sum;
         });
     g_bias
+}
+
+/// [`feature_rows`] with dense GEMMs: `gW_dec = Σ_sets Aᵀ · dec_vecs`, `gW_enc = Σ_sets Gᵀ · enc_vecs`.
+pub fn feature_rows_dense(
+    d_sae: usize,
+    d_in: usize,
+    sets: &[PairSet<'_>],
+    enc_vecs: &[f32],
+    g_w_dec: &mut [f32],
+    g_w_enc: &mut [f32],
+) -> Result<Vec<f32>> {
+    g_w_dec.fill(0.0);
+    g_w_enc.fill(0.0);
+    let mut g_bias = vec![0.0f32; d_sae];
+    for s in sets {
+        let n = s.offsets.len() - 1;
+        if let Some(dc) = s.dec_coef {
+            let a = scatter_dense(s.offsets, s.features, dc, d_sae);
+            let g = gemm(&a, n, d_sae, true, s.dec_vecs, n, d_in, false)?;
+            g_w_dec
+                .par_iter_mut()
+                .zip(g.par_iter())
+                .for_each(|(o, v)| *o += v);
+        }
+        if let Some(ec) = s.enc_coef {
+            let a = scatter_dense(s.offsets, s.features, ec, d_sae);
+            let g = gemm(&a, n, d_sae, true, enc_vecs, n, d_in, false)?;
+            g_w_enc
+                .par_iter_mut()
+                .zip(g.par_iter())
+                .for_each(|(o, v)| *o += v);
+            for (&f, &c) in s.features.iter().zip(ec) {
+                g_bias[f as usize] += c;
+            }
+        }
+    }
+    Ok(g_bias)
 }
 
 /// `Σ_f coefs[f] · rows[f]` over `[d_sae, d]` rows, as `[d]` (deterministic order).
@@ -581,7 +832,9 @@ mod tests {
 
     #[test]
     fn top_k_small_and_large_agree_with_sort() {
-        let vals: Vec<f32> = (0..500).map(|i| ((i * 7919) % 503) as f32 * 0.1 - 3.0).collect();
+        let vals: Vec<f32> = (0..500)
+            .map(|i| ((i * 7919) % 503) as f32 * 0.1 - 3.0)
+            .collect();
         for k in [1, 5, 64, 65, 200] {
             let mut out = Vec::new();
             let mut buf = Vec::new();
@@ -597,6 +850,75 @@ mod tests {
             want.sort_by(|a, b| b.total_cmp(a));
             assert_eq!(got, want[..k].to_vec(), "k={k}");
         }
+    }
+
+    #[test]
+    fn dense_and_sparse_paths_agree() {
+        let (n, d_sae, d_in) = (40usize, 24usize, 12usize);
+        let mut seed = 1u64;
+        let mut rnd = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let w: Vec<f32> = (0..d_sae * d_in).map(|_| rnd()).collect();
+        let x: Vec<f32> = (0..n * d_in).map(|_| rnd()).collect();
+        let xc: Vec<f32> = (0..n * d_in).map(|_| rnd()).collect();
+        let bias: Vec<f32> = (0..d_in).map(|_| rnd()).collect();
+        let rows: Vec<Vec<(u32, f32)>> = (0..n)
+            .map(|t| {
+                (0..d_sae as u32)
+                    .filter(|f| (f + t as u32) % 3 != 0)
+                    .map(|f| (f, rnd()))
+                    .collect()
+            })
+            .collect();
+        let c = SparseCodes::from_rows(d_sae, rows);
+        let (d1, s1, p1) = decode_residual_dots(
+            &c.offsets,
+            &c.features,
+            &c.values,
+            &w,
+            d_in,
+            Some(&bias),
+            &x,
+            0.3,
+        );
+        let (d2, s2, p2) = decode_residual_dots_dense(
+            &c.offsets,
+            &c.features,
+            &c.values,
+            &w,
+            d_in,
+            Some(&bias),
+            &x,
+            0.3,
+        )
+        .unwrap();
+        let close = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .all(|(u, v)| (u - v).abs() < 1e-4 * (1.0 + u.abs()))
+        };
+        assert!(close(&d1, &d2) && close(&s1, &s2) && close(&p1, &p2));
+        let enc: Vec<f32> = c.values.iter().map(|v| v * 0.7 - 0.1).collect();
+        let set = [PairSet {
+            offsets: &c.offsets,
+            features: &c.features,
+            dec_coef: Some(&c.values),
+            dec_vecs: &d1,
+            enc_coef: Some(&enc),
+        }];
+        let (mut a1, mut b1, mut a2, mut b2) = (
+            vec![0.0; d_sae * d_in],
+            vec![0.0; d_sae * d_in],
+            vec![1.0; d_sae * d_in],
+            vec![1.0; d_sae * d_in],
+        );
+        let g1 = feature_rows(d_sae, d_in, &set, &xc, &mut a1, &mut b1);
+        let g2 = feature_rows_dense(d_sae, d_in, &set, &xc, &mut a2, &mut b2).unwrap();
+        assert!(close(&a1, &a2) && close(&b1, &b2) && close(&g1, &g2));
     }
 
     #[test]

@@ -196,7 +196,11 @@ impl SaeModel {
     }
 
     /// Wraps a trainable SAE (e.g. a trainer's, already folded) with its config.
-    pub fn from_parts(cfg: SaeConfig, sae: Box<dyn TrainableSae>, log10_sparsity: Option<Vec<f32>>) -> Self {
+    pub fn from_parts(
+        cfg: SaeConfig,
+        sae: Box<dyn TrainableSae>,
+        log10_sparsity: Option<Vec<f32>>,
+    ) -> Self {
         SaeModel {
             cfg,
             sae,
@@ -209,7 +213,9 @@ impl SaeModel {
     /// # Errors
     /// I/O errors.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
-        let (cfg, tensors) = self.sae.export(self.sae.params(), self.cfg.common().clone())?;
+        let (cfg, tensors) = self
+            .sae
+            .export(self.sae.params(), self.cfg.common().clone())?;
         io::save_sae(dir.as_ref(), &cfg, &tensors, self.log10_sparsity.as_deref())
     }
 
@@ -258,8 +264,12 @@ impl SaeModel {
     /// As [`SaeModel::encode_sparse`].
     pub fn encode(&self, x: &Tensor) -> Result<Tensor> {
         let codes = self.encode_sparse(x)?;
-        Ok(Tensor::from_vec(codes.to_dense(), (codes.n_tokens, self.d_sae()), &Device::Cpu)?
-            .to_device(x.device())?)
+        Ok(Tensor::from_vec(
+            codes.to_dense(),
+            (codes.n_tokens, self.d_sae()),
+            &Device::Cpu,
+        )?
+        .to_device(x.device())?)
     }
 
     /// Reconstruction from dense activations.
@@ -282,7 +292,10 @@ impl SaeModel {
     /// If the codes' `d_sae` differs.
     pub fn decode_sparse(&self, codes: &SparseCodes, device: &Device) -> Result<Tensor> {
         let out = self.sae.decode_host(codes)?;
-        Ok(Tensor::from_vec(out, (codes.n_tokens, self.d_in()), &Device::Cpu)?.to_device(device)?)
+        Ok(
+            Tensor::from_vec(out, (codes.n_tokens, self.d_in()), &Device::Cpu)?
+                .to_device(device)?,
+        )
     }
 
     /// `decode(encode(x))`.
@@ -320,7 +333,11 @@ impl SaeModel {
     /// Candle errors.
     pub fn w_enc(&self) -> Result<Tensor> {
         let t = transpose(self.sae.params().data("W_enc")?, self.d_sae(), self.d_in());
-        Ok(Tensor::from_vec(t, (self.d_in(), self.d_sae()), &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            t,
+            (self.d_in(), self.d_sae()),
+            &Device::Cpu,
+        )?)
     }
     /// `b_dec` `[d_in]`.
     ///
@@ -337,8 +354,12 @@ fn fold_topk_norms(params: &mut Params, d_in: usize) -> Result<()> {
     for (f, &n) in norms.iter().enumerate() {
         let n = n.max(1e-8);
         b_enc[f] *= n;
-        w_enc[f * d_in..(f + 1) * d_in].iter_mut().for_each(|v| *v *= n);
-        w_dec[f * d_in..(f + 1) * d_in].iter_mut().for_each(|v| *v /= n);
+        w_enc[f * d_in..(f + 1) * d_in]
+            .iter_mut()
+            .for_each(|v| *v *= n);
+        w_dec[f * d_in..(f + 1) * d_in]
+            .iter_mut()
+            .for_each(|v| *v /= n);
     }
     Ok(())
 }

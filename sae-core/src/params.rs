@@ -107,8 +107,11 @@ impl Params {
                 return Err(SaeError::config(*n, "requested twice"));
             }
         }
-        let mut refs: Vec<Option<&mut [f32]>> =
-            self.list.iter_mut().map(|p| Some(p.data.as_mut_slice())).collect();
+        let mut refs: Vec<Option<&mut [f32]>> = self
+            .list
+            .iter_mut()
+            .map(|p| Some(p.data.as_mut_slice()))
+            .collect();
         Ok(idx.map(|i| refs[i].take().unwrap_or_default()))
     }
 }

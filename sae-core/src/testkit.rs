@@ -102,7 +102,10 @@ where
     run("decoder_norms", check_decoder_norms(&make, opts));
     run("l0_bound", check_l0_bound(&make, opts));
     run("save_load", check_save_load(&make, opts));
-    run("planted_recovery", check_planted_recovery(&make, &opts.planted).map(|_| ()));
+    run(
+        "planted_recovery",
+        check_planted_recovery(&make, &opts.planted).map(|_| ()),
+    );
 }
 
 fn runner(cases: u32) -> TestRunner {
@@ -140,44 +143,69 @@ fn ctx<'a>(dead: &'a [bool]) -> StepContext<'a> {
 ///
 /// # Errors
 /// A description of the first failing case.
-pub fn check_shapes<S: TrainableSae>(make: &impl Fn(usize, usize, u64) -> S, opts: &KitOptions) -> Result<(), String> {
+pub fn check_shapes<S: TrainableSae>(
+    make: &impl Fn(usize, usize, u64) -> S,
+    opts: &KitOptions,
+) -> Result<(), String> {
     let (d_in, d_sae) = (opts.d_in, opts.d_sae);
-    finish(runner(opts.cases).run(&(any::<u64>(), 1usize..20), |(seed, n)| {
-        let sae = make(d_in, d_sae, seed);
-        prop_assert_eq!(sae.d_in(), d_in);
-        prop_assert_eq!(sae.d_sae(), d_sae);
-        for p in sae.params().iter() {
-            prop_assert_eq!(p.shape.iter().product::<usize>(), p.data.len(), "param {}", &p.name);
-            prop_assert!(p.data.iter().all(|v| v.is_finite()), "param {} not finite", &p.name);
-        }
-        let x = gaussian_batch(n, d_in, 1.0, seed ^ 1);
-        let codes = sae.encode_host(&x, n).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert_eq!(codes.n_tokens, n);
-        prop_assert_eq!(codes.d_sae, d_sae);
-        prop_assert_eq!(codes.offsets.len(), n + 1);
-        prop_assert!(codes.features.iter().all(|&f| (f as usize) < d_sae));
-        let xhat = sae.decode_host(&codes).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert_eq!(xhat.len(), n * d_in);
-        let mut grads = sae.params().zeros_like();
-        let dead = vec![false; d_sae];
-        let out = sae
-            .forward_backward(&Batch { x: &x, n, d_in }, &ctx(&dead), &mut grads)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert!(out.loss.is_finite());
-        prop_assert_eq!(out.per_token_sq_err.len(), n);
-        for (g, p) in grads.iter().zip(sae.params().iter()) {
-            prop_assert_eq!(&g.shape, &p.shape, "gradient of {}", &p.name);
-            prop_assert!(g.data.iter().all(|v| v.is_finite()), "gradient of {} not finite", &p.name);
-        }
-        Ok(())
-    }))
+    finish(
+        runner(opts.cases).run(&(any::<u64>(), 1usize..20), |(seed, n)| {
+            let sae = make(d_in, d_sae, seed);
+            prop_assert_eq!(sae.d_in(), d_in);
+            prop_assert_eq!(sae.d_sae(), d_sae);
+            for p in sae.params().iter() {
+                prop_assert_eq!(
+                    p.shape.iter().product::<usize>(),
+                    p.data.len(),
+                    "param {}",
+                    &p.name
+                );
+                prop_assert!(
+                    p.data.iter().all(|v| v.is_finite()),
+                    "param {} not finite",
+                    &p.name
+                );
+            }
+            let x = gaussian_batch(n, d_in, 1.0, seed ^ 1);
+            let codes = sae
+                .encode_host(&x, n)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(codes.n_tokens, n);
+            prop_assert_eq!(codes.d_sae, d_sae);
+            prop_assert_eq!(codes.offsets.len(), n + 1);
+            prop_assert!(codes.features.iter().all(|&f| (f as usize) < d_sae));
+            let xhat = sae
+                .decode_host(&codes)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(xhat.len(), n * d_in);
+            let mut grads = sae.params().zeros_like();
+            let dead = vec![false; d_sae];
+            let out = sae
+                .forward_backward(&Batch { x: &x, n, d_in }, &ctx(&dead), &mut grads)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(out.loss.is_finite());
+            prop_assert_eq!(out.per_token_sq_err.len(), n);
+            for (g, p) in grads.iter().zip(sae.params().iter()) {
+                prop_assert_eq!(&g.shape, &p.shape, "gradient of {}", &p.name);
+                prop_assert!(
+                    g.data.iter().all(|v| v.is_finite()),
+                    "gradient of {} not finite",
+                    &p.name
+                );
+            }
+            Ok(())
+        }),
+    )
 }
 
 /// Hand-written gradients against central finite differences of the loss.
 ///
 /// # Errors
 /// A description of the first mismatch.
-pub fn check_gradients<S: TrainableSae>(make: &impl Fn(usize, usize, u64) -> S, opts: &KitOptions) -> Result<(), String> {
+pub fn check_gradients<S: TrainableSae>(
+    make: &impl Fn(usize, usize, u64) -> S,
+    opts: &KitOptions,
+) -> Result<(), String> {
     let (d_in, d_sae) = (opts.d_in, opts.d_sae);
     let checked = AtomicU64::new(0);
     let skipped = AtomicU64::new(0);
@@ -247,7 +275,10 @@ pub fn check_gradients<S: TrainableSae>(make: &impl Fn(usize, usize, u64) -> S, 
         Ok(())
     }));
     r?;
-    let (c, s) = (checked.load(Ordering::Relaxed), skipped.load(Ordering::Relaxed));
+    let (c, s) = (
+        checked.load(Ordering::Relaxed),
+        skipped.load(Ordering::Relaxed),
+    );
     if c < 2 * s.max(1) {
         return Err(format!(
             "too few usable finite-difference directions: {c} checked, {s} crossed a discontinuity"
@@ -291,7 +322,8 @@ pub fn train_steps<S: TrainableSae>(
         let out = sae
             .forward_backward(&Batch { x: &x, n, d_in }, &ctx(&dead), &mut grads)
             .map_err(|e| e.to_string())?;
-        sae.constrain_gradients(&mut grads).map_err(|e| e.to_string())?;
+        sae.constrain_gradients(&mut grads)
+            .map_err(|e| e.to_string())?;
         adam.step(sae.params_mut(), &grads, lr, 1.0, s as u64)
             .map_err(|e| e.to_string())?;
         sae.after_optimizer_step(&out).map_err(|e| e.to_string())?;
@@ -304,52 +336,83 @@ pub fn train_steps<S: TrainableSae>(
 ///
 /// # Errors
 /// The worst row norm.
-pub fn check_decoder_norms<S: TrainableSae>(make: &impl Fn(usize, usize, u64) -> S, opts: &KitOptions) -> Result<(), String> {
+pub fn check_decoder_norms<S: TrainableSae>(
+    make: &impl Fn(usize, usize, u64) -> S,
+    opts: &KitOptions,
+) -> Result<(), String> {
     let (d_in, d_sae) = (opts.d_in, opts.d_sae);
-    finish(runner(opts.cases).run(&(any::<u64>(), 4usize..20), |(seed, n)| {
-        let mut sae = make(d_in, d_sae, seed);
-        if !sae.unit_norm_decoder() {
-            return Ok(());
-        }
-        train_steps(&mut sae, &mut |s| gaussian_batch(n, d_in, 1.0, seed ^ s as u64), 2, 1e-2)
+    finish(
+        runner(opts.cases).run(&(any::<u64>(), 4usize..20), |(seed, n)| {
+            let mut sae = make(d_in, d_sae, seed);
+            if !sae.unit_norm_decoder() {
+                return Ok(());
+            }
+            train_steps(
+                &mut sae,
+                &mut |s| gaussian_batch(n, d_in, 1.0, seed ^ s as u64),
+                2,
+                1e-2,
+            )
             .map_err(TestCaseError::fail)?;
-        let w = sae.params().data("W_dec").map_err(|e| TestCaseError::fail(e.to_string()))?;
-        for (f, nrm) in kernels::row_norms(w, d_in).iter().enumerate() {
-            prop_assert!((nrm - 1.0).abs() < 1e-5, "decoder row {} has norm {}", f, nrm);
-        }
-        Ok(())
-    }))
+            let w = sae
+                .params()
+                .data("W_dec")
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            for (f, nrm) in kernels::row_norms(w, d_in).iter().enumerate() {
+                prop_assert!(
+                    (nrm - 1.0).abs() < 1e-5,
+                    "decoder row {} has norm {}",
+                    f,
+                    nrm
+                );
+            }
+            Ok(())
+        }),
+    )
 }
 
 /// No token exceeds the architecture's L0 bound, at inference and in training.
 ///
 /// # Errors
 /// The offending token.
-pub fn check_l0_bound<S: TrainableSae>(make: &impl Fn(usize, usize, u64) -> S, opts: &KitOptions) -> Result<(), String> {
+pub fn check_l0_bound<S: TrainableSae>(
+    make: &impl Fn(usize, usize, u64) -> S,
+    opts: &KitOptions,
+) -> Result<(), String> {
     let (d_in, d_sae) = (opts.d_in, opts.d_sae);
-    finish(runner(opts.cases).run(&(any::<u64>(), 1usize..30), |(seed, n)| {
-        let sae = make(d_in, d_sae, seed);
-        let Some(k) = sae.max_l0() else { return Ok(()) };
-        let x = gaussian_batch(n, d_in, 3.0, seed ^ 5);
-        let codes = sae.encode_host(&x, n).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let mut grads = sae.params().zeros_like();
-        let dead = vec![false; d_sae];
-        let out = sae
-            .forward_backward(&Batch { x: &x, n, d_in }, &ctx(&dead), &mut grads)
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        for c in [&codes, &out.codes] {
-            for t in 0..n {
-                let (fs, vs) = c.row(t);
-                let active = vs.iter().filter(|v| **v != 0.0).count();
-                prop_assert!(active <= k, "token {} has {} active features (k = {})", t, active, k);
-                let mut sorted = fs.to_vec();
-                sorted.sort_unstable();
-                sorted.dedup();
-                prop_assert_eq!(sorted.len(), fs.len(), "duplicate feature in token {}", t);
+    finish(
+        runner(opts.cases).run(&(any::<u64>(), 1usize..30), |(seed, n)| {
+            let sae = make(d_in, d_sae, seed);
+            let Some(k) = sae.max_l0() else { return Ok(()) };
+            let x = gaussian_batch(n, d_in, 3.0, seed ^ 5);
+            let codes = sae
+                .encode_host(&x, n)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let mut grads = sae.params().zeros_like();
+            let dead = vec![false; d_sae];
+            let out = sae
+                .forward_backward(&Batch { x: &x, n, d_in }, &ctx(&dead), &mut grads)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            for c in [&codes, &out.codes] {
+                for t in 0..n {
+                    let (fs, vs) = c.row(t);
+                    let active = vs.iter().filter(|v| **v != 0.0).count();
+                    prop_assert!(
+                        active <= k,
+                        "token {} has {} active features (k = {})",
+                        t,
+                        active,
+                        k
+                    );
+                    let mut sorted = fs.to_vec();
+                    sorted.sort_unstable();
+                    sorted.dedup();
+                    prop_assert_eq!(sorted.len(), fs.len(), "duplicate feature in token {}", t);
+                }
             }
-        }
-        Ok(())
-    }))
+            Ok(())
+        }),
+    )
 }
 
 static DIR_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -358,37 +421,64 @@ static DIR_COUNTER: AtomicU64 = AtomicU64::new(0);
 ///
 /// # Errors
 /// The largest difference found.
-pub fn check_save_load<S: TrainableSae>(make: &impl Fn(usize, usize, u64) -> S, opts: &KitOptions) -> Result<(), String> {
+pub fn check_save_load<S: TrainableSae>(
+    make: &impl Fn(usize, usize, u64) -> S,
+    opts: &KitOptions,
+) -> Result<(), String> {
     let (d_in, d_sae) = (opts.d_in, opts.d_sae);
-    finish(runner(opts.cases).run(&(any::<u64>(), 1usize..20), |(seed, n)| {
-        let mut sae = make(d_in, d_sae, seed);
-        perturb_biases(&mut sae, seed);
-        let (cfg, tensors) = sae
-            .export(sae.params(), CommonConfig::new(d_in, d_sae))
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let dir = std::env::temp_dir().join(format!(
-            "sae-testkit-{}-{}",
-            std::process::id(),
-            DIR_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let saved = crate::io::save_sae(&dir, &cfg, &tensors, None)
-            .and_then(|_| SaeModel::load(&dir));
-        let _ = std::fs::remove_dir_all(&dir);
-        let model = saved.map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let x = gaussian_batch(n, d_in, 1.0, seed ^ 11);
-        let a = sae.encode_host(&x, n).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let b = model.sae().encode_host(&x, n).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let (da, db) = (a.to_dense(), b.to_dense());
-        for (i, (u, v)) in da.iter().zip(&db).enumerate() {
-            prop_assert!((u - v).abs() <= 1e-5 * u.abs().max(1.0), "code {} differs: {} vs {}", i, u, v);
-        }
-        let ra = sae.decode_host(&a).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let rb = model.sae().decode_host(&b).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        for (i, (u, v)) in ra.iter().zip(&rb).enumerate() {
-            prop_assert!((u - v).abs() <= 1e-5 * u.abs().max(1.0), "reconstruction {} differs: {} vs {}", i, u, v);
-        }
-        Ok(())
-    }))
+    finish(
+        runner(opts.cases).run(&(any::<u64>(), 1usize..20), |(seed, n)| {
+            let mut sae = make(d_in, d_sae, seed);
+            perturb_biases(&mut sae, seed);
+            let (cfg, tensors) = sae
+                .export(sae.params(), CommonConfig::new(d_in, d_sae))
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let dir = std::env::temp_dir().join(format!(
+                "sae-testkit-{}-{}",
+                std::process::id(),
+                DIR_COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            let saved =
+                crate::io::save_sae(&dir, &cfg, &tensors, None).and_then(|_| SaeModel::load(&dir));
+            let _ = std::fs::remove_dir_all(&dir);
+            let model = saved.map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let x = gaussian_batch(n, d_in, 1.0, seed ^ 11);
+            let a = sae
+                .encode_host(&x, n)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let b = model
+                .sae()
+                .encode_host(&x, n)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let (da, db) = (a.to_dense(), b.to_dense());
+            for (i, (u, v)) in da.iter().zip(&db).enumerate() {
+                prop_assert!(
+                    (u - v).abs() <= 1e-5 * u.abs().max(1.0),
+                    "code {} differs: {} vs {}",
+                    i,
+                    u,
+                    v
+                );
+            }
+            let ra = sae
+                .decode_host(&a)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let rb = model
+                .sae()
+                .decode_host(&b)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            for (i, (u, v)) in ra.iter().zip(&rb).enumerate() {
+                prop_assert!(
+                    (u - v).abs() <= 1e-5 * u.abs().max(1.0),
+                    "reconstruction {} differs: {} vs {}",
+                    i,
+                    u,
+                    v
+                );
+            }
+            Ok(())
+        }),
+    )
 }
 
 /// Result of the planted-dictionary experiment.
@@ -401,7 +491,14 @@ pub struct PlantedReport {
 }
 
 /// Samples `x = Σ c_i atom_i` over `active` random atoms with `c_i ~ U(0.5, 1.5)`.
-pub fn planted_batch(atoms: &[f32], d_in: usize, n_atoms: usize, active: usize, n: usize, seed: u64) -> Vec<f32> {
+pub fn planted_batch(
+    atoms: &[f32],
+    d_in: usize,
+    n_atoms: usize,
+    active: usize,
+    n: usize,
+    seed: u64,
+) -> Vec<f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut x = vec![0.0f32; n * d_in];
     for t in 0..n {
@@ -414,7 +511,11 @@ pub fn planted_batch(atoms: &[f32], d_in: usize, n_atoms: usize, active: usize, 
         }
         for a in chosen {
             let c: f32 = rng.random_range(0.5..1.5);
-            kernels::axpy(c, &atoms[a * d_in..(a + 1) * d_in], &mut x[t * d_in..(t + 1) * d_in]);
+            kernels::axpy(
+                c,
+                &atoms[a * d_in..(a + 1) * d_in],
+                &mut x[t * d_in..(t + 1) * d_in],
+            );
         }
     }
     x
@@ -433,7 +534,16 @@ pub fn check_planted_recovery<S: TrainableSae>(
     let mut sae = make(o.d_in, o.d_sae, 42);
     let outs = train_steps(
         &mut sae,
-        &mut |s| planted_batch(&atoms, o.d_in, o.n_atoms, o.active_per_sample, o.batch, 1000 + s as u64),
+        &mut |s| {
+            planted_batch(
+                &atoms,
+                o.d_in,
+                o.n_atoms,
+                o.active_per_sample,
+                o.batch,
+                1000 + s as u64,
+            )
+        },
         o.steps,
         o.lr,
     )?;

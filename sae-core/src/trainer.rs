@@ -18,9 +18,8 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::arch::{
-    Batch, BatchTopKSae, BatchTopKTraining, GatedSae, GatedTraining, JumpReluSae,
-    JumpReluTraining, StandardSae, StandardTraining, StepContext, StepOutput, TopKSae,
-    TopKTraining, TrainableSae,
+    Batch, BatchTopKSae, BatchTopKTraining, GatedSae, GatedTraining, JumpReluSae, JumpReluTraining,
+    StandardSae, StandardTraining, StepContext, StepOutput, TopKSae, TopKTraining, TrainableSae,
 };
 use crate::config::{CommonConfig, SaeMetadata};
 use crate::error::{Result, SaeError};
@@ -65,12 +64,16 @@ impl ArchitectureConfig {
     /// Invalid options (e.g. `k > d_sae`).
     pub fn build(&self, d_in: usize, d_sae: usize, seed: u64) -> Result<Box<dyn TrainableSae>> {
         Ok(match self {
-            ArchitectureConfig::Standard(c) => Box::new(StandardSae::init(d_in, d_sae, c.clone(), seed)),
+            ArchitectureConfig::Standard(c) => {
+                Box::new(StandardSae::init(d_in, d_sae, c.clone(), seed))
+            }
             ArchitectureConfig::TopK(c) => Box::new(TopKSae::init(d_in, d_sae, c.clone(), seed)?),
             ArchitectureConfig::BatchTopK(c) => {
                 Box::new(BatchTopKSae::init(d_in, d_sae, c.clone(), seed)?)
             }
-            ArchitectureConfig::JumpRelu(c) => Box::new(JumpReluSae::init(d_in, d_sae, c.clone(), seed)),
+            ArchitectureConfig::JumpRelu(c) => {
+                Box::new(JumpReluSae::init(d_in, d_sae, c.clone(), seed))
+            }
             ArchitectureConfig::Gated(c) => Box::new(GatedSae::init(d_in, d_sae, c.clone(), seed)),
         })
     }
@@ -79,19 +82,32 @@ impl ArchitectureConfig {
     ///
     /// # Errors
     /// Missing parameters or wrong shapes.
-    pub fn with_params(&self, d_in: usize, d_sae: usize, params: Params) -> Result<Box<dyn TrainableSae>> {
+    pub fn with_params(
+        &self,
+        d_in: usize,
+        d_sae: usize,
+        params: Params,
+    ) -> Result<Box<dyn TrainableSae>> {
         Ok(match self {
             ArchitectureConfig::Standard(c) => {
                 Box::new(StandardSae::from_params(d_in, d_sae, c.clone(), params)?)
             }
-            ArchitectureConfig::TopK(c) => Box::new(TopKSae::from_params(d_in, d_sae, c.clone(), params)?),
-            ArchitectureConfig::BatchTopK(c) => {
-                Box::new(BatchTopKSae::from_params(d_in, d_sae, c.clone(), params, 0.0)?)
+            ArchitectureConfig::TopK(c) => {
+                Box::new(TopKSae::from_params(d_in, d_sae, c.clone(), params)?)
             }
+            ArchitectureConfig::BatchTopK(c) => Box::new(BatchTopKSae::from_params(
+                d_in,
+                d_sae,
+                c.clone(),
+                params,
+                0.0,
+            )?),
             ArchitectureConfig::JumpRelu(c) => {
                 Box::new(JumpReluSae::from_params(d_in, d_sae, c.clone(), params)?)
             }
-            ArchitectureConfig::Gated(c) => Box::new(GatedSae::from_params(d_in, d_sae, c.clone(), params)?),
+            ArchitectureConfig::Gated(c) => {
+                Box::new(GatedSae::from_params(d_in, d_sae, c.clone(), params)?)
+            }
         })
     }
 }
@@ -250,7 +266,10 @@ impl TrainerConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |w: &str, r: String| Err(SaeError::config(w, r));
         if self.d_in == 0 || self.d_sae == 0 {
-            return bad("d_in/d_sae", format!("must be positive, got {}/{}", self.d_in, self.d_sae));
+            return bad(
+                "d_in/d_sae",
+                format!("must be positive, got {}/{}", self.d_in, self.d_sae),
+            );
         }
         if self.total_steps == 0 {
             return bad("total_steps", "must be at least 1".into());
@@ -258,7 +277,10 @@ impl TrainerConfig {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad("lr", format!("must be positive, got {}", self.lr));
         }
-        for (n, b) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+        for (n, b) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
             if !(0.0..1.0).contains(&b) {
                 return bad(n, format!("must be in [0, 1), got {b}"));
             }
@@ -291,7 +313,10 @@ impl TrainerConfig {
         {
             return bad(
                 "resample_at_steps",
-                format!("resampling is the standard recipe's; {} has none", self.sae.name()),
+                format!(
+                    "resampling is the standard recipe's; {} has none",
+                    self.sae.name()
+                ),
             );
         }
         Ok(())
@@ -717,11 +742,22 @@ impl Trainer {
         for &f in &reset {
             self.tokens_since_fired[f] = 0;
         }
-        tracing::info!(step = self.step, resampled = reset.len(), "resampled dead features");
+        tracing::info!(
+            step = self.step,
+            resampled = reset.len(),
+            "resampled dead features"
+        );
         Ok(())
     }
 
-    fn metrics(&self, out: &StepOutput, lr: f64, sparsity_scale: f32, fvu: f64, gnorm: f64) -> TrainMetrics {
+    fn metrics(
+        &self,
+        out: &StepOutput,
+        lr: f64,
+        sparsity_scale: f32,
+        fvu: f64,
+        gnorm: f64,
+    ) -> TrainMetrics {
         let d_sae = self.cfg.d_sae as f64;
         let dead = self
             .tokens_since_fired
@@ -805,7 +841,12 @@ impl Trainer {
         let mut common = CommonConfig::new(self.cfg.d_in, self.cfg.d_sae);
         common.metadata = self.cfg.metadata.clone();
         let (cfg, tensors) = self.sae.export(&params, common)?;
-        io::save_sae(dir.as_ref(), &cfg, &tensors, Some(&self.log10_feature_density()))
+        io::save_sae(
+            dir.as_ref(),
+            &cfg,
+            &tensors,
+            Some(&self.log10_feature_density()),
+        )
     }
 
     /// Writes a checkpoint folder `root/step_NNNNNNNNN` atomically (written under a temporary
@@ -866,7 +907,9 @@ impl Trainer {
         let mut best: Option<(u64, PathBuf)> = None;
         for e in fs::read_dir(root.as_ref()).ok()?.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(n) = name.strip_prefix("step_").and_then(|s| s.parse::<u64>().ok())
+            if let Some(n) = name
+                .strip_prefix("step_")
+                .and_then(|s| s.parse::<u64>().ok())
                 && e.path().join("trainer.json").exists()
                 && best.as_ref().is_none_or(|(b, _)| n > *b)
             {
@@ -889,16 +932,18 @@ impl Trainer {
             reason,
         };
         let v = io::read_json(&dir.join("trainer.json"))?;
-        let state: CheckpointState = serde_json::from_value(v).map_err(|source| SaeError::Json {
-            path: dir.join("trainer.json"),
-            source,
-        })?;
+        let state: CheckpointState =
+            serde_json::from_value(v).map_err(|source| SaeError::Json {
+                path: dir.join("trainer.json"),
+                source,
+            })?;
         state.config.validate()?;
         let mut tensors = io::read_safetensors(&dir.join("state.safetensors"))?;
-        let template = state
-            .config
-            .sae
-            .build(state.config.d_in, state.config.d_sae, state.config.seed)?;
+        let template =
+            state
+                .config
+                .sae
+                .build(state.config.d_in, state.config.d_sae, state.config.seed)?;
         let mut take = |prefix: &str| -> Result<Params> {
             let mut list = Vec::new();
             for p in template.params().iter() {
@@ -920,10 +965,11 @@ impl Trainer {
         let params = take("param")?;
         let m = take("adam_m")?;
         let v = take("adam_v")?;
-        let mut sae = state
-            .config
-            .sae
-            .with_params(state.config.d_in, state.config.d_sae, params)?;
+        let mut sae =
+            state
+                .config
+                .sae
+                .with_params(state.config.d_in, state.config.d_sae, params)?;
         sae.load_state_json(&state.architecture_state)?;
         let d_sae = state.config.d_sae;
         for (what, len) in [
@@ -932,7 +978,9 @@ impl Trainer {
             ("lifetime_fires", state.lifetime_fires.len()),
         ] {
             if len != d_sae {
-                return Err(ck(format!("{what} has {len} entries, expected d_sae = {d_sae}")));
+                return Err(ck(format!(
+                    "{what} has {len} entries, expected d_sae = {d_sae}"
+                )));
             }
         }
         let mut t = Self::with_sae(state.config, sae, state.needs_data_init);
@@ -955,7 +1003,11 @@ impl Trainer {
     ///
     /// # Errors
     /// Source errors, bad batches, non-finite training, I/O errors when checkpointing.
-    pub fn train(&mut self, source: &mut dyn BatchSource, progress: Progress) -> Result<Vec<TrainMetrics>> {
+    pub fn train(
+        &mut self,
+        source: &mut dyn BatchSource,
+        progress: Progress,
+    ) -> Result<Vec<TrainMetrics>> {
         train_many(std::slice::from_mut(self), source, progress).map(|mut v| v.remove(0))
     }
 }
@@ -971,7 +1023,11 @@ pub fn train_many(
     source: &mut dyn BatchSource,
     progress: Progress,
 ) -> Result<Vec<Vec<TrainMetrics>>> {
-    let total = trainers.iter().map(|t| t.cfg.total_steps).max().unwrap_or(0);
+    let total = trainers
+        .iter()
+        .map(|t| t.cfg.total_steps)
+        .max()
+        .unwrap_or(0);
     let start = trainers.iter().map(|t| t.step).min().unwrap_or(0);
     let pb = match progress {
         Progress::Bar => indicatif::ProgressBar::new(total),
@@ -987,7 +1043,10 @@ pub fn train_many(
     let mut logs: Vec<Vec<TrainMetrics>> = vec![Vec::new(); trainers.len()];
     let d_in = trainers.first().map(|t| t.cfg.d_in).unwrap_or(0);
     if trainers.iter().any(|t| t.cfg.d_in != d_in) {
-        return Err(SaeError::config("train_many", "all trainers must share d_in"));
+        return Err(SaeError::config(
+            "train_many",
+            "all trainers must share d_in",
+        ));
     }
     while trainers.iter().any(|t| !t.is_done()) {
         let Some(batch) = source.next_batch()? else {

@@ -63,7 +63,9 @@ fn topk_passes_the_kit() {
 fn batchtopk_passes_the_kit() {
     check_architecture(
         "batchtopk",
-        |d_in, d_sae, seed| BatchTopKSae::init(d_in, d_sae, BatchTopKTraining::new(3.0), seed).unwrap(),
+        |d_in, d_sae, seed| {
+            BatchTopKSae::init(d_in, d_sae, BatchTopKTraining::new(3.0), seed).unwrap()
+        },
         &opts(),
     );
 }

@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::standard::default_init_norm;
 use super::{
-    Batch, DecoderNorm, FileTensor, Sae, StepContext, StepOutput, TrainableSae, aux_k,
-    aux_k_size, centered, check_params, export_tensors, init_linear, reconstruction,
-    relu_family_backward, residual_from_grad, select_codes, unit_norm_constrain,
+    Batch, DecoderNorm, FileTensor, Sae, StepContext, StepOutput, TrainableSae, aux_k, aux_k_size,
+    centered, check_params, export_tensors, init_linear, reconstruction, relu_family_backward,
+    residual_from_grad, select_codes, unit_norm_constrain,
 };
 use crate::config::{CommonConfig, JumpReluConfig, SaeConfig};
 use crate::error::{Result, SaeError};
@@ -140,7 +140,13 @@ impl BatchTopKSae {
 ///
 /// A strided sample gives a threshold that (almost always) leaves a little more than `m`
 /// candidates; the exact cut is then a selection over the candidates only.
-pub(crate) fn batch_topk_codes(pre: &[f32], b_enc: &[f32], n: usize, d_sae: usize, m: usize) -> SparseCodes {
+pub(crate) fn batch_topk_codes(
+    pre: &[f32],
+    b_enc: &[f32],
+    n: usize,
+    d_sae: usize,
+    m: usize,
+) -> SparseCodes {
     let total = n * d_sae;
     let stride = (total / 200_000).max(1);
     let mut sample: Vec<f32> = (0..total)
@@ -195,7 +201,13 @@ pub(crate) fn batch_topk_codes(pre: &[f32], b_enc: &[f32], n: usize, d_sae: usiz
 }
 
 /// JumpReLU inference with one threshold: `ReLU(v) · [v > θ]`.
-pub(crate) fn threshold_codes(pre: &[f32], b_enc: &[f32], thr: &[f32], n: usize, d_sae: usize) -> SparseCodes {
+pub(crate) fn threshold_codes(
+    pre: &[f32],
+    b_enc: &[f32],
+    thr: &[f32],
+    n: usize,
+    d_sae: usize,
+) -> SparseCodes {
     select_codes(pre, n, d_sae, |row, _buf, out| {
         for (f, ((&p, &b), &th)) in row.iter().zip(b_enc).zip(thr).enumerate() {
             let v = p + b;
@@ -254,9 +266,9 @@ impl TrainableSae for BatchTopKSae {
         let b_enc = p.data("b_enc")?;
         let m = ((self.cfg.k as f64 * n as f64) as usize).max(1);
         let codes = pre.with_slice(|s| batch_topk_codes(s, b_enc, n, d_sae, m))?;
-        let (d_xhat, sq, mse) = reconstruction(p, d_in, &codes, batch.x)?;
+        let (d_xhat, sq, mse, dots) = reconstruction(p, d_in, &codes, batch.x)?;
         let w_dec = p.data("W_dec")?;
-        let g_pre = kernels::pair_dots(&codes.offsets, &codes.features, &d_xhat, w_dec, d_in);
+        let g_pre = dots;
         let aux = if ctx.dead.iter().any(|&d| d) {
             let residual = residual_from_grad(&d_xhat, n);
             pre.with_slice(|s| {
@@ -332,7 +344,11 @@ impl TrainableSae for BatchTopKSae {
     }
 
     /// Saved as SAELens does: a JumpReLU SAE whose thresholds all equal θ.
-    fn export(&self, params: &Params, mut common: CommonConfig) -> Result<(SaeConfig, Vec<FileTensor>)> {
+    fn export(
+        &self,
+        params: &Params,
+        mut common: CommonConfig,
+    ) -> Result<(SaeConfig, Vec<FileTensor>)> {
         common.apply_b_dec_to_input = self.cfg.apply_b_dec_to_input;
         let mut tensors = export_tensors(params, self.d_in, self.d_sae);
         let thr = Param::new(

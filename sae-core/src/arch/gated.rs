@@ -109,7 +109,12 @@ impl GatedSae {
     ///
     /// # Errors
     /// Missing parameter or wrong shape.
-    pub fn from_params(d_in: usize, d_sae: usize, cfg: GatedTraining, params: Params) -> Result<Self> {
+    pub fn from_params(
+        d_in: usize,
+        d_sae: usize,
+        cfg: GatedTraining,
+        params: Params,
+    ) -> Result<Self> {
         check_params(&params, "gated", &expected(d_in, d_sae))?;
         Ok(GatedSae {
             d_in,
@@ -120,10 +125,16 @@ impl GatedSae {
     }
 
     /// Gate-open pairs with `h` as value.
-    fn gate_pairs(&self, x: &[f32], n: usize, device: &candle_core::Device) -> Result<(Vec<f32>, SparseCodes)> {
+    fn gate_pairs(
+        &self,
+        x: &[f32],
+        n: usize,
+        device: &candle_core::Device,
+    ) -> Result<(Vec<f32>, SparseCodes)> {
         let p = &self.params;
         let xc = centered(p, x, self.d_in, self.cfg.apply_b_dec_to_input)?;
-        let pre = kernels::encoder_preacts(&xc, n, self.d_in, p.data("W_enc")?, self.d_sae, device)?;
+        let pre =
+            kernels::encoder_preacts(&xc, n, self.d_in, p.data("W_enc")?, self.d_sae, device)?;
         let b_gate = p.data("b_gate")?;
         let cand = pre.with_slice(|s| {
             select_codes(s, n, self.d_sae, |row, _buf, out| {
@@ -197,10 +208,8 @@ impl TrainableSae for GatedSae {
             ..cand.clone()
         };
         let w_dec = p.data("W_dec")?;
-        let (d_xhat, sq, mse) = super::reconstruction(p, d_in, &codes, batch.x)?;
-        let (d_aux, _, aux_loss) = super::reconstruction(p, d_in, &gate_codes, batch.x)?;
-        let g_a = kernels::pair_dots(&cand.offsets, &cand.features, &d_xhat, w_dec, d_in);
-        let g_aux = kernels::pair_dots(&cand.offsets, &cand.features, &d_aux, w_dec, d_in);
+        let (d_xhat, sq, mse, g_a) = super::reconstruction(p, d_in, &codes, batch.x)?;
+        let (d_aux, _, aux_loss, g_aux) = super::reconstruction(p, d_in, &gate_codes, batch.x)?;
         let norms = kernels::row_norms(w_dec, d_in);
         let lambda = self.cfg.l1_coefficient * ctx.sparsity_scale;
         let per_tok = lambda / n as f32;
@@ -244,7 +253,10 @@ impl TrainableSae for GatedSae {
             },
         ];
         let mut b_dec_direct = kernels::sum_rows(&d_xhat, d_in, 1.0);
-        for (a, b) in b_dec_direct.iter_mut().zip(kernels::sum_rows(&d_aux, d_in, 1.0)) {
+        for (a, b) in b_dec_direct
+            .iter_mut()
+            .zip(kernels::sum_rows(&d_aux, d_in, 1.0))
+        {
             *a += b;
         }
         linear_backward(
@@ -291,7 +303,11 @@ impl TrainableSae for GatedSae {
         self.cfg.decoder_norm == DecoderNorm::Unit
     }
 
-    fn export(&self, params: &Params, mut common: CommonConfig) -> Result<(SaeConfig, Vec<FileTensor>)> {
+    fn export(
+        &self,
+        params: &Params,
+        mut common: CommonConfig,
+    ) -> Result<(SaeConfig, Vec<FileTensor>)> {
         common.apply_b_dec_to_input = self.cfg.apply_b_dec_to_input;
         Ok((
             SaeConfig::Gated(GatedConfig { common }),

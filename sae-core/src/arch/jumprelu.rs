@@ -110,7 +110,12 @@ impl JumpReluSae {
     ///
     /// # Errors
     /// Missing parameter or wrong shape.
-    pub fn from_params(d_in: usize, d_sae: usize, cfg: JumpReluTraining, params: Params) -> Result<Self> {
+    pub fn from_params(
+        d_in: usize,
+        d_sae: usize,
+        cfg: JumpReluTraining,
+        params: Params,
+    ) -> Result<Self> {
         check_params(
             &params,
             "jumprelu",
@@ -201,9 +206,7 @@ impl TrainableSae for JumpReluSae {
             values: acts,
             ..cand.clone()
         };
-        let w_dec = p.data("W_dec")?;
-        let (d_xhat, sq, mse) = super::reconstruction(p, d_in, &codes, batch.x)?;
-        let g_a = kernels::pair_dots(&cand.offsets, &cand.features, &d_xhat, w_dec, d_in);
+        let (d_xhat, sq, mse, g_a) = super::reconstruction(p, d_in, &codes, batch.x)?;
         let lambda = self.cfg.l0_coefficient * ctx.sparsity_scale;
         let per_tok = lambda / n as f32;
         let mut g_pre = vec![0.0f32; g_a.len()];
@@ -281,7 +284,11 @@ impl TrainableSae for JumpReluSae {
         self.cfg.decoder_norm == DecoderNorm::Unit
     }
 
-    fn export(&self, params: &Params, mut common: CommonConfig) -> Result<(SaeConfig, Vec<FileTensor>)> {
+    fn export(
+        &self,
+        params: &Params,
+        mut common: CommonConfig,
+    ) -> Result<(SaeConfig, Vec<FileTensor>)> {
         common.apply_b_dec_to_input = self.cfg.apply_b_dec_to_input;
         Ok((
             SaeConfig::JumpRelu(JumpReluConfig { common }),

@@ -149,7 +149,8 @@ pub trait TrainableSae: Sae {
     ///
     /// # Errors
     /// Missing parameters.
-    fn export(&self, params: &Params, common: CommonConfig) -> Result<(SaeConfig, Vec<FileTensor>)>;
+    fn export(&self, params: &Params, common: CommonConfig)
+    -> Result<(SaeConfig, Vec<FileTensor>)>;
     /// State beyond the parameters that a checkpoint must keep (e.g. BatchTopK's threshold).
     fn state_json(&self) -> serde_json::Value {
         serde_json::Value::Null
@@ -226,7 +227,12 @@ pub(crate) fn check_params(
 }
 
 /// Input with the pre-encoder bias removed, when the SAE ties it to `b_dec`.
-pub(crate) fn centered(params: &Params, x: &[f32], d_in: usize, apply_b_dec: bool) -> Result<Vec<f32>> {
+pub(crate) fn centered(
+    params: &Params,
+    x: &[f32],
+    d_in: usize,
+    apply_b_dec: bool,
+) -> Result<Vec<f32>> {
     Ok(kernels::center(
         x,
         d_in,
@@ -253,7 +259,10 @@ pub(crate) fn linear_decode(
         });
     }
     if codes.features.iter().any(|&f| f as usize >= d_sae) {
-        return Err(SaeError::config("codes", format!("feature index out of range 0..{d_sae}")));
+        return Err(SaeError::config(
+            "codes",
+            format!("feature index out of range 0..{d_sae}"),
+        ));
     }
     Ok(kernels::decode_sparse(
         &codes.offsets,
@@ -315,7 +324,11 @@ pub(crate) fn export_tensors(params: &Params, d_in: usize, d_sae: usize) -> Vec<
         .iter()
         .map(|p| {
             if p.name == "W_enc" {
-                (p.name.clone(), vec![d_in, d_sae], transpose(&p.data, d_sae, d_in))
+                (
+                    p.name.clone(),
+                    vec![d_in, d_sae],
+                    transpose(&p.data, d_sae, d_in),
+                )
             } else {
                 (p.name.clone(), p.shape.clone(), p.data.clone())
             }
@@ -391,24 +404,24 @@ pub(crate) fn aux_k(
         )
         .collect();
     let codes = SparseCodes::from_rows(d_sae, rows);
-    let mut recon = kernels::decode_sparse(
+    // recon - residual, then its gradient.
+    let c = coefficient * scale;
+    let (d_vecs, sq, g_pre) = kernels::decode_residual_dots(
         &codes.offsets,
         &codes.features,
         &codes.values,
         w_dec,
         d_in,
         None,
+        residual,
+        2.0 * c / n as f32,
     );
-    // recon - residual, then its gradient.
-    let c = coefficient * scale;
-    let sq = kernels::residual_grad(&mut recon, residual, d_in, 2.0 * c / n as f32);
     let loss = c as f64 * kernels::sum_f64(&sq) / n as f64;
-    let g_pre = kernels::pair_dots(&codes.offsets, &codes.features, &recon, w_dec, d_in);
     Some(AuxK {
         offsets: codes.offsets,
         features: codes.features,
         values: codes.values,
-        d_vecs: recon,
+        d_vecs,
         g_pre,
         loss,
     })
@@ -463,25 +476,27 @@ pub(crate) fn relu_family_backward(
 }
 
 /// Reconstruction, its loss and its gradient for the main decode: returns
-/// `(d_xhat, per_token_sq_err, mse)` where `d_xhat = 2 (x̂ - x) / n`.
+/// `(d_xhat, per_token_sq_err, mse, dots)` where `d_xhat = 2 (x̂ - x) / n` and
+/// `dots[p] = d_xhat_t · W_dec[f]` for every pair (the gradient reaching each pair's activation).
 pub(crate) fn reconstruction(
     params: &Params,
     d_in: usize,
     codes: &SparseCodes,
     x: &[f32],
-) -> Result<(Vec<f32>, Vec<f32>, f64)> {
+) -> Result<(Vec<f32>, Vec<f32>, f64, Vec<f32>)> {
     let n = codes.n_tokens;
-    let mut xhat = kernels::decode_sparse(
+    let (d_xhat, sq, dots) = kernels::decode_residual_dots(
         &codes.offsets,
         &codes.features,
         &codes.values,
         params.data("W_dec")?,
         d_in,
         Some(params.data("b_dec")?),
+        x,
+        2.0 / n as f32,
     );
-    let sq = kernels::residual_grad(&mut xhat, x, d_in, 2.0 / n as f32);
     let mse = kernels::sum_f64(&sq) / n as f64;
-    Ok((xhat, sq, mse))
+    Ok((d_xhat, sq, mse, dots))
 }
 
 /// `x - x̂` from `d_xhat = 2 (x̂ - x) / n`.

@@ -131,8 +131,12 @@ pub(crate) fn fold_decoder_norms(params: &mut Params, d_in: usize) -> Result<()>
     let [w_enc, b_enc, w_dec] = params.many_mut(["W_enc", "b_enc", "W_dec"])?;
     for (f, &nf) in norms.iter().enumerate() {
         if nf > 0.0 {
-            w_dec[f * d_in..(f + 1) * d_in].iter_mut().for_each(|v| *v /= nf);
-            w_enc[f * d_in..(f + 1) * d_in].iter_mut().for_each(|v| *v *= nf);
+            w_dec[f * d_in..(f + 1) * d_in]
+                .iter_mut()
+                .for_each(|v| *v /= nf);
+            w_enc[f * d_in..(f + 1) * d_in]
+                .iter_mut()
+                .for_each(|v| *v *= nf);
             b_enc[f] *= nf;
         }
     }
@@ -196,12 +200,12 @@ impl TrainableSae for StandardSae {
         let b_enc = p.data("b_enc")?;
         let codes = pre.with_slice(|s| relu_codes(s, b_enc, n, d_sae))?;
         drop(pre);
-        let (d_xhat, sq, mse) = reconstruction(p, d_in, &codes, batch.x)?;
+        let (d_xhat, sq, mse, dots) = reconstruction(p, d_in, &codes, batch.x)?;
         let w_dec = p.data("W_dec")?;
         let norms = kernels::row_norms(w_dec, d_in);
         let lambda = self.cfg.l1_coefficient * ctx.sparsity_scale;
         let per_tok = lambda / n as f32;
-        let mut g_pre = kernels::pair_dots(&codes.offsets, &codes.features, &d_xhat, w_dec, d_in);
+        let mut g_pre = dots;
         let mut sparsity = 0.0f64;
         for ((g, &f), &a) in g_pre.iter_mut().zip(&codes.features).zip(&codes.values) {
             let nf = norms[f as usize];
@@ -256,7 +260,11 @@ impl TrainableSae for StandardSae {
         self.cfg.decoder_norm == DecoderNorm::Unit
     }
 
-    fn export(&self, params: &Params, mut common: CommonConfig) -> Result<(SaeConfig, Vec<FileTensor>)> {
+    fn export(
+        &self,
+        params: &Params,
+        mut common: CommonConfig,
+    ) -> Result<(SaeConfig, Vec<FileTensor>)> {
         common.apply_b_dec_to_input = self.cfg.apply_b_dec_to_input;
         Ok((
             SaeConfig::Standard(StandardConfig { common }),
@@ -279,7 +287,10 @@ impl TrainableSae for StandardSae {
             return Ok(Vec::new());
         }
         let d_in = self.d_in;
-        let weights: Vec<f64> = per_token_sq_err.iter().map(|&e| (e as f64) * (e as f64)).collect();
+        let weights: Vec<f64> = per_token_sq_err
+            .iter()
+            .map(|&e| (e as f64) * (e as f64))
+            .collect();
         let total: f64 = weights.iter().sum();
         if total <= 0.0 || !total.is_finite() {
             return Ok(Vec::new());

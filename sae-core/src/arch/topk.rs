@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::standard::default_init_norm;
 use super::{
-    Batch, DecoderNorm, FileTensor, Sae, StepContext, StepOutput, TrainableSae, aux_k,
-    aux_k_size, centered, check_params, export_tensors, init_linear, reconstruction,
-    relu_family_backward, residual_from_grad, select_codes, unit_norm_constrain,
+    Batch, DecoderNorm, FileTensor, Sae, StepContext, StepOutput, TrainableSae, aux_k, aux_k_size,
+    centered, check_params, export_tensors, init_linear, reconstruction, relu_family_backward,
+    residual_from_grad, select_codes, unit_norm_constrain,
 };
 use crate::config::{CommonConfig, SaeConfig, TopKConfig};
 use crate::error::{Result, SaeError};
@@ -99,7 +99,12 @@ impl TopKSae {
     ///
     /// # Errors
     /// Missing parameter, wrong shape, bad k.
-    pub fn from_params(d_in: usize, d_sae: usize, cfg: TopKTraining, params: Params) -> Result<Self> {
+    pub fn from_params(
+        d_in: usize,
+        d_sae: usize,
+        cfg: TopKTraining,
+        params: Params,
+    ) -> Result<Self> {
         check_k(cfg.k, d_sae)?;
         check_params(
             &params,
@@ -130,7 +135,13 @@ fn check_k(k: usize, d_sae: usize) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn topk_codes(pre: &[f32], b_enc: &[f32], n: usize, d_sae: usize, k: usize) -> SparseCodes {
+pub(crate) fn topk_codes(
+    pre: &[f32],
+    b_enc: &[f32],
+    n: usize,
+    d_sae: usize,
+    k: usize,
+) -> SparseCodes {
     select_codes(pre, n, d_sae, |row, buf, out| {
         kernels::top_k(
             row.iter()
@@ -191,9 +202,9 @@ impl TrainableSae for TopKSae {
         let pre = kernels::encoder_preacts(&xc, n, d_in, p.data("W_enc")?, d_sae, ctx.device)?;
         let b_enc = p.data("b_enc")?;
         let codes = pre.with_slice(|s| topk_codes(s, b_enc, n, d_sae, self.cfg.k))?;
-        let (d_xhat, sq, mse) = reconstruction(p, d_in, &codes, batch.x)?;
+        let (d_xhat, sq, mse, dots) = reconstruction(p, d_in, &codes, batch.x)?;
         let w_dec = p.data("W_dec")?;
-        let g_pre = kernels::pair_dots(&codes.offsets, &codes.features, &d_xhat, w_dec, d_in);
+        let g_pre = dots;
         let aux = if ctx.dead.iter().any(|&d| d) {
             let residual = residual_from_grad(&d_xhat, n);
             pre.with_slice(|s| {
@@ -260,7 +271,11 @@ impl TrainableSae for TopKSae {
         Some(self.cfg.k)
     }
 
-    fn export(&self, params: &Params, mut common: CommonConfig) -> Result<(SaeConfig, Vec<FileTensor>)> {
+    fn export(
+        &self,
+        params: &Params,
+        mut common: CommonConfig,
+    ) -> Result<(SaeConfig, Vec<FileTensor>)> {
         common.apply_b_dec_to_input = self.cfg.apply_b_dec_to_input;
         Ok((
             SaeConfig::TopK(TopKConfig {
