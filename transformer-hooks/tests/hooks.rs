@@ -361,10 +361,10 @@ fn logprobs_are_the_log_softmax_at_the_next_token() {
         .unwrap();
     let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
     let ids: Vec<Vec<u32>> = toks.to_vec2().unwrap();
-    for r in 0..2 {
+    for (r, row) in ids.iter().enumerate() {
         for p in 0..5 {
             let want = lsm
-                .i((r, p, ids[r][p + 1] as usize))
+                .i((r, p, row[p + 1] as usize))
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
@@ -438,8 +438,8 @@ proptest! {
     #[test]
     fn forward_order_is_execution_order(a in any_hook(), b in any_hook()) {
         // Greater means later in the pass: a block's points all come after earlier blocks'.
-        if let (Some(la), Some(lb)) = (a.layer(), b.layer()) {
-            if la < lb { prop_assert!(a < b); }
+        if let (Some(la), Some(lb)) = (a.layer(), b.layer()) && la < lb {
+            prop_assert!(a < b);
         }
         if a == HookPoint::Embed && b != HookPoint::Embed { prop_assert!(a < b); }
         if b == HookPoint::LnFinalNormalized && a != b { prop_assert!(a < b); }
