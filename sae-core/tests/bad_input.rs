@@ -1,0 +1,188 @@
+//! Bad input gives an error naming the thing and what was expected, never a panic.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use sae_core::io::{read_safetensors, write_safetensors};
+use sae_core::{SaeError, SaeModel};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/saelens")
+        .join(name)
+}
+
+/// A writable copy of a fixture folder.
+fn copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+fn load_err(dir: &Path) -> (SaeError, String) {
+    let e = SaeModel::load(dir).unwrap_err();
+    let s = e.to_string();
+    (e, s)
+}
+
+fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Vec<usize>, Vec<f32>)>)) {
+    let path = dir.join("sae_weights.safetensors");
+    let mut ts: Vec<(String, Vec<usize>, Vec<f32>)> = read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.shape, t.data))
+        .collect();
+    edit(&mut ts);
+    let refs: Vec<(&str, &[usize], &[f32])> = ts
+        .iter()
+        .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))
+        .collect();
+    write_safetensors(&path, &refs).unwrap();
+}
+
+#[test]
+fn wrong_d_in() {
+    let sae = SaeModel::load(fixture("standard")).unwrap();
+    let x = Tensor::zeros((3, 7), DType::F32, &Device::Cpu).unwrap();
+    let msg = sae.encode(&x).unwrap_err().to_string();
+    assert!(msg.contains("expected d_in = 6, got 7"), "{msg}");
+    let acts = Tensor::zeros((3, 11), DType::F32, &Device::Cpu).unwrap();
+    let msg = sae.decode(&acts).unwrap_err().to_string();
+    assert!(msg.contains("expected d_in = 10, got 11"), "{msg}");
+    let x3 = Tensor::zeros((2, 3, 6), DType::F32, &Device::Cpu).unwrap();
+    let msg = sae.encode(&x3).unwrap_err().to_string();
+    assert!(
+        msg.contains("expected shape") && msg.contains("[2, 3, 6]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn nan_in_input() {
+    let sae = SaeModel::load(fixture("topk")).unwrap();
+    let mut v = vec![0.5f32; 4 * 6];
+    v[2 * 6 + 3] = f32::INFINITY;
+    let x = Tensor::from_vec(v, (4, 6), &Device::Cpu).unwrap();
+    let msg = sae.encode(&x).unwrap_err().to_string();
+    assert!(
+        msg.contains("row 2, column 3") && msg.contains("inf"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_tensor() {
+    let dir = copy("jumprelu");
+    rewrite_weights(dir.path(), |ts| ts.retain(|(n, _, _)| n != "threshold"));
+    let (e, msg) = load_err(dir.path());
+    assert!(matches!(e, SaeError::MissingTensor { .. }), "{msg}");
+    assert!(
+        msg.contains("`threshold`") && msg.contains("jumprelu"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wrong_shape() {
+    let dir = copy("standard");
+    rewrite_weights(dir.path(), |ts| {
+        for t in ts.iter_mut().filter(|t| t.0 == "W_dec") {
+            t.1 = vec![6, 10];
+        }
+    });
+    let (e, msg) = load_err(dir.path());
+    assert!(matches!(e, SaeError::ShapeMismatch { .. }), "{msg}");
+    assert!(
+        msg.contains("W_dec") && msg.contains("[10, 6]") && msg.contains("[6, 10]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = copy("gated");
+    let path = dir.path().join("sae_weights.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let (e, msg) = load_err(dir.path());
+    assert!(matches!(e, SaeError::CorruptFile { .. }), "{msg}");
+    assert!(msg.contains("sae_weights.safetensors"), "{msg}");
+}
+
+#[test]
+fn garbage_safetensors() {
+    let dir = copy("standard");
+    std::fs::write(
+        dir.path().join("sae_weights.safetensors"),
+        b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header",
+    )
+    .unwrap();
+    let (e, msg) = load_err(dir.path());
+    assert!(matches!(e, SaeError::CorruptFile { .. }), "{msg}");
+}
+
+#[test]
+fn unknown_architecture() {
+    let dir = copy("standard");
+    let cfg = std::fs::read_to_string(dir.path().join("cfg.json")).unwrap();
+    std::fs::write(
+        dir.path().join("cfg.json"),
+        cfg.replace("\"standard\"", "\"matryoshka_pursuit\""),
+    )
+    .unwrap();
+    let (e, msg) = load_err(dir.path());
+    assert!(matches!(e, SaeError::UnknownArchitecture { .. }), "{msg}");
+    assert!(
+        msg.contains("matryoshka_pursuit") && msg.contains("standard"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn invalid_json_and_missing_files() {
+    let dir = copy("standard");
+    std::fs::write(dir.path().join("cfg.json"), "{\"d_in\": 6,").unwrap();
+    let (e, msg) = load_err(dir.path());
+    assert!(
+        matches!(e, SaeError::Json { .. }) && msg.contains("cfg.json"),
+        "{msg}"
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let (e, msg) = load_err(empty.path());
+    assert!(
+        matches!(e, SaeError::Io { .. }) && msg.contains("cfg.json"),
+        "{msg}"
+    );
+    let dir = copy("standard");
+    std::fs::remove_file(dir.path().join("sae_weights.safetensors")).unwrap();
+    let (_, msg) = load_err(dir.path());
+    assert!(msg.contains("sae_weights.safetensors"), "{msg}");
+}
+
+#[test]
+fn non_finite_weights() {
+    let dir = copy("standard");
+    rewrite_weights(dir.path(), |ts| {
+        for t in ts.iter_mut().filter(|t| t.0 == "b_enc") {
+            t.2[4] = f32::NAN;
+        }
+    });
+    let (_, msg) = load_err(dir.path());
+    assert!(msg.contains("b_enc") && msg.contains("NaN"), "{msg}");
+}
+
+#[test]
+fn bad_config_values() {
+    let dir = copy("topk");
+    let cfg = std::fs::read_to_string(dir.path().join("cfg.json")).unwrap();
+    std::fs::write(
+        dir.path().join("cfg.json"),
+        cfg.replace("\"k\": 3", "\"k\": 0"),
+    )
+    .unwrap();
+    let (_, msg) = load_err(dir.path());
+    assert!(msg.contains("k") && msg.contains("got 0"), "{msg}");
+}

@@ -1,0 +1,305 @@
+//! Trainer behaviour: determinism, bit-identical resume from an atomic checkpoint, fold-on-save,
+//! schedules, and errors that name the step.
+
+use candle_core::{Device, Tensor};
+use sae_core::testkit::gaussian_batch;
+use sae_core::{
+    ArchitectureConfig, BatchTopKTraining, HostBatch, IterSource, Progress, SaeError, SaeModel,
+    StandardTraining, TopKTraining, Trainer, TrainerConfig,
+};
+
+const D_IN: usize = 12;
+const D_SAE: usize = 24;
+const N: usize = 48;
+
+fn batches(count: usize) -> Vec<Tensor> {
+    (0..count)
+        .map(|s| {
+            Tensor::from_vec(
+                gaussian_batch(N, D_IN, 2.0, 500 + s as u64),
+                (N, D_IN),
+                &Device::Cpu,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+fn config(arch: ArchitectureConfig, steps: u64) -> TrainerConfig {
+    let mut cfg = TrainerConfig::new(D_IN, D_SAE, arch, steps);
+    cfg.lr = 5e-3;
+    cfg.lr_warm_up_steps = 2;
+    cfg.lr_decay_steps = 3;
+    cfg.sparsity_warm_up_steps = 4;
+    cfg.log_every = 3;
+    // Every feature counts as dead, so AuxK runs at every step and resampling re-initialises
+    // (and resets Adam for) every feature: the state a resume must carry is all exercised.
+    cfg.dead_window_tokens = 0;
+    cfg.seed = 3;
+    cfg
+}
+
+fn archs() -> Vec<(&'static str, TrainerConfig)> {
+    let mut standard = config(
+        ArchitectureConfig::Standard(StandardTraining {
+            l1_coefficient: 4.0,
+            ..Default::default()
+        }),
+        12,
+    );
+    standard.resample_at_steps = vec![4, 9];
+    vec![
+        ("standard", standard),
+        (
+            "topk",
+            config(ArchitectureConfig::TopK(TopKTraining::new(3)), 12),
+        ),
+        (
+            "batchtopk",
+            config(
+                ArchitectureConfig::BatchTopK(BatchTopKTraining::new(3.0)),
+                12,
+            ),
+        ),
+    ]
+}
+
+fn bits(t: &Trainer) -> Vec<Vec<u32>> {
+    t.sae()
+        .params()
+        .iter()
+        .map(|p| p.data.iter().map(|v| v.to_bits()).collect())
+        .collect()
+}
+
+#[test]
+fn same_seed_same_weights() {
+    for (name, cfg) in archs() {
+        let run = || {
+            let mut t = Trainer::new(cfg.clone()).unwrap();
+            t.train(
+                &mut IterSource(batches(12).into_iter().map(Ok::<_, SaeError>)),
+                Progress::Hidden,
+            )
+            .unwrap();
+            bits(&t)
+        };
+        assert_eq!(run(), run(), "{name}: two runs with one seed differ");
+    }
+}
+
+#[test]
+fn resume_is_bit_identical() {
+    for (name, cfg) in archs() {
+        let mut full = Trainer::new(cfg.clone()).unwrap();
+        let log = full
+            .train(
+                &mut IterSource(batches(12).into_iter().map(Ok::<_, SaeError>)),
+                Progress::Hidden,
+            )
+            .unwrap();
+        assert_eq!(full.step_count(), 12);
+        assert!(!log.is_empty());
+        // Dead features occur, so AuxK (topk/batchtopk) and resampling (standard) take part.
+        assert!(
+            log.iter()
+                .any(|m| m.dead_fraction > 0.0 || m.aux_loss > 0.0),
+            "{name}: {:?}",
+            log.iter()
+                .map(|m| (m.l0, m.dead_fraction))
+                .collect::<Vec<_>>()
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut ck = cfg.clone();
+        ck.checkpoint_dir = Some(dir.path().to_path_buf());
+        ck.checkpoint_every = Some(5);
+        let mut first = Trainer::new(ck).unwrap();
+        // The run is "killed" after 7 batches: the last complete checkpoint is step 5.
+        let mut src = IterSource(batches(12).into_iter().take(7).map(Ok::<_, SaeError>));
+        first.train(&mut src, Progress::Hidden).unwrap();
+        drop(first);
+        // A half-written checkpoint left by a crash must be ignored.
+        std::fs::create_dir_all(dir.path().join(".step_000000006.999.tmp")).unwrap();
+        let latest = Trainer::latest_checkpoint(dir.path()).unwrap();
+        assert!(latest.ends_with("step_000000005"), "{}", latest.display());
+        let mut resumed = Trainer::resume(&latest).unwrap();
+        assert_eq!(resumed.step_count(), 5);
+        let mut rest = batches(12)
+            .into_iter()
+            .skip(resumed.batches_consumed() as usize);
+        let mut src = IterSource((&mut rest).map(Ok::<_, SaeError>));
+        resumed.train(&mut src, Progress::Hidden).unwrap();
+        assert_eq!(resumed.step_count(), 12);
+        assert!(
+            bits(&full) == bits(&resumed),
+            "{name}: resumed weights differ from the uninterrupted run"
+        );
+        assert_eq!(
+            full.sae().state_json(),
+            resumed.sae().state_json(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn saved_model_reads_raw_activations() {
+    // Trained on normalised inputs; the saved SAE must reconstruct raw inputs as the trainer does.
+    let cfg = config(ArchitectureConfig::TopK(TopKTraining::new(4)), 30);
+    let mut t = Trainer::new(cfg).unwrap();
+    let data = batches(30);
+    t.train(
+        &mut IterSource(data.clone().into_iter().map(Ok::<_, SaeError>)),
+        Progress::Hidden,
+    )
+    .unwrap();
+    let s = t.activation_scale().unwrap();
+    assert!(
+        (s - 0.5).abs() < 0.1,
+        "scale for N(0, 4) inputs should be about 1/2, got {s}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    t.save(dir.path()).unwrap();
+    let model = SaeModel::load(dir.path()).unwrap();
+    let x = &data[0];
+    let xs = (x * s as f64).unwrap();
+    let hb = HostBatch::from_tensor(&xs, D_IN).unwrap();
+    let codes = t.sae().encode_host(&hb.x, hb.n).unwrap();
+    let recon_norm = t.sae().decode_host(&codes).unwrap();
+    let recon_raw: Vec<f32> = model
+        .forward(x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (a, b) in recon_raw.iter().zip(&recon_norm) {
+        assert!(
+            (a - b / s).abs() < 1e-4 * (1.0 + a.abs()),
+            "{a} vs {}",
+            b / s
+        );
+    }
+    let acts_model: Vec<f32> = model
+        .encode(x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let acts_train = codes.to_dense();
+    for (a, b) in acts_model.iter().zip(&acts_train) {
+        assert!((a - b).abs() < 1e-4 * (1.0 + a.abs()));
+    }
+    // Loss went down over training.
+    let cfg = config(ArchitectureConfig::TopK(TopKTraining::new(4)), 30);
+    let mut t2 = Trainer::new(cfg).unwrap();
+    let first = t2.step(&data[0]).unwrap();
+    assert!(first.mse > 0.0);
+}
+
+#[test]
+fn schedules_and_metrics() {
+    let cfg = config(ArchitectureConfig::TopK(TopKTraining::new(3)), 12);
+    assert!((cfg.lr_at(0) - cfg.lr / 2.0).abs() < 1e-12);
+    assert_eq!(cfg.lr_at(5), cfg.lr);
+    assert!((cfg.lr_at(11) - cfg.lr / 3.0).abs() < 1e-12);
+    assert_eq!(cfg.sparsity_scale_at(0), 0.0);
+    assert_eq!(cfg.sparsity_scale_at(2), 0.5);
+    assert_eq!(cfg.sparsity_scale_at(10), 1.0);
+    let mut t = Trainer::new(cfg).unwrap();
+    let data = batches(12);
+    let mut last = None;
+    for b in &data {
+        last = Some(t.step(b).unwrap());
+    }
+    let m = last.unwrap();
+    assert!(m.l0 > 0.0 && m.l0 <= 3.0);
+    assert!(m.fvu > 0.0 && m.fvu < 1.5);
+    assert_eq!(
+        m.log10_density_histogram.iter().sum::<u32>() as usize,
+        D_SAE
+    );
+    assert!((0.0..=1.0).contains(&m.dead_fraction));
+    assert_eq!(m.tokens_seen, 12 * N as u64);
+}
+
+#[test]
+fn several_saes_from_one_stream() {
+    let cfgs = [
+        config(ArchitectureConfig::TopK(TopKTraining::new(2)), 6),
+        config(ArchitectureConfig::TopK(TopKTraining::new(4)), 6),
+    ];
+    let mut ts: Vec<Trainer> = cfgs
+        .iter()
+        .map(|c| Trainer::new(c.clone()).unwrap())
+        .collect();
+    let logs = sae_core::train_many(
+        &mut ts,
+        &mut IterSource(batches(6).into_iter().map(Ok::<_, SaeError>)),
+        Progress::Hidden,
+    )
+    .unwrap();
+    assert_eq!(logs.len(), 2);
+    // Each equals training alone on the same stream.
+    for (t, c) in ts.iter().zip(cfgs) {
+        let mut alone = Trainer::new(c).unwrap();
+        alone
+            .train(
+                &mut IterSource(batches(6).into_iter().map(Ok::<_, SaeError>)),
+                Progress::Hidden,
+            )
+            .unwrap();
+        assert!(bits(t) == bits(&alone));
+    }
+}
+
+#[test]
+fn divergence_names_the_step() {
+    let mut cfg = config(ArchitectureConfig::TopK(TopKTraining::new(3)), 20);
+    cfg.lr = 1e36;
+    cfg.lr_warm_up_steps = 0;
+    cfg.lr_decay_steps = 0;
+    cfg.grad_clip_norm = None;
+    let mut t = Trainer::new(cfg).unwrap();
+    let err = batches(20)
+        .iter()
+        .find_map(|b| t.step(b).err())
+        .expect("training with lr 1e36 must fail");
+    let msg = err.to_string();
+    assert!(matches!(err, SaeError::NonFiniteTraining { .. }), "{msg}");
+    assert!(msg.contains("training step"), "{msg}");
+}
+
+#[test]
+fn nan_in_batch_is_rejected_with_its_position() {
+    let mut t = Trainer::new(config(ArchitectureConfig::TopK(TopKTraining::new(3)), 10)).unwrap();
+    let mut x = gaussian_batch(N, D_IN, 1.0, 1);
+    x[5 * D_IN + 7] = f32::NAN;
+    let b = Tensor::from_vec(x, (N, D_IN), &Device::Cpu).unwrap();
+    let msg = t.step(&b).unwrap_err().to_string();
+    assert!(msg.contains("row 5") && msg.contains("column 7"), "{msg}");
+    let wrong = Tensor::zeros((N, D_IN + 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let msg = t.step(&wrong).unwrap_err().to_string();
+    assert!(
+        msg.contains(&format!("expected d_in = {D_IN}, got {}", D_IN + 1)),
+        "{msg}"
+    );
+}
+
+#[test]
+fn invalid_configs_are_named() {
+    let cfg = TrainerConfig::new(8, 16, ArchitectureConfig::TopK(TopKTraining::new(32)), 10);
+    let msg = Trainer::new(cfg).unwrap_err().to_string();
+    assert!(msg.contains("k") && msg.contains("32"), "{msg}");
+    let mut cfg = TrainerConfig::new(8, 16, ArchitectureConfig::TopK(TopKTraining::new(2)), 10);
+    cfg.resample_at_steps = vec![5];
+    let msg = Trainer::new(cfg).unwrap_err().to_string();
+    assert!(msg.contains("resample_at_steps"), "{msg}");
+    let json = r#"{"d_in": 8, "d_sae": 16, "total_steps": 5, "sae": {"architecture": "topk", "k": 2, "kk": 1}}"#;
+    let err = serde_json::from_str::<TrainerConfig>(json)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("kk"), "{err}");
+}
