@@ -1,0 +1,551 @@
+//! The main job: Towards Monosemanticity's neuron-SAE experiment on a real model, end to end.
+//!
+//! 1. Read the pinned corpora, split them by whole documents, cut `BOS + text` windows.
+//! 2. Harvest the MLP neurons (`blocks.L.mlp.hook_post`) of the training split into a crash-safe
+//!    cache, and a smaller cache of the held-out test split (for feature examples).
+//! 3. Train the SAEs (TopK and ReLU-L1 by default) on one shuffled stream of the training cache.
+//! 4. Evaluate each on held-out test documents: reconstruction metrics, spliced NLL, loss
+//!    recovered against zero- and mean-ablation, KL.
+//! 5. Feature pages (activations, the ablation study, top and interval examples, logit effects)
+//!    for a sample of the first SAE's features; plots; `report.json` and `index.html`.
+//!
+//! Every stage resumes: the caches and SAEs already in `--out` are reused, so a killed run picks
+//! up where it stopped. Prints the headline table at the end.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use sae_workbench::activation_store::{
+    self as store, ActivationCache, CorpusName, HarvestConfig, HookedModel, Split, SplitSpec,
+    StreamConfig, WindowPlan,
+};
+use sae_workbench::metrics::{
+    self, HookedSplice, MeanActivation, PageConfig, SplicedConfig, SplicedEvaluation, TokenSource,
+    build_feature_page, collect_examples, evaluate_spliced, write_pages,
+};
+use sae_workbench::sae_core::{
+    ArchitectureConfig, IterSource, Progress, SaeModel, StandardTraining, TopKTraining,
+    TrainMetrics, Trainer, TrainerConfig, train_many,
+};
+use sae_workbench::transformer_hooks::candle_core::{Device, Tensor};
+use sae_workbench::transformer_hooks::{LoadOptions, Model, assets};
+use serde::Serialize;
+
+#[derive(Parser, Debug, Clone, Serialize)]
+#[command(about = "Neuron SAEs on a real model: harvest, train, evaluate, feature pages, report")]
+struct Args {
+    /// GGUF file or HF folder (default: SmolLM2-135M-Instruct from the assets folder).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Layer whose MLP neurons (`blocks.L.mlp.hook_post`) are harvested.
+    #[arg(long, default_value_t = 15)]
+    layer: usize,
+    /// Training activations (tokens) to harvest.
+    #[arg(long, default_value_t = 400_000)]
+    train_tokens: u64,
+    /// Passes over the training cache.
+    #[arg(long, default_value_t = 2)]
+    epochs: u64,
+    /// Held-out test tokens for the spliced evaluation.
+    #[arg(long, default_value_t = 16_384)]
+    eval_tokens: usize,
+    /// Held-out test activations scanned for feature examples.
+    #[arg(long, default_value_t = 100_000)]
+    example_tokens: u64,
+    /// Dictionary size as a multiple of the hook's width (8: 12,288 features for 1,536 neurons).
+    #[arg(long, default_value_t = 8)]
+    expansion: usize,
+    /// Architectures to train, comma separated: topk, standard.
+    #[arg(long, value_delimiter = ',', default_value = "topk,standard")]
+    archs: Vec<String>,
+    /// Active features per token of the TopK SAE.
+    #[arg(long, default_value_t = 32)]
+    k: usize,
+    /// L1 coefficient of the ReLU-L1 SAE (on activations normalised to mean norm sqrt(d_in)).
+    #[arg(long, default_value_t = 5.0)]
+    l1_coefficient: f32,
+    /// Training batch (tokens per step).
+    #[arg(long, default_value_t = 4096)]
+    batch: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 4e-4)]
+    lr: f64,
+    /// Window length including BOS.
+    #[arg(long, default_value_t = 128)]
+    context: usize,
+    /// Feature pages written for the first SAE.
+    #[arg(long, default_value_t = 16)]
+    pages: usize,
+    /// Output folder (caches, SAEs, report).
+    #[arg(long, default_value = "runs/main")]
+    out: PathBuf,
+    /// Seed of the window order, shuffling, SAE init and page sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// `cpu`, or `cuda` (build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+/// One trained SAE's results.
+#[derive(Serialize)]
+struct SaeResult {
+    name: String,
+    architecture: String,
+    d_sae: usize,
+    folder: PathBuf,
+    train_seconds: f64,
+    train_log: Vec<TrainMetrics>,
+    eval: SplicedEvaluation,
+    density_png: String,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let t_start = Instant::now();
+    let device = match args.device.as_str() {
+        "cpu" => Device::Cpu,
+        "cuda" => {
+            Device::new_cuda(0).context("--device cuda (was it built with --features cuda?)")?
+        }
+        other => bail!("--device {other}: expected cpu or cuda"),
+    };
+    for a in &args.archs {
+        if a != "topk" && a != "standard" {
+            bail!("--archs {a}: expected topk or standard");
+        }
+    }
+    let report_dir = args.out.join("report");
+    std::fs::create_dir_all(&report_dir)
+        .with_context(|| format!("creating {}", report_dir.display()))?;
+    let hook = format!("blocks.{}.mlp.hook_post", args.layer);
+
+    // 1. Model, corpora, windows.
+    let model_path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
+    stage(&format!("loading {}", model_path.display()));
+    let model = Model::load_with(&model_path, &device, &LoadOptions::default())
+        .with_context(|| format!("loading model {}", model_path.display()))?;
+    let mut hooked = HookedModel::new(model);
+    hooked.check_hooks(std::slice::from_ref(&hook))?;
+    let bos = hooked.bos()?;
+    let identity = hooked.identity()?;
+    stage("reading and tokenizing the corpora");
+    let docs = store::load_corpora(&store::default_corpora_root(), &CorpusName::ALL)?;
+    let encode = |t: &str| hooked.encode(t);
+    let tokenized = store::tokenize_documents(&docs, &encode, &SplitSpec::default())?;
+    let corpus_report = store::corpus_report(&tokenized, args.context, SplitSpec::default());
+    let train_plan = WindowPlan::build(&tokenized, Split::Train, args.context, bos, args.seed)?;
+    let test_plan = WindowPlan::build(&tokenized, Split::Test, args.context, bos, args.seed)?;
+    drop(tokenized);
+
+    // 2. Harvest.
+    let mut harvest_cfg = HarvestConfig::new(vec![hook.clone()]);
+    harvest_cfg.exclude_token_ids = hooked.special_token_ids()?;
+    harvest_cfg.max_rows = args.train_tokens;
+    stage(&format!(
+        "harvesting {hook} on {} training tokens",
+        args.train_tokens
+    ));
+    let train_dir = args.out.join("cache_train");
+    let pb = bar("harvest train", "tokens");
+    let harvest_train = store::harvest(
+        &train_dir,
+        &train_plan,
+        &identity,
+        &mut hooked,
+        &harvest_cfg,
+        Some(&pb),
+    )?;
+    pb.finish_and_clear();
+    eprintln!("{}", serde_json::to_string(&harvest_train)?);
+    harvest_cfg.max_rows = args.example_tokens;
+    stage(&format!(
+        "harvesting {} held-out test tokens for feature examples",
+        args.example_tokens
+    ));
+    let test_dir = args.out.join("cache_test");
+    let pb = bar("harvest test", "tokens");
+    let harvest_test = store::harvest(
+        &test_dir,
+        &test_plan,
+        &identity,
+        &mut hooked,
+        &harvest_cfg,
+        Some(&pb),
+    )?;
+    pb.finish_and_clear();
+    eprintln!("{}", serde_json::to_string(&harvest_test)?);
+    let train_cache = ActivationCache::open(&train_dir)?;
+    let train_acts = train_cache.hook(&hook)?;
+    let d_in = train_acts.width();
+    let d_sae = d_in * args.expansion;
+
+    // 3. Train (or reuse) the SAEs, all from one shuffled stream.
+    let rows = train_acts.rows();
+    let steps = (rows * args.epochs) / args.batch as u64;
+    if steps == 0 {
+        bail!(
+            "--train-tokens {} x --epochs {} gives no full batch of {}",
+            rows,
+            args.epochs,
+            args.batch
+        );
+    }
+    let mut trainers = Vec::new();
+    let mut names = Vec::new();
+    for arch in &args.archs {
+        let name = format!("{arch}_{d_sae}");
+        let folder = args.out.join("saes").join(&name);
+        if folder.join("cfg.json").exists() {
+            eprintln!("reusing the trained SAE in {}", folder.display());
+            names.push((name, folder, None));
+            continue;
+        }
+        let sae_cfg = match arch.as_str() {
+            "topk" => ArchitectureConfig::TopK(TopKTraining::new(args.k)),
+            _ => ArchitectureConfig::Standard(StandardTraining {
+                l1_coefficient: args.l1_coefficient,
+                ..StandardTraining::default()
+            }),
+        };
+        let mut cfg = TrainerConfig::new(d_in, d_sae, sae_cfg, steps);
+        cfg.lr = args.lr;
+        cfg.lr_warm_up_steps = (steps / 20).max(1);
+        cfg.lr_decay_steps = steps / 5;
+        if arch == "standard" {
+            cfg.sparsity_warm_up_steps = steps / 10;
+            // Towards Monosemanticity resamples dead features a few times early in training.
+            cfg.resample_at_steps = vec![steps / 5, 2 * steps / 5];
+        }
+        cfg.log_every = (steps / 50).max(1);
+        cfg.dead_window_tokens = rows.min(1_000_000);
+        cfg.seed = args.seed;
+        cfg.checkpoint_every = Some((steps / 4).max(1));
+        cfg.checkpoint_dir = Some(args.out.join("checkpoints").join(&name));
+        cfg.metadata.hook_name = Some(hook.clone());
+        cfg.metadata.model_name = Some(identity_name(&model_path));
+        let trainer = match Trainer::latest_checkpoint(args.out.join("checkpoints").join(&name)) {
+            Some(ck) => {
+                eprintln!("resuming {name} from {}", ck.display());
+                Trainer::resume(&ck)?
+            }
+            None => Trainer::new(cfg)?,
+        };
+        trainers.push(trainer.with_device(device.clone()));
+        names.push((name, folder, Some(trainers.len() - 1)));
+    }
+    let mut logs: Vec<Vec<TrainMetrics>> = vec![Vec::new(); trainers.len()];
+    let mut train_seconds = 0.0;
+    if !trainers.is_empty() {
+        stage(&format!(
+            "training {} SAE(s) of {d_sae} features: {steps} steps of {} tokens",
+            trainers.len(),
+            args.batch
+        ));
+        let done = trainers.iter().map(|t| t.step_count()).min().unwrap_or(0);
+        let stream = train_acts.batches(StreamConfig {
+            seed: args.seed,
+            epochs: None,
+            device: device.clone(),
+            ..StreamConfig::new(args.batch)
+        })?;
+        let mut source = IterSource(stream);
+        // Resumed trainers continue the same stream: skip the batches they already saw.
+        sae_workbench::sae_core::BatchSource::skip_batches(&mut source, done)?;
+        let t0 = Instant::now();
+        logs = train_many(&mut trainers, &mut source, Progress::Bar)?;
+        train_seconds = t0.elapsed().as_secs_f64();
+        for (name, folder, idx) in &names {
+            if let Some(i) = idx {
+                trainers[*i].save(folder)?;
+                eprintln!("saved {name} to {}", folder.display());
+            }
+        }
+    }
+
+    // 4. Spliced evaluation on held-out test documents.
+    let model = hooked.model();
+    let eval_batches = eval_windows(&test_plan, args.eval_tokens, 8, &device)?;
+    let eval_tokens: usize = eval_batches.iter().map(|b| b.elem_count()).sum();
+    let mut results = Vec::new();
+    let mut saes = Vec::new();
+    for (name, folder, idx) in &names {
+        let sae =
+            SaeModel::load(folder).with_context(|| format!("loading {}", folder.display()))?;
+        stage(&format!(
+            "evaluating {name} on {eval_tokens} held-out tokens (5 forward passes each)"
+        ));
+        let mut target = HookedSplice::new(model, &hook)?;
+        target.check_sae(&sae)?;
+        let pb = bar("spliced eval", "passes");
+        let cfg = SplicedConfig {
+            mean: MeanActivation::EvalTokens,
+            ..SplicedConfig::default()
+        };
+        let eval = evaluate_spliced(&mut target, &sae, &eval_batches, &cfg, Some(&pb))?;
+        pb.finish_and_clear();
+        let hist = eval.reconstruction.density_histogram.clone();
+        let density_png = format!("density_{name}.png");
+        metrics::plots::plot_density_histogram(
+            &hist,
+            &format!("{name}: feature density (log10 firing rate, held-out)"),
+            &report_dir.join(&density_png),
+        )?;
+        results.push(SaeResult {
+            name: name.clone(),
+            architecture: sae.config().architecture().to_string(),
+            d_sae: sae.d_sae(),
+            folder: folder.clone(),
+            train_seconds: if idx.is_some() { train_seconds } else { 0.0 },
+            train_log: idx.map(|i| logs[i].clone()).unwrap_or_default(),
+            eval,
+            density_png,
+        });
+        saes.push((name.clone(), sae));
+    }
+    let bars: Vec<(&str, f64)> = results
+        .iter()
+        .map(|r| (r.name.as_str(), r.eval.spliced.loss_recovered_zero))
+        .collect();
+    metrics::plots::plot_bars(
+        &bars,
+        "Loss recovered vs zero-ablation (held-out)",
+        "loss recovered",
+        &report_dir.join("loss_recovered.png"),
+    )?;
+
+    // 5. Feature pages for the first SAE.
+    if let Some((sae_name, sae)) = saes.first()
+        && args.pages > 0
+    {
+        stage(&format!("feature pages for {sae_name}"));
+        let test_cache = ActivationCache::open(&test_dir)?;
+        let test_acts = test_cache.hook(&hook)?;
+        let pb = bar("collect examples", "rows");
+        let collector = collect_examples(
+            &test_acts,
+            sae,
+            args.example_tokens,
+            4096,
+            16,
+            512,
+            args.seed,
+            Some(&pb),
+        )?;
+        pb.finish_and_clear();
+        let density = collector.density().firing_rates();
+        let mut alive: Vec<usize> = (0..density.len()).filter(|&f| density[f] > 0.0).collect();
+        alive.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(args.seed));
+        alive.truncate(args.pages);
+        alive.sort_unstable();
+        let tok = model.tokenizer()?;
+        let window_tokens =
+            |w: u32| -> Option<Vec<u32>> { test_plan_tokens(&test_plan, w as usize) };
+        let decode =
+            |id: u32| -> String { tok.decode(&[id]).unwrap_or_else(|_| format!("<{id}>")) };
+        let source = TokenSource {
+            window_tokens: &window_tokens,
+            decode: &decode,
+        };
+        let mut target = HookedSplice::new(model, &hook)?;
+        let page_cfg = PageConfig {
+            seed: args.seed,
+            ..PageConfig::default()
+        };
+        let pb = bar("feature pages", "pages");
+        pb.set_length(alive.len() as u64);
+        let mut pages = Vec::new();
+        for &f in &alive {
+            let effects = target.logit_effects(sae, f, 10).ok();
+            pages.push(build_feature_page(
+                &mut target,
+                sae,
+                sae_name,
+                &collector,
+                f,
+                &source,
+                effects,
+                &page_cfg,
+            )?);
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        write_pages(
+            &report_dir.join("features"),
+            &format!("{sae_name} features ({hook})"),
+            &format!(
+                "A random sample of {} live features of {sae_name}, trained on {} activations of \
+                 {hook}; examples come from held-out test documents.",
+                alive.len(),
+                rows
+            ),
+            &pages,
+        )?;
+    }
+
+    // The report.
+    let total_seconds = t_start.elapsed().as_secs_f64();
+    let report = serde_json::json!({
+        "args": args,
+        "model": model_path,
+        "hook": hook,
+        "corpus": corpus_report,
+        "harvest_train": harvest_train,
+        "harvest_test": harvest_test,
+        "eval_tokens": eval_tokens,
+        "saes": results,
+        "total_seconds": total_seconds,
+    });
+    let json_path = report_dir.join("report.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let table = headline_table(&results);
+    std::fs::write(
+        report_dir.join("index.html"),
+        index_html(&hook, &model_path, rows, &results),
+    )
+    .context("writing index.html")?;
+    println!("\n{table}");
+    println!(
+        "report: {} ({:.1} min in all)",
+        report_dir.join("index.html").display(),
+        total_seconds / 60.0
+    );
+    Ok(())
+}
+
+fn stage(msg: &str) {
+    eprintln!("== {msg}");
+}
+
+fn bar(prefix: &str, unit: &str) -> ProgressBar {
+    let style = ProgressStyle::with_template(&format!(
+        "{prefix} {{wide_bar}} {{human_pos}}/{{human_len}} {unit} {{per_sec}} eta {{eta}}"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    ProgressBar::new(0).with_style(style)
+}
+
+fn identity_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+fn test_plan_tokens(plan: &WindowPlan, w: usize) -> Option<Vec<u32>> {
+    (w < plan.len()).then(|| plan.tokens(w).to_vec())
+}
+
+/// Full-length held-out windows, in plan order, up to `max_tokens` tokens, `batch` per tensor.
+fn eval_windows(
+    plan: &WindowPlan,
+    max_tokens: usize,
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<Tensor>> {
+    let full: Vec<&[u32]> = (0..plan.len())
+        .map(|i| plan.tokens(i))
+        .filter(|t| t.len() == plan.context_len)
+        .take(max_tokens.div_ceil(plan.context_len).max(1))
+        .collect();
+    if full.is_empty() {
+        bail!(
+            "the test split has no full window of {} tokens",
+            plan.context_len
+        );
+    }
+    full.chunks(batch)
+        .map(|c| {
+            let flat: Vec<u32> = c.iter().flat_map(|t| t.iter().copied()).collect();
+            Ok(Tensor::from_vec(flat, (c.len(), plan.context_len), device)?)
+        })
+        .collect()
+}
+
+fn headline_table(results: &[SaeResult]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| SAE | L0 | FVU | loss recovered (zero) | loss recovered (mean) | KL | dead | clean NLL | spliced NLL |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    for r in results {
+        let (n, m) = (&r.eval.spliced, &r.eval.reconstruction);
+        let _ = writeln!(
+            s,
+            "| {} | {:.1} | {:.3} | {:.1}% | {:.1}% | {:.4} | {:.1}% | {:.4} | {:.4} |",
+            r.name,
+            m.l0,
+            m.fvu,
+            100.0 * n.loss_recovered_zero,
+            100.0 * n.loss_recovered_mean,
+            n.kl_clean_spliced,
+            100.0 * m.dead_fraction,
+            n.clean,
+            n.spliced
+        );
+    }
+    s
+}
+
+fn index_html(hook: &str, model: &Path, train_rows: u64, results: &[SaeResult]) -> String {
+    let esc = metrics::html::escape_html;
+    let mut rows = String::new();
+    for r in results {
+        let (n, m) = (&r.eval.spliced, &r.eval.reconstruction);
+        let _ = write!(
+            rows,
+            "<tr><td>{}</td><td>{:.1}</td><td>{:.3}</td><td>{:.1}%</td><td>{:.1}%</td>\
+             <td>{:.4}</td><td>{:.1}%</td><td>{:.4}</td><td>{:.4}</td><td>{:.4}</td><td>{:.4}</td>\
+             <td>{:.2e}</td></tr>",
+            esc(&r.name),
+            m.l0,
+            m.fvu,
+            100.0 * n.loss_recovered_zero,
+            100.0 * n.loss_recovered_mean,
+            n.kl_clean_spliced,
+            100.0 * m.dead_fraction,
+            n.clean,
+            n.spliced,
+            n.zero_ablated,
+            n.mean_ablated,
+            n.spliced_with_error_max_abs_diff,
+        );
+    }
+    let mut imgs = String::from("<img src=\"loss_recovered.png\" alt=\"loss recovered\">");
+    for r in results {
+        let _ = write!(
+            imgs,
+            "<img src=\"{}\" alt=\"feature density of {}\">",
+            esc(&r.density_png),
+            esc(&r.name)
+        );
+    }
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Neuron SAEs: {hook}</title>\
+         <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}\
+         table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}\
+         img{{max-width:520px;margin:8px}}</style></head><body>\
+         <h1>Neuron SAEs on {model}</h1>\
+         <p>SAEs trained on {train_rows} activations of <code>{hook}</code>; every number below is \
+         measured on held-out test documents. Loss recovered = (L_ablated - L_spliced) / \
+         (L_ablated - L_clean). The last column is the largest per-token change in NLL when the \
+         reconstruction plus the SAE's error term is spliced in: it must be ~0.</p>\
+         <table><tr><th>SAE</th><th>L0</th><th>FVU</th><th>loss rec. (zero)</th>\
+         <th>loss rec. (mean)</th><th>KL</th><th>dead</th><th>clean NLL</th><th>spliced NLL</th>\
+         <th>zero-abl. NLL</th><th>mean-abl. NLL</th><th>with-error max |Δ|</th></tr>{rows}</table>\
+         <p><a href=\"features/index.html\">Feature pages</a> · <a href=\"report.json\">report.json</a></p>\
+         {imgs}</body></html>",
+        hook = esc(hook),
+        model = esc(&model.display().to_string()),
+    )
+}
