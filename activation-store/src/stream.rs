@@ -13,8 +13,9 @@
 //! `External` is the classic two-pass shuffle: pass one deals every row to one of `B` bucket files
 //! uniformly at random, pass two loads one bucket at a time, shuffles it in memory and emits it.
 //! Dealing uniformly and then shuffling within buckets gives a uniform permutation; a bucket that
-//! comes out larger than memory is dealt again into smaller ones (a further pass), so memory stays
-//! bounded for any cache size.
+//! comes out larger than memory (by chance, or because a cache over 64x the budget needs more than
+//! the 64 buckets dealt at once) is dealt again into smaller ones (a further pass), so memory
+//! stays bounded for any cache size.
 //!
 //! Shards are read through memory maps of one chunk at a time, unmapped after copying, so the
 //! process's resident memory does not grow with the cache even though the kernel may keep the
@@ -95,6 +96,10 @@ pub struct StreamConfig {
     /// Check the sha256 of every shard read against the manifest (default true). `Sequential` and
     /// `External` hash as they read; `Buffer` reads the hook's files once before the first batch.
     pub verify_checksums: bool,
+    /// Batches to leave out at the start, to resume a training run where it stopped: the stream
+    /// is deterministic, so the next batch is the one the interrupted run would have drawn.
+    /// Skipped rows are still read (the shuffle needs them) but never made into tensors.
+    pub skip_batches: u64,
 }
 
 impl StreamConfig {
@@ -107,6 +112,7 @@ impl StreamConfig {
             prefetch: 4,
             device: Device::Cpu,
             verify_checksums: true,
+            skip_batches: 0,
         }
     }
 
@@ -231,6 +237,7 @@ fn produce(
     }
     let mut batch: Vec<f32> = Vec::with_capacity(cfg.batch_size * d);
     let mut epoch = 0u64;
+    let mut skip = cfg.skip_batches;
     let send = |batch: Vec<f32>| -> Result<bool> {
         let rows = batch.len() / d;
         let t = Tensor::from_vec(batch, (rows, d), &cfg.device)?;
@@ -276,7 +283,10 @@ fn produce(
             if got == 0 {
                 break;
             }
-            if batch.len() / d == cfg.batch_size {
+            if batch.len() / d == cfg.batch_size && skip > 0 {
+                skip -= 1;
+                batch.clear();
+            } else if batch.len() / d == cfg.batch_size {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(cfg.batch_size * d));
                 if !send(full)? {
                     return Ok(());
@@ -285,7 +295,7 @@ fn produce(
         }
         epoch += 1;
     }
-    if !batch.is_empty() {
+    if !batch.is_empty() && skip == 0 {
         send(batch)?;
     }
     Ok(())
@@ -523,6 +533,9 @@ impl EpochReader for BufferReader {
     }
 }
 
+/// Most bucket files dealt to at once.
+const MAX_FANOUT: usize = 64;
+
 /// A bucket file of raw rows (in the cache's dtype) waiting for pass two.
 struct Bucket {
     path: PathBuf,
@@ -603,8 +616,10 @@ impl ExternalReader {
         rows: usize,
         feed: impl FnOnce(&mut dyn FnMut(&[u8], usize) -> Result<()>) -> Result<()>,
     ) -> Result<Vec<Bucket>> {
-        let k = self.bucket_count(rows).max(2);
-        let cap = (self.memory_bytes / (4 * k)).clamp(64 << 10, 4 << 20);
+        // At most MAX_FANOUT open buckets, so write buffers take at most a quarter of the budget
+        // whatever the cache size; a bucket that comes out too large is dealt again later.
+        let k = self.bucket_count(rows).clamp(2, MAX_FANOUT);
+        let cap = (self.memory_bytes / (4 * k)).clamp(16 << 10, 4 << 20);
         let mut files = Vec::with_capacity(k);
         let mut counts = vec![0usize; k];
         for _ in 0..k {
@@ -645,8 +660,12 @@ impl ExternalReader {
                 continue;
             }
             if b.rows * (self.row_bytes + 4) <= self.memory_bytes || b.rows == 1 {
+                // Read into the previous bucket's allocation: never two buckets in memory.
                 self.current.clear();
-                self.current = std::fs::read(&b.path).at("read scratch bucket", &b.path)?;
+                self.current.reserve_exact(b.rows * self.row_bytes);
+                File::open(&b.path)
+                    .and_then(|mut f| f.read_to_end(&mut self.current))
+                    .at("read scratch bucket", &b.path)?;
                 std::fs::remove_file(&b.path).at("remove scratch bucket", &b.path)?;
                 if self.current.len() != b.rows * self.row_bytes {
                     return Err(Error::ShardSize {

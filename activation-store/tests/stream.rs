@@ -210,3 +210,21 @@ fn buffer_mode_mixes_across_the_whole_cache() {
         "first batch came from shards {shards:?} of {n_shards}"
     );
 }
+
+#[test]
+fn skipping_batches_resumes_the_same_sequence() {
+    let (_tmp, cache) = cache(30, 100);
+    let acts = cache.hook(HOOKS[0]).unwrap();
+    for (name, shuffle) in modes() {
+        let cfg = |skip| StreamConfig {
+            epochs: Some(2),
+            seed: 5,
+            shuffle: shuffle.clone(),
+            skip_batches: skip,
+            ..StreamConfig::new(40)
+        };
+        let all = collect(&acts, cfg(0));
+        let rest = collect(&acts, cfg(7));
+        assert_eq!(rest, all[7 * 40..], "{name}");
+    }
+}
