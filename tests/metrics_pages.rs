@@ -58,7 +58,7 @@ fn feature_pages_reproduce_cached_activations_and_escape_tokens() {
     let hook = "blocks.15.mlp.hook_post";
     let hp = model.hook_point(hook).unwrap();
     let tok = model.tokenizer().unwrap();
-    let bos = model.config().bos_token_id.or(tok.bos_id()).unwrap();
+    let bos = tok.bos_id().or(model.config().bos_token_id).unwrap();
     let windows: Vec<Vec<u32>> = TEXTS
         .iter()
         .map(|t| {

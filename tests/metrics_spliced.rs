@@ -59,7 +59,7 @@ fn pm_identity_sae(d: usize, zero_decoder: bool, hook: &str) -> SaeModel {
 fn batches(model: &Model) -> Vec<Tensor> {
     let tok = model.tokenizer().unwrap();
     let ids = tok.encode(TEXT, false).unwrap();
-    let bos = model.config().bos_token_id.or(tok.bos_id());
+    let bos = tok.bos_id().or(model.config().bos_token_id);
     token_batches(&ids, bos, 24, 2, &Device::Cpu).unwrap()
 }
 
@@ -205,7 +205,7 @@ fn ablating_a_neuron_feature_changes_later_tokens_only() {
     let d = model.config().d_mlp;
     let sae = pm_identity_sae(d, false, hook);
     let tok = model.tokenizer().unwrap();
-    let bos = model.config().bos_token_id.or(tok.bos_id()).unwrap();
+    let bos = tok.bos_id().or(model.config().bos_token_id).unwrap();
     let mut ids = vec![bos];
     ids.extend(tok.encode(TEXT, false).unwrap());
     ids.truncate(20);

@@ -9,8 +9,8 @@ use sae_workbench::sae_core::arch::transpose;
 use sae_workbench::sae_core::kernels::{self, PairSet, SparseCodes};
 use sae_workbench::sae_core::testkit::{KitOptions, check_architecture};
 use sae_workbench::sae_core::{
-    Batch, CommonConfig, FileTensor, Param, Params, Result, Sae, SaeConfig, StepContext, StepOutput,
-    TrainableSae, config::StandardConfig,
+    Batch, CommonConfig, FileTensor, Param, Params, Result, Sae, SaeConfig, StepContext,
+    StepOutput, TrainableSae, config::StandardConfig,
 };
 
 struct TanhSae {
@@ -42,7 +42,8 @@ impl TanhSae {
     fn codes(&self, x: &[f32], n: usize, device: &Device) -> Result<(Vec<f32>, SparseCodes)> {
         let p = &self.params;
         let xc = kernels::center(x, self.d_in, Some(p.data("b_dec")?));
-        let pre = kernels::encoder_preacts(&xc, n, self.d_in, p.data("W_enc")?, self.d_sae, device)?;
+        let pre =
+            kernels::encoder_preacts(&xc, n, self.d_in, p.data("W_enc")?, self.d_sae, device)?;
         let b = p.data("b_enc")?;
         let dense = pre.with_slice(|s| {
             s.chunks(self.d_sae)
@@ -76,7 +77,12 @@ impl TrainableSae for TanhSae {
         &mut self.params
     }
 
-    fn forward_backward(&self, batch: &Batch<'_>, ctx: &StepContext<'_>, grads: &mut Params) -> Result<StepOutput> {
+    fn forward_backward(
+        &self,
+        batch: &Batch<'_>,
+        ctx: &StepContext<'_>,
+        grads: &mut Params,
+    ) -> Result<StepOutput> {
         let (n, d_in, d_sae) = (batch.n, self.d_in, self.d_sae);
         let p = &self.params;
         let (xc, codes) = self.codes(batch.x, n, ctx.device)?;
@@ -110,7 +116,8 @@ impl TrainableSae for TanhSae {
             dec_vecs: &d_xhat,
             enc_coef: Some(&g_pre),
         }];
-        let [g_w_enc, g_b_enc, g_w_dec, g_b_dec] = grads.many_mut(["W_enc", "b_enc", "W_dec", "b_dec"])?;
+        let [g_w_enc, g_b_enc, g_w_dec, g_b_dec] =
+            grads.many_mut(["W_enc", "b_enc", "W_dec", "b_dec"])?;
         let g_bias = kernels::feature_rows(d_sae, d_in, &sets, &xc, g_w_dec, g_w_enc);
         g_b_enc.copy_from_slice(&g_bias);
         let direct = kernels::sum_rows(&d_xhat, d_in, 1.0);
@@ -130,7 +137,11 @@ impl TrainableSae for TanhSae {
     }
 
     fn constrain_gradients(&self, grads: &mut Params) -> Result<()> {
-        kernels::remove_parallel_component(self.params.data("W_dec")?, grads.data_mut("W_dec")?, self.d_in);
+        kernels::remove_parallel_component(
+            self.params.data("W_dec")?,
+            grads.data_mut("W_dec")?,
+            self.d_in,
+        );
         Ok(())
     }
 
@@ -143,12 +154,20 @@ impl TrainableSae for TanhSae {
         true
     }
 
-    fn export(&self, params: &Params, common: CommonConfig) -> Result<(SaeConfig, Vec<FileTensor>)> {
+    fn export(
+        &self,
+        params: &Params,
+        common: CommonConfig,
+    ) -> Result<(SaeConfig, Vec<FileTensor>)> {
         let tensors = params
             .iter()
             .map(|p| {
                 if p.name == "W_enc" {
-                    (p.name.clone(), vec![self.d_in, self.d_sae], transpose(&p.data, self.d_sae, self.d_in))
+                    (
+                        p.name.clone(),
+                        vec![self.d_in, self.d_sae],
+                        transpose(&p.data, self.d_sae, self.d_in),
+                    )
                 } else {
                     (p.name.clone(), p.shape.clone(), p.data.clone())
                 }
@@ -160,5 +179,9 @@ impl TrainableSae for TanhSae {
 
 #[test]
 fn external_architecture_passes_the_kit() {
-    check_architecture("tanh_relu (external)", TanhSae::init, &KitOptions::default());
+    check_architecture(
+        "tanh_relu (external)",
+        TanhSae::init,
+        &KitOptions::default(),
+    );
 }

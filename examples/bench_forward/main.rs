@@ -41,7 +41,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let path = args.model.clone().unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
+    let path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
     let dtype = match args.dtype.as_str() {
         "f32" => DType::F32,
         "bf16" => DType::BF16,
@@ -57,16 +60,24 @@ fn main() -> Result<()> {
     hook.check(model.config())?;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let vocab = model.config().vocab_size as u32;
-    let ids: Vec<u32> = (0..args.batch * args.ctx).map(|_| rng.random_range(0..vocab)).collect();
+    let ids: Vec<u32> = (0..args.batch * args.ctx)
+        .map(|_| rng.random_range(0..vocab))
+        .collect();
     let tokens = Tensor::from_vec(ids, (args.batch, args.ctx), &device)?;
     let n_tokens = (args.batch * args.ctx) as f64;
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
 
-    let cases: [(&str, Option<HookPoint>); 2] = [("forward_full_logits", None), ("forward_stop_at_mlp_post", Some(hook))];
+    let cases: [(&str, Option<HookPoint>); 2] = [
+        ("forward_full_logits", None),
+        ("forward_stop_at_mlp_post", Some(hook)),
+    ];
     for (bench, stop) in cases {
         let run = || -> Result<()> {
             let mut hooks = match stop {

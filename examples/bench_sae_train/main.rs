@@ -69,7 +69,9 @@ fn main() -> Result<()> {
             l1_coefficient: args.l1_coefficient,
             ..GatedTraining::default()
         }),
-        other => anyhow::bail!("unknown --arch {other}; expected standard, topk, batchtopk, jumprelu or gated"),
+        other => anyhow::bail!(
+            "unknown --arch {other}; expected standard, topk, batchtopk, jumprelu or gated"
+        ),
     };
     let relu_family = matches!(args.arch.as_str(), "standard" | "jumprelu" | "gated");
     let mut cfg = TrainerConfig::new(args.d_in, args.d_sae, arch, (args.steps + 1) as u64);
@@ -83,7 +85,9 @@ fn main() -> Result<()> {
             .collect();
         Ok(HostBatch::from_vec(x, args.d_in)?)
     };
-    let batches: Vec<HostBatch> = (0..2).map(|_| make_batch(&mut rng)).collect::<Result<_>>()?;
+    let batches: Vec<HostBatch> = (0..2)
+        .map(|_| make_batch(&mut rng))
+        .collect::<Result<_>>()?;
     let warm = trainer.step_host(&batches[0])?;
     if relu_family && args.target_l0 > 0 {
         set_bias_for_l0(&mut trainer, &batches[1], args.target_l0)?;
@@ -126,7 +130,14 @@ fn set_bias_for_l0(trainer: &mut Trainer, batch: &HostBatch, target: usize) -> R
     let x: Vec<f32> = batch.x.iter().map(|v| v * s).collect();
     let params = trainer.sae().params();
     let xc = kernels::center(&x, d_in, Some(params.data("b_dec")?));
-    let pre = kernels::encoder_preacts(&xc, n, d_in, params.data("W_enc")?, d_sae, &candle_core::Device::Cpu)?;
+    let pre = kernels::encoder_preacts(
+        &xc,
+        n,
+        d_in,
+        params.data("W_enc")?,
+        d_sae,
+        &candle_core::Device::Cpu,
+    )?;
     let rank = ((target as f64 / d_sae as f64) * n as f64).round().max(1.0) as usize;
     let bias: Vec<f32> = pre.with_slice(|p| {
         (0..d_sae)
@@ -137,7 +148,11 @@ fn set_bias_for_l0(trainer: &mut Trainer, batch: &HostBatch, target: usize) -> R
             })
             .collect()
     })?;
-    let name = if params.index_of("b_gate").is_some() { "b_gate" } else { "b_enc" };
+    let name = if params.index_of("b_gate").is_some() {
+        "b_gate"
+    } else {
+        "b_enc"
+    };
     let sae: &mut dyn sae_core::TrainableSae = trainer.sae_mut();
     sae.params_mut().data_mut(name)?.copy_from_slice(&bias);
     Ok(())

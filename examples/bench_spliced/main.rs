@@ -110,7 +110,7 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", text_path.display()))?;
     let tok = model.tokenizer()?;
     let mut ids = tok.encode(&text, false)?;
-    let bos = model.config().bos_token_id.or(tok.bos_id());
+    let bos = tok.bos_id().or(model.config().bos_token_id);
     let per_window = args.seq - usize::from(bos.is_some());
     let need = args.batch * per_window;
     if ids.len() < need {

@@ -54,6 +54,9 @@ enum Cmd {
         /// Mixing buffer of `buffer` mode, MiB.
         #[arg(long, default_value_t = 256)]
         buffer_mb: usize,
+        /// Rows read contiguously in `buffer` mode.
+        #[arg(long, default_value_t = 512)]
+        chunk_rows: usize,
         /// Memory budget of `external` mode, MiB.
         #[arg(long, default_value_t = 512)]
         memory_mb: usize,
@@ -92,9 +95,12 @@ fn main() -> Result<()> {
             mode,
             batch,
             buffer_mb,
+            chunk_rows,
             memory_mb,
             verify,
-        } => read(cache, &mode, batch, buffer_mb, memory_mb, verify),
+        } => read(
+            cache, &mode, batch, buffer_mb, chunk_rows, memory_mb, verify,
+        ),
     }
 }
 
@@ -173,6 +179,7 @@ fn read(
     mode: &str,
     batch: usize,
     buffer_mb: usize,
+    chunk_rows: usize,
     memory_mb: usize,
     verify: bool,
 ) -> Result<()> {
@@ -194,7 +201,7 @@ fn read(
         "sequential" => Some(Shuffle::Sequential),
         "buffer" => Some(Shuffle::Buffer {
             buffer_bytes: buffer_mb << 20,
-            chunk_rows: 512,
+            chunk_rows,
         }),
         "external" => Some(Shuffle::External {
             memory_bytes: memory_mb << 20,
@@ -241,7 +248,7 @@ fn read(
         serde_json::json!({
             "bench": "read_epoch", "mode": mode, "rows": rows, "bytes": bytes, "seconds": s,
             "gb_per_s": bytes as f64 / s / 1e9, "peak_rss_mb": peak_rss_mb(),
-            "batch": batch, "buffer_mb": buffer_mb, "memory_mb": memory_mb, "verify": verify,
+            "batch": batch, "buffer_mb": buffer_mb, "chunk_rows": chunk_rows, "memory_mb": memory_mb, "verify": verify,
             "checksum": checksum,
         })
     );

@@ -88,7 +88,7 @@ fn main() -> anyhow::Result<()> {
     let tok = model.tokenizer()?;
     let mut ids = tok.encode(&text, false)?;
     ids.truncate(args.max_tokens);
-    let bos = model.config().bos_token_id.or(tok.bos_id());
+    let bos = tok.bos_id().or(model.config().bos_token_id);
     let batches = token_batches(&ids, bos, args.context_len, args.batch_size, &device)
         .with_context(|| {
             format!(

@@ -145,6 +145,9 @@ pub fn ablate_feature(
     Ok(out)
 }
 
+/// (token id, logit change) pairs, largest effect first.
+pub type TokenEffects = Vec<(u32, f32)>;
+
 /// The tokens whose logits a residual-stream direction raises and lowers most, read directly
 /// through the unembedding: `W_U · direction`.
 ///
@@ -158,7 +161,7 @@ pub fn top_logit_effects(
     direction: &Tensor,
     w_u: &Tensor,
     k: usize,
-) -> Result<(Vec<(u32, f32)>, Vec<(u32, f32)>)> {
+) -> Result<(TokenEffects, TokenEffects)> {
     let d = direction.to_dtype(DType::F32)?.unsqueeze(1)?;
     let logits = w_u.to_dtype(DType::F32)?.matmul(&d)?.squeeze(1)?;
     let v = logits.to_vec1::<f32>()?;

@@ -282,7 +282,7 @@ pub fn render_feature_page(page: &FeaturePage) -> String {
         s,
         "<p class=\"note\">Ablation: at every position the feature's activation times its decoder direction is subtracted \
          from the hook's activations and the forward pass is finished; \u{0394} log p is ablated minus clean. \
-         Underline scale: full colour at |\u{0394} log p| = {mad:.3} nats.</p>\n"
+         Underline scale: full colour at |\u{0394} log p| = {mad:.3} nats.</p>"
     );
 
     s.push_str("<div class=\"cols\"><div><h2>Activation histogram</h2>");
@@ -330,7 +330,7 @@ pub fn render_feature_page(page: &FeaturePage) -> String {
         for g in &page.interval_examples {
             let _ = write!(
                 s,
-                "<h3>{} <span class=\"meta\">(activation {:.3} to {:.3})</span></h3>\n",
+                "<h3>{} <span class=\"meta\">(activation {:.3} to {:.3})</span></h3>",
                 escape_html(&g.label),
                 g.low,
                 g.high

@@ -405,7 +405,7 @@ impl ReconstructionAccumulator {
     pub fn update_slices(&mut self, x: &[f32], x_hat: &[f32], feature_acts: &[f32]) -> Result<()> {
         let d = self.d_in;
         let d_sae = self.density.d_sae();
-        if d == 0 || x.len() % d != 0 {
+        if d == 0 || !x.len().is_multiple_of(d) {
             return Err(shape_err(
                 "x",
                 format!("a multiple of d_in = {d} values"),

@@ -226,14 +226,14 @@ pub fn evaluate_spliced(
             needed: 2,
         });
     }
-    if let MeanActivation::Provided(m) = &cfg.mean {
-        if m.len() != width {
-            return Err(shape_err(
-                "provided mean activation",
-                format!("{width} values (the width of `{hook}`)"),
-                format!("{} values", m.len()),
-            ));
-        }
+    if let MeanActivation::Provided(m) = &cfg.mean
+        && m.len() != width
+    {
+        return Err(shape_err(
+            "provided mean activation",
+            format!("{width} values (the width of `{hook}`)"),
+            format!("{} values", m.len()),
+        ));
     }
     let first = cfg.first_spliced_position;
     let acc = RefCell::new(ReconstructionAccumulator::new(width, sae.d_sae()));

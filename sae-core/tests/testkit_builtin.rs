@@ -6,8 +6,16 @@ use sae_core::{
     JumpReluTraining, StandardSae, StandardTraining, TopKSae, TopKTraining,
 };
 
+/// `PROPTEST_CASES` raises the number of cases per property (proptest's own variable).
 fn opts() -> KitOptions {
-    KitOptions::default()
+    let mut o = KitOptions::default();
+    if let Some(n) = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        o.cases = n;
+    }
+    o
 }
 
 #[test]
@@ -108,4 +116,66 @@ fn gated_passes_the_kit() {
         },
         &opts(),
     );
+}
+
+/// A standard SAE whose `W_enc` gradient is off by 10%: the gradient property must reject it,
+/// or the kit's passes above mean nothing.
+struct SkewedGradient(StandardSae);
+
+impl sae_core::Sae for SkewedGradient {
+    fn architecture(&self) -> &str {
+        self.0.architecture()
+    }
+    fn d_in(&self) -> usize {
+        self.0.d_in()
+    }
+    fn d_sae(&self) -> usize {
+        self.0.d_sae()
+    }
+    fn params(&self) -> &sae_core::Params {
+        self.0.params()
+    }
+    fn encode_host(&self, x: &[f32], n: usize) -> sae_core::Result<sae_core::kernels::SparseCodes> {
+        self.0.encode_host(x, n)
+    }
+}
+
+impl sae_core::TrainableSae for SkewedGradient {
+    fn params_mut(&mut self) -> &mut sae_core::Params {
+        self.0.params_mut()
+    }
+    fn forward_backward(
+        &self,
+        batch: &sae_core::Batch<'_>,
+        ctx: &sae_core::StepContext<'_>,
+        grads: &mut sae_core::Params,
+    ) -> sae_core::Result<sae_core::StepOutput> {
+        let out = self.0.forward_backward(batch, ctx, grads)?;
+        grads.data_mut("W_enc")?.iter_mut().for_each(|g| *g *= 1.1);
+        Ok(out)
+    }
+    fn export(
+        &self,
+        params: &sae_core::Params,
+        common: sae_core::CommonConfig,
+    ) -> sae_core::Result<(sae_core::SaeConfig, Vec<sae_core::FileTensor>)> {
+        self.0.export(params, common)
+    }
+}
+
+#[test]
+fn the_gradient_property_rejects_a_wrong_gradient() {
+    let make = |d_in, d_sae, seed| {
+        SkewedGradient(StandardSae::init(
+            d_in,
+            d_sae,
+            StandardTraining {
+                l1_coefficient: 0.05,
+                ..StandardTraining::default()
+            },
+            seed,
+        ))
+    };
+    let err = sae_core::testkit::check_gradients(&make, &opts()).unwrap_err();
+    assert!(err.contains("W_enc"), "{err}");
 }

@@ -63,7 +63,7 @@ impl Linear {
     }
 }
 
-/// Several linear maps of one input (q/k/v, gate/up). With fixed weights they run as one matrix
+/// Several linear maps of one input (q/k/v). With fixed weights they run as one matrix
 /// product over the concatenated weights (fewer, larger products run faster); when any weight is
 /// a `Var` they run separately, so that gradients reach each weight and an optimizer's in-place
 /// update is never hidden behind a stale concatenated copy.
@@ -258,22 +258,23 @@ impl Attention {
 
 /// The MLP: gated (`down(act(gate x) * up x)`) or not (`down(act(up x))`).
 pub(crate) struct Mlp {
-    /// `[gate, up]` for gated MLPs, `[up]` otherwise.
-    input: MultiLinear,
+    /// The gate branch of a gated MLP. Kept a separate product from `up`: a fused one would hand
+    /// the element-wise `act(gate) * up` two strided halves, which costs more than it saves.
+    gate: Option<Linear>,
+    up: Linear,
     down: Linear,
     act: Activation,
 }
 
 impl Mlp {
     fn new(p: &Params, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
-        let up = Linear::new(p, &format!("{prefix}.up"))?;
-        let input = if cfg.gated_mlp {
-            MultiLinear::new(vec![Linear::new(p, &format!("{prefix}.gate"))?, up])?
-        } else {
-            MultiLinear::new(vec![up])?
-        };
         Ok(Self {
-            input,
+            gate: if cfg.gated_mlp {
+                Some(Linear::new(p, &format!("{prefix}.gate"))?)
+            } else {
+                None
+            },
+            up: Linear::new(p, &format!("{prefix}.up"))?,
             down: Linear::new(p, &format!("{prefix}.down"))?,
             act: cfg.act,
         })
@@ -289,16 +290,16 @@ impl Mlp {
 
     fn forward(&self, layer: usize, x: &Tensor, run: &mut HookRun) -> Result<Option<Tensor>> {
         let at = |site| HookPoint::Block(layer, site);
-        let mut parts = self.input.forward(x)?.into_iter();
-        let (pre, lin) = (parts.next(), parts.next());
-        let pre = pre.ok_or_else(|| Error::invalid("mlp", "no input projection"))?;
-        let pre = hook!(run, at(Site::MlpPre), pre);
-        let post = match lin {
-            Some(lin) => {
-                let lin = hook!(run, at(Site::MlpPreLinear), lin);
+        let post = match &self.gate {
+            Some(gate) => {
+                let pre = hook!(run, at(Site::MlpPre), gate.forward(x)?);
+                let lin = hook!(run, at(Site::MlpPreLinear), self.up.forward(x)?);
                 (self.act(&pre)? * lin)?
             }
-            None => self.act(&pre)?,
+            None => {
+                let pre = hook!(run, at(Site::MlpPre), self.up.forward(x)?);
+                self.act(&pre)?
+            }
         };
         let post = hook!(run, at(Site::MlpPost), post);
         Ok(Some(self.down.forward(&post)?))

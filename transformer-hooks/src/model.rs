@@ -100,6 +100,95 @@ struct SavedConfig {
 
 const SAVED_FORMAT: &str = "transformer-hooks";
 
+/// The tokenizer of a GGUF model: the byte-level BPE its metadata describes, or for SentencePiece
+/// vocabularies (Gemma) a `tokenizer.json` beside it or in the assets folder; else why not.
+fn gguf_tokenizer(
+    path: &Path,
+    meta: &crate::weights::GgufMeta,
+    cfg: &ModelConfig,
+) -> Result<(Option<Tokenizer>, String)> {
+    let (bos, eos, add_bos) = (cfg.bos_token_id, cfg.eos_token_id, cfg.add_bos);
+    if meta.opt_str("tokenizer.ggml.model") == Some("gpt2") {
+        return Ok((
+            Some(Tokenizer::from_gguf(meta, bos, eos, add_bos)?),
+            String::new(),
+        ));
+    }
+    let arch = cfg.arch.as_str();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let candidates = [
+        dir.join("tokenizer.json"),
+        dir.join("..")
+            .join("tokenizers")
+            .join(arch)
+            .join("tokenizer.json"),
+        assets::assets_dir()
+            .join("tokenizers")
+            .join(arch)
+            .join("tokenizer.json"),
+    ];
+    match candidates.iter().find(|p| p.exists()) {
+        Some(p) => Ok((
+            Some(Tokenizer::from_file(p, bos, eos, add_bos)?),
+            String::new(),
+        )),
+        None => Ok((
+            None,
+            format!(
+                "{} stores a SentencePiece vocabulary; put its tokenizer.json at one of {:?} or pass LoadOptions::with_tokenizer",
+                path.display(),
+                candidates
+            ),
+        )),
+    }
+}
+
+impl Tokenizer {
+    /// The tokenizer [`Model::load`] would attach to the model at `path` (GGUF file or HF
+    /// folder), without reading any weights: cheap enough to tokenize a corpus before loading.
+    ///
+    /// # Errors
+    /// As [`Model::load`] for the metadata; [`Error::Tokenizer`] when the model has none.
+    pub fn load(path: &Path) -> Result<Tokenizer> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let (tok, why) = if meta.is_dir() {
+            let hf = HfConfig::read(&path.join("config.json"))?;
+            let cfg = if hf.opt_str("format") == Some(SAVED_FORMAT) {
+                let saved: SavedConfig = serde_json::from_value(hf.json.clone())
+                    .map_err(|e| Error::metadata(&hf.path, "config", e.to_string()))?;
+                saved.config
+            } else {
+                let (arch, _) = families::hf_architecture(&hf)?;
+                let ckpt =
+                    Checkpoint::open_safetensors(path, arch.to_string(), &Device::Cpu, DType::F32)?;
+                families::config_from_hf(arch, &hf, &ckpt)?
+            };
+            let p = path.join("tokenizer.json");
+            if p.exists() {
+                (
+                    Some(Tokenizer::from_file(
+                        &p,
+                        cfg.bos_token_id,
+                        cfg.eos_token_id,
+                        cfg.add_bos,
+                    )?),
+                    String::new(),
+                )
+            } else {
+                (None, format!("{} has no tokenizer.json", path.display()))
+            }
+        } else {
+            let (ckpt, meta) = Checkpoint::open_gguf(path, &Device::Cpu, DType::F32)?;
+            let cfg = families::config_from_gguf(&meta, &ckpt)?;
+            gguf_tokenizer(path, &meta, &cfg)?
+        };
+        tok.ok_or(Error::Tokenizer {
+            what: path.display().to_string(),
+            reason: why,
+        })
+    }
+}
+
 impl Model {
     /// Loads a GGUF file, an HF folder (`config.json` + `*.safetensors`, sharded or not), or a
     /// folder written by [`Model::save`], in f32.
@@ -143,38 +232,8 @@ impl Model {
         let (mut ckpt, meta) = Checkpoint::open_gguf(path, device, dtype)?;
         let cfg = families::config_from_gguf(&meta, &ckpt)?;
         let params = families::load_params(&cfg, &mut ckpt, Format::Gguf)?;
-        let (bos, eos, add_bos) = (cfg.bos_token_id, cfg.eos_token_id, cfg.add_bos);
-        let mut no_tokenizer = String::new();
-        let tokenizer = if meta.opt_str("tokenizer.ggml.model") == Some("gpt2") {
-            Some(Tokenizer::from_gguf(&meta, bos, eos, add_bos)?)
-        } else {
-            // SentencePiece vocabularies (Gemma) are not rebuilt from GGUF: use tokenizer.json.
-            let arch = cfg.arch.as_str();
-            let dir = path.parent().unwrap_or(Path::new("."));
-            let candidates = [
-                dir.join("tokenizer.json"),
-                dir.join("..")
-                    .join("tokenizers")
-                    .join(arch)
-                    .join("tokenizer.json"),
-                assets::assets_dir()
-                    .join("tokenizers")
-                    .join(arch)
-                    .join("tokenizer.json"),
-            ];
-            match candidates.iter().find(|p| p.exists()) {
-                Some(p) => Some(Tokenizer::from_file(p, bos, eos, add_bos)?),
-                None => {
-                    no_tokenizer = format!(
-                        "{} stores a SentencePiece vocabulary; put its tokenizer.json at one of {:?} or pass LoadOptions::with_tokenizer",
-                        path.display(),
-                        candidates
-                    );
-                    None
-                }
-            }
-        };
-        Self::assemble(cfg, params, tokenizer, no_tokenizer, device, dtype, path)
+        let (tokenizer, why) = gguf_tokenizer(path, &meta, &cfg)?;
+        Self::assemble(cfg, params, tokenizer, why, device, dtype, path)
     }
 
     fn load_dir(dir: &Path, device: &Device, dtype: DType) -> Result<Model> {

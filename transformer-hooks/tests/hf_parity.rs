@@ -194,3 +194,13 @@ fn smollm2_matches_hf_transformers() {
 fn gemma3_matches_hf_transformers() {
     check("gemma3", assets::GEMMA3);
 }
+
+/// Qwen2.5-Coder-0.5B (fetched only with `fetch_assets.py --all`).
+#[test]
+fn qwen2_matches_hf_transformers() {
+    if !fixture().models.contains_key("qwen2") {
+        eprintln!("skipping: no qwen2 entry in hf_reference.json");
+        return;
+    }
+    check("qwen2", assets::QWEN2);
+}

@@ -1,0 +1,68 @@
+//! The log-probability a model gives each actual next token of a text, optionally with one
+//! layer's MLP output zero-ablated. Prints one JSON object: `model`, `ids`, `logprobs`, `nll`.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use sae_workbench::transformer_hooks::candle_core::Device;
+use sae_workbench::transformer_hooks::{HookPoint, Hooks, Intervention, Model};
+
+#[derive(Parser)]
+#[command(about = "Per-token log-probabilities of a text under a model (GGUF file or HF folder)")]
+struct Args {
+    /// GGUF file or HF folder.
+    #[arg(long)]
+    model: std::path::PathBuf,
+    /// UTF-8 text to score.
+    #[arg(long)]
+    text_file: std::path::PathBuf,
+    /// Keep at most this many tokens (BOS included, if the model uses one).
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// Zero the MLP output (`blocks.L.hook_mlp_out`) of this layer.
+    #[arg(long)]
+    zero_ablate_mlp: Option<usize>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let model = Model::load(&args.model, &Device::Cpu)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let text = std::fs::read_to_string(&args.text_file)
+        .with_context(|| format!("reading {}", args.text_file.display()))?;
+    let mut ids = model.tokenizer()?.encode_document(&text)?;
+    ids.truncate(args.max_tokens);
+    anyhow::ensure!(
+        ids.len() >= 2,
+        "need at least 2 tokens, the text gives {}",
+        ids.len()
+    );
+    let mut hooks = Hooks::new();
+    if let Some(layer) = args.zero_ablate_mlp {
+        let hook = HookPoint::mlp_out(layer);
+        hook.check(model.config())?;
+        hooks = hooks.intervene(hook, Intervention::Zero);
+    }
+    let logprobs: Vec<f32> = model
+        .logprobs_with_hooks(&model.tokens(&ids)?, None, &mut hooks)?
+        .squeeze(0)?
+        .to_vec1()?;
+    let nll = -logprobs.iter().map(|&x| x as f64).sum::<f64>() / logprobs.len() as f64;
+    let name = args
+        .model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": name,
+            "arch": model.config().arch.as_str(),
+            "zero_ablated_mlp": args.zero_ablate_mlp,
+            "n_tokens": ids.len(),
+            "ids": ids,
+            "logprobs": logprobs,
+            "nll": nll,
+        })
+    );
+    Ok(())
+}
