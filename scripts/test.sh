@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 scripts/fetch_assets.py smollm2 corpora
-cargo test --workspace --all-targets
+cargo test --workspace --all-targets --no-fail-fast
