@@ -268,6 +268,7 @@ fn scatter_dense(offsets: &[usize], features: &[u32], coef: &[f32], d_sae: usize
 }
 
 /// `op(a) · op(b)` with candle's GEMM on the CPU; `a` is `[ar, ac]`, `b` is `[br, bc]` as stored.
+#[allow(clippy::too_many_arguments)]
 fn gemm(
     a: &[f32],
     ar: usize,
@@ -504,8 +505,13 @@ fn group_by_feature(offsets: &[usize], features: &[u32], d_sae: usize) -> ByFeat
     let mut tokens = vec![0u32; features.len()];
     let mut pairs = vec![0u32; features.len()];
     for t in 0..offsets.len() - 1 {
-        for p in offsets[t]..offsets[t + 1] {
-            let f = features[p] as usize;
+        for (p, &f) in features
+            .iter()
+            .enumerate()
+            .take(offsets[t + 1])
+            .skip(offsets[t])
+        {
+            let f = f as usize;
             tokens[fill[f]] = t as u32;
             pairs[fill[f]] = p as u32;
             fill[f] += 1;
@@ -775,7 +781,7 @@ fn argmin(v: &[(u32, f32)]) -> (usize, f32) {
 /// # Errors
 /// [`SaeError::WrongDIn`] or [`SaeError::NonFiniteInput`].
 pub fn check_batch(x: &[f32], d_in: usize, what: &str) -> Result<usize> {
-    if d_in == 0 || x.len() % d_in != 0 {
+    if d_in == 0 || !x.len().is_multiple_of(d_in) {
         return Err(SaeError::WrongDIn {
             what: what.to_string(),
             expected: d_in,
@@ -869,7 +875,7 @@ mod tests {
         let rows: Vec<Vec<(u32, f32)>> = (0..n)
             .map(|t| {
                 (0..d_sae as u32)
-                    .filter(|f| (f + t as u32) % 3 != 0)
+                    .filter(|f| !(f + t as u32).is_multiple_of(3))
                     .map(|f| (f, rnd()))
                     .collect()
             })

@@ -578,7 +578,8 @@ pub fn check_planted_recovery<S: TrainableSae>(
         last_loss,
         recovered: found as f64 / o.n_atoms as f64,
     };
-    if !(rep.last_loss < 0.5 * rep.first_loss) {
+    // Written so that a NaN loss fails too.
+    if rep.last_loss.partial_cmp(&(0.5 * rep.first_loss)) != Some(std::cmp::Ordering::Less) {
         return Err(format!("reconstruction loss did not fall enough: {rep:?}"));
     }
     if rep.recovered < o.min_recovered {

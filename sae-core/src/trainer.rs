@@ -295,7 +295,7 @@ impl TrainerConfig {
             );
         }
         if let Some(c) = self.grad_clip_norm
-            && !(c > 0.0)
+            && c.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
         {
             return bad("grad_clip_norm", format!("must be positive, got {c}"));
         }
@@ -692,7 +692,7 @@ impl Trainer {
             self.resample(&hb, &out)?;
         }
         let m = self.metrics(&out, lr, sparsity_scale, fvu, gnorm);
-        if self.step % self.cfg.log_every == 0 {
+        if self.step.is_multiple_of(self.cfg.log_every) {
             self.window_fires.iter_mut().for_each(|c| *c = 0);
             self.window_tokens = 0;
         }

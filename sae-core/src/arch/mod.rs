@@ -475,6 +475,9 @@ pub(crate) fn relu_family_backward(
     Ok(())
 }
 
+/// `(d_xhat, per_token_sq_err, mse, dots)`, see [`reconstruction`].
+pub(crate) type Reconstruction = (Vec<f32>, Vec<f32>, f64, Vec<f32>);
+
 /// Reconstruction, its loss and its gradient for the main decode: returns
 /// `(d_xhat, per_token_sq_err, mse, dots)` where `d_xhat = 2 (x̂ - x) / n` and
 /// `dots[p] = d_xhat_t · W_dec[f]` for every pair (the gradient reaching each pair's activation).
@@ -483,7 +486,7 @@ pub(crate) fn reconstruction(
     d_in: usize,
     codes: &SparseCodes,
     x: &[f32],
-) -> Result<(Vec<f32>, Vec<f32>, f64, Vec<f32>)> {
+) -> Result<Reconstruction> {
     let n = codes.n_tokens;
     let (d_xhat, sq, dots) = kernels::decode_residual_dots(
         &codes.offsets,
