@@ -146,4 +146,104 @@ fn feature_pages_reproduce_cached_activations_and_escape_tokens() {
     assert!(!html.contains("<the slings"), "unescaped token text");
     let all: String = pages.iter().map(render_feature_page).collect();
     assert!(!all.contains("<the"));
+
+    renders_in_headless_chromium(&pages[0]);
+}
+
+/// Headless Chromium (Debian's `chromium`; `.ci/run` installs it) or `$CHROMIUM`.
+fn chromium() -> Option<std::path::PathBuf> {
+    let p = std::env::var_os("CHROMIUM")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/bin/chromium".into());
+    p.exists().then_some(p)
+}
+
+/// Screenshot of an HTML file as RGB pixels.
+fn screenshot(chromium: &std::path::Path, html: &str, dir: &std::path::Path) -> Vec<[u8; 3]> {
+    let page = dir.join("page.html");
+    let shot = dir.join("shot.png");
+    std::fs::write(&page, html).unwrap();
+    let _ = std::fs::remove_file(&shot);
+    // The flags this sandbox needs: no network, no GPU, root.
+    let out = std::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=1100,2400",
+        ])
+        .arg(format!("--user-data-dir={}", dir.join("profile").display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .unwrap();
+    assert!(
+        shot.exists(),
+        "chromium wrote no screenshot: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let step = info.color_type.samples();
+    assert!(step >= 3, "{:?}", info.color_type);
+    buf[..info.buffer_size()]
+        .chunks_exact(step)
+        .map(|c| [c[0], c[1], c[2]])
+        .collect()
+}
+
+/// The page renders, and what it shows comes from the data: the orange token backgrounds vanish
+/// when the activations are zeroed, the blue/red underlines when the ablation deltas are removed
+/// (the legend, drawn in the same colours, stays in both).
+fn renders_in_headless_chromium(page: &metrics::html::FeaturePage) {
+    let Some(chromium) = chromium() else {
+        eprintln!("skipping the Chromium render check: install Debian's chromium (or set CHROMIUM)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let orange = |p: &[u8; 3]| p[0] > 235 && p[1] > 120 && p[1] < 235 && (p[2] as i32) < p[1] as i32 - 50;
+    let blue_or_red = |p: &[u8; 3]| {
+        let [r, g, b] = p.map(i32::from);
+        (b > r + 60 && b > g + 40) || (r > g + 80 && r > b + 80 && g < 120)
+    };
+    let full = screenshot(&chromium, &render_feature_page(page), dir.path());
+    let non_white = full.iter().filter(|p| p.iter().any(|&c| c < 200)).count();
+    assert!(non_white > 5_000, "the screenshot is blank ({non_white} dark pixels)");
+
+    let mut no_acts = page.clone();
+    let mut no_deltas = page.clone();
+    for ex in no_acts
+        .top_examples
+        .iter_mut()
+        .chain(no_acts.interval_examples.iter_mut().flat_map(|i| i.examples.iter_mut()))
+    {
+        ex.activations.iter_mut().for_each(|a| *a = 0.0);
+    }
+    for ex in no_deltas
+        .top_examples
+        .iter_mut()
+        .chain(no_deltas.interval_examples.iter_mut().flat_map(|i| i.examples.iter_mut()))
+    {
+        ex.logprob_delta.iter_mut().for_each(|d| *d = None);
+    }
+    let count = |px: &[[u8; 3]], f: &dyn Fn(&[u8; 3]) -> bool| px.iter().filter(|p| f(p)).count();
+    let (o_full, o_none) = (
+        count(&full, &orange),
+        count(&screenshot(&chromium, &render_feature_page(&no_acts), dir.path()), &orange),
+    );
+    let (u_full, u_none) = (
+        count(&full, &blue_or_red),
+        count(&screenshot(&chromium, &render_feature_page(&no_deltas), dir.path()), &blue_or_red),
+    );
+    eprintln!("orange pixels {o_full} (without activations {o_none}); underline pixels {u_full} (without deltas {u_none})");
+    assert!(o_full > o_none + 100, "activations drew no orange: {o_full} vs {o_none}");
+    assert!(u_full > u_none + 30, "ablation deltas drew no underlines: {u_full} vs {u_none}");
 }
