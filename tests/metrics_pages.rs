@@ -205,45 +205,67 @@ fn screenshot(chromium: &std::path::Path, html: &str, dir: &std::path::Path) -> 
 /// (the legend, drawn in the same colours, stays in both).
 fn renders_in_headless_chromium(page: &metrics::html::FeaturePage) {
     let Some(chromium) = chromium() else {
-        eprintln!("skipping the Chromium render check: install Debian's chromium (or set CHROMIUM)");
+        eprintln!(
+            "skipping the Chromium render check: install Debian's chromium (or set CHROMIUM)"
+        );
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let orange = |p: &[u8; 3]| p[0] > 235 && p[1] > 120 && p[1] < 235 && (p[2] as i32) < p[1] as i32 - 50;
+    let orange =
+        |p: &[u8; 3]| p[0] > 235 && p[1] > 120 && p[1] < 235 && (p[2] as i32) < p[1] as i32 - 50;
     let blue_or_red = |p: &[u8; 3]| {
         let [r, g, b] = p.map(i32::from);
         (b > r + 60 && b > g + 40) || (r > g + 80 && r > b + 80 && g < 120)
     };
     let full = screenshot(&chromium, &render_feature_page(page), dir.path());
     let non_white = full.iter().filter(|p| p.iter().any(|&c| c < 200)).count();
-    assert!(non_white > 5_000, "the screenshot is blank ({non_white} dark pixels)");
+    assert!(
+        non_white > 5_000,
+        "the screenshot is blank ({non_white} dark pixels)"
+    );
 
     let mut no_acts = page.clone();
     let mut no_deltas = page.clone();
-    for ex in no_acts
-        .top_examples
-        .iter_mut()
-        .chain(no_acts.interval_examples.iter_mut().flat_map(|i| i.examples.iter_mut()))
-    {
+    for ex in no_acts.top_examples.iter_mut().chain(
+        no_acts
+            .interval_examples
+            .iter_mut()
+            .flat_map(|i| i.examples.iter_mut()),
+    ) {
         ex.activations.iter_mut().for_each(|a| *a = 0.0);
     }
-    for ex in no_deltas
-        .top_examples
-        .iter_mut()
-        .chain(no_deltas.interval_examples.iter_mut().flat_map(|i| i.examples.iter_mut()))
-    {
+    for ex in no_deltas.top_examples.iter_mut().chain(
+        no_deltas
+            .interval_examples
+            .iter_mut()
+            .flat_map(|i| i.examples.iter_mut()),
+    ) {
         ex.logprob_delta.iter_mut().for_each(|d| *d = None);
     }
     let count = |px: &[[u8; 3]], f: &dyn Fn(&[u8; 3]) -> bool| px.iter().filter(|p| f(p)).count();
     let (o_full, o_none) = (
         count(&full, &orange),
-        count(&screenshot(&chromium, &render_feature_page(&no_acts), dir.path()), &orange),
+        count(
+            &screenshot(&chromium, &render_feature_page(&no_acts), dir.path()),
+            &orange,
+        ),
     );
     let (u_full, u_none) = (
         count(&full, &blue_or_red),
-        count(&screenshot(&chromium, &render_feature_page(&no_deltas), dir.path()), &blue_or_red),
+        count(
+            &screenshot(&chromium, &render_feature_page(&no_deltas), dir.path()),
+            &blue_or_red,
+        ),
     );
-    eprintln!("orange pixels {o_full} (without activations {o_none}); underline pixels {u_full} (without deltas {u_none})");
-    assert!(o_full > o_none + 100, "activations drew no orange: {o_full} vs {o_none}");
-    assert!(u_full > u_none + 30, "ablation deltas drew no underlines: {u_full} vs {u_none}");
+    eprintln!(
+        "orange pixels {o_full} (without activations {o_none}); underline pixels {u_full} (without deltas {u_none})"
+    );
+    assert!(
+        o_full > o_none + 100,
+        "activations drew no orange: {o_full} vs {o_none}"
+    );
+    assert!(
+        u_full > u_none + 30,
+        "ablation deltas drew no underlines: {u_full} vs {u_none}"
+    );
 }

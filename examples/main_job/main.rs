@@ -70,6 +70,11 @@ struct Args {
     /// L1 coefficient of the ReLU-L1 SAE (on activations normalised to mean norm sqrt(d_in)).
     #[arg(long, default_value_t = 5.0)]
     l1_coefficient: f32,
+    /// Initial L0 of the ReLU-L1 SAE: its encoder bias starts where each feature fires on this
+    /// many / d_sae of the first batch (0: the usual zero bias). A CPU-sized run is too short
+    /// for the L1 penalty alone to leave the dense start; see `TrainerConfig::encoder_bias_init_l0`.
+    #[arg(long, default_value_t = 48)]
+    standard_init_l0: usize,
     /// Training batch (tokens per step).
     #[arg(long, default_value_t = 4096)]
     batch: usize,
@@ -225,6 +230,7 @@ fn main() -> Result<()> {
             cfg.sparsity_warm_up_steps = steps / 10;
             // Towards Monosemanticity resamples dead features a few times early in training.
             cfg.resample_at_steps = vec![steps / 5, 2 * steps / 5];
+            cfg.encoder_bias_init_l0 = (args.standard_init_l0 > 0).then_some(args.standard_init_l0);
         }
         cfg.log_every = (steps / 50).max(1);
         cfg.dead_window_tokens = rows.min(1_000_000);

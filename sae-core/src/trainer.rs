@@ -182,6 +182,14 @@ pub struct TrainerConfig {
     /// Steps after which dead features are resampled (architectures with a recipe: standard).
     #[serde(default)]
     pub resample_at_steps: Vec<u64>,
+    /// ReLU-family SAEs (standard, gated): at the first batch, set each feature's encoder bias
+    /// (`b_enc`; `b_gate` for gated) so that it fires on `target / d_sae` of that batch, i.e. an
+    /// initial L0 of about `target`. From the usual zero bias about half the features fire on
+    /// every token, and Adam moves a bias by at most ~lr per step, so a short run (hundreds of
+    /// steps, as on a CPU) never leaves the dense regime however large the L1 coefficient; long
+    /// runs don't need this. The L1 penalty still sets where L0 goes from there.
+    #[serde(default)]
+    pub encoder_bias_init_l0: Option<usize>,
     /// Steps between logged metrics (also the feature-density window).
     #[serde(default = "default_log")]
     pub log_every: u64,
@@ -251,6 +259,7 @@ impl TrainerConfig {
             dead_window_tokens: default_dead(),
             dense_firing_rate: default_dense(),
             resample_at_steps: Vec::new(),
+            encoder_bias_init_l0: None,
             log_every: default_log(),
             checkpoint_every: None,
             checkpoint_dir: None,
@@ -298,6 +307,23 @@ impl TrainerConfig {
             && c.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
         {
             return bad("grad_clip_norm", format!("must be positive, got {c}"));
+        }
+        if let Some(t) = self.encoder_bias_init_l0 {
+            if !matches!(
+                self.sae,
+                ArchitectureConfig::Standard(_) | ArchitectureConfig::Gated(_)
+            ) {
+                return bad(
+                    "encoder_bias_init_l0",
+                    "applies to the ReLU-family architectures (standard, gated)".into(),
+                );
+            }
+            if t == 0 || t > self.d_sae {
+                return bad(
+                    "encoder_bias_init_l0",
+                    format!("must be in 1..={}, got {t}", self.d_sae),
+                );
+            }
         }
         if self.log_every == 0 {
             return bad("log_every", "must be at least 1".into());
@@ -644,6 +670,9 @@ impl Trainer {
         };
         if self.needs_data_init {
             self.init_b_dec(&x, n)?;
+            if let Some(target) = self.cfg.encoder_bias_init_l0 {
+                self.init_encoder_bias_for_l0(&x, n, target)?;
+            }
             self.needs_data_init = false;
         }
         let hb = Batch { x: &x, n, d_in };
@@ -709,6 +738,48 @@ impl Trainer {
         if let Ok(p) = self.sae.params_mut().data_mut("b_dec") {
             p.copy_from_slice(&b);
         }
+        Ok(())
+    }
+
+    /// See [`TrainerConfig::encoder_bias_init_l0`]: bias_f = -(the `rank`-th largest
+    /// pre-activation of feature f on this batch), rank = target / d_sae * n.
+    fn init_encoder_bias_for_l0(&mut self, x: &[f32], n: usize, target: usize) -> Result<()> {
+        use rayon::prelude::*;
+        let (d_in, d_sae) = (self.cfg.d_in, self.cfg.d_sae);
+        let (bias_name, apply_b_dec) = match &self.cfg.sae {
+            ArchitectureConfig::Standard(c) => ("b_enc", c.apply_b_dec_to_input),
+            ArchitectureConfig::Gated(c) => ("b_gate", c.apply_b_dec_to_input),
+            _ => return Ok(()),
+        };
+        let params = self.sae.params();
+        let xc = kernels::center(
+            x,
+            d_in,
+            if apply_b_dec {
+                Some(params.data("b_dec")?)
+            } else {
+                None
+            },
+        );
+        let pre =
+            kernels::encoder_preacts(&xc, n, d_in, params.data("W_enc")?, d_sae, &Device::Cpu)?;
+        let rank = ((target as f64 / d_sae as f64) * n as f64)
+            .round()
+            .clamp(0.0, (n - 1) as f64) as usize;
+        let bias: Vec<f32> = pre.with_slice(|p| {
+            (0..d_sae)
+                .into_par_iter()
+                .map(|f| {
+                    let mut col: Vec<f32> = (0..n).map(|t| p[t * d_sae + f]).collect();
+                    col.select_nth_unstable_by(rank, |a, b| b.total_cmp(a));
+                    -col[rank]
+                })
+                .collect()
+        })?;
+        self.sae
+            .params_mut()
+            .data_mut(bias_name)?
+            .copy_from_slice(&bias);
         Ok(())
     }
 

@@ -303,3 +303,38 @@ fn invalid_configs_are_named() {
         .to_string();
     assert!(err.contains("kk"), "{err}");
 }
+
+/// `encoder_bias_init_l0` puts a ReLU-family SAE's first step at about the asked-for L0 (from
+/// about half of the features firing without it), and is refused where it has no meaning.
+#[test]
+fn encoder_bias_init_sets_the_first_l0() {
+    use sae_core::GatedTraining;
+    let (d_in, d_sae, n) = (16, 256, 512);
+    let x = Tensor::from_vec(gaussian_batch(n, d_in, 1.0, 77), (n, d_in), &Device::Cpu).unwrap();
+    for arch in [
+        ArchitectureConfig::Standard(StandardTraining::default()),
+        ArchitectureConfig::Gated(GatedTraining::default()),
+    ] {
+        let first_l0 = |init: Option<usize>| {
+            let mut cfg = TrainerConfig::new(d_in, d_sae, arch.clone(), 4);
+            cfg.encoder_bias_init_l0 = init;
+            Trainer::new(cfg).unwrap().step(&x).unwrap().l0
+        };
+        let plain = first_l0(None);
+        let set = first_l0(Some(16));
+        assert!(plain > 64.0, "{arch:?}: without the init L0 is {plain}");
+        assert!(
+            (set - 16.0).abs() <= 2.0,
+            "{arch:?}: asked for 16, got {set}"
+        );
+    }
+    let mut cfg = TrainerConfig::new(
+        d_in,
+        d_sae,
+        ArchitectureConfig::TopK(TopKTraining::new(4)),
+        4,
+    );
+    cfg.encoder_bias_init_l0 = Some(16);
+    let e = Trainer::new(cfg).err().unwrap();
+    assert!(e.to_string().contains("encoder_bias_init_l0"), "{e}");
+}

@@ -106,3 +106,57 @@ fn qwen2_matches_hf() {
 fn gemma3_matches_hf_including_sliding_window() {
     check("gemma3", Architecture::Gemma3);
 }
+
+/// Half precision on the CPU: the same checkpoints loaded as BF16 and F16 stay close to HF's f32
+/// logits (within the formats' ~3 and ~4 significant digits) and pick the same next token almost
+/// everywhere.
+#[test]
+fn half_precision_stays_close_to_f32() {
+    use candle_core::DType;
+    use transformer_hooks::LoadOptions;
+    for key in ["llama", "gpt2", "gemma3", "qwen2"] {
+        let r = reference(key);
+        for dtype in [DType::BF16, DType::F16] {
+            let opts = LoadOptions {
+                dtype,
+                ..LoadOptions::default()
+            };
+            let model = Model::load_with(&dir(key), &Device::Cpu, &opts).unwrap();
+            let out = model.forward(&tensor2(&r.ids), &mut Hooks::new()).unwrap();
+            let logits = out.logits.unwrap();
+            assert_eq!(
+                logits.dtype(),
+                dtype,
+                "{key}: activations stay in {dtype:?}"
+            );
+            let logits = logits.to_dtype(DType::F32).unwrap();
+            let scale = r
+                .logits
+                .iter()
+                .flatten()
+                .flatten()
+                .fold(0f32, |m, x| m.max(x.abs()));
+            let d = max_abs_diff(&logits, &r.logits);
+            let tol = if dtype == DType::BF16 { 0.05 } else { 0.01 };
+            assert!(
+                d < tol * scale.max(1.0),
+                "{key} {dtype:?}: logits differ from f32 by {d} (scale {scale})"
+            );
+            let ours: Vec<Vec<Vec<f32>>> = logits.to_vec3().unwrap();
+            let argmax = |v: &[f32]| {
+                (0..v.len())
+                    .max_by(|&a, &b| v[a].total_cmp(&v[b]))
+                    .unwrap_or(0)
+            };
+            let (mut same, mut n) = (0, 0);
+            for (a, b) in ours.iter().flatten().zip(r.logits.iter().flatten()) {
+                same += usize::from(argmax(a) == argmax(b));
+                n += 1;
+            }
+            assert!(
+                same * 10 >= n * 9,
+                "{key} {dtype:?}: argmax agrees at {same}/{n}"
+            );
+        }
+    }
+}
