@@ -190,7 +190,7 @@ fn screenshot(chromium: &std::path::Path, html: &str, dir: &std::path::Path) -> 
     );
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
     let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut buf).unwrap();
     let step = info.color_type.samples();
     assert!(step >= 3, "{:?}", info.color_type);

@@ -117,10 +117,8 @@ fn half_precision_stays_close_to_f32() {
     for key in ["llama", "gpt2", "gemma3", "qwen2"] {
         let r = reference(key);
         for dtype in [DType::BF16, DType::F16] {
-            let opts = LoadOptions {
-                dtype,
-                ..LoadOptions::default()
-            };
+            let mut opts = LoadOptions::default();
+            opts.dtype = dtype;
             let model = Model::load_with(&dir(key), &Device::Cpu, &opts).unwrap();
             let out = model.forward(&tensor2(&r.ids), &mut Hooks::new()).unwrap();
             let logits = out.logits.unwrap();
