@@ -225,21 +225,11 @@ fn renders_in_headless_chromium(page: &metrics::html::FeaturePage) {
     );
 
     let mut no_acts = page.clone();
-    let mut no_deltas = page.clone();
-    for ex in no_acts.top_examples.iter_mut().chain(
-        no_acts
-            .interval_examples
-            .iter_mut()
-            .flat_map(|i| i.examples.iter_mut()),
-    ) {
+    for ex in examples_mut(&mut no_acts) {
         ex.activations.iter_mut().for_each(|a| *a = 0.0);
     }
-    for ex in no_deltas.top_examples.iter_mut().chain(
-        no_deltas
-            .interval_examples
-            .iter_mut()
-            .flat_map(|i| i.examples.iter_mut()),
-    ) {
+    let mut no_deltas = page.clone();
+    for ex in examples_mut(&mut no_deltas) {
         ex.logprob_delta.iter_mut().for_each(|d| *d = None);
     }
     let count = |px: &[[u8; 3]], f: &dyn Fn(&[u8; 3]) -> bool| px.iter().filter(|p| f(p)).count();
@@ -268,4 +258,15 @@ fn renders_in_headless_chromium(page: &metrics::html::FeaturePage) {
         u_full > u_none + 30,
         "ablation deltas drew no underlines: {u_full} vs {u_none}"
     );
+}
+
+/// Every context a page shows: the top examples, then each interval's samples.
+fn examples_mut(
+    page: &mut metrics::html::FeaturePage,
+) -> impl Iterator<Item = &mut metrics::html::ContextExample> {
+    page.top_examples.iter_mut().chain(
+        page.interval_examples
+            .iter_mut()
+            .flat_map(|i| i.examples.iter_mut()),
+    )
 }

@@ -14,8 +14,8 @@ use clap::Parser;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use sae_workbench::sae_core::{
-    self, ArchitectureConfig, BatchTopKTraining, GatedTraining, HostBatch, JumpReluTraining,
-    StandardTraining, TopKTraining, Trainer, TrainerConfig, kernels,
+    ArchitectureConfig, BatchTopKTraining, GatedTraining, HostBatch, JumpReluTraining,
+    StandardTraining, TopKTraining, Trainer, TrainerConfig,
 };
 
 #[derive(Parser, Debug)]
@@ -90,7 +90,7 @@ fn main() -> Result<()> {
         .collect::<Result<_>>()?;
     let warm = trainer.step_host(&batches[0])?;
     if relu_family && args.target_l0 > 0 {
-        set_bias_for_l0(&mut trainer, &batches[1], args.target_l0)?;
+        trainer.set_encoder_bias_for_l0(&batches[1], args.target_l0)?;
     }
     let mut l0 = 0.0;
     let t0 = Instant::now();
@@ -120,40 +120,5 @@ fn main() -> Result<()> {
         "l0_first_step": warm.l0,
     });
     println!("{line}");
-    Ok(())
-}
-
-/// Sets each feature's encoder (or gate) bias so that it fires on `target / d_sae` of `batch`.
-fn set_bias_for_l0(trainer: &mut Trainer, batch: &HostBatch, target: usize) -> Result<()> {
-    let (d_in, d_sae, n) = (batch.d_in, trainer.config().d_sae, batch.n);
-    let s = trainer.activation_scale().unwrap_or(1.0);
-    let x: Vec<f32> = batch.x.iter().map(|v| v * s).collect();
-    let params = trainer.sae().params();
-    let xc = kernels::center(&x, d_in, Some(params.data("b_dec")?));
-    let pre = kernels::encoder_preacts(
-        &xc,
-        n,
-        d_in,
-        params.data("W_enc")?,
-        d_sae,
-        &candle_core::Device::Cpu,
-    )?;
-    let rank = ((target as f64 / d_sae as f64) * n as f64).round().max(1.0) as usize;
-    let bias: Vec<f32> = pre.with_slice(|p| {
-        (0..d_sae)
-            .map(|f| {
-                let mut col: Vec<f32> = (0..n).map(|t| p[t * d_sae + f]).collect();
-                col.select_nth_unstable_by(rank, |a, b| b.total_cmp(a));
-                -col[rank]
-            })
-            .collect()
-    })?;
-    let name = if params.index_of("b_gate").is_some() {
-        "b_gate"
-    } else {
-        "b_enc"
-    };
-    let sae: &mut dyn sae_core::TrainableSae = trainer.sae_mut();
-    sae.params_mut().data_mut(name)?.copy_from_slice(&bias);
     Ok(())
 }

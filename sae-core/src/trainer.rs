@@ -741,31 +741,56 @@ impl Trainer {
         Ok(())
     }
 
-    /// See [`TrainerConfig::encoder_bias_init_l0`]: bias_f = -(the `rank`-th largest
-    /// pre-activation of feature f on this batch), rank = target / d_sae * n.
+    /// Sets a ReLU-family SAE's encoder bias (`b_enc`; `b_gate` for gated) so that each feature
+    /// fires on about `target / d_sae` of `batch` (raw activations, scaled as training scales
+    /// them): the data init of [`TrainerConfig::encoder_bias_init_l0`], also usable mid-run, e.g.
+    /// to time a step at a chosen L0. For JumpReLU it sets `b_enc` below the threshold-free
+    /// point, so L0 lands at or under `target`.
+    ///
+    /// # Errors
+    /// [`SaeError::WrongDIn`] for a batch of another width; a config error for an architecture
+    /// without an encoder bias to set this way (TopK, BatchTopK).
+    pub fn set_encoder_bias_for_l0(&mut self, batch: &HostBatch, target: usize) -> Result<()> {
+        if batch.d_in != self.cfg.d_in {
+            return Err(SaeError::WrongDIn {
+                what: "batch for the encoder-bias init".into(),
+                expected: self.cfg.d_in,
+                got: batch.d_in,
+            });
+        }
+        let s = self.scale.unwrap_or(1.0);
+        let x: Vec<f32> = batch.x.iter().map(|v| v * s).collect();
+        self.init_encoder_bias_for_l0(&x, batch.n, target)
+    }
+
+    /// bias_f = -(the `rank`-th largest pre-activation of feature f on the normalised batch `x`),
+    /// rank = target / d_sae * n.
     fn init_encoder_bias_for_l0(&mut self, x: &[f32], n: usize, target: usize) -> Result<()> {
         use rayon::prelude::*;
         let (d_in, d_sae) = (self.cfg.d_in, self.cfg.d_sae);
         let (bias_name, apply_b_dec) = match &self.cfg.sae {
             ArchitectureConfig::Standard(c) => ("b_enc", c.apply_b_dec_to_input),
             ArchitectureConfig::Gated(c) => ("b_gate", c.apply_b_dec_to_input),
-            _ => return Ok(()),
+            ArchitectureConfig::JumpRelu(c) => ("b_enc", c.apply_b_dec_to_input),
+            _ => {
+                return Err(SaeError::config(
+                    "encoder bias for a target L0",
+                    "applies to standard, gated and jumprelu",
+                ));
+            }
         };
         let params = self.sae.params();
-        let xc = kernels::center(
-            x,
-            d_in,
-            if apply_b_dec {
-                Some(params.data("b_dec")?)
-            } else {
-                None
-            },
-        );
+        let b_dec = if apply_b_dec {
+            Some(params.data("b_dec")?)
+        } else {
+            None
+        };
+        let xc = kernels::center(x, d_in, b_dec);
         let pre =
             kernels::encoder_preacts(&xc, n, d_in, params.data("W_enc")?, d_sae, &Device::Cpu)?;
         let rank = ((target as f64 / d_sae as f64) * n as f64)
             .round()
-            .clamp(0.0, (n - 1) as f64) as usize;
+            .clamp(0.0, n.saturating_sub(1) as f64) as usize;
         let bias: Vec<f32> = pre.with_slice(|p| {
             (0..d_sae)
                 .into_par_iter()
