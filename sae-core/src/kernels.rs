@@ -505,12 +505,8 @@ fn group_by_feature(offsets: &[usize], features: &[u32], d_sae: usize) -> ByFeat
     let mut tokens = vec![0u32; features.len()];
     let mut pairs = vec![0u32; features.len()];
     for t in 0..offsets.len() - 1 {
-        for (p, &f) in features
-            .iter()
-            .enumerate()
-            .take(offsets[t + 1])
-            .skip(offsets[t])
-        {
+        let span = offsets[t]..offsets[t + 1];
+        for (p, &f) in span.clone().zip(&features[span]) {
             let f = f as usize;
             tokens[fill[f]] = t as u32;
             pairs[fill[f]] = p as u32;

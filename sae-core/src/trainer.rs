@@ -744,8 +744,8 @@ impl Trainer {
     /// Sets a ReLU-family SAE's encoder bias (`b_enc`; `b_gate` for gated) so that each feature
     /// fires on about `target / d_sae` of `batch` (raw activations, scaled as training scales
     /// them): the data init of [`TrainerConfig::encoder_bias_init_l0`], also usable mid-run, e.g.
-    /// to time a step at a chosen L0. For JumpReLU it sets `b_enc` below the threshold-free
-    /// point, so L0 lands at or under `target`.
+    /// to time a step at a chosen L0. For JumpReLU the threshold applies on top of the bias, so
+    /// L0 lands at or under `target`.
     ///
     /// # Errors
     /// [`SaeError::WrongDIn`] for a batch of another width; a config error for an architecture
