@@ -4,6 +4,7 @@
 # (`bash scripts/main_job.sh --help` lists them; `--tokens`, `--d-sae` etc. scale it up).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/install_openblas.sh
 python3 scripts/fetch_assets.py smollm2 corpora
 features=()
 if [ -n "${SAE_CUDA:-}" ]; then features=(--features cuda); fi

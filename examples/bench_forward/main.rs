@@ -9,7 +9,9 @@ use clap::Parser;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sae_workbench::transformer_hooks::candle_core::{DType, Device, Tensor};
-use sae_workbench::transformer_hooks::{HookPoint, Hooks, LoadOptions, Model, assets};
+use sae_workbench::transformer_hooks::{
+    self as transformer_hooks, HookPoint, Hooks, LoadOptions, Model, assets,
+};
 
 #[derive(Parser)]
 #[command(about = "Tokens per second of the forward pass, full and stopped at a layer's MLP")]
@@ -40,6 +42,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<()> {
+    // Freed tensors stay in the process for the next operation (transformer-hooks' alloc.rs).
+    transformer_hooks::retain_freed_memory();
     let args = Args::parse();
     let path = args
         .model
@@ -105,6 +109,7 @@ fn main() -> Result<()> {
             serde_json::json!({
                 "bench": bench,
                 "impl": "transformer-hooks (candle)",
+                "matmul": transformer_hooks::blas_library().unwrap_or("candle gemm"),
                 "model": name,
                 "arch": model.config().arch.as_str(),
                 "hook": stop.map(|h| h.to_string()),

@@ -63,6 +63,8 @@ fn sync(dev: &Device) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Freed tensors stay in the process for the next operation (transformer-hooks' alloc.rs).
+    sae_workbench::transformer_hooks::retain_freed_memory();
     let args = Args::parse();
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,

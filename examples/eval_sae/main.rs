@@ -55,6 +55,8 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Freed tensors stay in the process for the next operation (transformer-hooks' alloc.rs).
+    sae_workbench::transformer_hooks::retain_freed_memory();
     let args = Args::parse();
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,

@@ -67,6 +67,8 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    // Freed tensors stay in the process for the next operation (transformer-hooks' alloc.rs).
+    sae_workbench::transformer_hooks::retain_freed_memory();
     let args = Args::parse();
     if args.verify {
         let cache = ActivationCache::open(&args.out)?;

@@ -24,6 +24,8 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    // Freed tensors stay in the process for the next operation (transformer-hooks' alloc.rs).
+    sae_workbench::transformer_hooks::retain_freed_memory();
     let args = Args::parse();
     let model = Model::load(&args.model, &Device::Cpu)
         .with_context(|| format!("loading {}", args.model.display()))?;

@@ -114,6 +114,8 @@ struct SaeResult {
 }
 
 fn main() -> Result<()> {
+    // Freed tensors stay in the process for the next operation (transformer-hooks' alloc.rs).
+    sae_workbench::transformer_hooks::retain_freed_memory();
     let args = Args::parse();
     let t_start = Instant::now();
     let device = match args.device.as_str() {

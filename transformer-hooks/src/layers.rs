@@ -5,6 +5,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::blas;
+use crate::causal_attention;
 use crate::config::{Activation, AttentionType, ModelConfig, NormKind};
 use crate::error::{Error, Result};
 use crate::hook_point::{HookPoint, Site};
@@ -51,7 +53,11 @@ impl Linear {
         let dims = x.dims();
         let d_in = dims[dims.len() - 1];
         let rows = x.elem_count() / d_in.max(1);
-        let y = x.reshape((rows, d_in))?.matmul(&self.w.t()?)?;
+        let x = x.reshape((rows, d_in))?;
+        let y = match blas::matmul_t(&x, &self.w)? {
+            Some(y) => y,
+            None => x.matmul(&self.w.t()?)?,
+        };
         let y = match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -239,6 +245,14 @@ impl Attention {
         let q = (q * cfg.attn_scale)?;
         // Grouped-query attention without copying k/v: the n_rep query heads sharing a kv head are
         // stacked along the sequence axis of one product.
+        if !run.wants(at(Site::AttnScores))
+            && !run.wants(at(Site::Pattern))
+            && causal_attention::applies(&q, &k, &v, mask)
+        {
+            let z = causal_attention::causal_attention(&q, &k, &v, mask)?.transpose(1, 2)?;
+            let z = hook!(run, at(Site::Z), z);
+            return Ok(Some(self.o.forward(&z.reshape((b, s, h * dh))?)?));
+        }
         let n_rep = h / kvh;
         let q = q.reshape((b, kvh, n_rep * s, dh))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, h, s, s))?;
@@ -606,7 +620,10 @@ impl Transformer {
 
     /// Logits `[rows, vocab]` of `[rows, d_model]` normalized residuals.
     pub(crate) fn unembed(&self, cfg: &ModelConfig, x: &Tensor) -> Result<Tensor> {
-        let logits = x.matmul(&self.unembed.t()?)?;
+        let logits = match blas::matmul_t(x, &self.unembed)? {
+            Some(l) => l,
+            None => x.matmul(&self.unembed.t()?)?,
+        };
         Ok(match cfg.final_logit_softcap {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,

@@ -30,7 +30,10 @@
 //!   [`Model::trainable_params`].
 //! * Hook names, shapes and what each holds: see [`hook_point`].
 
+mod alloc;
 pub mod assets;
+mod blas;
+mod causal_attention;
 mod config;
 mod error;
 mod families;
@@ -43,6 +46,8 @@ mod ops;
 mod tokenizer;
 mod weights;
 
+pub use alloc::retain_freed_memory;
+pub use blas::{BLAS_ENV, blas_library};
 pub use config::{Activation, Architecture, AttentionType, ModelConfig, NormKind, RopeLayout};
 pub use error::{BoxError, Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampling, StopReason};

@@ -1,0 +1,224 @@
+//! Weight products through the system's OpenBLAS, when one is installed.
+//!
+//! Nearly all of a forward pass is `x W^T` (q/k/v, o, the MLP, the unembedding). candle's CPU
+//! matmul (the `gemm` crate) reached 100-110 GFLOP/s inside a SmolLM2 forward pass on these 2-core
+//! AVX2 machines, against about 150 for OpenBLAS's `sgemm` on the same shapes, and that gap was most
+//! of the gap to PyTorch. OpenBLAS is a C library that not every machine has, so it is opened at
+//! run time rather than linked: with Debian's `libopenblas0` installed the products go through it,
+//! and without it they stay on candle's matmul with no difference in results beyond rounding.
+//!
+//! `TRANSFORMER_HOOKS_BLAS=off` keeps candle's matmul (for side-by-side measurements);
+//! `TRANSFORMER_HOOKS_BLAS=/path/to/lib.so` names another library exporting `cblas_sgemm`.
+
+use std::ffi::c_int;
+use std::sync::OnceLock;
+
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use rayon::prelude::*;
+
+use crate::error::Result;
+
+/// The environment variable that turns the BLAS path off or names its library.
+pub const BLAS_ENV: &str = "TRANSFORMER_HOOKS_BLAS";
+
+/// Library names tried in order when the environment names none.
+const CANDIDATES: [&str; 3] = ["libopenblas.so.0", "libopenblas.so", "libopenblas.dylib"];
+
+type CblasSgemm = unsafe extern "C" fn(
+    layout: c_int,
+    trans_a: c_int,
+    trans_b: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: f32,
+    a: *const f32,
+    lda: c_int,
+    b: *const f32,
+    ldb: c_int,
+    beta: f32,
+    c: *mut f32,
+    ldc: c_int,
+);
+
+// CBLAS enum values (cblas.h).
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+struct Blas {
+    name: String,
+    sgemm: CblasSgemm,
+    /// Kept open for the life of the process: `sgemm` points into it.
+    _lib: libloading::Library,
+}
+
+fn open(name: &str) -> Option<Blas> {
+    // SAFETY: loading a shared library runs its initialisers; OpenBLAS's only set up its thread
+    // pool. The symbol is looked up by its C name and given the CBLAS signature.
+    unsafe {
+        let lib = libloading::Library::new(name).ok()?;
+        let sgemm = *lib.get::<CblasSgemm>(b"cblas_sgemm\0").ok()?;
+        // One BLAS thread per call; the calls are spread over rayon's threads instead (see
+        // `matmul_t`). OpenBLAS's own pool spins in `sched_yield` between products, taking a core
+        // from the candle ops that run between them: 8% of a forward pass in `__schedule`.
+        if let Ok(set) = lib.get::<unsafe extern "C" fn(c_int)>(b"openblas_set_num_threads\0") {
+            set(1);
+        }
+        Some(Blas {
+            name: name.to_string(),
+            sgemm,
+            _lib: lib,
+        })
+    }
+}
+
+fn blas() -> Option<&'static Blas> {
+    static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
+    BLAS.get_or_init(|| {
+        let found = match std::env::var(BLAS_ENV).ok().as_deref() {
+            Some("off" | "0" | "none") => None,
+            Some(path) if !path.is_empty() => {
+                let lib = open(path);
+                if lib.is_none() {
+                    tracing::warn!(
+                        "{BLAS_ENV}={path}: no cblas_sgemm there; using candle's matmul"
+                    );
+                }
+                lib
+            }
+            _ => CANDIDATES.iter().find_map(|n| open(n)),
+        };
+        match &found {
+            Some(b) => tracing::debug!("weight products through {}", b.name),
+            None => tracing::debug!("no OpenBLAS found; weight products through candle's matmul"),
+        }
+        found
+    })
+    .as_ref()
+}
+
+/// The library the weight products go through: `"libopenblas.so.0"`, say, or `None` when they
+/// use candle's matmul. Benchmarks print it beside their numbers.
+pub fn blas_library() -> Option<&'static str> {
+    blas().map(|b| b.name.as_str())
+}
+
+fn f32_slice<'a>(st: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
+    match (st, l.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(d)), Some((a, z))) => Some(&d[a..z]),
+        _ => None,
+    }
+}
+
+/// `x W^T` for `x` `[m, k]` and `w` `[n, k]` through BLAS, or `None` where it does not apply
+/// (no library, not f32 on the CPU, on the autograd graph, not contiguous, an empty inner
+/// dimension, too large for a C int).
+pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let Some(blas) = blas() else { return Ok(None) };
+    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
+    if !on_cpu_f32(x) || !on_cpu_f32(w) {
+        return Ok(None);
+    }
+    let ((m, k), (n, k2)) = (x.dims2()?, w.dims2()?);
+    // k = 0 would leave the output unwritten below; candle's matmul gives its zeros.
+    if k != k2 || k == 0 {
+        return Ok(None);
+    }
+    let (Ok(_), Ok(ni), Ok(ki)) = (c_int::try_from(m), c_int::try_from(n), c_int::try_from(k))
+    else {
+        return Ok(None);
+    };
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Some(xd), Some(wd)) = (f32_slice(&xs, xl), f32_slice(&ws, wl)) else {
+        return Ok(None);
+    };
+    // Rows split evenly over rayon's threads, each block one single-threaded sgemm; at least
+    // 32 rows a block so that small products are not split into pieces that cost more than they
+    // save.
+    let threads = rayon::current_num_threads().max(1);
+    let rows = m.div_ceil(threads).max(32);
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    c.spare_capacity_mut()
+        .par_chunks_mut(rows * n.max(1))
+        .zip(xd.par_chunks(rows * k.max(1)))
+        .for_each(|(c_blk, x_blk)| {
+            let m_blk = c_blk.len() / n.max(1);
+            // SAFETY: x_blk is [m_blk, k] and w is [n, k], row-major, read within their lengths;
+            // c_blk has room for [m_blk, n] and, with beta = 0, sgemm writes every element of
+            // it without reading any. m_blk <= m, so the casts are exact.
+            unsafe {
+                (blas.sgemm)(
+                    ROW_MAJOR,
+                    NO_TRANS,
+                    TRANS,
+                    m_blk as c_int,
+                    ni,
+                    ki,
+                    1.0,
+                    x_blk.as_ptr(),
+                    ki.max(1),
+                    wd.as_ptr(),
+                    ki.max(1),
+                    0.0,
+                    c_blk.as_mut_ptr().cast::<f32>(),
+                    ni.max(1),
+                );
+            }
+        });
+    // SAFETY: the blocks above cover all m*n elements (the last may be short) and each was
+    // written in full.
+    unsafe { c.set_len(m * n) };
+    Ok(Some(Tensor::from_vec(c, (m, n), x.device())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Same products as candle's matmul, including empty and odd shapes; untouched where it does
+    /// not apply.
+    #[test]
+    fn blas_matches_candle() -> Result<()> {
+        let Some(name) = blas_library() else {
+            eprintln!("SKIP: no OpenBLAS (apt-get install libopenblas0); candle's matmul is used");
+            return Ok(());
+        };
+        let dev = Device::Cpu;
+        for (m, k, n) in [
+            (1, 1, 1),
+            (7, 33, 5),
+            (300, 576, 960),
+            (0, 8, 4),
+            (5, 8, 0),
+            (64, 1536, 576),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let ours = matmul_t(&x, &w)?.expect("f32 CPU tensors take the BLAS path");
+            let reference = x.matmul(&w.t()?)?;
+            assert_eq!(ours.dims(), reference.dims());
+            if m * n > 0 {
+                let diff = (ours - reference)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                assert!(
+                    diff < 1e-3,
+                    "{name} [{m},{k}]x[{n},{k}]^T: max |diff| {diff}"
+                );
+            }
+        }
+        // A trainable weight keeps candle's differentiable matmul.
+        let w = Var::randn(0f32, 1.0, (4, 8), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 8), &dev)?;
+        assert!(matmul_t(&x, w.as_tensor())?.is_none());
+        // So do an empty inner dimension and f64.
+        assert!(matmul_t(&x.narrow(1, 0, 0)?, &w.narrow(1, 0, 0)?)?.is_none());
+        assert!(matmul_t(&x.to_dtype(DType::F64)?, &w.to_dtype(DType::F64)?)?.is_none());
+        Ok(())
+    }
+}
