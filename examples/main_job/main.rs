@@ -27,7 +27,7 @@ use sae_workbench::activation_store::{
 };
 use sae_workbench::metrics::{
     self, HookedSplice, MeanActivation, PageConfig, SplicedConfig, SplicedEvaluation, TokenSource,
-    build_feature_page, collect_examples, evaluate_spliced, write_pages,
+    build_feature_page, collect_examples, evaluate_spliced_many, write_pages,
 };
 use sae_workbench::sae_core::{
     ArchitectureConfig, IterSource, Progress, SaeModel, StandardTraining, TopKTraining,
@@ -286,23 +286,34 @@ fn main() -> Result<()> {
     let model = hooked.model();
     let eval_batches = eval_windows(&test_plan, args.eval_tokens, 8, &device)?;
     let eval_tokens: usize = eval_batches.iter().map(|b| b.elem_count()).sum();
-    let mut results = Vec::new();
     let mut saes = Vec::new();
-    for (name, folder, idx) in &names {
+    for (name, folder, _) in &names {
         let sae =
             SaeModel::load(folder).with_context(|| format!("loading {}", folder.display()))?;
-        stage(&format!(
-            "evaluating {name} on {eval_tokens} held-out tokens (5 forward passes each)"
-        ));
-        let mut target = HookedSplice::new(model, &hook)?;
-        target.check_sae(&sae)?;
-        let pb = bar("spliced eval", "passes");
-        let cfg = SplicedConfig {
-            mean: MeanActivation::EvalTokens,
-            ..SplicedConfig::default()
-        };
-        let eval = evaluate_spliced(&mut target, &sae, &eval_batches, &cfg, Some(&pb))?;
-        pb.finish_and_clear();
+        saes.push((name.clone(), sae));
+    }
+    stage(&format!(
+        "evaluating {} SAE(s) on {eval_tokens} held-out tokens ({} forward passes per batch: \
+         clean, zero- and mean-ablated once, spliced and spliced + error per SAE)",
+        saes.len(),
+        3 + 2 * saes.len()
+    ));
+    let mut target = HookedSplice::new(model, &hook)?;
+    for (_, sae) in &saes {
+        target.check_sae(sae)?;
+    }
+    let pb = bar("spliced eval", "passes");
+    let cfg = SplicedConfig {
+        mean: MeanActivation::EvalTokens,
+        ..SplicedConfig::default()
+    };
+    let sae_refs: Vec<&SaeModel> = saes.iter().map(|(_, sae)| sae).collect();
+    let t_eval = Instant::now();
+    let evals = evaluate_spliced_many(&mut target, &sae_refs, &eval_batches, &cfg, Some(&pb))?;
+    let eval_seconds = t_eval.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    let mut results = Vec::new();
+    for (((name, folder, idx), (_, sae)), eval) in names.iter().zip(&saes).zip(evals) {
         let hist = eval.reconstruction.density_histogram.clone();
         let density_png = format!("density_{name}.png");
         metrics::plots::plot_density_histogram(
@@ -320,7 +331,6 @@ fn main() -> Result<()> {
             eval,
             density_png,
         });
-        saes.push((name.clone(), sae));
     }
     let bars: Vec<(&str, f64)> = results
         .iter()
@@ -334,6 +344,7 @@ fn main() -> Result<()> {
     )?;
 
     // 5. Feature pages for the first SAE.
+    let t_pages = Instant::now();
     if let Some((sae_name, sae)) = saes.first()
         && args.pages > 0
     {
@@ -403,6 +414,7 @@ fn main() -> Result<()> {
     }
 
     // The report.
+    let pages_seconds = t_pages.elapsed().as_secs_f64();
     let total_seconds = t_start.elapsed().as_secs_f64();
     let report = serde_json::json!({
         "args": args,
@@ -413,6 +425,15 @@ fn main() -> Result<()> {
         "harvest_test": harvest_test,
         "eval_tokens": eval_tokens,
         "saes": results,
+        "seconds": {
+            "harvest_train": harvest_train.seconds,
+            "harvest_test": harvest_test.seconds,
+            "train": train_seconds,
+            "spliced_eval": eval_seconds,
+            "feature_pages": pages_seconds,
+            "total": total_seconds,
+        },
+        "matmul": sae_workbench::transformer_hooks::blas_library().unwrap_or("candle gemm"),
         "total_seconds": total_seconds,
     });
     let json_path = report_dir.join("report.json");

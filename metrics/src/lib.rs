@@ -36,5 +36,5 @@ pub use reconstruction::{
 };
 pub use spliced::{
     MeanActivation, SpliceTarget, SplicedConfig, SplicedEvaluation, SplicedNll, evaluate_spliced,
-    loss_recovered,
+    evaluate_spliced_many, loss_recovered,
 };
