@@ -136,7 +136,8 @@ impl PreActs {
 /// `xc @ W_enc` as `[n, d_sae]`, with `W_enc` stored feature-major (`[d_sae, d_in]`).
 ///
 /// The dense product is the floor of an SAE step (2·d_in·d_sae FLOP per token); it runs through
-/// candle's GEMM on `device` and the result comes back to the host.
+/// OpenBLAS when installed (`cpu-blas`), else candle's GEMM on `device`, and the result comes
+/// back to the host.
 pub fn encoder_preacts(
     xc: &[f32],
     n: usize,
@@ -147,7 +148,10 @@ pub fn encoder_preacts(
 ) -> Result<PreActs> {
     let x = Tensor::from_slice(xc, (n, d_in), device)?;
     let w = Tensor::from_slice(w_enc_t, (d_sae, d_in), device)?;
-    let mut pre = x.matmul(&w.t()?)?;
+    let mut pre = match cpu_blas::matmul_t(&x, &w)? {
+        Some(pre) => pre,
+        None => x.matmul(&w.t()?)?,
+    };
     if !device.is_cpu() {
         pre = pre.to_device(&Device::Cpu)?;
     }

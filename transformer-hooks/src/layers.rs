@@ -5,7 +5,6 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::blas;
 use crate::causal_attention;
 use crate::config::{Activation, AttentionType, ModelConfig, NormKind};
 use crate::error::{Error, Result};
@@ -54,7 +53,7 @@ impl Linear {
         let d_in = dims[dims.len() - 1];
         let rows = x.elem_count() / d_in.max(1);
         let x = x.reshape((rows, d_in))?;
-        let y = match blas::matmul_t(&x, &self.w)? {
+        let y = match cpu_blas::matmul_t(&x, &self.w)? {
             Some(y) => y,
             None => x.matmul(&self.w.t()?)?,
         };
@@ -620,7 +619,7 @@ impl Transformer {
 
     /// Logits `[rows, vocab]` of `[rows, d_model]` normalized residuals.
     pub(crate) fn unembed(&self, cfg: &ModelConfig, x: &Tensor) -> Result<Tensor> {
-        let logits = match blas::matmul_t(x, &self.unembed)? {
+        let logits = match cpu_blas::matmul_t(x, &self.unembed)? {
             Some(l) => l,
             None => x.matmul(&self.unembed.t()?)?,
         };

@@ -32,7 +32,6 @@
 
 mod alloc;
 pub mod assets;
-mod blas;
 mod causal_attention;
 mod config;
 mod error;
@@ -47,8 +46,8 @@ mod tokenizer;
 mod weights;
 
 pub use alloc::retain_freed_memory;
-pub use blas::{BLAS_ENV, blas_library};
 pub use config::{Activation, Architecture, AttentionType, ModelConfig, NormKind, RopeLayout};
+pub use cpu_blas::{BLAS_ENV, blas_library};
 pub use error::{BoxError, Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampling, StopReason};
 pub use hook_point::{HookPoint, Site};

@@ -1,6 +1,7 @@
-//! Weight products through the system's OpenBLAS, when one is installed.
+//! `x W^T` through the system's OpenBLAS, when one is installed.
 //!
-//! Nearly all of a forward pass is `x W^T` (q/k/v, o, the MLP, the unembedding). candle's CPU
+//! Nearly all of a forward pass is `x W^T` (q/k/v, o, the MLP, the unembedding), and so is the
+//! floor of an SAE training step (the encoder, `x W_enc`). candle's CPU
 //! matmul (the `gemm` crate) reached 100-110 GFLOP/s inside a SmolLM2 forward pass on these 2-core
 //! AVX2 machines, against about 150 for OpenBLAS's `sgemm` on the same shapes, and that gap was most
 //! of the gap to PyTorch. OpenBLAS is a C library that not every machine has, so it is opened at
@@ -13,10 +14,8 @@
 use std::ffi::c_int;
 use std::sync::OnceLock;
 
-use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
-
-use crate::error::Result;
 
 /// The environment variable that turns the BLAS path off or names its library.
 pub const BLAS_ENV: &str = "TRANSFORMER_HOOKS_BLAS";
@@ -90,15 +89,15 @@ fn blas() -> Option<&'static Blas> {
             _ => CANDIDATES.iter().find_map(|n| open(n)),
         };
         match &found {
-            Some(b) => tracing::debug!("weight products through {}", b.name),
-            None => tracing::debug!("no OpenBLAS found; weight products through candle's matmul"),
+            Some(b) => tracing::debug!("x W^T products through {}", b.name),
+            None => tracing::debug!("no OpenBLAS found; x W^T products through candle's matmul"),
         }
         found
     })
     .as_ref()
 }
 
-/// The library the weight products go through: `"libopenblas.so.0"`, say, or `None` when they
+/// The library the products go through: `"libopenblas.so.0"`, say, or `None` when they
 /// use candle's matmul. Benchmarks print it beside their numbers.
 pub fn blas_library() -> Option<&'static str> {
     blas().map(|b| b.name.as_str())
@@ -111,10 +110,11 @@ fn f32_slice<'a>(st: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
     }
 }
 
-/// `x W^T` for `x` `[m, k]` and `w` `[n, k]` through BLAS, or `None` where it does not apply
+/// `x W^T` for `x` `[m, k]` and `w` `[n, k]` (both row-major, as a linear layer stores its
+/// weight) through BLAS, or `None` where it does not apply
 /// (no library, not f32 on the CPU, on the autograd graph, not contiguous, an empty inner
 /// dimension, too large for a C int).
-pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let Some(blas) = blas() else { return Ok(None) };
     let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
     if !on_cpu_f32(x) || !on_cpu_f32(w) {
