@@ -86,8 +86,8 @@ struct Args {
     /// Window length including BOS.
     #[arg(long, default_value_t = 128)]
     context: usize,
-    /// Feature pages written for the first SAE.
-    #[arg(long, default_value_t = 16)]
+    /// Feature pages written for the first SAE (about 20 s each on 2 cores).
+    #[arg(long, default_value_t = 8)]
     pages: usize,
     /// Output folder (caches, SAEs, report).
     #[arg(long, default_value = "runs/main")]
@@ -134,6 +134,7 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&report_dir)
         .with_context(|| format!("creating {}", report_dir.display()))?;
     let hook = format!("blocks.{}.mlp.hook_post", args.layer);
+    check_run_folder(&args)?;
 
     // 1. Model, corpora, windows.
     let model_path = args
@@ -452,6 +453,60 @@ fn main() -> Result<()> {
         total_seconds / 60.0
     );
     Ok(())
+}
+
+/// The flags that decide what the output folder's caches, checkpoints and SAEs hold.
+const STATE_FLAGS: [&str; 11] = [
+    "model",
+    "layer",
+    "train_tokens",
+    "context",
+    "seed",
+    "epochs",
+    "batch",
+    "expansion",
+    "k",
+    "l1_coefficient",
+    "lr",
+];
+
+/// A rerun into the same `--out` resumes and reuses what is there, which is only right if it asks
+/// for the same run: otherwise a `--k 128` run would silently report the `k = 32` SAE it found.
+/// The first run records its flags in `run_args.json`; a later one with different values for any
+/// of [`STATE_FLAGS`] is refused, naming them.
+fn check_run_folder(args: &Args) -> Result<()> {
+    let path = args.out.join("run_args.json");
+    let now = serde_json::to_value(args)?;
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let before: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let differ: Vec<String> = STATE_FLAGS
+            .iter()
+            .filter(|f| before.get(**f) != now.get(**f))
+            .map(|f| {
+                let show = |v: Option<&serde_json::Value>| {
+                    v.map_or_else(|| "unset".to_string(), |v| v.to_string())
+                };
+                format!(
+                    "--{} {} there, {} now",
+                    f.replace('_', "-"),
+                    show(before.get(*f)),
+                    show(now.get(*f))
+                )
+            })
+            .collect();
+        if !differ.is_empty() {
+            bail!(
+                "{} holds a run with other settings ({}); its caches, checkpoints and SAEs belong \
+                 to that run. Pass another --out, or delete the folder.",
+                args.out.display(),
+                differ.join("; ")
+            );
+        }
+        return Ok(());
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&now)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn stage(msg: &str) {

@@ -14,6 +14,8 @@
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::ops::exp;
+
 /// Queries per block: each block's scores are one `[BLOCK, keys]` product.
 const BLOCK: usize = 64;
 
@@ -177,49 +179,10 @@ fn softmax_causal_row(row: &mut [f32], mask: &[f32], valid: usize) {
     }
 }
 
-/// `e^x` for `x <= 0` to 3e-7 relative (Cephes' `expf` polynomial), and exactly 0 for `-inf`.
-/// Branch-free, so a loop over a slice vectorises.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split in two so that n * LN2_HI is exact.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a rounding
-    // instruction the baseline x86-64 target lacks.
-    const ROUND: f32 = 12_582_912.0;
-    let underflow = x < -87.0;
-    let x = x.max(-87.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.987_569_1e-4_f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if underflow { 0.0 } else { e * scale }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn exp_matches_libm() {
-        let mut worst = 0f32;
-        for i in 0..=86_000 {
-            let x = -(i as f32) * 1e-3;
-            let rel = ((exp(x) - x.exp()) / x.exp()).abs();
-            worst = worst.max(rel);
-        }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp(0.0), 1.0);
-    }
 
     /// The composed ops the layer uses otherwise: full scores, mask, softmax, product.
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {

@@ -307,7 +307,10 @@ impl Mlp {
             Some(gate) => {
                 let pre = hook!(run, at(Site::MlpPre), gate.forward(x)?);
                 let lin = hook!(run, at(Site::MlpPreLinear), self.up.forward(x)?);
-                (self.act(&pre)? * lin)?
+                match self.act {
+                    Activation::Silu => ops::silu_mul(&pre, &lin)?,
+                    _ => (self.act(&pre)? * lin)?,
+                }
             }
             None => {
                 let pre = hook!(run, at(Site::MlpPre), self.up.forward(x)?);
