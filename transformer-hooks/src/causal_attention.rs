@@ -11,10 +11,10 @@
 //! everything else (autograd, other dtypes, GPUs, hooks on `attn_scores`/`pattern`) takes the
 //! tensor-op path, and `tests::fused_matches_composed` holds the two to the same numbers.
 
-use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
+use candle_core::{DType, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::exp;
+use crate::ops::{self, exp};
 
 /// Queries per block: each block's scores are one `[BLOCK, keys]` product.
 const BLOCK: usize = 64;
@@ -78,11 +78,10 @@ pub(crate) fn causal_attention(
     Tensor::from_vec(out, (b, h, s, dh), q.device())
 }
 
+/// The data of a tensor made contiguous above; [`applies`] checked it is f32 on the CPU.
 fn f32_slice<'a>(st: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
-    match (st, l.contiguous_offsets()) {
-        (Storage::Cpu(CpuStorage::F32(d)), Some((a, z))) => Ok(&d[a..z]),
-        _ => candle_core::bail!("causal_attention: expected contiguous f32 CPU tensors"),
-    }
+    ops::cpu_f32(st, l)
+        .ok_or_else(|| candle_core::Error::Msg("causal_attention: expected f32 CPU tensors".into()))
 }
 
 /// One head: `q`, `k`, `v`, `out` are `[s, dh]` row-major, `mask` is `[s, s]`.

@@ -133,7 +133,7 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 const CHUNK: usize = 1 << 14;
 
 /// The data of a contiguous f32 CPU tensor.
-fn cpu_f32<'a>(st: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
+pub(crate) fn cpu_f32<'a>(st: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
     match (st, l.contiguous_offsets()) {
         (Storage::Cpu(CpuStorage::F32(d)), Some((a, z))) => Some(&d[a..z]),
         _ => None,
