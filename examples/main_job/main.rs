@@ -80,7 +80,7 @@ struct Args {
     batch: usize,
     /// Peak learning rate. Higher than the papers' (1e-4 to 4e-4 over 10^5+ steps) because a
     /// CPU-sized run has ~200 steps: at 4e-4 the TopK SAE recovered 73.9% of the loss, at 2e-3
-    /// 81.8% (README).
+    /// 81.5% (README).
     #[arg(long, default_value_t = 2e-3)]
     lr: f64,
     /// Window length including BOS.
