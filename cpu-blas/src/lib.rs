@@ -59,7 +59,7 @@ fn open(name: &str) -> Option<Blas> {
         let lib = libloading::Library::new(name).ok()?;
         let sgemm = *lib.get::<CblasSgemm>(b"cblas_sgemm\0").ok()?;
         // One BLAS thread per call; the calls are spread over rayon's threads instead (see
-        // `matmul_t`). OpenBLAS's own pool spins in `sched_yield` between products, taking a core
+        // `try_matmul_t`). OpenBLAS's own pool spins in `sched_yield` between products, taking a core
         // from the candle ops that run between them: 8% of a forward pass in `__schedule`.
         if let Ok(set) = lib.get::<unsafe extern "C" fn(c_int)>(b"openblas_set_num_threads\0") {
             set(1);
@@ -111,10 +111,18 @@ fn f32_slice<'a>(st: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
 }
 
 /// `x W^T` for `x` `[m, k]` and `w` `[n, k]` (both row-major, as a linear layer stores its
-/// weight) through BLAS, or `None` where it does not apply
+/// weight): through BLAS where [`try_matmul_t`] applies, else candle's matmul.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    match try_matmul_t(x, w)? {
+        Some(y) => Ok(y),
+        None => x.matmul(&w.t()?),
+    }
+}
+
+/// `x W^T` as [`matmul_t`], through BLAS, or `None` where it does not apply
 /// (no library, not f32 on the CPU, on the autograd graph, not contiguous, an empty inner
 /// dimension, too large for a C int).
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+pub fn try_matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let Some(blas) = blas() else { return Ok(None) };
     let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
     if !on_cpu_f32(x) || !on_cpu_f32(w) {
@@ -197,7 +205,7 @@ mod tests {
         ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-            let ours = matmul_t(&x, &w)?.expect("f32 CPU tensors take the BLAS path");
+            let ours = try_matmul_t(&x, &w)?.expect("f32 CPU tensors take the BLAS path");
             let reference = x.matmul(&w.t()?)?;
             assert_eq!(ours.dims(), reference.dims());
             if m * n > 0 {
@@ -215,10 +223,10 @@ mod tests {
         // A trainable weight keeps candle's differentiable matmul.
         let w = Var::randn(0f32, 1.0, (4, 8), &dev)?;
         let x = Tensor::randn(0f32, 1.0, (2, 8), &dev)?;
-        assert!(matmul_t(&x, w.as_tensor())?.is_none());
+        assert!(try_matmul_t(&x, w.as_tensor())?.is_none());
         // So do an empty inner dimension and f64.
-        assert!(matmul_t(&x.narrow(1, 0, 0)?, &w.narrow(1, 0, 0)?)?.is_none());
-        assert!(matmul_t(&x.to_dtype(DType::F64)?, &w.to_dtype(DType::F64)?)?.is_none());
+        assert!(try_matmul_t(&x.narrow(1, 0, 0)?, &w.narrow(1, 0, 0)?)?.is_none());
+        assert!(try_matmul_t(&x.to_dtype(DType::F64)?, &w.to_dtype(DType::F64)?)?.is_none());
         Ok(())
     }
 }

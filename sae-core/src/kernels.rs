@@ -148,10 +148,7 @@ pub fn encoder_preacts(
 ) -> Result<PreActs> {
     let x = Tensor::from_slice(xc, (n, d_in), device)?;
     let w = Tensor::from_slice(w_enc_t, (d_sae, d_in), device)?;
-    let mut pre = match cpu_blas::matmul_t(&x, &w)? {
-        Some(pre) => pre,
-        None => x.matmul(&w.t()?)?,
-    };
+    let mut pre = cpu_blas::matmul_t(&x, &w)?;
     if !device.is_cpu() {
         pre = pre.to_device(&Device::Cpu)?;
     }

@@ -91,59 +91,70 @@ fn one_head(q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: &mut [f32], s: u
         let i1 = (i0 + BLOCK).min(s);
         let (n, keys) = (i1 - i0, i1);
         let scores = &mut scores[..n * keys];
-        // SAFETY: every pointer/stride pair addresses inside its slice: q rows i0..i1 and k rows
-        // 0..keys (as the columns of k^T) are [.., dh] row-major, scores is [n, keys].
-        unsafe {
-            gemm::gemm(
-                n,
-                keys,
-                dh,
-                scores.as_mut_ptr(),
-                1,
-                keys as isize,
-                false,
-                q[i0 * dh..].as_ptr(),
-                1,
-                dh as isize,
-                k.as_ptr(),
-                dh as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        // scores = q[i0..i1] k[..keys]^T, then each row's softmax, then out[i0..i1] = scores v.
+        product(
+            scores,
+            &q[i0 * dh..][..n * dh],
+            &k[..keys * dh],
+            n,
+            keys,
+            dh,
+            true,
+        );
         for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
             let i = i0 + r;
             softmax_causal_row(row, &mask[i * s..][..keys], i + 1);
         }
-        // SAFETY: scores is [n, keys], v rows 0..keys are [.., dh], out rows i0..i1 are [.., dh].
-        unsafe {
-            gemm::gemm(
-                n,
-                dh,
-                keys,
-                out[i0 * dh..].as_mut_ptr(),
-                1,
-                dh as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                keys as isize,
-                v.as_ptr(),
-                1,
-                dh as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        product(
+            &mut out[i0 * dh..][..n * dh],
+            scores,
+            &v[..keys * dh],
+            n,
+            dh,
+            keys,
+            false,
+        );
+    }
+}
+
+/// `dst = lhs rhs` on one thread, all row-major: `dst` `[m, n]`, `lhs` `[m, k]`, and `rhs`
+/// `[k, n]`, or `[n, k]` read transposed when `rhs_transposed`.
+fn product(
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    rhs_transposed: bool,
+) {
+    assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == k * n);
+    // Strides of rhs as a [k, n] matrix: (column, row).
+    let (rhs_cs, rhs_rs) = if rhs_transposed { (k, 1) } else { (1, n) };
+    // SAFETY: the lengths asserted above hold every element the strides address; with read_dst
+    // false gemm writes all of dst without reading it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 

@@ -53,10 +53,7 @@ impl Linear {
         let d_in = dims[dims.len() - 1];
         let rows = x.elem_count() / d_in.max(1);
         let x = x.reshape((rows, d_in))?;
-        let y = match cpu_blas::matmul_t(&x, &self.w)? {
-            Some(y) => y,
-            None => x.matmul(&self.w.t()?)?,
-        };
+        let y = cpu_blas::matmul_t(&x, &self.w)?;
         let y = match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -242,29 +239,27 @@ impl Attention {
         }
         // Scaling q before the product is the same as scaling the scores, on s*d not s*s numbers.
         let q = (q * cfg.attn_scale)?;
-        // Grouped-query attention without copying k/v: the n_rep query heads sharing a kv head are
-        // stacked along the sequence axis of one product.
-        if !run.wants(at(Site::AttnScores))
+        let z = if !run.wants(at(Site::AttnScores))
             && !run.wants(at(Site::Pattern))
             && causal_attention::applies(&q, &k, &v, mask)
         {
-            let z = causal_attention::causal_attention(&q, &k, &v, mask)?.transpose(1, 2)?;
-            let z = hook!(run, at(Site::Z), z);
-            return Ok(Some(self.o.forward(&z.reshape((b, s, h * dh))?)?));
-        }
-        let n_rep = h / kvh;
-        let q = q.reshape((b, kvh, n_rep * s, dh))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, h, s, s))?;
-        let scores = scores.broadcast_add(mask)?;
-        let scores = hook!(run, at(Site::AttnScores), scores);
-        let pattern = ops::softmax_last_dim(&scores)?;
-        let pattern = hook!(run, at(Site::Pattern), pattern);
-        let z = pattern
-            .reshape((b, kvh, n_rep * s, s))?
-            .matmul(&v)?
-            .reshape((b, h, s, dh))?
-            .transpose(1, 2)?;
-        let z = hook!(run, at(Site::Z), z);
+            causal_attention::causal_attention(&q, &k, &v, mask)?
+        } else {
+            // Grouped-query attention without copying k/v: the n_rep query heads sharing a kv
+            // head are stacked along the sequence axis of one product.
+            let n_rep = h / kvh;
+            let q = q.reshape((b, kvh, n_rep * s, dh))?;
+            let scores = q.matmul(&k.t()?)?.reshape((b, h, s, s))?;
+            let scores = scores.broadcast_add(mask)?;
+            let scores = hook!(run, at(Site::AttnScores), scores);
+            let pattern = ops::softmax_last_dim(&scores)?;
+            let pattern = hook!(run, at(Site::Pattern), pattern);
+            pattern
+                .reshape((b, kvh, n_rep * s, s))?
+                .matmul(&v)?
+                .reshape((b, h, s, dh))?
+        };
+        let z = hook!(run, at(Site::Z), z.transpose(1, 2)?);
         Ok(Some(self.o.forward(&z.reshape((b, s, h * dh))?)?))
     }
 }
@@ -622,10 +617,7 @@ impl Transformer {
 
     /// Logits `[rows, vocab]` of `[rows, d_model]` normalized residuals.
     pub(crate) fn unembed(&self, cfg: &ModelConfig, x: &Tensor) -> Result<Tensor> {
-        let logits = match cpu_blas::matmul_t(x, &self.unembed)? {
-            Some(l) => l,
-            None => x.matmul(&self.unembed.t()?)?,
-        };
+        let logits = cpu_blas::matmul_t(x, &self.unembed)?;
         Ok(match cfg.final_logit_softcap {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,
