@@ -7,5 +7,6 @@
 pub use activation_store;
 pub use metrics;
 pub use sae_core;
+pub use steering;
 pub use transfer;
 pub use transformer_hooks;

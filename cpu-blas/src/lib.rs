@@ -103,6 +103,11 @@ pub fn blas_library() -> Option<&'static str> {
     blas().map(|b| b.name.as_str())
 }
 
+/// The output buffer, shared by the column blocks that each write their own columns.
+struct SendPtr(*mut f32);
+// SAFETY: the blocks write disjoint elements and the buffer outlives the parallel loop.
+unsafe impl Sync for SendPtr {}
+
 fn f32_slice<'a>(st: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
     match (st, l.contiguous_offsets()) {
         (Storage::Cpu(CpuStorage::F32(d)), Some((a, z))) => Some(&d[a..z]),
@@ -113,10 +118,104 @@ fn f32_slice<'a>(st: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
 /// `x W^T` for `x` `[m, k]` and `w` `[n, k]` (both row-major, as a linear layer stores its
 /// weight): through BLAS where [`try_matmul_t`] applies, else candle's matmul.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if let Some(y) = try_small_m(x, w)? {
+        return Ok(y);
+    }
     match try_matmul_t(x, w)? {
         Some(y) => Ok(y),
         None => x.matmul(&w.t()?),
     }
+}
+
+/// Rows of `x` up to which [`try_small_m`] applies.
+pub const SMALL_M: usize = 8;
+
+/// `x W^T` for a few rows of `x` (at most [`SMALL_M`]: a generation step, one row per
+/// sequence), as dot products that read each row of `w` once, from memory, while the rows of `x`
+/// stay in cache; or `None` where it does not apply (more rows, not f32 on the CPU, on the
+/// autograd graph, not contiguous, mismatched or empty inner dimension).
+///
+/// BLAS's `sgemm` copies ("packs") all of `w` before multiplying, which for one row of `x` costs
+/// more than the product itself: at batch 1, decoding SmolLM2 spent 44% of its time in that copy.
+/// A product with one row of `x` reads each weight once, so memory bandwidth bounds it; this
+/// reads each weight once for all rows.
+pub fn try_small_m(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
+    if !on_cpu_f32(x) || !on_cpu_f32(w) {
+        return Ok(None);
+    }
+    let ((m, k), (n, k2)) = (x.dims2()?, w.dims2()?);
+    if m == 0 || m > SMALL_M || k != k2 || k == 0 || n == 0 {
+        return Ok(None);
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Some(xd), Some(wd)) = (f32_slice(&xs, xl), f32_slice(&ws, wl)) else {
+        return Ok(None);
+    };
+    // Output transposed, [n, m]: each task fills whole rows of it from its block of w's rows.
+    const ROWS_PER_TASK: usize = 64;
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(ROWS_PER_TASK * m)
+        .zip(wd.par_chunks(ROWS_PER_TASK * k))
+        .for_each(|(out, w_blk)| {
+            for (o, w_row) in out.chunks_mut(m).zip(w_blk.chunks(k)) {
+                for (oi, x_row) in o.iter_mut().zip(xd.chunks(k)) {
+                    *oi = dot(x_row, w_row);
+                }
+            }
+        });
+    let y = if m == 1 {
+        yt
+    } else {
+        let mut y = vec![0f32; m * n];
+        for (j, row) in yt.chunks(m).enumerate() {
+            for (i, v) in row.iter().enumerate() {
+                y[i * n + j] = *v;
+            }
+        }
+        y
+    };
+    Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
+}
+
+macro_rules! dot_body {
+    ($a:expr, $b:expr, $fma:expr) => {{
+        let a: &[f32] = $a;
+        let b: &[f32] = &$b[..a.len()];
+        let (ac, ar) = a.as_chunks::<16>();
+        let (bc, br) = b.as_chunks::<16>();
+        let mut acc = [0.0f32; 16];
+        for (x, y) in ac.iter().zip(bc) {
+            for i in 0..16 {
+                acc[i] = $fma(x[i], y[i], acc[i]);
+            }
+        }
+        let mut s = 0.0f32;
+        for i in 0..8 {
+            s += acc[i] + acc[i + 8];
+        }
+        for (x, y) in ar.iter().zip(br) {
+            s += x * y;
+        }
+        s
+    }};
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_body!(a, b, f32::mul_add)
+}
+
+/// `Σ a_i b_i`, with AVX2 + FMA where the CPU has them (checked once; same machine, same path).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above).
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_body!(a, b, |x: f32, y: f32, c: f32| x * y + c)
 }
 
 /// `x W^T` as [`matmul_t`], through BLAS, or `None` where it does not apply
@@ -142,41 +241,74 @@ pub fn try_matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (Some(xd), Some(wd)) = (f32_slice(&xs, xl), f32_slice(&ws, wl)) else {
         return Ok(None);
     };
-    // Rows split evenly over rayon's threads, each block one single-threaded sgemm; at least
-    // 32 rows a block so that small products are not split into pieces that cost more than they
-    // save.
     let threads = rayon::current_num_threads().max(1);
-    let rows = m.div_ceil(threads).max(32);
     let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    c.spare_capacity_mut()
-        .par_chunks_mut(rows * n.max(1))
-        .zip(xd.par_chunks(rows * k.max(1)))
-        .for_each(|(c_blk, x_blk)| {
-            let m_blk = c_blk.len() / n.max(1);
-            // SAFETY: x_blk is [m_blk, k] and w is [n, k], row-major, read within their lengths;
-            // c_blk has room for [m_blk, n] and, with beta = 0, sgemm writes every element of
-            // it without reading any. m_blk <= m, so the casts are exact.
+    if m < 32 * threads && n >= 64 * threads {
+        // Few rows (a generation step: one per sequence): the rows cannot be shared out, so the
+        // output columns are. Each thread multiplies all of x by its block of w's rows and writes
+        // its columns of c (leading dimension n), so every weight is read once, by one thread.
+        let cols = n.div_ceil(threads);
+        let out = SendPtr(c.as_mut_ptr());
+        (0..n.div_ceil(cols)).into_par_iter().for_each(|j| {
+            let out = &out;
+            let j0 = j * cols;
+            let nb = cols.min(n - j0);
+            // SAFETY: x is [m, k] and w [n, k], row-major; this block reads w's rows
+            // j0..j0 + nb and writes c[i * n + j0..][..nb] for i < m, within the m*n capacity;
+            // blocks write disjoint columns, and with beta = 0 sgemm reads none of c.
             unsafe {
                 (blas.sgemm)(
                     ROW_MAJOR,
                     NO_TRANS,
                     TRANS,
-                    m_blk as c_int,
-                    ni,
+                    m as c_int,
+                    nb as c_int,
                     ki,
                     1.0,
-                    x_blk.as_ptr(),
+                    xd.as_ptr(),
                     ki.max(1),
-                    wd.as_ptr(),
+                    wd.as_ptr().add(j0 * k),
                     ki.max(1),
                     0.0,
-                    c_blk.as_mut_ptr().cast::<f32>(),
+                    out.0.add(j0),
                     ni.max(1),
                 );
             }
         });
-    // SAFETY: the blocks above cover all m*n elements (the last may be short) and each was
-    // written in full.
+    } else {
+        // Rows split evenly over rayon's threads, each block one single-threaded sgemm; at
+        // least 32 rows a block so that small products are not split into pieces that cost
+        // more than they save.
+        let rows = m.div_ceil(threads).max(32);
+        c.spare_capacity_mut()
+            .par_chunks_mut(rows * n.max(1))
+            .zip(xd.par_chunks(rows * k.max(1)))
+            .for_each(|(c_blk, x_blk)| {
+                let m_blk = c_blk.len() / n.max(1);
+                // SAFETY: x_blk is [m_blk, k] and w is [n, k], row-major, read within their
+                // lengths; c_blk has room for [m_blk, n] and, with beta = 0, sgemm writes every
+                // element of it without reading any. m_blk <= m, so the casts are exact.
+                unsafe {
+                    (blas.sgemm)(
+                        ROW_MAJOR,
+                        NO_TRANS,
+                        TRANS,
+                        m_blk as c_int,
+                        ni,
+                        ki,
+                        1.0,
+                        x_blk.as_ptr(),
+                        ki.max(1),
+                        wd.as_ptr(),
+                        ki.max(1),
+                        0.0,
+                        c_blk.as_mut_ptr().cast::<f32>(),
+                        ni.max(1),
+                    );
+                }
+            });
+    }
+    // SAFETY: either branch above writes all m*n elements.
     unsafe { c.set_len(m * n) };
     Ok(Some(Tensor::from_vec(c, (m, n), x.device())?))
 }
@@ -185,6 +317,27 @@ pub fn try_matmul_t(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The few-row kernel gives candle's products (1 to 8 rows, odd widths), and declines more
+    /// rows, other dtypes and tracked tensors.
+    #[test]
+    fn small_m_matches_candle() -> Result<()> {
+        let dev = Device::Cpu;
+        for (m, k, n) in [(1, 1, 1), (1, 576, 1536), (3, 33, 130), (8, 1536, 577), (5, 17, 64)] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+            let ours = try_small_m(&x, &w)?.expect("applies");
+            let reference = x.matmul(&w.t()?)?;
+            let diff = (ours - reference)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-3, "[{m},{k}]x[{n},{k}]^T: max |diff| {diff}");
+        }
+        let w = Tensor::randn(0f32, 1.0, (4, 8), &dev)?;
+        assert!(try_small_m(&Tensor::randn(0f32, 1.0, (9, 8), &dev)?, &w)?.is_none());
+        assert!(try_small_m(&Tensor::randn(0f32, 1.0, (1, 7), &dev)?, &w)?.is_none());
+        let v = Var::randn(0f32, 1.0, (1, 8), &dev)?;
+        assert!(try_small_m(v.as_tensor(), &w)?.is_none());
+        Ok(())
+    }
 
     /// Same products as candle's matmul, including empty and odd shapes; untouched where it does
     /// not apply.
@@ -202,6 +355,9 @@ mod tests {
             (0, 8, 4),
             (5, 8, 0),
             (64, 1536, 576),
+            (1, 576, 1536),
+            (3, 1536, 49152),
+            (8, 577, 4099),
         ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;

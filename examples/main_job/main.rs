@@ -12,6 +12,8 @@
 //! Every stage resumes: the caches and SAEs already in `--out` are reused, so a killed run picks
 //! up where it stopped. Prints the headline table at the end.
 
+mod chat;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -46,6 +48,18 @@ struct Args {
     /// Layer whose MLP neurons (`blocks.L.mlp.hook_post`) are harvested.
     #[arg(long, default_value_t = 15)]
     layer: usize,
+    /// The hook of that layer to train on (TransformerLens name after `blocks.L.`):
+    /// `mlp.hook_post` (the neurons, default) or e.g. `hook_resid_post` (the residual stream,
+    /// where steering acts).
+    #[arg(long, default_value = DEFAULT_SITE)]
+    #[serde(skip_serializing_if = "is_default_site")]
+    site: String,
+    /// Chat conversations to add to the training split (and an eighth as many to the test
+    /// split): prompts built from the documents of that split, answered by the model itself,
+    /// in its chat template. 0 (default): corpus text only.
+    #[arg(long, default_value_t = 0)]
+    #[serde(skip_serializing_if = "is_zero")]
+    chat: usize,
     /// Training activations (tokens) to harvest.
     #[arg(long, default_value_t = 400_000)]
     train_tokens: u64,
@@ -100,6 +114,16 @@ struct Args {
     device: String,
 }
 
+const DEFAULT_SITE: &str = "mlp.hook_post";
+
+fn is_default_site(s: &str) -> bool {
+    s == DEFAULT_SITE
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
 /// One trained SAE's results.
 #[derive(Serialize)]
 struct SaeResult {
@@ -133,7 +157,7 @@ fn main() -> Result<()> {
     let report_dir = args.out.join("report");
     std::fs::create_dir_all(&report_dir)
         .with_context(|| format!("creating {}", report_dir.display()))?;
-    let hook = format!("blocks.{}.mlp.hook_post", args.layer);
+    let hook = format!("blocks.{}.{}", args.layer, args.site);
     check_run_folder(&args)?;
 
     // 1. Model, corpora, windows.
@@ -151,7 +175,12 @@ fn main() -> Result<()> {
     stage("reading and tokenizing the corpora");
     let docs = store::load_corpora(&store::default_corpora_root(), &CorpusName::ALL)?;
     let encode = |t: &str| hooked.encode(t);
-    let tokenized = store::tokenize_documents(&docs, &encode, &SplitSpec::default())?;
+    let mut tokenized = store::tokenize_documents(&docs, &encode, &SplitSpec::default())?;
+    if args.chat > 0 {
+        let chats_path = args.out.join("chats.jsonl");
+        let chats = chat::conversations(hooked.model(), &docs, args.chat, args.seed, &chats_path)?;
+        tokenized.extend(chats);
+    }
     let corpus_report = store::corpus_report(&tokenized, args.context, SplitSpec::default());
     let train_plan = WindowPlan::build(&tokenized, Split::Train, args.context, bos, args.seed)?;
     let test_plan = WindowPlan::build(&tokenized, Split::Test, args.context, bos, args.seed)?;
@@ -456,9 +485,11 @@ fn main() -> Result<()> {
 }
 
 /// The flags that decide what the output folder's caches, checkpoints and SAEs hold.
-const STATE_FLAGS: [&str; 11] = [
+const STATE_FLAGS: [&str; 13] = [
     "model",
     "layer",
+    "site",
+    "chat",
     "train_tokens",
     "context",
     "seed",
@@ -617,11 +648,11 @@ fn index_html(hook: &str, model: &Path, train_rows: u64, results: &[SaeResult]) 
         );
     }
     format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Neuron SAEs: {hook}</title>\
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>SAEs: {hook}</title>\
          <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}\
          table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}\
          img{{max-width:520px;margin:8px}}</style></head><body>\
-         <h1>Neuron SAEs on {model}</h1>\
+         <h1>SAEs on {model}</h1>\
          <p>SAEs trained on {train_rows} activations of <code>{hook}</code>; every number below is \
          measured on held-out test documents. Loss recovered = (L_ablated - L_spliced) / \
          (L_ablated - L_clean). The last column is the largest per-token change in NLL when the \

@@ -187,6 +187,108 @@ pub fn plot_bars(items: &[(&str, f64)], title: &str, y_label: &str, path: &Path)
     Ok(())
 }
 
+/// One line of [`plot_lines`]: points `(x, y, low, high)`, the interval drawn as an error bar.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64, f64, f64)>,
+}
+
+/// Lines with error bars against a numeric x axis (a dose-response curve: share of responses on a
+/// topic against the clamp value, with bootstrap intervals), on a symmetric-log x axis when
+/// `log_x` (so that 0 can sit beside 1, 10 and 20).
+///
+/// # Errors
+/// `InvalidArgument` if there is no point or one is not finite; `Plot` if drawing fails.
+pub fn plot_lines(
+    series: &[Series],
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    log_x: bool,
+    path: &Path,
+) -> Result<()> {
+    let all: Vec<(f64, f64, f64, f64)> = series.iter().flat_map(|s| s.points.clone()).collect();
+    if all.is_empty() {
+        return Err(MetricsError::InvalidArgument {
+            what: "line plot".into(),
+            reason: "no points to draw".into(),
+        });
+    }
+    if let Some(p) = all
+        .iter()
+        .find(|p| ![p.0, p.1, p.2, p.3].iter().all(|v| v.is_finite()))
+    {
+        return Err(MetricsError::NonFinite {
+            what: format!("plot point {p:?}"),
+            value: f64::NAN,
+        });
+    }
+    let fx = |x: f64| if log_x { x.signum() * (1.0 + x.abs()).ln() } else { x };
+    let xs: Vec<f64> = all.iter().map(|p| fx(p.0)).collect();
+    let (xmin, xmax) = xs
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    let pad = ((xmax - xmin) * 0.05).max(0.05);
+    let ymin = all.iter().map(|p| p.2.min(p.1)).fold(f64::MAX, f64::min);
+    let ymax = all.iter().map(|p| p.3.max(p.1)).fold(f64::MIN, f64::max);
+    let ypad = ((ymax - ymin) * 0.08).max(1e-3);
+    register_font();
+    let e = plot_err(path);
+    let root = BitMapBackend::new(path, (860, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 20))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(xmin - pad..xmax + pad, ymin - ypad..ymax + ypad)
+        .map_err(|x| e(x.to_string()))?;
+    let inv = |v: f64| if log_x { v.signum() * (v.abs().exp() - 1.0) } else { v };
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 15))
+        .x_label_formatter(&|v| format!("{:.3}", inv(*v)).trim_end_matches('0').trim_end_matches('.').to_string())
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    let colors = [
+        RGBColor(66, 114, 196),
+        RGBColor(214, 96, 39),
+        RGBColor(60, 150, 80),
+        RGBColor(150, 70, 160),
+        RGBColor(120, 120, 120),
+    ];
+    for (i, s) in series.iter().enumerate() {
+        let c = colors[i % colors.len()];
+        let pts: Vec<(f64, f64)> = s.points.iter().map(|p| (fx(p.0), p.1)).collect();
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
+            .map_err(|x| e(x.to_string()))?
+            .label(s.name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+        chart
+            .draw_series(s.points.iter().map(|p| {
+                ErrorBar::new_vertical(fx(p.0), p.2, p.1, p.3, c.filled(), 8)
+            }))
+            .map_err(|x| e(x.to_string()))?;
+        chart
+            .draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 4, c.filled())))
+            .map_err(|x| e(x.to_string()))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font((FONT, 14))
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +315,18 @@ mod tests {
         plot_bars(&[("clean", 3.3), ("spliced", 3.6)], "NLL", "nats", &p2).unwrap();
         assert_eq!(&std::fs::read(&p2).unwrap()[1..4], b"PNG");
         assert!(plot_histogram(&[0.0], &[1], "x", "x", "y", &p).is_err());
+        let p3 = dir.path().join("l.png");
+        let s = Series {
+            name: "topic share".into(),
+            points: vec![(0.0, 0.1, 0.0, 0.2), (10.0, 0.6, 0.4, 0.8)],
+        };
+        plot_lines(&[s], "dose", "clamp", "share", true, &p3).unwrap();
+        assert_eq!(&std::fs::read(&p3).unwrap()[1..4], b"PNG");
+        let nan = Series {
+            name: "bad".into(),
+            points: vec![(0.0, f64::NAN, 0.0, 1.0)],
+        };
+        assert!(plot_lines(&[nan], "dose", "clamp", "share", false, &p3).is_err());
+        assert!(plot_lines(&[], "dose", "clamp", "share", false, &p3).is_err());
     }
 }

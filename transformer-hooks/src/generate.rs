@@ -1,9 +1,11 @@
 //! Generation with hooks applied at every step.
 //!
-//! Each step recomputes the whole sequence (no KV cache), so that an intervention sees every
-//! position at every step, exactly as in a plain forward pass over the same tokens: a clamp
-//! applied "during generation" is then the same function as a clamp applied to the final text.
-//! At the sizes used here (135M-270M parameters, a few hundred tokens) a step takes tens of ms.
+//! By default the prompt runs once and each step runs one new position against a KV cache
+//! ([`crate::KvCache`]); hooks then see each position once, when it is computed. Because every
+//! intervention the workspace applies during generation (SAE-feature clamps, additions, splices)
+//! acts on each position independently, that is the same function as the old recompute path
+//! (`kv_cache: false`: the whole sequence at every step), and greedy decoding gives the same
+//! tokens either way (`tests/generate.rs`).
 
 use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
@@ -37,6 +39,12 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
     /// Generation ends after emitting one of these (e.g. `tokenizer.stop_tokens()`).
     pub stop_tokens: Vec<u32>,
+    /// Run each step on the new position only, against a KV cache (default). `false` reruns
+    /// the whole sequence at every step: slower, kept as the reference the cache is tested against.
+    pub kv_cache: bool,
+    /// Token used for the left padding of a batch of prompts (never attended to; default: the
+    /// first prompt's first token).
+    pub pad_token: Option<u32>,
 }
 
 impl GenerateOptions {
@@ -46,6 +54,8 @@ impl GenerateOptions {
             max_new_tokens,
             sampling: Sampling::Greedy,
             stop_tokens: Vec::new(),
+            kv_cache: true,
+            pad_token: None,
         }
     }
 
@@ -60,12 +70,20 @@ impl GenerateOptions {
                 seed,
             },
             stop_tokens: Vec::new(),
+            kv_cache: true,
+            pad_token: None,
         }
     }
 
     /// Stop after any of `tokens`.
     pub fn stop_at(mut self, tokens: impl IntoIterator<Item = u32>) -> Self {
         self.stop_tokens.extend(tokens);
+        self
+    }
+
+    /// Rerun the whole sequence at every step instead of using a KV cache.
+    pub fn without_kv_cache(mut self) -> Self {
+        self.kv_cache = false;
         self
     }
 
@@ -124,14 +142,18 @@ pub(crate) struct Sampler {
 }
 
 impl Sampler {
-    pub(crate) fn new(sampling: &Sampling) -> Self {
+    /// The sampler of row `row` of a batch: stream `row` of the seed's ChaCha8 generator, so
+    /// that row 0 draws what a batch of one draws.
+    pub(crate) fn for_row(sampling: &Sampling, row: u64) -> Self {
         let seed = match sampling {
             Sampling::Sample { seed, .. } => *seed,
             Sampling::Greedy => 0,
         };
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(row);
         Self {
             sampling: sampling.clone(),
-            rng: ChaCha8Rng::seed_from_u64(seed),
+            rng,
         }
     }
 

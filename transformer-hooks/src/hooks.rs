@@ -37,6 +37,7 @@ use crate::error::{BoxError, Error, Result};
 use crate::hook_point::HookPoint;
 
 type MapFn<'a> = Box<dyn FnMut(&Tensor) -> std::result::Result<Tensor, BoxError> + 'a>;
+type MapAtFn<'a> = Box<dyn FnMut(&Tensor, usize) -> std::result::Result<Tensor, BoxError> + 'a>;
 
 /// An edit of the activation at a hook point; the rest of the forward pass sees the result.
 #[non_exhaustive]
@@ -52,6 +53,10 @@ pub enum Intervention<'a> {
     /// Any function of the whole activation; it must return a tensor of the same shape. Build it
     /// with [`Intervention::map`].
     Map(MapFn<'a>),
+    /// As `Map`, also told the index (in the padded sequence) of the activation's first
+    /// position: 0 for a plain pass, the number of cached positions for a KV-cached generation
+    /// step. Build it with [`Intervention::map_at`].
+    MapAt(MapAtFn<'a>),
 }
 
 impl<'a> Intervention<'a> {
@@ -65,7 +70,19 @@ impl<'a> Intervention<'a> {
         Intervention::Map(Box::new(f))
     }
 
-    fn apply(&mut self, hook: HookPoint, x: &Tensor) -> Result<Tensor> {
+    /// An intervention computed by `f(x, offset)`, where `offset` is the sequence index of `x`'s
+    /// first position. With a KV cache each generation step shows `f` only the new positions
+    /// (`offset` > 0), so an edit that depends on where a position sits (e.g. "generated
+    /// positions only": `offset + i >= prompt_len`) needs it to act the same with and without
+    /// the cache.
+    pub fn map_at<F>(f: F) -> Self
+    where
+        F: FnMut(&Tensor, usize) -> std::result::Result<Tensor, BoxError> + 'a,
+    {
+        Intervention::MapAt(Box::new(f))
+    }
+
+    fn apply(&mut self, hook: HookPoint, x: &Tensor, offset: usize) -> Result<Tensor> {
         let shape_err = |t: &Tensor| Error::ShapeMismatch {
             what: format!("intervention tensor at `{hook}` (must broadcast to the activation)"),
             expected: x.dims().to_vec(),
@@ -88,22 +105,30 @@ impl<'a> Intervention<'a> {
             }
             Intervention::Zero => Ok(x.zeros_like()?),
             Intervention::Scale(s) => Ok(x.affine(*s, 0.0)?),
-            Intervention::Map(f) => {
-                let y = f(x).map_err(|source| Error::Intervention {
-                    hook: hook.to_string(),
-                    source,
-                })?;
-                if y.dims() != x.dims() {
-                    return Err(Error::ShapeMismatch {
-                        what: format!("result of the intervention at `{hook}`"),
-                        expected: x.dims().to_vec(),
-                        got: y.dims().to_vec(),
-                    });
-                }
-                Ok(y)
-            }
+            Intervention::Map(f) => checked(hook, x, f(x)),
+            Intervention::MapAt(f) => checked(hook, x, f(x, offset)),
         }
     }
+}
+
+/// The result of a user function at `hook`: its error wrapped, its shape held to `x`'s.
+fn checked(
+    hook: HookPoint,
+    x: &Tensor,
+    y: std::result::Result<Tensor, BoxError>,
+) -> Result<Tensor> {
+    let y = y.map_err(|source| Error::Intervention {
+        hook: hook.to_string(),
+        source,
+    })?;
+    if y.dims() != x.dims() {
+        return Err(Error::ShapeMismatch {
+            what: format!("result of the intervention at `{hook}`"),
+            expected: x.dims().to_vec(),
+            got: y.dims().to_vec(),
+        });
+    }
+    Ok(y)
 }
 
 impl fmt::Debug for Intervention<'_> {
@@ -114,6 +139,7 @@ impl fmt::Debug for Intervention<'_> {
             Intervention::Zero => f.write_str("Zero"),
             Intervention::Scale(s) => write!(f, "Scale({s})"),
             Intervention::Map(_) => f.write_str("Map(<closure>)"),
+            Intervention::MapAt(_) => f.write_str("MapAt(<closure>)"),
         }
     }
 }
@@ -251,10 +277,12 @@ pub(crate) struct HookRun<'h, 'a> {
     pub(crate) cache: ActivationCache,
     stop: Option<HookPoint>,
     idle: bool,
+    /// Sequence index of the first position of this pass (KV-cached steps start later).
+    offset: usize,
 }
 
 impl<'h, 'a> HookRun<'h, 'a> {
-    pub(crate) fn new(hooks: &'h mut Hooks<'a>) -> Self {
+    pub(crate) fn new(hooks: &'h mut Hooks<'a>, offset: usize) -> Self {
         let stop = hooks.stop_point();
         let idle = hooks.capture.is_empty() && hooks.interventions.is_empty();
         Self {
@@ -262,6 +290,7 @@ impl<'h, 'a> HookRun<'h, 'a> {
             cache: ActivationCache::default(),
             stop,
             idle,
+            offset,
         }
     }
 
@@ -280,7 +309,7 @@ impl<'h, 'a> HookRun<'h, 'a> {
         let mut x = x;
         for (h, iv) in self.hooks.interventions.iter_mut() {
             if *h == hook {
-                x = iv.apply(hook, &x)?;
+                x = iv.apply(hook, &x, self.offset)?;
             }
         }
         if self.hooks.capture.contains(&hook) {

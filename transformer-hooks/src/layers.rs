@@ -3,7 +3,8 @@
 //! Every hook point is applied in exactly one place in this file. Families differ only through
 //! [`ModelConfig`] flags (sandwich norms, q/k norms, gated MLP, learned positions, ...).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::causal_attention;
 use crate::config::{Activation, AttentionType, ModelConfig, NormKind};
@@ -33,10 +34,12 @@ fn param(p: &Params, name: &str) -> Result<Tensor> {
     })
 }
 
-/// `x W^T + b` with `W` stored `[out, in]`.
+/// `x W^T + b` with `W` stored `[out, in]`, and optionally a block-quantized copy of `W` that
+/// the product uses instead (see [`crate::Model::quantize`]).
 pub(crate) struct Linear {
     w: Tensor,
     b: Option<Tensor>,
+    q: Option<QMatMul>,
 }
 
 impl Linear {
@@ -44,7 +47,13 @@ impl Linear {
         Ok(Self {
             w: param(p, &format!("{prefix}.weight"))?,
             b: p.get(&format!("{prefix}.bias")).cloned(),
+            q: None,
         })
+    }
+
+    fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        self.q = Some(quantized_matmul(&self.w, dtype)?);
+        Ok(())
     }
 
     /// `[..., in] -> [..., out]`, as one matrix product over all leading dimensions.
@@ -53,7 +62,10 @@ impl Linear {
         let d_in = dims[dims.len() - 1];
         let rows = x.elem_count() / d_in.max(1);
         let x = x.reshape((rows, d_in))?;
-        let y = cpu_blas::matmul_t(&x, &self.w)?;
+        let y = match &self.q {
+            Some(q) => q.forward(&x)?,
+            None => cpu_blas::matmul_t(&x, &self.w)?,
+        };
         let y = match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -94,9 +106,16 @@ impl MultiLinear {
             Some(Linear {
                 w: Tensor::cat(&ws, 0)?,
                 b,
+                q: None,
             })
         };
         Ok(Self { parts, fused })
+    }
+
+    /// Quantized parts run as separate products (each keeps its own block layout).
+    fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        self.fused = None;
+        self.parts.iter_mut().try_for_each(|l| l.quantize(dtype))
     }
 
     /// One output per part, `[..., out_i]` (views into one product when fused).
@@ -167,6 +186,10 @@ pub(crate) struct PassContext {
     mask_local: Tensor,
 }
 
+/// Keys and values of the positions already run, so that generation runs one new position per
+/// step instead of the whole sequence (see [`crate::KvCache`]).
+pub(crate) type LayerKv = Option<(Tensor, Tensor)>;
+
 impl Attention {
     fn new(p: &Params, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
         let qk_norm = |which: &str| -> Result<Option<Norm>> {
@@ -193,6 +216,11 @@ impl Attention {
         })
     }
 
+    fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        self.qkv.quantize(dtype)?;
+        self.o.quantize(dtype)
+    }
+
     /// `[batch, seq, d_model] -> [batch, seq, d_model]`.
     fn forward(
         &self,
@@ -201,6 +229,7 @@ impl Attention {
         cfg: &ModelConfig,
         kind: AttentionType,
         ctx: &PassContext,
+        kv: Option<&mut LayerKv>,
         run: &mut HookRun,
     ) -> Result<Option<Tensor>> {
         let (b, s, _) = x.dims3()?;
@@ -237,9 +266,23 @@ impl Attention {
                 }
             }
         }
+        // With a cache, this step's keys and values join those of the earlier positions.
+        let (k, v) = match kv {
+            None => (k, v),
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+        };
+        let t = k.dim(2)?;
         // Scaling q before the product is the same as scaling the scores, on s*d not s*s numbers.
         let q = (q * cfg.attn_scale)?;
-        let z = if !run.wants(at(Site::AttnScores))
+        let z = if t == s
+            && !run.wants(at(Site::AttnScores))
             && !run.wants(at(Site::Pattern))
             && causal_attention::applies(&q, &k, &v, mask)
         {
@@ -249,13 +292,13 @@ impl Attention {
             // head are stacked along the sequence axis of one product.
             let n_rep = h / kvh;
             let q = q.reshape((b, kvh, n_rep * s, dh))?;
-            let scores = q.matmul(&k.t()?)?.reshape((b, h, s, s))?;
+            let scores = q.matmul(&k.t()?)?.reshape((b, h, s, t))?;
             let scores = scores.broadcast_add(mask)?;
             let scores = hook!(run, at(Site::AttnScores), scores);
             let pattern = ops::softmax_last_dim(&scores)?;
             let pattern = hook!(run, at(Site::Pattern), pattern);
             pattern
-                .reshape((b, kvh, n_rep * s, s))?
+                .reshape((b, kvh, n_rep * s, t))?
                 .matmul(&v)?
                 .reshape((b, h, s, dh))?
         };
@@ -286,6 +329,14 @@ impl Mlp {
             down: Linear::new(p, &format!("{prefix}.down"))?,
             act: cfg.act,
         })
+    }
+
+    fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        if let Some(g) = &mut self.gate {
+            g.quantize(dtype)?;
+        }
+        self.up.quantize(dtype)?;
+        self.down.quantize(dtype)
     }
 
     fn act(&self, x: &Tensor) -> Result<Tensor> {
@@ -357,12 +408,13 @@ impl Block {
         resid: Tensor,
         cfg: &ModelConfig,
         ctx: &PassContext,
+        kv: Option<&mut LayerKv>,
         run: &mut HookRun,
     ) -> Result<Option<Tensor>> {
         let at = |site| HookPoint::Block(layer, site);
         let resid = hook!(run, at(Site::ResidPre), resid);
         let x = hook!(run, at(Site::Ln1Normalized), self.ln1.forward(&resid)?);
-        let Some(attn) = self.attn.forward(layer, &x, cfg, self.kind, ctx, run)? else {
+        let Some(attn) = self.attn.forward(layer, &x, cfg, self.kind, ctx, kv, run)? else {
             return Ok(None);
         };
         let attn = match &self.ln1_post {
@@ -392,14 +444,35 @@ pub(crate) struct Transformer {
     blocks: Vec<Block>,
     ln_final: Norm,
     unembed: Tensor,
+    unembed_q: Option<QMatMul>,
 }
 
-/// Where each sequence's tokens sit: `0..seq` for every row, or per row from an attention mask.
+/// A block-quantized copy of an `[out, in]` weight for `x W^T`.
+fn quantized_matmul(w: &Tensor, dtype: GgmlDType) -> Result<QMatMul> {
+    let (_, k) = w.dims2()?;
+    if k % dtype.block_size() != 0 {
+        return Err(Error::invalid(
+            "quantization",
+            format!(
+                "{dtype:?} needs widths that are multiples of {}; this weight's is {k}",
+                dtype.block_size()
+            ),
+        ));
+    }
+    let q = QTensor::quantize(&w.to_dtype(DType::F32)?, dtype)?;
+    Ok(QMatMul::from_qtensor(q)?)
+}
+
+/// Where each sequence's tokens sit: `0..seq` for every row, or per row from an attention mask;
+/// with a KV cache, after `offset` positions already run.
 pub(crate) struct Positions {
-    /// `[batch][seq]` position of each token; `None` means `0..seq` in every row.
+    /// `[batch][seq]` rotary position of each token; `None` means `0..seq` in every row.
     pub per_row: Option<Vec<Vec<u32>>>,
-    /// `[batch][seq]` whether each token is real (not padding); `None` means all are.
+    /// `[batch][offset + seq]` whether each key is a real token (not padding), the cached keys
+    /// first; `None` means all are.
     pub real: Option<Vec<Vec<bool>>>,
+    /// Positions (of the padded layout) already in the KV cache; the tokens of this pass follow.
+    pub offset: usize,
 }
 
 impl Positions {
@@ -408,35 +481,59 @@ impl Positions {
             None => Self {
                 per_row: None,
                 real: None,
+                offset: 0,
             },
             Some(rows) => {
                 let real: Vec<Vec<bool>> = rows
                     .iter()
                     .map(|r| r.iter().map(|&m| m != 0).collect())
                     .collect();
-                let per_row = real
-                    .iter()
-                    .map(|r| {
-                        let mut n = 0u32;
-                        r.iter()
-                            .map(|&is_real| {
-                                let p = n;
-                                if is_real {
-                                    n += 1;
-                                }
-                                // Padding before the first token shares position 0.
-                                if is_real { p } else { p.saturating_sub(1) }
-                            })
-                            .collect()
-                    })
-                    .collect();
+                let starts = vec![0u32; real.len()];
                 Self {
-                    per_row: Some(per_row),
+                    per_row: Some(rotary_positions(&real, &starts)),
                     real: Some(real),
+                    offset: 0,
                 }
             }
         }
     }
+
+    /// The tokens of one cached pass: `new_real[r][i]` says whether new token `i` of row `r` is
+    /// real; `cached_real` are the cached keys' flags and `next[r]` the number of real tokens row
+    /// `r` has had, which is the rotary position its next real token gets.
+    pub(crate) fn continuing(cached_real: &[Vec<bool>], next: &[u32], new_real: &[Vec<bool>]) -> Self {
+        let offset = cached_real.first().map_or(0, Vec::len);
+        let real = cached_real
+            .iter()
+            .zip(new_real)
+            .map(|(c, n)| c.iter().chain(n).copied().collect())
+            .collect();
+        Self {
+            per_row: Some(rotary_positions(new_real, next)),
+            real: Some(real),
+            offset,
+        }
+    }
+}
+
+/// Each row's positions counting real tokens only, from `start[r]`; padding before a row's first
+/// real token shares that token's position (it is never attended to by real tokens).
+fn rotary_positions(real: &[Vec<bool>], start: &[u32]) -> Vec<Vec<u32>> {
+    real.iter()
+        .zip(start)
+        .map(|(r, &s0)| {
+            let mut n = s0;
+            r.iter()
+                .map(|&is_real| {
+                    let p = n;
+                    if is_real {
+                        n += 1;
+                    }
+                    if is_real { p } else { p.saturating_sub(1) }
+                })
+                .collect()
+        })
+        .collect()
 }
 
 fn rope_tables(
@@ -479,7 +576,8 @@ fn rope_tables(
     ))
 }
 
-/// Causal (and windowed) additive mask; padded keys are masked except a token's own position, so
+/// Causal (and windowed) additive mask `[batch or 1, 1, seq, offset + seq]` for `seq` queries
+/// that follow `offset` cached keys; padded keys are masked except a token's own position, so
 /// that no row is all `-inf` (which would make softmax NaN for padding rows).
 fn attention_mask(
     batch: usize,
@@ -489,23 +587,25 @@ fn attention_mask(
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
+    let t = pos.offset + seq;
     let allowed = |q: usize, k: usize| k <= q && window.is_none_or(|w| q - k < w);
     let rows = match &pos.real {
         None => 1,
         Some(_) => batch,
     };
-    let mut m = vec![0f32; rows * seq * seq];
+    let mut m = vec![0f32; rows * seq * t];
     for r in 0..rows {
-        for q in 0..seq {
-            for k in 0..seq {
+        for qi in 0..seq {
+            let q = pos.offset + qi;
+            for k in 0..t {
                 let real = pos.real.as_ref().is_none_or(|real| real[r][k] || k == q);
                 if !(allowed(q, k) && real) {
-                    m[(r * seq + q) * seq + k] = f32::NEG_INFINITY;
+                    m[(r * seq + qi) * t + k] = f32::NEG_INFINITY;
                 }
             }
         }
     }
-    Ok(Tensor::from_vec(m, (rows, 1, seq, seq), device)?.to_dtype(dtype)?)
+    Ok(Tensor::from_vec(m, (rows, 1, seq, t), device)?.to_dtype(dtype)?)
 }
 
 impl Transformer {
@@ -528,7 +628,18 @@ impl Transformer {
                 .collect::<Result<_>>()?,
             ln_final: Norm::new(p, "ln_final", cfg.norm, cfg.norm_eps)?,
             unembed,
+            unembed_q: None,
         })
+    }
+
+    /// Every weight product (attention, MLP) in `dtype` blocks, the unembedding in `unembed`.
+    pub(crate) fn quantize(&mut self, dtype: GgmlDType, unembed: GgmlDType) -> Result<()> {
+        for b in &mut self.blocks {
+            b.attn.quantize(dtype)?;
+            b.mlp.quantize(dtype)?;
+        }
+        self.unembed_q = Some(quantized_matmul(&self.unembed, unembed)?);
+        Ok(())
     }
 
     /// Runs to `ln_final.hook_normalized` and returns it, or `None` if the pass stopped earlier.
@@ -539,6 +650,7 @@ impl Transformer {
         cfg: &ModelConfig,
         tokens: &Tensor,
         pos: &Positions,
+        mut kv: Option<&mut [LayerKv]>,
         run: &mut HookRun,
     ) -> Result<Option<Tensor>> {
         let (b, s) = tokens.dims2()?;
@@ -554,7 +666,7 @@ impl Transformer {
         };
         let mut x = hook!(run, HookPoint::Embed, x);
         if let Some(pe) = &self.pos_embed {
-            if s > cfg.n_ctx {
+            if pos.offset + s > cfg.n_ctx {
                 return Err(Error::invalid(
                     "sequence length",
                     format!("{s} tokens exceed the {} learned positions", cfg.n_ctx),
@@ -562,7 +674,7 @@ impl Transformer {
             }
             let p = match &pos.per_row {
                 None => pe
-                    .narrow(0, 0, s)?
+                    .narrow(0, pos.offset, s)?
                     .unsqueeze(0)?
                     .broadcast_as((b, s, cfg.d_model))?,
                 Some(rows) => {
@@ -583,7 +695,7 @@ impl Transformer {
             }
         };
         let mask_full = attention_mask(b, s, None, pos, dtype, device)?;
-        let window = cfg.sliding_window.filter(|&w| w < s);
+        let window = cfg.sliding_window.filter(|&w| w < pos.offset + s);
         let ctx = PassContext {
             rope_full: if uses(AttentionType::Full) {
                 rope(cfg.rope_theta)?
@@ -602,7 +714,8 @@ impl Transformer {
             mask_full,
         };
         for (layer, block) in self.blocks.iter().enumerate() {
-            match block.forward(layer, x, cfg, &ctx, run)? {
+            let slot = kv.as_deref_mut().and_then(|k| k.get_mut(layer));
+            match block.forward(layer, x, cfg, &ctx, slot, run)? {
                 Some(next) => x = next,
                 None => return Ok(None),
             }
@@ -617,7 +730,10 @@ impl Transformer {
 
     /// Logits `[rows, vocab]` of `[rows, d_model]` normalized residuals.
     pub(crate) fn unembed(&self, cfg: &ModelConfig, x: &Tensor) -> Result<Tensor> {
-        let logits = cpu_blas::matmul_t(x, &self.unembed)?;
+        let logits = match &self.unembed_q {
+            Some(q) => q.forward(x)?,
+            None => cpu_blas::matmul_t(x, &self.unembed)?,
+        };
         Ok(match cfg.final_logit_softcap {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
             None => logits,

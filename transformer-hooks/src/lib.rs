@@ -55,7 +55,7 @@ pub use error::{BoxError, Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampling, StopReason};
 pub use hook_point::{HookPoint, Site};
 pub use hooks::{ActivationCache, Hooks, Intervention};
-pub use model::{LoadOptions, Model, Output};
+pub use model::{KvCache, LoadOptions, Model, Output};
 pub use tokenizer::{ChatMessage, ChatTemplate, Role, Tokenizer};
 pub use weights::Params;
 

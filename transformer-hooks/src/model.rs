@@ -11,7 +11,7 @@ use crate::families;
 use crate::generate::{GenerateOptions, Generation, Sampler, StopReason};
 use crate::hook_point::HookPoint;
 use crate::hooks::{ActivationCache, HookRun, Hooks};
-use crate::layers::{Positions, Transformer};
+use crate::layers::{LayerKv, Positions, Transformer};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::weights::{Checkpoint, Format, HfConfig, Params};
 
@@ -57,6 +57,36 @@ pub struct Output {
     pub logits: Option<Tensor>,
     /// The captured activations.
     pub cache: ActivationCache,
+}
+
+/// The keys and values of every layer for the positions run so far, so that generation runs one
+/// new position per step instead of the whole sequence. Made by [`Model::kv_cache`], filled by
+/// [`Model::forward_cached`]. Holds a batch of sequences in the padded layout: every row has the
+/// same number of positions, some of which may be padding that is never attended to.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    layers: Vec<LayerKv>,
+    /// `[batch][positions]`: whether each cached position is a real token.
+    real: Vec<Vec<bool>>,
+    /// Per row, the number of real tokens cached: the rotary position of its next real token.
+    next: Vec<u32>,
+}
+
+impl KvCache {
+    /// Rows (sequences).
+    pub fn batch(&self) -> usize {
+        self.real.len()
+    }
+
+    /// Positions cached per row (padding included).
+    pub fn len(&self) -> usize {
+        self.real.first().map_or(0, Vec::len)
+    }
+
+    /// Whether nothing has been run yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -433,6 +463,23 @@ impl Model {
         Ok(vars)
     }
 
+    /// Runs every weight product (attention, MLP) on `dtype` block-quantized weights, and the
+    /// unembedding on Q8_0, with candle's quantized CPU kernels (llama.cpp's formats and
+    /// arithmetic): at batch 1 a generation step reads every weight once, so 4-5 bit weights make
+    /// it several times faster than f32. `Q4_1` reproduces SmolLM2's GGUF file, whose weights
+    /// the f32 model holds dequantized. Results differ slightly from the f32 path (report the
+    /// difference: `bench_generate --quantized` prints it); hooks and parameters are unchanged,
+    /// and [`Model::trainable_params`] returns to f32.
+    ///
+    /// # Errors
+    /// A layer width that is not a multiple of the format's block size (32 or 256).
+    pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
+        let mut net = Transformer::new(&self.cfg, &self.params)?;
+        net.quantize(dtype, candle_core::quantized::GgmlDType::Q8_0)?;
+        self.net = net;
+        Ok(())
+    }
+
     /// Every hook point this model has, in forward order.
     pub fn hook_points(&self) -> Vec<HookPoint> {
         HookPoint::all(&self.cfg)
@@ -556,8 +603,8 @@ impl Model {
         let tokens = self.check_tokens(tokens)?;
         hooks.validate(&self.cfg)?;
         let pos = self.positions(&tokens, mask)?;
-        let mut run = HookRun::new(hooks);
-        let x = self.net.forward(&self.cfg, &tokens, &pos, &mut run)?;
+        let mut run = HookRun::new(hooks, 0);
+        let x = self.net.forward(&self.cfg, &tokens, &pos, None, &mut run)?;
         Ok((tokens, x, run.cache))
     }
 
@@ -663,7 +710,95 @@ impl Model {
         Ok(Tensor::cat(&parts, 0)?.reshape((b, s - 1))?)
     }
 
-    /// Continues `prompt`, applying `hooks` at every step to every position so far.
+    /// An empty [`KvCache`] for `batch` sequences.
+    pub fn kv_cache(&self, batch: usize) -> KvCache {
+        KvCache {
+            layers: vec![None; self.cfg.n_layers],
+            real: vec![Vec::new(); batch],
+            next: vec![0; batch],
+        }
+    }
+
+    /// Runs `tokens` (`[batch, seq]`) as the positions that follow those already in `cache`,
+    /// adds their keys and values to it, and returns the `[batch, vocab]` logits of the last
+    /// position. `attention_mask` (`[batch, seq]`, 1 real, 0 padding) marks padding, e.g. the
+    /// left padding of a batch of prompts of different lengths; `None` means all are real.
+    ///
+    /// Hooks see only these positions: a `Map` intervention gets `[batch, seq, d]`, and a
+    /// [`crate::Intervention::map_at`] one is told where they start (`cache.len()` before the
+    /// call). An intervention that acts on each position independently (a clamp, an addition, an
+    /// SAE splice) therefore gives the same result as on a full pass over the whole sequence.
+    ///
+    /// # Errors
+    /// As [`Model::forward`]; also a batch size other than the cache's, a sequence past the
+    /// model's context, and hooks that stop the pass before the logits.
+    pub fn forward_cached(
+        &self,
+        tokens: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let tokens = self.check_tokens(tokens)?;
+        hooks.validate(&self.cfg)?;
+        let (b, s) = tokens.dims2()?;
+        if b != cache.batch() {
+            return Err(Error::ShapeMismatch {
+                what: "tokens for the KV cache (batch must match the cache's)".into(),
+                expected: vec![cache.batch(), s],
+                got: vec![b, s],
+            });
+        }
+        if cache.len() + s > self.cfg.n_ctx {
+            return Err(Error::invalid(
+                "sequence length",
+                format!(
+                    "{} cached + {s} new positions exceed the context of {}",
+                    cache.len(),
+                    self.cfg.n_ctx
+                ),
+            ));
+        }
+        let new_real: Vec<Vec<bool>> = match attention_mask {
+            None => vec![vec![true; s]; b],
+            Some(m) => {
+                if m.dims() != tokens.dims() {
+                    return Err(Error::ShapeMismatch {
+                        what: "attention_mask (must match tokens)".into(),
+                        expected: tokens.dims().to_vec(),
+                        got: m.dims().to_vec(),
+                    });
+                }
+                m.to_dtype(DType::I64)?
+                    .to_vec2::<i64>()?
+                    .into_iter()
+                    .map(|r| r.into_iter().map(|v| v != 0).collect())
+                    .collect()
+            }
+        };
+        let pos = Positions::continuing(&cache.real, &cache.next, &new_real);
+        let mut run = HookRun::new(hooks, pos.offset);
+        // On an error the cache may hold some layers' new keys but not others': drop it all
+        // rather than leave it inconsistent.
+        let x = match self
+            .net
+            .forward(&self.cfg, &tokens, &pos, Some(&mut cache.layers), &mut run)
+        {
+            Ok(x) => x,
+            Err(e) => {
+                *cache = self.kv_cache(b);
+                return Err(e);
+            }
+        };
+        for ((real, next), new) in cache.real.iter_mut().zip(&mut cache.next).zip(&new_real) {
+            real.extend(new);
+            *next += new.iter().filter(|&&r| r).count() as u32;
+        }
+        let x = x.ok_or_else(|| Error::invalid("hooks", "they stop the pass before the logits"))?;
+        Ok(self.logits_of(&x, LogitsFor::Last)?.squeeze(1)?)
+    }
+
+    /// Continues `prompt`, applying `hooks` at every step (see [`Model::generate_batch`]).
     ///
     /// # Errors
     /// Invalid options (temperature <= 0, top_p outside (0, 1]), hooks that stop the pass early,
@@ -674,11 +809,37 @@ impl Model {
         opts: &GenerateOptions,
         hooks: &mut Hooks,
     ) -> Result<Generation> {
+        let mut out = self.generate_batch(&[prompt.to_vec()], opts, hooks)?;
+        Ok(out.remove(0))
+    }
+
+    /// Continues each of `prompts` in one batch, left-padded to a common length.
+    ///
+    /// With `opts.kv_cache` (the default) the prompts run once (prefill) and each step runs one
+    /// new position per row; hooks then see only the new positions (see
+    /// [`Model::forward_cached`]). Without it every step reruns the whole sequence, so hooks see
+    /// every position at every step; for interventions that act on each position independently
+    /// the two give the same tokens (`tests/generate.rs`). Rows step together; a row that has
+    /// stopped keeps running (its tokens are dropped) until every row has stopped. With
+    /// sampling, row `r` draws from stream `r` of the seed, so a row's text does not depend on
+    /// the other rows and a batch of one equals [`Model::generate`].
+    ///
+    /// # Errors
+    /// As [`Model::generate`]; also an empty prompt in the batch.
+    pub fn generate_batch(
+        &self,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+        hooks: &mut Hooks,
+    ) -> Result<Vec<Generation>> {
         opts.validate()?;
-        if prompt.is_empty() {
+        if prompts.is_empty() {
+            return Err(Error::invalid("prompts", "empty batch"));
+        }
+        if let Some(i) = prompts.iter().position(Vec::is_empty) {
             return Err(Error::invalid(
                 "prompt",
-                "empty (start with BOS if the model has one)",
+                format!("prompt {i} is empty (start with BOS if the model has one)"),
             ));
         }
         if hooks.stop_point().is_some() {
@@ -687,28 +848,64 @@ impl Model {
                 "stop_at_deepest_capture leaves no logits to generate from",
             ));
         }
-        let mut sampler = Sampler::new(&opts.sampling);
-        let mut seq = prompt.to_vec();
-        let mut new = Vec::new();
-        let stop = loop {
-            if new.len() >= opts.max_new_tokens {
-                break StopReason::MaxTokens;
+        let b = prompts.len();
+        let pad = opts.pad_token.unwrap_or(prompts[0][0]);
+        let (mut tokens, mut mask) = self.pad_batch(prompts, pad, true)?;
+        let mut samplers: Vec<Sampler> = (0..b)
+            .map(|r| Sampler::for_row(&opts.sampling, r as u64))
+            .collect();
+        let mut cache = opts.kv_cache.then(|| self.kv_cache(b));
+        let mut step_tokens = tokens.clone();
+        let mut step_mask = Some(mask.clone());
+        let mut out: Vec<Generation> = (0..b)
+            .map(|_| Generation {
+                tokens: Vec::new(),
+                stop: StopReason::MaxTokens,
+            })
+            .collect();
+        let mut running = vec![true; b];
+        let mut steps = 0;
+        while running.iter().any(|&r| r) {
+            let len = tokens.dim(1)?;
+            if steps >= opts.max_new_tokens || len >= self.cfg.n_ctx {
+                let why = if steps >= opts.max_new_tokens {
+                    StopReason::MaxTokens
+                } else {
+                    StopReason::ContextFull
+                };
+                for (g, _) in out.iter_mut().zip(&running).filter(|(_, r)| **r) {
+                    g.stop = why;
+                }
+                break;
             }
-            if seq.len() >= self.cfg.n_ctx {
-                break StopReason::ContextFull;
+            let logits = match cache.as_mut() {
+                Some(c) => self.forward_cached(&step_tokens, step_mask.as_ref(), c, hooks)?,
+                None => {
+                    let (_, x, _) = self.run(&tokens, Some(&mask), hooks)?;
+                    let x = x.ok_or_else(|| {
+                        Error::invalid("hooks", "they stop the pass before the logits")
+                    })?;
+                    self.logits_of(&x, LogitsFor::Last)?.squeeze(1)?
+                }
+            };
+            let mut next = Vec::with_capacity(b);
+            for r in 0..b {
+                let t = samplers[r].next(&logits.get(r)?)?;
+                if running[r] {
+                    out[r].tokens.push(t);
+                    if opts.stop_tokens.contains(&t) {
+                        out[r].stop = StopReason::StopToken(t);
+                        running[r] = false;
+                    }
+                }
+                next.push(t);
             }
-            let tokens = self.tokens(&seq)?;
-            let (_, x, _) = self.run(&tokens, None, hooks)?;
-            let x =
-                x.ok_or_else(|| Error::invalid("hooks", "they stop the pass before the logits"))?;
-            let logits = self.logits_of(&x, LogitsFor::Last)?.flatten_all()?;
-            let next = sampler.next(&logits)?;
-            seq.push(next);
-            new.push(next);
-            if opts.stop_tokens.contains(&next) {
-                break StopReason::StopToken(next);
-            }
-        };
-        Ok(Generation { tokens: new, stop })
+            steps += 1;
+            step_tokens = Tensor::from_vec(next, (b, 1), &self.device)?;
+            step_mask = None;
+            tokens = Tensor::cat(&[&tokens, &step_tokens], 1)?;
+            mask = Tensor::cat(&[&mask, &step_tokens.ones_like()?], 1)?;
+        }
+        Ok(out)
     }
 }
