@@ -160,9 +160,7 @@ pub fn try_small_m(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         .zip(wd.par_chunks(ROWS_PER_TASK * k))
         .for_each(|(out, w_blk)| {
             for (o, w_row) in out.chunks_mut(m).zip(w_blk.chunks(k)) {
-                for (oi, x_row) in o.iter_mut().zip(xd.chunks(k)) {
-                    *oi = dot(x_row, w_row);
-                }
+                rows_dot(xd, k, w_row, o);
             }
         });
     let y = if m == 1 {
@@ -179,43 +177,62 @@ pub fn try_small_m(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Ok(Some(Tensor::from_vec(y, (m, n), x.device())?))
 }
 
-macro_rules! dot_body {
-    ($a:expr, $b:expr, $fma:expr) => {{
-        let a: &[f32] = $a;
-        let b: &[f32] = &$b[..a.len()];
-        let (ac, ar) = a.as_chunks::<16>();
-        let (bc, br) = b.as_chunks::<16>();
-        let mut acc = [0.0f32; 16];
-        for (x, y) in ac.iter().zip(bc) {
-            for i in 0..16 {
-                acc[i] = $fma(x[i], y[i], acc[i]);
-            }
-        }
-        let mut s = 0.0f32;
-        for i in 0..8 {
-            s += acc[i] + acc[i + 8];
-        }
-        for (x, y) in ar.iter().zip(br) {
-            s += x * y;
-        }
-        s
-    }};
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_body!(a, b, f32::mul_add)
-}
-
-/// `Σ a_i b_i`, with AVX2 + FMA where the CPU has them (checked once; same machine, same path).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// `out[i] = x_i · w_row` for the `out.len()` (at most [`SMALL_M`]) rows `x_i` of `xs`, each of
+/// length `k`: one pass over `w_row`, every loaded chunk of it used for all rows.
+fn rows_dot(xs: &[f32], k: usize, w_row: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked above).
-        return unsafe { dot_avx2(a, b) };
+        // SAFETY: the CPU supports AVX2 and FMA (checked above); the kernels read xs[..m * k]
+        // and w_row[..k], which the callers' slices hold (m = out.len()).
+        unsafe {
+            match out.len() {
+                1 => rows_dot_avx2::<1>(xs, k, w_row, out),
+                2 => rows_dot_avx2::<2>(xs, k, w_row, out),
+                3 => rows_dot_avx2::<3>(xs, k, w_row, out),
+                4 => rows_dot_avx2::<4>(xs, k, w_row, out),
+                5 => rows_dot_avx2::<5>(xs, k, w_row, out),
+                6 => rows_dot_avx2::<6>(xs, k, w_row, out),
+                7 => rows_dot_avx2::<7>(xs, k, w_row, out),
+                _ => rows_dot_avx2::<8>(xs, k, w_row, out),
+            }
+        }
+        return;
     }
-    dot_body!(a, b, |x: f32, y: f32, c: f32| x * y + c)
+    for (o, x) in out.iter_mut().zip(xs.chunks(k)) {
+        *o = x.iter().zip(w_row).map(|(a, b)| a * b).sum();
+    }
+}
+
+/// [`rows_dot`] for `M` rows: `M` accumulators of 8 lanes stay in registers, and each 8-float
+/// chunk of the weight row is loaded once for all of them.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_dot_avx2<const M: usize>(xs: &[f32], k: usize, w_row: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(xs.len() >= M * k && w_row.len() >= k && out.len() >= M);
+    let chunks = k / 8;
+    let mut acc = [_mm256_setzero_ps(); M];
+    let (wp, xp) = (w_row.as_ptr(), xs.as_ptr());
+    for c in 0..chunks {
+        // SAFETY: c * 8 + 8 <= k, and row i's chunk ends at i * k + c * 8 + 8 <= M * k (asserted).
+        unsafe {
+            let w = _mm256_loadu_ps(wp.add(c * 8));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let x = _mm256_loadu_ps(xp.add(i * k + c * 8));
+                *a = _mm256_fmadd_ps(x, w, *a);
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let mut lanes = [0f32; 8];
+        // SAFETY: lanes has room for 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), *a) };
+        let mut s: f32 = lanes.iter().sum();
+        for j in chunks * 8..k {
+            s += xs[i * k + j] * w_row[j];
+        }
+        out[i] = s;
+    }
 }
 
 /// `x W^T` as [`matmul_t`], through BLAS, or `None` where it does not apply
@@ -323,12 +340,22 @@ mod tests {
     #[test]
     fn small_m_matches_candle() -> Result<()> {
         let dev = Device::Cpu;
-        for (m, k, n) in [(1, 1, 1), (1, 576, 1536), (3, 33, 130), (8, 1536, 577), (5, 17, 64)] {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (1, 576, 1536),
+            (3, 33, 130),
+            (8, 1536, 577),
+            (5, 17, 64),
+        ] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
             let ours = try_small_m(&x, &w)?.expect("applies");
             let reference = x.matmul(&w.t()?)?;
-            let diff = (ours - reference)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let diff = (ours - reference)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
             assert!(diff < 1e-3, "[{m},{k}]x[{n},{k}]^T: max |diff| {diff}");
         }
         let w = Tensor::randn(0f32, 1.0, (4, 8), &dev)?;

@@ -74,15 +74,17 @@ impl FeatureStats {
         decode: &dyn Fn(u32) -> String,
         progress: Option<&indicatif::ProgressBar>,
     ) -> Result<Self> {
-        let collector =
-            metrics::collect_examples(acts, sae, max_rows, 4096, 12, 0, 0, progress)?;
+        let collector = metrics::collect_examples(acts, sae, max_rows, 4096, 12, 0, 0, progress)?;
         let rows = acts.rows().min(max_rows);
         // Every harvested row's (window, position) -> token, to print contexts.
         let cache = acts.cache();
         let mut windows: HashMap<u32, Vec<(u32, u32)>> = HashMap::new();
         for r in 0..rows {
             let p = cache.provenance(r)?;
-            windows.entry(p.window).or_default().push((p.position, p.token));
+            windows
+                .entry(p.window)
+                .or_default()
+                .push((p.position, p.token));
         }
         windows.values_mut().for_each(|w| w.sort_unstable());
         let context = |window: u32, position: u32| -> String {
@@ -311,7 +313,11 @@ pub fn contrast(
     if a.len() < 2 || b.len() < 2 {
         return Err(SteeringError::invalid(
             "contrast sets",
-            format!("need at least 2 texts in each, got {} and {}", a.len(), b.len()),
+            format!(
+                "need at least 2 texts in each, got {} and {}",
+                a.len(),
+                b.len()
+            ),
         ));
     }
     let d = sae.d_sae();
@@ -343,7 +349,9 @@ pub fn contrast(
         (mean, var / n)
     };
     let mut hits: Vec<ContrastHit> = (0..d)
-        .filter(|&f| stats.is_none_or(|s| s.firing_rate.get(f).is_some_and(|&r| r <= max_firing_rate)))
+        .filter(|&f| {
+            stats.is_none_or(|s| s.firing_rate.get(f).is_some_and(|&r| r <= max_firing_rate))
+        })
         .filter_map(|f| {
             let ((mean_a, sa), (mean_b, sb)) = (moments(&ma, f), moments(&mb, f));
             if mean_a == 0.0 && mean_b == 0.0 {
@@ -399,15 +407,21 @@ pub fn features_in(
     }
     let mut hits: Vec<PromptHit> = best
         .into_iter()
-        .filter(|(f, _)| stats.is_none_or(|s| s.firing_rate.get(*f).is_some_and(|&r| r <= max_firing_rate)))
+        .filter(|(f, _)| {
+            stats.is_none_or(|s| s.firing_rate.get(*f).is_some_and(|&r| r <= max_firing_rate))
+        })
         .map(|(f, (v, p))| {
-            let max = stats.and_then(|s| s.max_activation.get(f).copied()).unwrap_or(0.0);
+            let max = stats
+                .and_then(|s| s.max_activation.get(f).copied())
+                .unwrap_or(0.0);
             PromptHit {
                 feature: f,
                 activation: v,
                 position: p,
                 relative: if max > 0.0 { v / max } else { v },
-                label: stats.and_then(|s| s.labels.get(f).cloned()).unwrap_or_default(),
+                label: stats
+                    .and_then(|s| s.labels.get(f).cloned())
+                    .unwrap_or_default(),
             }
         })
         .collect();

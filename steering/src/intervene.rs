@@ -159,11 +159,11 @@ impl<'s> Steering<'s> {
         }
         let xs = x.narrow(1, first, s - first)?;
         let n = b * (s - first);
-        let flat = xs.reshape((n, d))?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        let needs_codes = self
-            .edits
-            .iter()
-            .any(|e| matches!(e.edit, Edit::Clamp(_)));
+        let flat = xs
+            .reshape((n, d))?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?;
+        let needs_codes = self.edits.iter().any(|e| matches!(e.edit, Edit::Clamp(_)));
         let codes = if needs_codes {
             Some(self.sae.encode_sparse(&flat)?)
         } else {
@@ -221,8 +221,9 @@ pub fn sae_hook(sae: &SaeModel) -> Result<HookPoint> {
         hook: "(none)".into(),
         reason: "the SAE's cfg.json names no hook_name; pass the hook explicitly".into(),
     })?;
-    name.parse().map_err(|e: transformer_hooks::Error| SteeringError::SaeHook {
-        hook: name.to_string(),
-        reason: e.to_string(),
-    })
+    name.parse()
+        .map_err(|e: transformer_hooks::Error| SteeringError::SaeHook {
+            hook: name.to_string(),
+            reason: e.to_string(),
+        })
 }

@@ -129,7 +129,12 @@ pub fn bootstrap_mean(values: &[f64], iters: usize, seed: u64) -> (f64, f64, f64
 
 /// The bootstrap interval of a difference of means between paired per-prompt values
 /// (`after[i] - before[i]`).
-pub fn bootstrap_paired_diff(before: &[f64], after: &[f64], iters: usize, seed: u64) -> (f64, f64, f64) {
+pub fn bootstrap_paired_diff(
+    before: &[f64],
+    after: &[f64],
+    iters: usize,
+    seed: u64,
+) -> (f64, f64, f64) {
     let d: Vec<f64> = before.iter().zip(after).map(|(b, a)| a - b).collect();
     bootstrap_mean(&d, iters, seed)
 }
@@ -217,7 +222,10 @@ mod tests {
         let w = WordList::parse("# sea words\nwhal*, sea\nocean").unwrap();
         assert!(w.mentions("The Whales sang."));
         assert!(w.mentions("by the sea."));
-        assert!(!w.mentions("seat belts and oceanic"), "whole words unless starred");
+        assert!(
+            !w.mentions("seat belts and oceanic"),
+            "whole words unless starred"
+        );
         assert_eq!(w.first_match("a whaling ship"), Some("whaling"));
         assert!(WordList::parse("  # nothing\n").is_err());
     }
@@ -226,7 +234,11 @@ mod tests {
     fn agreement_rule() {
         assert_eq!(agrees("Yes, you are right."), Some(true));
         assert_eq!(agrees("No, the Moon is smaller."), Some(false));
-        assert_eq!(agrees("Actually, yes it is"), Some(false), "first phrase decides");
+        assert_eq!(
+            agrees("Actually, yes it is"),
+            Some(false),
+            "first phrase decides"
+        );
         assert_eq!(agrees("The sky is blue."), None);
     }
 
@@ -249,7 +261,11 @@ mod tests {
         let want = ((1f64.exp() + 3f64.exp()) / z).ln();
         let got = log_mass(&logits, &[1, 3]).unwrap();
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
-        let kl0 = mean_kl(&logits.unsqueeze(0).unwrap().unsqueeze(0).unwrap(), &logits.unsqueeze(0).unwrap().unsqueeze(0).unwrap()).unwrap();
+        let kl0 = mean_kl(
+            &logits.unsqueeze(0).unwrap().unsqueeze(0).unwrap(),
+            &logits.unsqueeze(0).unwrap().unsqueeze(0).unwrap(),
+        )
+        .unwrap();
         assert!(kl0.abs() < 1e-6);
     }
 }
