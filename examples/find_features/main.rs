@@ -19,9 +19,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use sae_workbench::activation_store::ActivationCache;
 use sae_workbench::sae_core::SaeModel;
-use sae_workbench::steering::{
-    ContrastText, FeatureStats, contrast, features_in, sae_hook,
-};
+use sae_workbench::steering::{ContrastText, FeatureStats, contrast, features_in, sae_hook};
 use sae_workbench::transformer_hooks::candle_core::Device;
 use sae_workbench::transformer_hooks::{
     self as transformer_hooks, ChatMessage, Model, Tokenizer, assets,
@@ -74,20 +72,27 @@ fn main() -> Result<()> {
     if !(args.max_firing_rate > 0.0 && args.max_firing_rate <= 1.0) {
         bail!("--max-firing-rate must be in (0, 1]");
     }
-    let sae = SaeModel::load(&args.sae).with_context(|| format!("loading SAE {}", args.sae.display()))?;
+    let sae =
+        SaeModel::load(&args.sae).with_context(|| format!("loading SAE {}", args.sae.display()))?;
     let hook = sae_hook(&sae)?;
-    let path = args.model.clone().unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
+    let path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
     let tok = Tokenizer::load(&path)?;
     let decode = |id: u32| tok.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"));
 
     let existing = FeatureStats::load(&args.sae).ok();
     let stats = match (&args.cache, existing) {
         (Some(cache), e) if args.rescan || e.is_none() => {
-            let cache = ActivationCache::open(cache).with_context(|| format!("opening cache {}", cache.display()))?;
+            let cache = ActivationCache::open(cache)
+                .with_context(|| format!("opening cache {}", cache.display()))?;
             let acts = cache.hook(&hook.to_string())?;
             let pb = ProgressBar::new(0).with_style(
-                ProgressStyle::with_template("scan {wide_bar} {human_pos}/{human_len} rows eta {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template(
+                    "scan {wide_bar} {human_pos}/{human_len} rows eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             let s = FeatureStats::scan(&acts, &sae, args.rows, &decode, Some(&pb))?;
             pb.finish_and_clear();
@@ -95,7 +100,9 @@ fn main() -> Result<()> {
             let alive = s.firing_rate.iter().filter(|&&r| r > 0.0).count();
             eprintln!(
                 "wrote {} ({} rows scanned, {alive} of {} features fired)",
-                args.sae.join(sae_workbench::steering::features::STATS_FILE).display(),
+                args.sae
+                    .join(sae_workbench::steering::features::STATS_FILE)
+                    .display(),
                 s.rows,
                 s.d_sae()
             );
@@ -105,16 +112,23 @@ fn main() -> Result<()> {
     };
 
     if let Some(word) = &args.search {
-        let stats = stats.as_ref().context("--search needs feature stats: pass --cache once")?;
+        let stats = stats
+            .as_ref()
+            .context("--search needs feature stats: pass --cache once")?;
         let hits = stats.search(word, args.max_firing_rate);
         eprintln!("== features mentioning {word:?} ({} hits)", hits.len());
         for h in hits.iter().take(args.top) {
-            let ctx = stats.top_contexts[h.feature].first().map_or("", |c| c.text.as_str());
+            let ctx = stats.top_contexts[h.feature]
+                .first()
+                .map_or("", |c| c.text.as_str());
             eprintln!(
                 "{:>6}  score {:.2}  max {:.2}  rate {:.5}  [{}]  {}",
                 h.feature, h.score, h.max_activation, h.firing_rate, h.label, ctx
             );
-            println!("{}", serde_json::json!({"query": "search", "word": word, "hit": h}));
+            println!(
+                "{}",
+                serde_json::json!({"query": "search", "word": word, "hit": h})
+            );
         }
     }
 
@@ -125,21 +139,42 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
-    let model = Model::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
+    let model =
+        Model::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
 
     if let (Some(a), Some(b)) = (&args.contrast_a, &args.contrast_b) {
         let (ta, tb) = (read_texts(&model, a)?, read_texts(&model, b)?);
-        let hits = contrast(&model, &sae, hook, &ta, &tb, stats.as_ref(), args.max_firing_rate)?;
-        let label = |f: usize| stats.as_ref().and_then(|s| s.labels.get(f).cloned()).unwrap_or_default();
+        let hits = contrast(
+            &model,
+            &sae,
+            hook,
+            &ta,
+            &tb,
+            stats.as_ref(),
+            args.max_firing_rate,
+        )?;
+        let label = |f: usize| {
+            stats
+                .as_ref()
+                .and_then(|s| s.labels.get(f).cloned())
+                .unwrap_or_default()
+        };
         for (name, list) in [
             ("A over B", hits.iter().take(args.top).collect::<Vec<_>>()),
-            ("B over A", hits.iter().rev().take(args.top).collect::<Vec<_>>()),
+            (
+                "B over A",
+                hits.iter().rev().take(args.top).collect::<Vec<_>>(),
+            ),
         ] {
             eprintln!("== contrast: {name} ({} texts vs {})", ta.len(), tb.len());
             for h in list {
                 eprintln!(
                     "{:>6}  t {:>7.2}  mean A {:.3}  mean B {:.3}  [{}]",
-                    h.feature, h.t, h.mean_a, h.mean_b, label(h.feature)
+                    h.feature,
+                    h.t,
+                    h.mean_a,
+                    h.mean_b,
+                    label(h.feature)
                 );
                 println!(
                     "{}",
@@ -156,10 +191,19 @@ fn main() -> Result<()> {
         } else {
             tok.encode_chat(&[ChatMessage::user(p.as_str())], true)?
         };
-        let hits = features_in(&model, &sae, hook, &tokens, stats.as_ref(), args.max_firing_rate)?;
+        let hits = features_in(
+            &model,
+            &sae,
+            hook,
+            &tokens,
+            stats.as_ref(),
+            args.max_firing_rate,
+        )?;
         eprintln!("== features on the prompt ({} tokens)", tokens.len());
         for h in hits.iter().take(args.top) {
-            let at = tok.decode(&tokens[h.position..=h.position]).unwrap_or_default();
+            let at = tok
+                .decode(&tokens[h.position..=h.position])
+                .unwrap_or_default();
             eprintln!(
                 "{:>6}  {:.2} ({:.0}% of max) at {:?}  [{}]",
                 h.feature,
@@ -168,7 +212,10 @@ fn main() -> Result<()> {
                 at,
                 h.label
             );
-            println!("{}", serde_json::json!({"query": "prompt", "hit": h, "token": at}));
+            println!(
+                "{}",
+                serde_json::json!({"query": "prompt", "hit": h, "token": at})
+            );
         }
     }
     Ok(())
@@ -178,19 +225,33 @@ fn main() -> Result<()> {
 /// (all of it after BOS).
 fn read_texts(model: &Model, path: &PathBuf) -> Result<Vec<ContrastText>> {
     let tok = model.tokenizer()?;
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         match line.split_once('\t') {
             Some((user, assistant)) => {
                 let prompt = tok.encode_chat(&[ChatMessage::user(user)], true)?;
-                let full = tok.encode_chat(&[ChatMessage::user(user), ChatMessage::assistant(assistant)], false)?;
+                let full = tok.encode_chat(
+                    &[ChatMessage::user(user), ChatMessage::assistant(assistant)],
+                    false,
+                )?;
                 // The assistant's tokens: after the prompt, before the end-of-turn marker.
                 let end = full.len() - 1;
                 if full.len() <= prompt.len() + 1 || full[..prompt.len()] != prompt[..] {
-                    bail!("{}: could not locate the assistant turn of {line:?}", path.display());
+                    bail!(
+                        "{}: could not locate the assistant turn of {line:?}",
+                        path.display()
+                    );
                 }
-                out.push(ContrastText { tokens: full, span: prompt.len()..end });
+                out.push(ContrastText {
+                    tokens: full,
+                    span: prompt.len()..end,
+                });
             }
             None => {
                 let tokens = tok.encode(line, model.config().add_bos)?;
@@ -198,7 +259,10 @@ fn read_texts(model: &Model, path: &PathBuf) -> Result<Vec<ContrastText>> {
                 if tokens.len() <= start {
                     continue;
                 }
-                out.push(ContrastText { span: start..tokens.len(), tokens });
+                out.push(ContrastText {
+                    span: start..tokens.len(),
+                    tokens,
+                });
             }
         }
     }

@@ -224,7 +224,13 @@ pub fn plot_lines(
             value: f64::NAN,
         });
     }
-    let fx = |x: f64| if log_x { x.signum() * (1.0 + x.abs()).ln() } else { x };
+    let fx = |x: f64| {
+        if log_x {
+            x.signum() * (1.0 + x.abs()).ln()
+        } else {
+            x
+        }
+    };
     let xs: Vec<f64> = all.iter().map(|p| fx(p.0)).collect();
     let (xmin, xmax) = xs
         .iter()
@@ -244,16 +250,45 @@ pub fn plot_lines(
         .y_label_area_size(64)
         .build_cartesian_2d(xmin - pad..xmax + pad, ymin - ypad..ymax + ypad)
         .map_err(|x| e(x.to_string()))?;
-    let inv = |v: f64| if log_x { v.signum() * (v.abs().exp() - 1.0) } else { v };
+    let inv = |v: f64| {
+        if log_x {
+            v.signum() * (v.abs().exp() - 1.0)
+        } else {
+            v
+        }
+    };
+    let short = |v: f64| {
+        format!("{v:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+    };
+    // On the log axis, ticks at round positions of the transformed axis read as 0.649, 1.718...:
+    // label the measured x values instead.
     chart
         .configure_mesh()
         .x_desc(x_label)
         .y_desc(y_label)
         .label_style((FONT, 14))
         .axis_desc_style((FONT, 15))
-        .x_label_formatter(&|v| format!("{:.3}", inv(*v)).trim_end_matches('0').trim_end_matches('.').to_string())
+        .x_labels(if log_x { 0 } else { 10 })
+        .x_label_formatter(&|v| short(inv(*v)))
         .draw()
         .map_err(|x| e(x.to_string()))?;
+    if log_x {
+        let mut ticks: Vec<f64> = all.iter().map(|p| p.0).collect();
+        ticks.sort_by(f64::total_cmp);
+        ticks.dedup();
+        for t in ticks {
+            let (px, py) = chart.backend_coord(&(fx(t), ymin - ypad));
+            root.draw(&Text::new(
+                short(t),
+                (px - 4 * short(t).len() as i32, py + 6),
+                (FONT, 14),
+            ))
+            .map_err(|x| e(x.to_string()))?;
+        }
+    }
     let colors = [
         RGBColor(66, 114, 196),
         RGBColor(214, 96, 39),
@@ -270,9 +305,11 @@ pub fn plot_lines(
             .label(s.name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
         chart
-            .draw_series(s.points.iter().map(|p| {
-                ErrorBar::new_vertical(fx(p.0), p.2, p.1, p.3, c.filled(), 8)
-            }))
+            .draw_series(
+                s.points
+                    .iter()
+                    .map(|p| ErrorBar::new_vertical(fx(p.0), p.2, p.1, p.3, c.filled(), 8)),
+            )
             .map_err(|x| e(x.to_string()))?;
         chart
             .draw_series(pts.iter().map(|&(x, y)| Circle::new((x, y), 4, c.filled())))

@@ -174,6 +174,8 @@ pub(crate) struct Attention {
     o: Linear,
     q_norm: Option<Norm>,
     k_norm: Option<Norm>,
+    /// Full or sliding-window: which rotary table and mask of the pass this layer uses.
+    kind: AttentionType,
 }
 
 /// Per-pass tensors shared by all layers: rotary tables and masks for each attention type.
@@ -191,7 +193,7 @@ pub(crate) struct PassContext {
 pub(crate) type LayerKv = Option<(Tensor, Tensor)>;
 
 impl Attention {
-    fn new(p: &Params, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+    fn new(p: &Params, prefix: &str, cfg: &ModelConfig, kind: AttentionType) -> Result<Self> {
         let qk_norm = |which: &str| -> Result<Option<Norm>> {
             if cfg.qk_norm {
                 Ok(Some(Norm::new(
@@ -213,6 +215,7 @@ impl Attention {
             o: Linear::new(p, &format!("{prefix}.o"))?,
             q_norm: qk_norm("q_norm")?,
             k_norm: qk_norm("k_norm")?,
+            kind,
         })
     }
 
@@ -227,7 +230,6 @@ impl Attention {
         layer: usize,
         x: &Tensor,
         cfg: &ModelConfig,
-        kind: AttentionType,
         ctx: &PassContext,
         kv: Option<&mut LayerKv>,
         run: &mut HookRun,
@@ -251,7 +253,7 @@ impl Attention {
         let mut q = q.transpose(1, 2)?.contiguous()?;
         let mut k = k.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let (rope, mask) = match kind {
+        let (rope, mask) = match self.kind {
             AttentionType::Full => (&ctx.rope_full, &ctx.mask_full),
             AttentionType::Sliding => (&ctx.rope_local, &ctx.mask_local),
         };
@@ -376,7 +378,6 @@ pub(crate) struct Block {
     ln2: Norm,
     mlp: Mlp,
     ln2_post: Option<Norm>,
-    kind: AttentionType,
 }
 
 impl Block {
@@ -385,7 +386,7 @@ impl Block {
         let norm = |n: &str| Norm::new(p, &format!("{pre}.{n}"), cfg.norm, cfg.norm_eps);
         Ok(Self {
             ln1: norm("ln1")?,
-            attn: Attention::new(p, &format!("{pre}.attn"), cfg)?,
+            attn: Attention::new(p, &format!("{pre}.attn"), cfg, cfg.layer_types[layer])?,
             ln1_post: if cfg.sandwich_norms {
                 Some(norm("ln1_post")?)
             } else {
@@ -398,7 +399,6 @@ impl Block {
             } else {
                 None
             },
-            kind: cfg.layer_types[layer],
         })
     }
 
@@ -414,7 +414,7 @@ impl Block {
         let at = |site| HookPoint::Block(layer, site);
         let resid = hook!(run, at(Site::ResidPre), resid);
         let x = hook!(run, at(Site::Ln1Normalized), self.ln1.forward(&resid)?);
-        let Some(attn) = self.attn.forward(layer, &x, cfg, self.kind, ctx, kv, run)? else {
+        let Some(attn) = self.attn.forward(layer, &x, cfg, ctx, kv, run)? else {
             return Ok(None);
         };
         let attn = match &self.ln1_post {
@@ -501,7 +501,11 @@ impl Positions {
     /// The tokens of one cached pass: `new_real[r][i]` says whether new token `i` of row `r` is
     /// real; `cached_real` are the cached keys' flags and `next[r]` the number of real tokens row
     /// `r` has had, which is the rotary position its next real token gets.
-    pub(crate) fn continuing(cached_real: &[Vec<bool>], next: &[u32], new_real: &[Vec<bool>]) -> Self {
+    pub(crate) fn continuing(
+        cached_real: &[Vec<bool>],
+        next: &[u32],
+        new_real: &[Vec<bool>],
+    ) -> Self {
         let offset = cached_real.first().map_or(0, Vec::len);
         let real = cached_real
             .iter()
@@ -673,10 +677,11 @@ impl Transformer {
                 ));
             }
             let p = match &pos.per_row {
-                None => pe
-                    .narrow(0, pos.offset, s)?
-                    .unsqueeze(0)?
-                    .broadcast_as((b, s, cfg.d_model))?,
+                None => {
+                    pe.narrow(0, pos.offset, s)?
+                        .unsqueeze(0)?
+                        .broadcast_as((b, s, cfg.d_model))?
+                }
                 Some(rows) => {
                     let ids: Vec<u32> = rows.iter().flatten().copied().collect();
                     let ids = Tensor::from_vec(ids, b * s, device)?;

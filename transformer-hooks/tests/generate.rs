@@ -119,7 +119,10 @@ fn kv_cache_gives_the_recompute_tokens() {
         let dir = Tensor::new(dir.as_slice(), &Device::Cpu).unwrap();
         let norm = dir.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
         let dir = dir.broadcast_div(&norm).unwrap();
-        for opts in [GenerateOptions::greedy(12), GenerateOptions::sampled(12, 1.0, 3)] {
+        for opts in [
+            GenerateOptions::greedy(12),
+            GenerateOptions::sampled(12, 1.0, 3),
+        ] {
             for clamp in [None, Some(8.0)] {
                 let run = |o: &GenerateOptions| {
                     let mut hooks = match clamp {
@@ -193,7 +196,12 @@ fn kv_cache_logits_match_a_full_pass() {
     // A batch that does not match the cache is an error, not a panic.
     assert!(
         model
-            .forward_cached(&all.narrow(0, 0, 1).unwrap(), None, &mut cache, &mut Hooks::new())
+            .forward_cached(
+                &all.narrow(0, 0, 1).unwrap(),
+                None,
+                &mut cache,
+                &mut Hooks::new()
+            )
             .is_err()
     );
 }
@@ -252,7 +260,9 @@ fn smollm2_kv_cache_gives_the_recompute_tokens() {
     .map(|q| tok.encode_chat(&[ChatMessage::user(*q)], true).unwrap())
     .collect();
     let embed = &model.params()["embed.weight"];
-    let dir = embed.get(tok.encode("whale", false).unwrap()[0] as usize).unwrap();
+    let dir = embed
+        .get(tok.encode("whale", false).unwrap()[0] as usize)
+        .unwrap();
     let norm = dir.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
     let dir = dir.broadcast_div(&norm).unwrap();
     for clamp in [None, Some(30.0)] {
