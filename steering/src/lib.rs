@@ -7,6 +7,7 @@
 //!   runs inside `Model::generate_batch` (KV-cached) and any other forward pass.
 //! * [`features`]: find the feature to steer with, by its top contexts ([`FeatureStats`]), by
 //!   contrasting two sets of texts ([`contrast`]), or by what fires on a prompt ([`features_in`]).
+//! * [`traits()`]: the features most characteristic of a response (TF-IDF over SAE features).
 //! * [`measure`]: topic mentions by word list, agreement by keyword rule, response perplexity,
 //!   KL on corpus text, bootstrap intervals over prompts.
 //!
@@ -33,6 +34,7 @@ mod error;
 pub mod features;
 mod intervene;
 pub mod measure;
+pub mod traits;
 
 pub use error::{Result, SteeringError};
 pub use features::{
@@ -41,3 +43,4 @@ pub use features::{
 };
 pub use intervene::{Edit, FeatureEdit, Scope, Steering, sae_hook};
 pub use measure::{WordList, agrees, bootstrap_mean, bootstrap_paired_diff};
+pub use traits::{Trait, TraitToken, traits};
