@@ -20,7 +20,9 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use sae_workbench::metrics::html::escape_html;
 use sae_workbench::sae_core::SaeModel;
-use sae_workbench::steering::{FeatureEdit, FeatureStats, Steering, Trait, sae_hook, traits};
+use sae_workbench::steering::{
+    FeatureEdit, FeatureStats, Steering, Trait, TraitOptions, sae_hook, traits,
+};
 use sae_workbench::transformer_hooks::candle_core::Device;
 use sae_workbench::transformer_hooks::{
     self as transformer_hooks, ChatMessage, GenerateOptions, Hooks, Model, Sampling, assets,
@@ -155,8 +157,10 @@ fn main() -> Result<()> {
         .map(|r| r % prompts.len())
         .collect();
     let pb = ProgressBar::new(rows.len() as u64).with_style(
-        ProgressStyle::with_template("traits {wide_bar} {human_pos}/{human_len} responses eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "traits {wide_bar} {human_pos}/{human_len} responses eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let out_path = args.out.join("traits.jsonl");
     let mut out = std::fs::File::create(&out_path)
@@ -197,8 +201,10 @@ fn main() -> Result<()> {
                     &stats,
                     &full,
                     span,
-                    args.top,
-                    args.max_firing_rate,
+                    TraitOptions {
+                        top: args.top,
+                        max_firing_rate: args.max_firing_rate,
+                    },
                 )?
             };
             let row = Row {
@@ -230,16 +236,15 @@ fn main() -> Result<()> {
     });
     if let Some(s) = &summary {
         println!("{s}");
-        std::fs::write(args.out.join("expect.json"), serde_json::to_string_pretty(s)?)?;
+        std::fs::write(
+            args.out.join("expect.json"),
+            serde_json::to_string_pretty(s)?,
+        )?;
     }
     let html_path = args.out.join("traits.html");
     std::fs::write(&html_path, html(&args, &results, summary.as_ref()))
         .with_context(|| format!("writing {}", html_path.display()))?;
-    eprintln!(
-        "traits: {} and {}",
-        out_path.display(),
-        html_path.display()
-    );
+    eprintln!("traits: {} and {}", out_path.display(), html_path.display());
     Ok(())
 }
 
@@ -284,7 +289,10 @@ fn html(args: &Args, rows: &[Row], summary: Option<&serde_json::Value>) -> Strin
         }
     ));
     if let Some(v) = summary {
-        s.push_str(&format!("<p><code>{}</code></p>", escape_html(&v.to_string())));
+        s.push_str(&format!(
+            "<p><code>{}</code></p>",
+            escape_html(&v.to_string())
+        ));
     }
     for r in rows {
         s.push_str(&format!(

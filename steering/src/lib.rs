@@ -43,4 +43,4 @@ pub use features::{
 };
 pub use intervene::{Edit, FeatureEdit, Scope, Steering, sae_hook};
 pub use measure::{WordList, agrees, bootstrap_mean, bootstrap_paired_diff};
-pub use traits::{Trait, TraitToken, traits};
+pub use traits::{Trait, TraitOptions, TraitToken, traits};

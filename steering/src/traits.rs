@@ -46,13 +46,31 @@ pub struct TraitToken {
     pub relative: f32,
 }
 
-/// The `top` traits of the response `tokens[span]` (the prompt before it is read as context),
+/// How many traits, and which features may be one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TraitOptions {
+    /// Traits returned.
+    pub top: usize,
+    /// Features firing on more than this fraction of tokens are left out (at 0.05, features of
+    /// "was", "I", "a" crowd the list on SmolLM2).
+    pub max_firing_rate: f64,
+}
+
+impl Default for TraitOptions {
+    fn default() -> Self {
+        Self {
+            top: 5,
+            max_firing_rate: 0.01,
+        }
+    }
+}
+
+/// The top traits of the response `tokens[span]` (the prompt before it is read as context),
 /// strongest first. Features that never fired in the stats' scan have no scale and are left
-/// out, as are features denser than `max_firing_rate`.
+/// out, as are features denser than `opts.max_firing_rate`.
 ///
 /// # Errors
 /// An empty or out-of-range span, stats for another dictionary size, model and SAE errors.
-#[allow(clippy::too_many_arguments)]
 pub fn traits(
     model: &Model,
     sae: &SaeModel,
@@ -60,9 +78,12 @@ pub fn traits(
     stats: &FeatureStats,
     tokens: &[u32],
     span: Range<usize>,
-    top: usize,
-    max_firing_rate: f64,
+    opts: TraitOptions,
 ) -> Result<Vec<Trait>> {
+    let TraitOptions {
+        top,
+        max_firing_rate,
+    } = opts;
     if span.is_empty() || span.end > tokens.len() {
         return Err(SteeringError::invalid(
             "response span",

@@ -5,10 +5,17 @@ use approx::assert_relative_eq;
 use candle_core::Device;
 use sae_core::config::TopKConfig;
 use sae_core::{CommonConfig, SaeConfig, SaeModel, TopKSae, TopKTraining};
-use steering::{FeatureStats, traits};
+use steering::{FeatureStats, TraitOptions, traits};
 use transformer_hooks::{HookPoint, Model, assets};
 
 const D_SAE: usize = 256;
+
+fn opts(top: usize) -> TraitOptions {
+    TraitOptions {
+        top,
+        max_firing_rate: 0.01,
+    }
+}
 
 #[test]
 fn traits_rank_by_relative_activation_times_log_inverse_rate() {
@@ -27,7 +34,10 @@ fn traits_rank_by_relative_activation_times_log_inverse_rate() {
     let sae = SaeModel::from_parts(SaeConfig::TopK(cfg), Box::new(sae), None);
     let tok = model.tokenizer().unwrap();
     let tokens = tok
-        .encode("The whale rose from the sea, and the sailors cheered on the deck.", true)
+        .encode(
+            "The whale rose from the sea, and the sailors cheered on the deck.",
+            true,
+        )
         .unwrap();
     let span = 4..tokens.len();
 
@@ -64,7 +74,7 @@ fn traits_rank_by_relative_activation_times_log_inverse_rate() {
         .collect();
     want.sort_by(|a, b| b.1.total_cmp(&a.1));
 
-    let got = traits(&model, &sae, hook, &stats, &tokens, span.clone(), 8, 0.01).unwrap();
+    let got = traits(&model, &sae, hook, &stats, &tokens, span.clone(), opts(8)).unwrap();
     assert_eq!(got.len(), 8);
     for (g, (f, s)) in got.iter().zip(&want) {
         assert_eq!(g.feature, *f);
@@ -79,22 +89,36 @@ fn traits_rank_by_relative_activation_times_log_inverse_rate() {
         for t in &g.tokens {
             let a = dense[span.start + t.position][g.feature] / max[g.feature];
             assert_relative_eq!(t.relative, a, max_relative = 1e-4);
-            assert_eq!(t.token, tok.decode(&[tokens[span.start + t.position]]).unwrap());
+            assert_eq!(
+                t.token,
+                tok.decode(&[tokens[span.start + t.position]]).unwrap()
+            );
         }
     }
     // A dense feature that would otherwise rank first is not a trait.
     let top = got[0].feature;
     let mut dense_stats = stats.clone();
     dense_stats.firing_rate[top] = 0.2;
-    let again = traits(&model, &sae, hook, &dense_stats, &tokens, span, 8, 0.01).unwrap();
+    let again = traits(&model, &sae, hook, &dense_stats, &tokens, span, opts(8)).unwrap();
     assert!(again.iter().all(|t| t.feature != top));
     assert_eq!(again[0].feature, got[1].feature);
 
     // Bad spans and mismatched stats are refused.
-    assert!(traits(&model, &sae, hook, &stats, &tokens, 3..3, 5, 0.01).is_err());
-    assert!(traits(&model, &sae, hook, &stats, &tokens, 0..tokens.len() + 1, 5, 0.01).is_err());
+    assert!(traits(&model, &sae, hook, &stats, &tokens, 3..3, opts(5)).is_err());
+    assert!(
+        traits(
+            &model,
+            &sae,
+            hook,
+            &stats,
+            &tokens,
+            0..tokens.len() + 1,
+            opts(5)
+        )
+        .is_err()
+    );
     let mut short = stats.clone();
     short.max_activation.pop();
-    let err = traits(&model, &sae, hook, &short, &tokens, 4..6, 5, 0.01).unwrap_err();
+    let err = traits(&model, &sae, hook, &short, &tokens, 4..6, opts(5)).unwrap_err();
     assert!(err.to_string().contains("255 features"), "{err}");
 }
