@@ -8,6 +8,8 @@
 //! * [`features`]: find the feature to steer with, by its top contexts ([`FeatureStats`]), by
 //!   contrasting two sets of texts ([`contrast`]), or by what fires on a prompt ([`features_in`]).
 //! * [`traits()`]: the features most characteristic of a response (TF-IDF over SAE features).
+//! * [`cue`]: a prompt that triggers an unwanted feature, edited (words deleted, replaced by
+//!   synonyms, rephrased) until the feature stays quiet, with a score of the meaning kept.
 //! * [`measure`]: topic mentions by word list, agreement by keyword rule, response perplexity,
 //!   KL on corpus text, bootstrap intervals over prompts.
 //!
@@ -30,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cue;
 mod error;
 pub mod features;
 mod intervene;

@@ -1,0 +1,80 @@
+//! Cue adjustment's measurements on SmolLM2-135M (skipped when the asset is absent): the prompt
+//! peak against the dense encoding, word effects against edited prompts measured directly, the
+//! meaning score's zero, and fluency's direction.
+
+use candle_core::Device;
+use sae_core::config::TopKConfig;
+use sae_core::{CommonConfig, SaeConfig, SaeModel, TopKSae, TopKTraining};
+use steering::cue::{edited, meaning_score, prompt_peak, text_nll, word_effects, words};
+use transformer_hooks::{ChatMessage, HookPoint, Model, assets};
+
+#[test]
+fn cue_measurements_agree_with_direct_figures() {
+    let Some(path) = assets::asset_or_skip(assets::SMOLLM2) else {
+        return;
+    };
+    let model = Model::load(&path, &Device::Cpu).unwrap();
+    let hook = HookPoint::resid_post(5);
+    let d_in = model.config().d_model;
+    let sae = TopKSae::init(d_in, 128, TopKTraining::new(8), 11).unwrap();
+    let cfg = TopKConfig {
+        k: 8,
+        rescale_acts_by_decoder_norm: false,
+        common: CommonConfig::new(d_in, 128),
+    };
+    let sae = SaeModel::from_parts(SaeConfig::TopK(cfg), Box::new(sae), None);
+    let tok = model.tokenizer().unwrap();
+    let encode = |t: &str| -> steering::Result<Vec<u32>> {
+        Ok(tok.encode_chat(&[ChatMessage::user(t)], true)?)
+    };
+    let text = "My grandfather worked at sea for years.";
+    let tokens = encode(text).unwrap();
+
+    // The feature that fires hardest anywhere past BOS, from the dense encoding.
+    let cache = model
+        .run_with_cache(&model.tokens(&tokens).unwrap(), &[hook])
+        .unwrap();
+    let x = cache.require(hook).unwrap().squeeze(0).unwrap();
+    let dense: Vec<Vec<f32>> = sae.encode(&x).unwrap().to_vec2().unwrap();
+    let (mut f, mut v, mut p) = (0, 0.0f32, 0);
+    for (pos, row) in dense.iter().enumerate().skip(1) {
+        for (j, &a) in row.iter().enumerate() {
+            if a > v {
+                (f, v, p) = (j, a, pos);
+            }
+        }
+    }
+    let (peak, at) = prompt_peak(&model, &sae, hook, &tokens, f).unwrap();
+    assert!((peak - v).abs() <= 1e-4 * v.max(1.0), "{peak} vs {v}");
+    assert_eq!(at, p);
+
+    // Word effects are the peaks of the prompts with each word deleted.
+    let ws = words(text);
+    let eff = word_effects(&model, &sae, hook, &encode, text, f).unwrap();
+    assert_eq!(eff.len(), ws.len());
+    for i in [0, 3, ws.len() - 1] {
+        let direct = prompt_peak(
+            &model,
+            &sae,
+            hook,
+            &encode(&edited(&ws, &[i], None)).unwrap(),
+            f,
+        )
+        .unwrap()
+        .0;
+        assert!((eff[i] - direct).abs() < 1e-5);
+    }
+
+    // A prompt predicts its own answer exactly as well as itself; another predicts it worse.
+    let answer = tok.encode(" He sailed on whaling ships.", false).unwrap();
+    let same = meaning_score(&model, &tokens, &tokens, &answer).unwrap();
+    assert!(same.abs() < 1e-6, "{same}");
+    let other = encode("What is the capital of France?").unwrap();
+    assert!(meaning_score(&model, &tokens, &other, &answer).unwrap() < 0.0);
+
+    // Shuffled words read less naturally than the sentence.
+    let shuffled = "years for sea worked at grandfather My.";
+    assert!(text_nll(&model, shuffled).unwrap() > text_nll(&model, text).unwrap());
+
+    assert!(prompt_peak(&model, &sae, hook, &tokens, 128).is_err());
+}
