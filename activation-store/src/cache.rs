@@ -103,12 +103,32 @@ impl ActivationCache {
             what: "missing: not an activation cache (or its harvest never committed a shard)"
                 .into(),
         })?;
+        // Every size below comes from the file: checked arithmetic, so that an absurd manifest
+        // is an error naming it rather than an overflow.
+        let invalid = |what: String| Error::Manifest {
+            path: dir.join(MANIFEST),
+            what,
+        };
+        if manifest.hooks.is_empty() {
+            return Err(invalid(
+                "it lists no hook: a cache holds at least one".into(),
+            ));
+        }
         let row_bytes: Vec<u64> = manifest
             .hooks
             .iter()
-            .map(|h| (h.width * manifest.settings.dtype.size()) as u64)
-            .collect();
-        let mut first_row = 0;
+            .map(|h| {
+                if h.width == 0 {
+                    return Err(invalid(format!("hook {} has width 0", h.name)));
+                }
+                (h.width as u64)
+                    .checked_mul(manifest.settings.dtype.size() as u64)
+                    .ok_or_else(|| {
+                        invalid(format!("hook {} has an absurd width {}", h.name, h.width))
+                    })
+            })
+            .collect::<Result<_>>()?;
+        let mut first_row: u64 = 0;
         for s in &manifest.shards {
             let bad = |what: String| Error::Manifest {
                 path: dir.join(MANIFEST),
@@ -117,13 +137,15 @@ impl ActivationCache {
             if s.first_row != first_row || s.hooks.len() != manifest.hooks.len() {
                 return Err(bad("inconsistent row offsets or hook count".into()));
             }
-            first_row += s.rows;
-            if s.provenance.bytes != s.rows * Provenance::BYTES as u64 {
+            first_row = first_row
+                .checked_add(s.rows)
+                .ok_or_else(|| bad(format!("an absurd row count {}", s.rows)))?;
+            if s.rows.checked_mul(Provenance::BYTES as u64) != Some(s.provenance.bytes) {
                 return Err(bad("provenance size disagrees with its row count".into()));
             }
             check_size(&dir.join(&s.provenance.path), s.provenance.bytes)?;
             for (h, f) in s.hooks.iter().enumerate() {
-                if f.file.bytes != s.rows * row_bytes[h] {
+                if s.rows.checked_mul(row_bytes[h]) != Some(f.file.bytes) {
                     return Err(bad(format!(
                         "{} size disagrees with rows x width",
                         f.file.path
@@ -233,7 +255,13 @@ impl ActivationCache {
         let s = &self.inner.manifest.shards[shard];
         let path = self.inner.dir.join(&s.provenance.path);
         let bytes = read_range(&path, local * Provenance::BYTES as u64, Provenance::BYTES)?;
-        Ok(Provenance::from_bytes(&bytes))
+        let record: [u8; Provenance::BYTES] =
+            bytes.as_slice().try_into().map_err(|_| Error::ShardSize {
+                path: path.clone(),
+                expected: (local + 1) * Provenance::BYTES as u64,
+                found: bytes.len() as u64,
+            })?;
+        Ok(Provenance::from_bytes(&record))
     }
 
     /// The windows harvested, from `plan.json`.

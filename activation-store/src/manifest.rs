@@ -131,7 +131,9 @@ impl Provenance {
         b
     }
 
-    pub fn from_bytes(b: &[u8]) -> Self {
+    /// The record written by [`Provenance::to_bytes`]; exactly [`Provenance::BYTES`] long, by type,
+    /// so that a short read cannot index past the end.
+    pub fn from_bytes(b: &[u8; Self::BYTES]) -> Self {
         let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         Provenance {
             window: u(0),

@@ -393,3 +393,38 @@ fn harvest_with_full_disk(
     };
     harvest(dir, plan, &model(), &mut src, cfg, None).unwrap_err()
 }
+
+/// A manifest edited into nonsense (no hooks, a zero or absurd width, an absurd row count) is an
+/// error naming the manifest and the field, never an overflow or a division by zero later.
+#[test]
+fn absurd_manifests_are_refused_at_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    run(tmp.path(), &plan(6, 16), &config(100));
+    let path = tmp.path().join("manifest.json");
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        ("no hook", Box::new(|m| m["hooks"] = serde_json::json!([]))),
+        ("width 0", Box::new(|m| m["hooks"][0]["width"] = 0.into())),
+        (
+            "absurd width",
+            Box::new(|m| m["hooks"][0]["width"] = serde_json::json!(u64::MAX / 2)),
+        ),
+        (
+            "provenance size disagrees",
+            Box::new(|m| m["shards"][0]["rows"] = serde_json::json!(u64::MAX - 1)),
+        ),
+    ];
+    for (want, edit) in cases {
+        let mut m = original.clone();
+        edit(&mut m);
+        std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+        match ActivationCache::open(tmp.path()) {
+            Err(Error::Manifest { what, .. }) => assert!(what.contains(want), "{want}: {what}"),
+            other => panic!(
+                "{want}: expected a manifest error, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
+}
