@@ -168,6 +168,43 @@ fn bad_config_json_is_named() {
     assert!(load_err(&dir).to_string().contains("llama3"));
 }
 
+/// Sizes that would allocate without bound or divide by zero (10^12 layers, 0 heads) are
+/// refused naming the key, for every family's HF config, before anything is allocated.
+#[test]
+fn absurd_sizes_in_a_config_are_named_not_allocated() {
+    for (family, layers_key, heads_key) in [
+        ("llama", "num_hidden_layers", "num_attention_heads"),
+        ("gemma3", "num_hidden_layers", "num_attention_heads"),
+        ("qwen2", "num_hidden_layers", "num_attention_heads"),
+        ("gpt2", "n_layer", "n_head"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join(family);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(
+            tiny_dir(family).join("model.safetensors"),
+            dir.join("model.safetensors"),
+        )
+        .unwrap();
+        let cfg = std::fs::read_to_string(tiny_dir(family).join("config.json")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+        for (key, value) in [(layers_key, 1_000_000_000_000u64), (heads_key, 0)] {
+            let mut w = v.clone();
+            w[key] = serde_json::json!(value);
+            if family == "gemma3" {
+                // Its explicit per-layer list would otherwise be checked first.
+                w.as_object_mut().unwrap().remove("layer_types");
+            }
+            std::fs::write(dir.join("config.json"), w.to_string()).unwrap();
+            let e = load_err(&dir);
+            assert!(
+                matches!(e, Error::Metadata { key: ref k, .. } if k == key),
+                "{family} {key}={value}: {e}"
+            );
+        }
+    }
+}
+
 #[test]
 fn hook_points_the_model_lacks_are_named() {
     let model = tiny("llama");

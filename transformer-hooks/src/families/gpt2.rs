@@ -57,12 +57,21 @@ fn base(
 
 pub(crate) fn config_from_gguf(meta: &GgufMeta, ckpt: &Checkpoint) -> Result<ModelConfig> {
     let d_model = meta.usize("gpt2.embedding_length")?;
-    let mut cfg = base(
+    let (n_layers, n_heads) = (
         meta.usize("gpt2.block_count")?,
+        meta.usize("gpt2.attention.head_count")?,
+    );
+    super::check_sizes(
+        ckpt,
+        ("gpt2.block_count", n_layers),
+        ("gpt2.attention.head_count", n_heads),
+    )?;
+    let mut cfg = base(
+        n_layers,
         d_model,
         meta.opt_usize("gpt2.feed_forward_length")?
-            .unwrap_or(4 * d_model),
-        meta.usize("gpt2.attention.head_count")?,
+            .unwrap_or(d_model.saturating_mul(4)),
+        n_heads,
         embedding_rows(ckpt, "token_embd.weight")?,
         embedding_rows(ckpt, "position_embd.weight")?,
     );
@@ -90,11 +99,14 @@ fn hf_prefix(ckpt: &Checkpoint) -> Result<String> {
 pub(crate) fn config_from_hf(hf: &HfConfig, ckpt: &Checkpoint) -> Result<ModelConfig> {
     let d_model = hf.usize("n_embd")?;
     let prefix = hf_prefix(ckpt)?;
+    let (n_layers, n_heads) = (hf.usize("n_layer")?, hf.usize("n_head")?);
+    super::check_sizes(ckpt, ("n_layer", n_layers), ("n_head", n_heads))?;
     let mut cfg = base(
-        hf.usize("n_layer")?,
+        n_layers,
         d_model,
-        hf.opt_usize("n_inner")?.unwrap_or(4 * d_model),
-        hf.usize("n_head")?,
+        hf.opt_usize("n_inner")?
+            .unwrap_or(d_model.saturating_mul(4)),
+        n_heads,
         embedding_rows(ckpt, &format!("{prefix}wte.weight"))?,
         embedding_rows(ckpt, &format!("{prefix}wpe.weight"))?,
     );

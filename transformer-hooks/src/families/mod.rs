@@ -309,6 +309,11 @@ pub(crate) fn gguf_base(
         None => d_model / n_heads.max(1),
     };
     let n_layers = meta.usize(&key("block_count"))?;
+    check_sizes(
+        ckpt,
+        (&key("block_count"), n_layers),
+        (&key("attention.head_count"), n_heads),
+    )?;
     let eps = match meta.opt_f64(&key("attention.layer_norm_rms_epsilon"))? {
         Some(e) => e,
         None => meta
@@ -356,6 +361,29 @@ pub(crate) fn gguf_base(
     })
 }
 
+/// Sizes read from a file, checked before anything is allocated or divided by them: a layer
+/// count can be no larger than the checkpoint's tensor count (every layer has weights), and a
+/// head count must be positive. An HF folder whose config asks for 10^12 layers is then an error
+/// naming the key instead of a 1 TB allocation.
+pub(crate) fn check_sizes(
+    ckpt: &Checkpoint,
+    (layers_key, n_layers): (&str, usize),
+    (heads_key, n_heads): (&str, usize),
+) -> Result<()> {
+    let tensors = ckpt.names().len();
+    if n_layers == 0 || n_layers > tensors {
+        return Err(Error::metadata(
+            &ckpt.path,
+            layers_key,
+            format!("{n_layers} layers, but the checkpoint holds {tensors} tensors"),
+        ));
+    }
+    if n_heads == 0 {
+        return Err(Error::metadata(&ckpt.path, heads_key, "0 attention heads"));
+    }
+    Ok(())
+}
+
 /// The keys HF's Llama-like configs share, with defaults; families then set what is their own.
 pub(crate) fn hf_base(hf: &HfConfig, ckpt: &Checkpoint, arch: Architecture) -> Result<ModelConfig> {
     let n_heads = hf.usize("num_attention_heads")?;
@@ -364,6 +392,11 @@ pub(crate) fn hf_base(hf: &HfConfig, ckpt: &Checkpoint, arch: Architecture) -> R
         .opt_usize("head_dim")?
         .unwrap_or(d_model / n_heads.max(1));
     let n_layers = hf.usize("num_hidden_layers")?;
+    check_sizes(
+        ckpt,
+        ("num_hidden_layers", n_layers),
+        ("num_attention_heads", n_heads),
+    )?;
     let rope_theta = hf_rope_theta(hf, None)?.unwrap_or(10_000.0);
     let prefix = hf_prefix(ckpt, "embed_tokens.weight")?;
     let vocab_size = embedding_rows(ckpt, &format!("{prefix}embed_tokens.weight"))?;
