@@ -32,6 +32,38 @@ pub struct SparseCodes {
 }
 
 impl SparseCodes {
+    /// Checks that the public fields agree: `n_tokens + 1` offsets, starting at 0, never
+    /// decreasing, ending at the length of `features` and `values` (equal), and every feature
+    /// below `d_sae`. Codes built by hand are checked before any kernel indexes with them.
+    ///
+    /// # Errors
+    /// [`SaeError::Config`] naming the first inconsistency.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Err(SaeError::config("sparse codes", reason));
+        if self.offsets.len() != self.n_tokens + 1 {
+            return bad(format!(
+                "{} offsets for {} tokens (expected n_tokens + 1)",
+                self.offsets.len(),
+                self.n_tokens
+            ));
+        }
+        if self.offsets[0] != 0 || self.offsets.windows(2).any(|w| w[1] < w[0]) {
+            return bad("offsets must start at 0 and never decrease".into());
+        }
+        let end = self.offsets[self.n_tokens];
+        if end != self.features.len() || end != self.values.len() {
+            return bad(format!(
+                "offsets end at {end}, with {} features and {} values",
+                self.features.len(),
+                self.values.len()
+            ));
+        }
+        if let Some(f) = self.features.iter().find(|&&f| f as usize >= self.d_sae) {
+            return bad(format!("feature {f} out of range 0..{}", self.d_sae));
+        }
+        Ok(())
+    }
+
     /// Builds codes from per-token lists of `(feature, value)`.
     pub fn from_rows(d_sae: usize, rows: Vec<Vec<(u32, f32)>>) -> Self {
         let mut offsets = Vec::with_capacity(rows.len() + 1);

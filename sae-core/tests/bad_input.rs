@@ -186,3 +186,38 @@ fn bad_config_values() {
     let (_, msg) = load_err(dir.path());
     assert!(msg.contains("k") && msg.contains("got 0"), "{msg}");
 }
+
+/// Codes assembled by hand with fields that disagree are refused before the decoder indexes
+/// with them (each of these used to panic or read out of bounds).
+#[test]
+fn inconsistent_sparse_codes() {
+    let sae = SaeModel::load(fixture("topk")).unwrap();
+    let d_sae = sae.d_sae();
+    let x = Tensor::ones((2, sae.d_in()), DType::F32, &Device::Cpu).unwrap();
+    let good = sae.encode_sparse(&x).unwrap();
+    assert!(good.validate().is_ok());
+    assert!(sae.decode_sparse(&good, &Device::Cpu).is_ok());
+    let cases: Vec<(&str, Box<dyn Fn(&mut sae_core::SparseCodes)>)> = vec![
+        ("offsets for", Box::new(|c| c.n_tokens += 1)),
+        (
+            "never decrease",
+            Box::new(|c| c.offsets[1] = c.offsets[2] + 1),
+        ),
+        (
+            "offsets end at",
+            Box::new(|c| {
+                c.values.pop();
+            }),
+        ),
+        (
+            "out of range",
+            Box::new(move |c| c.features[0] = d_sae as u32),
+        ),
+    ];
+    for (want, edit) in cases {
+        let mut c = good.clone();
+        edit(&mut c);
+        let e = sae.decode_sparse(&c, &Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains(want), "{want}: {e}");
+    }
+}

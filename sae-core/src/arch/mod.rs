@@ -258,12 +258,7 @@ pub(crate) fn linear_decode(
             got: vec![codes.n_tokens, codes.d_sae],
         });
     }
-    if codes.features.iter().any(|&f| f as usize >= d_sae) {
-        return Err(SaeError::config(
-            "codes",
-            format!("feature index out of range 0..{d_sae}"),
-        ));
-    }
+    codes.validate()?;
     Ok(kernels::decode_sparse(
         &codes.offsets,
         &codes.features,
