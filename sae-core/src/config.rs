@@ -398,10 +398,16 @@ fn sparsify_to_v6(
     let d_sae = match get_usize("num_latents").filter(|&n| n > 0) {
         Some(n) => n,
         None => {
-            d_in * get_usize("expansion_factor").ok_or_else(|| {
+            let ef = get_usize("expansion_factor").ok_or_else(|| {
                 SaeError::config(
                     file.display().to_string(),
                     "sparsify cfg.json lacks both `num_latents` and `expansion_factor`",
+                )
+            })?;
+            d_in.checked_mul(ef).ok_or_else(|| {
+                SaeError::config(
+                    file.display().to_string(),
+                    format!("d_in {d_in} x expansion_factor {ef} overflows"),
                 )
             })?
         }
@@ -518,6 +524,10 @@ mod tests {
         };
         assert_eq!((t.common.d_in, t.common.d_sae, t.k), (8, 32, 3));
         assert!(t.common.apply_b_dec_to_input);
+        // A width times expansion factor past usize is an error, not an overflow.
+        let v = json!({"expansion_factor": u64::MAX / 2, "num_latents": 0, "k": 3, "d_in": 8});
+        let e = parse(v).unwrap_err().to_string();
+        assert!(e.contains("overflows"), "{e}");
     }
 
     #[test]
