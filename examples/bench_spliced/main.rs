@@ -66,6 +66,9 @@ fn main() -> anyhow::Result<()> {
     // Freed tensors stay in the process for the next operation (transformer-hooks' alloc.rs).
     sae_workbench::transformer_hooks::retain_freed_memory();
     let args = Args::parse();
+    if args.seq < 2 || args.batch == 0 {
+        bail!("--seq must be at least 2 (BOS and a token) and --batch at least 1");
+    }
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(0).context("--device cuda (built with --features cuda?)")?,

@@ -154,6 +154,34 @@ fn main() -> Result<()> {
             bail!("--archs {a}: expected topk or standard");
         }
     }
+    // Checked before an hour of harvesting, not after.
+    for (flag, v) in [
+        ("--train-tokens", args.train_tokens),
+        ("--epochs", args.epochs),
+        ("--eval-tokens", args.eval_tokens as u64),
+        ("--expansion", args.expansion as u64),
+        ("--k", args.k as u64),
+        ("--batch", args.batch as u64),
+    ] {
+        if v == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    if args.context < 2 {
+        bail!(
+            "--context {}: a window needs BOS and at least one token",
+            args.context
+        );
+    }
+    if !(args.lr.is_finite() && args.lr > 0.0) {
+        bail!("--lr {}: expected a positive learning rate", args.lr);
+    }
+    if !(args.l1_coefficient.is_finite() && args.l1_coefficient >= 0.0) {
+        bail!(
+            "--l1-coefficient {}: expected a finite number >= 0",
+            args.l1_coefficient
+        );
+    }
     let report_dir = args.out.join("report");
     std::fs::create_dir_all(&report_dir)
         .with_context(|| format!("creating {}", report_dir.display()))?;
