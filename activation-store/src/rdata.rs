@@ -45,11 +45,16 @@ const VECSXP: u32 = 19;
 const REFSXP: u32 = 255;
 const NILVALUE_SXP: u32 = 254;
 
+/// Deepest nesting of lists read: a corpus is a list of a few levels; a file nesting deeper is
+/// malformed, and reading it recursively would overflow the stack.
+const MAX_DEPTH: usize = 64;
+
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
     refs: Vec<RValue>,
     what: &'a str,
+    depth: usize,
 }
 
 impl Reader<'_> {
@@ -149,6 +154,16 @@ impl Reader<'_> {
     }
 
     fn item(&mut self) -> std::result::Result<RValue, String> {
+        if self.depth >= MAX_DEPTH {
+            return Err(self.err(format!("objects nested more than {MAX_DEPTH} deep")));
+        }
+        self.depth += 1;
+        let value = self.item_at_depth();
+        self.depth -= 1;
+        value
+    }
+
+    fn item_at_depth(&mut self) -> std::result::Result<RValue, String> {
         let flags = self.int()? as u32;
         let ty = flags & 0xff;
         match ty {
@@ -261,6 +276,7 @@ pub fn unserialize(bytes: &[u8], what: &str) -> std::result::Result<RValue, Stri
         pos: 0,
         refs: Vec::new(),
         what,
+        depth: 0,
     };
     r.header()?;
     r.item()
@@ -407,6 +423,19 @@ mod tests {
             let err = unserialize(&full[..cut], "sample").unwrap_err();
             assert!(err.contains("sample"), "{err}");
         }
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let mut v = sample();
+        v.truncate(2 + 4 * 4 + 5);
+        for _ in 0..1_000_000 {
+            v.extend(be(VECSXP as i32));
+            v.extend(be(1));
+        }
+        v.extend(be(NILVALUE_SXP as i32));
+        let err = unserialize(&v, "sample").unwrap_err();
+        assert!(err.contains("nested more than 64"), "{err}");
     }
 
     #[test]
