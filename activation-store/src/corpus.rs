@@ -1,4 +1,4 @@
-//! The text corpora of `ASSETS.md`, read into clean documents with stable ids.
+//! The pinned text corpora (`scripts/fetch_assets.py`), read into clean documents with stable ids.
 //!
 //! A *document* is the unit that a train/validation/test split keeps whole. State of the Union
 //! addresses and Shakespeare's works are one document each; the two novel corpora are cut into
@@ -201,7 +201,7 @@ fn load_moby_dick(path: &Path) -> Result<Vec<Document>> {
 
 fn load_shakespeare(dir: &Path) -> Result<Vec<Document>> {
     let mut docs = Vec::new();
-    // `*_gut_f.txt` are duplicate (folio) versions of some texts; ASSETS.md says to skip them.
+    // `*_gut_f.txt` are duplicate (folio) versions of some texts; the asset pins say to skip them.
     for path in sorted_files(dir, |n| n.ends_with("_gut.txt"))? {
         let raw = std::fs::read(&path).at("read", &path)?;
         let raw = String::from_utf8_lossy(&raw);

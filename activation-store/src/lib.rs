@@ -2,7 +2,7 @@
 //!
 //! The data flow, one module per step:
 //!
-//! 1. [`corpus`]: the pinned corpora of `ASSETS.md` as clean documents with stable ids
+//! 1. [`corpus`]: the pinned corpora (`scripts/fetch_assets.py`) as clean documents with stable ids
 //!    ([`load_corpora`]); [`rdata`] reads the Austen novels out of R's lazy-load format.
 //! 2. [`windows`]: a split by document id ([`SplitSpec`]), tokenization
 //!    ([`tokenize_documents`]), fixed windows `BOS + text` that never cross a document boundary

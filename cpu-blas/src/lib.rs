@@ -8,8 +8,8 @@
 //! run time rather than linked: with Debian's `libopenblas0` installed the products go through it,
 //! and without it they stay on candle's matmul with no difference in results beyond rounding.
 //!
-//! `TRANSFORMER_HOOKS_BLAS=off` keeps candle's matmul (for side-by-side measurements);
-//! `TRANSFORMER_HOOKS_BLAS=/path/to/lib.so` names another library exporting `cblas_sgemm`.
+//! `CPU_BLAS=off` keeps candle's matmul (for side-by-side measurements);
+//! `CPU_BLAS=/path/to/lib.so` names another library exporting `cblas_sgemm`.
 
 use std::ffi::c_int;
 use std::sync::OnceLock;
@@ -18,7 +18,7 @@ use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// The environment variable that turns the BLAS path off or names its library.
-pub const BLAS_ENV: &str = "TRANSFORMER_HOOKS_BLAS";
+pub const BLAS_ENV: &str = "CPU_BLAS";
 
 /// Library names tried in order when the environment names none.
 const CANDIDATES: [&str; 3] = ["libopenblas.so.0", "libopenblas.so", "libopenblas.dylib"];

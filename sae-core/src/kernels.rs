@@ -3,8 +3,8 @@
 //! Once activations are sparse, everything in an SAE step except the dense encoder product
 //! touches only the active (token, feature) pairs: the decoder forward, the dot products that
 //! give each active feature its gradient, and the per-feature gradient rows of `W_dec` and
-//! `W_enc`. These kernels do exactly that. The dense encoder product goes through candle's GEMM
-//! (on any device). Every reduction runs over fixed-size chunks summed in order, so results are
+//! `W_enc`. These kernels do exactly that. The dense encoder product goes through OpenBLAS
+//! when installed (`cpu-blas`), else candle's matmul (on any device). Every reduction runs over fixed-size chunks summed in order, so results are
 //! bit-identical from run to run for a given thread count.
 //!
 //! `W_enc` is kept feature-major here, `[d_sae, d_in]`, so that a feature's encoder row is
