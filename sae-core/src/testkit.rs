@@ -19,6 +19,16 @@
 //!   and reconstructions.
 //! * [`check_planted_recovery`]: on data built from a planted sparse dictionary, the loss falls and
 //!   at least 90% of planted atoms are matched by a decoder row at cosine ≥ 0.9.
+//!
+//! Two of these constrain only some architectures and pass without checking anything on the
+//! others, so read a pass accordingly:
+//!
+//! | check | constrains | passes vacuously for |
+//! |---|---|---|
+//! | [`check_decoder_norms`] | any SAE whose `unit_norm_decoder()` is true (`DecoderNorm::Unit`: the defaults of ReLU-L1, TopK, BatchTopK) | `DecoderNorm::Free` (the defaults of JumpReLU and Gated; any architecture configured free) |
+//! | [`check_l0_bound`] | TopK (`max_l0() = Some(k)`: at most k per token) | ReLU-L1, JumpReLU, Gated (no per-token bound) and BatchTopK (its k bounds the batch mean, not each token) |
+//!
+//! Every other check constrains every architecture.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
