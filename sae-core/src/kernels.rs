@@ -37,7 +37,7 @@ impl SparseCodes {
     /// below `d_sae`. Codes built by hand are checked before any kernel indexes with them.
     ///
     /// # Errors
-    /// [`SaeError::Config`] naming the first inconsistency.
+    /// [`SaeError::InvalidConfig`] naming the first inconsistency.
     pub fn validate(&self) -> Result<()> {
         let bad = |reason: String| Err(SaeError::config("sparse codes", reason));
         if self.offsets.len() != self.n_tokens + 1 {
