@@ -167,12 +167,6 @@ fn main() -> Result<()> {
             bail!("{flag} must be at least 1");
         }
     }
-    if args.context < 2 {
-        bail!(
-            "--context {}: a window needs BOS and at least one token",
-            args.context
-        );
-    }
     if !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--lr {}: expected a positive learning rate", args.lr);
     }

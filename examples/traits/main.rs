@@ -116,13 +116,7 @@ fn main() -> Result<()> {
     let sae =
         SaeModel::load(&args.sae).with_context(|| format!("loading SAE {}", args.sae.display()))?;
     let hook = sae_hook(&sae)?;
-    let stats = FeatureStats::load(&args.sae).with_context(|| {
-        format!(
-            "{} has no feature stats: run `find_features --sae {} --cache CACHE` first",
-            args.sae.display(),
-            args.sae.display()
-        )
-    })?;
+    let stats = FeatureStats::load(&args.sae)?;
     if let Some(f) = args.expect
         && f >= sae.d_sae()
     {

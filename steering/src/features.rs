@@ -232,7 +232,17 @@ impl FeatureStats {
     /// Missing or malformed file, or per-feature lists of different lengths.
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(STATS_FILE);
-        let raw = std::fs::read(&path).map_err(|e| SteeringError::io(&path, e))?;
+        let raw = std::fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => SteeringError::invalid(
+                format!("feature stats {}", path.display()),
+                format!(
+                    "missing: compute them with `cargo run --release --example find_features -- \
+                     --sae {} --cache CACHE` (FeatureStats::scan)",
+                    dir.display()
+                ),
+            ),
+            _ => SteeringError::io(&path, e),
+        })?;
         let s: FeatureStats = serde_json::from_slice(&raw).map_err(|e| SteeringError::BadFile {
             path: path.clone(),
             reason: e.to_string(),

@@ -3,8 +3,9 @@
 //! meaning score's zero, and fluency's direction.
 
 use candle_core::Device;
-use sae_core::config::TopKConfig;
-use sae_core::{CommonConfig, SaeConfig, SaeModel, TopKSae, TopKTraining};
+mod common;
+
+use common::random_topk;
 use steering::cue::{edited, meaning_score, prompt_peak, text_nll, word_effects, words};
 use transformer_hooks::{ChatMessage, HookPoint, Model, assets};
 
@@ -16,13 +17,7 @@ fn cue_measurements_agree_with_direct_figures() {
     let model = Model::load(&path, &Device::Cpu).unwrap();
     let hook = HookPoint::resid_post(5);
     let d_in = model.config().d_model;
-    let sae = TopKSae::init(d_in, 128, TopKTraining::new(8), 11).unwrap();
-    let cfg = TopKConfig {
-        k: 8,
-        rescale_acts_by_decoder_norm: false,
-        common: CommonConfig::new(d_in, 128),
-    };
-    let sae = SaeModel::from_parts(SaeConfig::TopK(cfg), Box::new(sae), None);
+    let sae = random_topk(d_in, 128, 8, 11);
     let tok = model.tokenizer().unwrap();
     let encode = |t: &str| -> steering::Result<Vec<u32>> {
         Ok(tok.encode_chat(&[ChatMessage::user(t)], true)?)

@@ -4,8 +4,9 @@
 //! and the edits must change what is generated.
 
 use candle_core::Device;
-use sae_core::config::TopKConfig;
-use sae_core::{CommonConfig, SaeConfig, SaeModel, TopKSae, TopKTraining};
+mod common;
+
+use common::random_topk;
 use steering::{FeatureEdit, Scope, Steering};
 use transformer_hooks::{GenerateOptions, HookPoint, Hooks, Model};
 
@@ -14,17 +15,6 @@ fn tiny(key: &str) -> Model {
         .join("../transformer-hooks/tests/fixtures/tiny")
         .join(key);
     Model::load(&dir, &Device::Cpu).unwrap()
-}
-
-fn random_topk(d_in: usize, seed: u64) -> SaeModel {
-    let d_sae = 4 * d_in;
-    let sae = TopKSae::init(d_in, d_sae, TopKTraining::new(4), seed).unwrap();
-    let cfg = TopKConfig {
-        k: 4,
-        rescale_acts_by_decoder_norm: false,
-        common: CommonConfig::new(d_in, d_sae),
-    };
-    SaeModel::from_parts(SaeConfig::TopK(cfg), Box::new(sae), None)
 }
 
 #[test]
@@ -38,7 +28,7 @@ fn steering_through_the_kv_cache_gives_the_recompute_tokens() {
             (HookPoint::mlp_post(1), cfg.d_mlp),
             (HookPoint::resid_post(1), cfg.d_model),
         ] {
-            let sae = random_topk(width, 3);
+            let sae = random_topk(width, 4 * width, 4, 3);
             let opts = GenerateOptions::greedy(10);
             let plain = model
                 .generate_batch(&prompts, &opts, &mut Hooks::new())

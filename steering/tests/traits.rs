@@ -3,8 +3,9 @@
 
 use approx::assert_relative_eq;
 use candle_core::Device;
-use sae_core::config::TopKConfig;
-use sae_core::{CommonConfig, SaeConfig, SaeModel, TopKSae, TopKTraining};
+mod common;
+
+use common::random_topk;
 use steering::{FeatureStats, TraitOptions, traits};
 use transformer_hooks::{HookPoint, Model, assets};
 
@@ -25,13 +26,7 @@ fn traits_rank_by_relative_activation_times_log_inverse_rate() {
     let model = Model::load(&path, &Device::Cpu).unwrap();
     let hook = HookPoint::resid_post(3);
     let d_in = model.config().d_model;
-    let sae = TopKSae::init(d_in, D_SAE, TopKTraining::new(16), 7).unwrap();
-    let cfg = TopKConfig {
-        k: 16,
-        rescale_acts_by_decoder_norm: false,
-        common: CommonConfig::new(d_in, D_SAE),
-    };
-    let sae = SaeModel::from_parts(SaeConfig::TopK(cfg), Box::new(sae), None);
+    let sae = random_topk(d_in, D_SAE, 16, 7);
     let tok = model.tokenizer().unwrap();
     let tokens = tok
         .encode(
