@@ -21,13 +21,12 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use sae_workbench::sae_core::SaeModel;
 use sae_workbench::steering::cue::{
-    Bars, Candidate, EditKind, best, edited, meaning_score, prompt_peak, responsible, text_nll,
-    word_effects, words,
+    AdjustOptions, Adjustment, Candidate, EditKind, adjust, meaning_score, parse_synonyms, text_nll,
 };
 use sae_workbench::steering::{FeatureStats, sae_hook};
 use sae_workbench::transformer_hooks::candle_core::Device;
 use sae_workbench::transformer_hooks::{
-    self as transformer_hooks, ChatMessage, GenerateOptions, Hooks, Model, Sampling, assets,
+    self as transformer_hooks, ChatMessage, GenerateOptions, Hooks, Model, assets,
 };
 use serde::Serialize;
 
@@ -58,12 +57,12 @@ struct Args {
     /// Meaning bar: mean log-prob change of the original answer (nats per token). The default
     /// separates the 12 paraphrase pairs (-0.46 to +0.01) from the 12 unrelated pairs (-2.22 to
     /// -0.69) of `examples/adjust_cue/data/calibration.tsv` without error on SmolLM2-135M.
-    #[arg(long, default_value_t = -0.575)]
+    #[arg(long, default_value_t = AdjustOptions::default().min_meaning)]
     min_meaning: f64,
     /// Fluency bar: the edit's mean NLL per token as plain text minus the original's (nats). The
     /// default is the largest cost among the 12 hand-written paraphrases of the calibration file
     /// (rounded up), so that an edit may read as unnaturally as a real paraphrase, no more.
-    #[arg(long, default_value_t = FLUENCY_BAR)]
+    #[arg(long, default_value_t = AdjustOptions::default().max_fluency_cost)]
     max_fluency_cost: f64,
     /// Near-synonyms: lines `word<TAB>synonym, synonym, ...`.
     #[arg(long)]
@@ -81,76 +80,16 @@ struct Args {
     out: PathBuf,
 }
 
-/// See `--max-fluency-cost`.
-const FLUENCY_BAR: f64 = 0.8;
-
 #[derive(Serialize)]
 struct CaseResult {
-    prompt: String,
-    feature: usize,
     label: String,
-    activation_before: f32,
-    /// The word most responsible, and the peak with it deleted.
-    responsible_words: Vec<(String, f32)>,
-    proposed: Option<Candidate>,
-    /// The lowest activation reached by any candidate (whatever its meaning).
-    lowest_activation: f32,
-    success: bool,
-    candidates: Vec<Candidate>,
-}
-
-struct Ctx<'a> {
-    model: &'a Model,
-    sae: &'a SaeModel,
-    hook: sae_workbench::transformer_hooks::HookPoint,
-    args: &'a Args,
-}
-
-impl Ctx<'_> {
-    fn encode(&self, text: &str) -> sae_workbench::steering::Result<Vec<u32>> {
-        Ok(self
-            .model
-            .tokenizer()?
-            .encode_chat(&[ChatMessage::user(text)], true)?)
-    }
-
-    fn generate(&self, prompt: &[u32], n: usize, sampling: Sampling) -> Result<Vec<Vec<u32>>> {
-        let tok = self.model.tokenizer()?;
-        let opts = GenerateOptions {
-            sampling,
-            ..GenerateOptions::greedy(self.args.answer_tokens.max(8))
-        }
-        .stop_at(tok.stop_tokens());
-        let prompts = vec![prompt.to_vec(); n];
-        let gens = self
-            .model
-            .generate_batch(&prompts, &opts, &mut Hooks::new())?;
-        Ok(gens
-            .into_iter()
-            .map(|g| {
-                let mut t = g.tokens;
-                t.retain(|x| !opts.stop_tokens.contains(x));
-                t
-            })
-            .collect())
-    }
-
-    fn answer(&self, prompt: &[u32]) -> Result<Vec<u32>> {
-        let mut a = self.generate(prompt, 1, Sampling::Greedy)?.remove(0);
-        a.truncate(self.args.answer_tokens);
-        if a.is_empty() {
-            bail!("the model gave an empty answer: no meaning to compare against");
-        }
-        Ok(a)
-    }
+    #[serde(flatten)]
+    adjustment: Adjustment,
 }
 
 fn main() -> Result<()> {
     transformer_hooks::retain_freed_memory();
     let args = Args::parse();
-    if !(args.threshold > 0.0 && args.threshold < 1.0) {
-        bail!("--threshold must be in (0, 1)");
-    }
     if args.answer_tokens == 0 {
         bail!("--answer-tokens must be at least 1");
     }
@@ -166,15 +105,8 @@ fn main() -> Result<()> {
         SaeModel::load(&args.sae).with_context(|| format!("loading SAE {}", args.sae.display()))?;
     let hook = sae_hook(&sae)?;
     let stats = FeatureStats::load(&args.sae).ok();
-    let ctx = Ctx {
-        model: &model,
-        sae: &sae,
-        hook,
-        args: &args,
-    };
-
     if let Some(p) = &args.calibrate {
-        calibrate(&ctx, p)?;
+        calibrate(&model, &args, p)?;
     }
     let mut cases: Vec<(usize, String)> = Vec::new();
     if let (Some(p), Some(f)) = (&args.prompt, args.feature) {
@@ -205,8 +137,20 @@ fn main() -> Result<()> {
         bail!("nothing to do: give --prompt and --feature, --cases FILE, or --calibrate FILE");
     }
     let synonyms = match &args.synonyms {
-        Some(p) => read_synonyms(p)?,
+        Some(p) => parse_synonyms(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| p.display().to_string())?,
         None => Vec::new(),
+    };
+    let opts = AdjustOptions {
+        threshold: args.threshold,
+        min_meaning: args.min_meaning,
+        max_fluency_cost: args.max_fluency_cost,
+        synonyms,
+        rephrasings: args.rephrasings,
+        answer_tokens: args.answer_tokens,
+        seed: args.seed,
     };
     let out_path = args.out.join("cases.jsonl");
     let mut out = std::fs::File::create(&out_path)
@@ -217,35 +161,38 @@ fn main() -> Result<()> {
             .as_ref()
             .and_then(|s| s.labels.get(*feature).cloned())
             .unwrap_or_default();
-        let r = adjust(
-            &ctx,
-            *feature,
-            prompt,
+        let case_opts = AdjustOptions {
+            seed: args.seed + ci as u64,
+            ..opts.clone()
+        };
+        let r = adjust(&model, &sae, hook, prompt, *feature, &case_opts)?;
+        let r = CaseResult {
             label,
-            &synonyms,
-            args.seed + ci as u64,
-        )?;
+            adjustment: r,
+        };
+        let a = &r.adjustment;
         eprintln!(
             "[{}/{}] #{} [{}] {:.2} -> {}  {:?} => {}",
             ci + 1,
             cases.len(),
-            r.feature,
+            a.feature,
             r.label,
-            r.activation_before,
-            r.proposed.as_ref().map_or("-".to_string(), |c| format!(
+            a.activation_before,
+            a.proposed.as_ref().map_or("-".to_string(), |c| format!(
                 "{:.2} (meaning {:.2})",
                 c.activation, c.meaning
             )),
-            r.prompt,
-            r.proposed
+            a.prompt,
+            a.proposed
                 .as_ref()
                 .map_or("(no edit passes both bars)", |c| c.text.as_str()),
         );
         writeln!(out, "{}", serde_json::to_string(&r)?)?;
         results.push(r);
     }
-    let valid: Vec<&CaseResult> = results
+    let valid: Vec<&Adjustment> = results
         .iter()
+        .map(|r| &r.adjustment)
         .filter(|r| r.activation_before > 0.0)
         .collect();
     let n = valid.len().max(1) as f64;
@@ -278,158 +225,19 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn adjust(
-    ctx: &Ctx,
-    feature: usize,
-    prompt: &str,
-    label: String,
-    synonyms: &[(String, Vec<String>)],
-    seed: u64,
-) -> Result<CaseResult> {
-    let (model, sae, hook, args) = (ctx.model, ctx.sae, ctx.hook, ctx.args);
-    let orig = ctx.encode(prompt)?;
-    let (peak, _) = prompt_peak(model, sae, hook, &orig, feature)?;
-    let mut result = CaseResult {
-        prompt: prompt.to_string(),
-        feature,
-        label,
-        activation_before: peak,
-        responsible_words: Vec::new(),
-        proposed: None,
-        lowest_activation: peak,
-        success: false,
-        candidates: Vec::new(),
-    };
-    if peak <= 0.0 {
-        return Ok(result);
-    }
-    let answer = ctx.answer(&orig)?;
-    let nll0 = text_nll(model, prompt)?;
-    let ws = words(prompt);
-    let effects = word_effects(model, sae, hook, &|t| ctx.encode(t), prompt, feature)?;
-    let resp = responsible(&effects, peak, 3);
-    result.responsible_words = resp
-        .iter()
-        .map(|&i| (ws[i].to_string(), effects[i]))
-        .collect();
-
-    let mut texts: Vec<(String, EditKind)> = Vec::new();
-    for n in 1..=resp.len() {
-        texts.push((edited(&ws, &resp[..n], None), EditKind::Delete));
-    }
-    let norm = |w: &str| {
-        w.trim_matches(|c: char| !c.is_alphanumeric())
-            .to_lowercase()
-    };
-    for &i in &resp {
-        let key = norm(ws[i]);
-        for (word, syns) in synonyms {
-            if *word == key {
-                for s in syns {
-                    // Keep the punctuation around the word.
-                    let w = ws[i];
-                    let start = w.find(|c: char| c.is_alphanumeric()).unwrap_or(0);
-                    let end = w
-                        .rfind(|c: char| c.is_alphanumeric())
-                        .map_or(w.len(), |e| e + 1);
-                    let replaced = format!("{}{}{}", &w[..start], s, &w[end..]);
-                    texts.push((edited(&ws, &[], Some((i, &replaced))), EditKind::Synonym));
-                }
-            }
-        }
-    }
-    if args.rephrasings > 0 {
-        let avoid: Vec<String> = resp
-            .iter()
-            .map(|&i| format!("\"{}\"", norm(ws[i])))
-            .collect();
-        let ask = format!(
-            "Rewrite this request in other words, without the word {}. Reply with the rewritten request only.\n\n{}",
-            avoid.first().cloned().unwrap_or_default(),
-            prompt
-        );
-        let gens = ctx.generate(
-            &ctx.encode(&ask)?,
-            args.rephrasings,
-            Sampling::Sample {
-                temperature: 0.8,
-                top_k: None,
-                top_p: Some(0.95),
-                seed,
-            },
-        )?;
-        let tok = model.tokenizer()?;
-        for g in gens {
-            let text = tok.decode(&g)?;
-            let line = text
-                .lines()
-                .map(str::trim)
-                .find(|l| !l.is_empty())
-                .unwrap_or("")
-                .trim_matches('"')
-                .to_string();
-            if !line.is_empty() {
-                texts.push((line, EditKind::Rephrase));
-            }
-        }
-    }
-    texts.dedup();
-    for (text, kind) in texts {
-        if text.trim().is_empty() {
-            continue;
-        }
-        let t = ctx.encode(&text)?;
-        let (activation, _) = prompt_peak(model, sae, hook, &t, feature)?;
-        let meaning = meaning_score(model, &orig, &t, &answer)?;
-        let fluency_cost = text_nll(model, &text)? - nll0;
-        result.lowest_activation = result.lowest_activation.min(activation);
-        result.candidates.push(Candidate {
-            text,
-            kind,
-            activation,
-            meaning,
-            fluency_cost,
-        });
-    }
-    let bars = Bars {
-        max_activation: args.threshold * peak,
-        min_meaning: args.min_meaning,
-        max_fluency_cost: args.max_fluency_cost,
-    };
-    result.proposed = best(&result.candidates, bars).cloned();
-    result.success = result.proposed.is_some();
-    Ok(result)
-}
-
-fn read_synonyms(path: &PathBuf) -> Result<Vec<(String, Vec<String>)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let Some((w, s)) = line.split_once('\t') else {
-            bail!(
-                "{}:{}: expected word<TAB>synonym, synonym",
-                path.display(),
-                i + 1
-            );
-        };
-        out.push((
-            w.trim().to_lowercase(),
-            s.split(',')
-                .map(|x| x.trim().to_string())
-                .filter(|x| !x.is_empty())
-                .collect(),
-        ));
-    }
-    Ok(out)
-}
-
 /// Meaning scores of paraphrase and unrelated prompt pairs, and the bar that separates them best.
-fn calibrate(ctx: &Ctx, path: &PathBuf) -> Result<()> {
+fn calibrate(model: &Model, args: &Args, path: &PathBuf) -> Result<()> {
+    let tok = model.tokenizer()?;
+    let encode = |text: &str| tok.encode_chat(&[ChatMessage::user(text)], true);
+    let answer = |prompt: &[u32]| -> Result<Vec<u32>> {
+        let opts = GenerateOptions::greedy(args.answer_tokens).stop_at(tok.stop_tokens());
+        let mut a = model.generate(prompt, &opts, &mut Hooks::new())?.tokens;
+        a.retain(|x| !opts.stop_tokens.contains(x));
+        if a.is_empty() {
+            bail!("the model gave an empty answer: no meaning to compare against");
+        }
+        Ok(a)
+    };
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut scores: Vec<(bool, f64)> = Vec::new();
@@ -452,11 +260,10 @@ fn calibrate(ctx: &Ctx, path: &PathBuf) -> Result<()> {
                 i + 1
             ),
         };
-        let ta = ctx.encode(a)?;
-        let tb = ctx.encode(b)?;
-        let answer = ctx.answer(&ta)?;
-        let s = meaning_score(ctx.model, &ta, &tb, &answer)?;
-        let fluency_cost = text_nll(ctx.model, b)? - text_nll(ctx.model, a)?;
+        let ta = encode(a)?;
+        let tb = encode(b)?;
+        let s = meaning_score(model, &ta, &tb, &answer(&ta)?)?;
+        let fluency_cost = text_nll(model, b)? - text_nll(model, a)?;
         println!(
             "{}",
             serde_json::json!({"kind": kind.trim(), "a": a, "b": b, "meaning": s, "fluency_cost": fluency_cost})

@@ -13,10 +13,12 @@
 //!   prompt's (greedy) answer when the edited prompt is asked instead. 0: the edited prompt
 //!   predicts the original answer as well as the original did; an unrelated prompt scores far
 //!   below (calibrate the bar on paraphrase and unrelated pairs before using it).
+//!
+//! [`adjust`] runs the whole search for one prompt and feature.
 
 use sae_core::SaeModel;
 use serde::{Deserialize, Serialize};
-use transformer_hooks::{HookPoint, Hooks, Model};
+use transformer_hooks::{ChatMessage, GenerateOptions, HookPoint, Hooks, Model, Sampling};
 
 use crate::error::{Result, SteeringError};
 use crate::features::activations;
@@ -201,6 +203,256 @@ pub fn best(candidates: &[Candidate], bars: Bars) -> Option<&Candidate> {
                 && c.fluency_cost <= bars.max_fluency_cost
         })
         .max_by(|a, b| a.meaning.total_cmp(&b.meaning))
+}
+
+/// Near-synonyms for the words of a prompt: `(word, [synonym, ...])`, words lower-case.
+pub type Synonyms = Vec<(String, Vec<String>)>;
+
+/// Parses lines `word<TAB>synonym, synonym, ...` (`#` comments, blank lines skipped).
+///
+/// # Errors
+/// A line without a tab, naming its number.
+pub fn parse_synonyms(text: &str) -> Result<Synonyms> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((w, s)) = line.split_once('\t') else {
+            return Err(SteeringError::invalid(
+                format!("synonyms line {}", i + 1),
+                "expected word<TAB>synonym, synonym",
+            ));
+        };
+        out.push((
+            w.trim().to_lowercase(),
+            s.split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect(),
+        ));
+    }
+    Ok(out)
+}
+
+/// How [`adjust`] searches and what it accepts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdjustOptions {
+    /// Success: the feature's peak on the edit at most this fraction of the original's.
+    pub threshold: f32,
+    /// Lowest [`meaning_score`] accepted. The default, -0.575, separates 12 paraphrase pairs
+    /// (-0.46 to +0.01) from 12 unrelated pairs (-2.22 to -0.69) without error on
+    /// SmolLM2-135M-Instruct (`examples/adjust_cue/data/calibration.tsv`).
+    pub min_meaning: f64,
+    /// Highest fluency cost accepted (see [`Candidate::fluency_cost`]). The default, 0.8, is the
+    /// largest cost among the same file's hand-written paraphrases, rounded up: an edit may read
+    /// as unnaturally as a real paraphrase, no more.
+    pub max_fluency_cost: f64,
+    /// Replacement words tried for the responsible words.
+    pub synonyms: Synonyms,
+    /// Rephrasings asked of the model itself (0: none).
+    pub rephrasings: usize,
+    /// Tokens of the original prompt's greedy answer that the meaning score predicts.
+    pub answer_tokens: usize,
+    /// Seed of the sampled rephrasings.
+    pub seed: u64,
+}
+
+impl Default for AdjustOptions {
+    fn default() -> Self {
+        Self {
+            threshold: 0.1,
+            min_meaning: -0.575,
+            max_fluency_cost: 0.8,
+            synonyms: Vec::new(),
+            rephrasings: 4,
+            answer_tokens: 32,
+            seed: 0,
+        }
+    }
+}
+
+/// The outcome of [`adjust`] for one prompt and feature.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Adjustment {
+    pub prompt: String,
+    pub feature: usize,
+    /// The feature's peak over the original prompt.
+    pub activation_before: f32,
+    /// The words most responsible, each with the peak once it is deleted.
+    pub responsible_words: Vec<(String, f32)>,
+    /// The edit proposed: the best meaning among those passing every bar.
+    pub proposed: Option<Candidate>,
+    /// The lowest peak any candidate reached, whatever its meaning.
+    pub lowest_activation: f32,
+    /// Whether an edit passed every bar (false too when the prompt never triggers the feature).
+    pub success: bool,
+    /// Every edit tried.
+    pub candidates: Vec<Candidate>,
+}
+
+/// Edits `prompt` (a user turn, sent in the chat template) so that `feature` stays quiet:
+/// finds the responsible words, tries deleting them (one, two, three), replacing each by its
+/// synonyms, and the model's own rephrasings, measures each, and proposes the best that passes
+/// the bars of `opts`.
+///
+/// # Errors
+/// Options out of range, a feature past the dictionary, an empty answer to the original prompt
+/// (no meaning to compare against), model and SAE errors.
+pub fn adjust(
+    model: &Model,
+    sae: &SaeModel,
+    hook: HookPoint,
+    prompt: &str,
+    feature: usize,
+    opts: &AdjustOptions,
+) -> Result<Adjustment> {
+    if !(opts.threshold > 0.0 && opts.threshold < 1.0) {
+        return Err(SteeringError::invalid(
+            "threshold",
+            format!("{} (must be in (0, 1))", opts.threshold),
+        ));
+    }
+    if opts.answer_tokens == 0 {
+        return Err(SteeringError::invalid(
+            "answer_tokens",
+            "0 (must be at least 1)",
+        ));
+    }
+    let tok = model.tokenizer()?;
+    let encode =
+        |text: &str| -> Result<Vec<u32>> { Ok(tok.encode_chat(&[ChatMessage::user(text)], true)?) };
+    let generate = |prompt: &[u32], n: usize, sampling: Sampling| -> Result<Vec<Vec<u32>>> {
+        let opts = GenerateOptions {
+            sampling,
+            ..GenerateOptions::greedy(opts.answer_tokens.max(8))
+        }
+        .stop_at(tok.stop_tokens());
+        let gens = model.generate_batch(&vec![prompt.to_vec(); n], &opts, &mut Hooks::new())?;
+        Ok(gens
+            .into_iter()
+            .map(|g| {
+                let mut t = g.tokens;
+                t.retain(|x| !opts.stop_tokens.contains(x));
+                t
+            })
+            .collect())
+    };
+
+    let orig = encode(prompt)?;
+    let (peak, _) = prompt_peak(model, sae, hook, &orig, feature)?;
+    let mut result = Adjustment {
+        prompt: prompt.to_string(),
+        feature,
+        activation_before: peak,
+        responsible_words: Vec::new(),
+        proposed: None,
+        lowest_activation: peak,
+        success: false,
+        candidates: Vec::new(),
+    };
+    if peak <= 0.0 {
+        return Ok(result);
+    }
+    let mut answer = generate(&orig, 1, Sampling::Greedy)?.remove(0);
+    answer.truncate(opts.answer_tokens);
+    if answer.is_empty() {
+        return Err(SteeringError::invalid(
+            "prompt",
+            "the model gives it an empty answer: no meaning to compare edits against",
+        ));
+    }
+    let nll0 = text_nll(model, prompt)?;
+    let ws = words(prompt);
+    let effects = word_effects(model, sae, hook, &encode, prompt, feature)?;
+    let resp = responsible(&effects, peak, 3);
+    result.responsible_words = resp
+        .iter()
+        .map(|&i| (ws[i].to_string(), effects[i]))
+        .collect();
+
+    let mut texts: Vec<(String, EditKind)> = Vec::new();
+    for n in 1..=resp.len() {
+        texts.push((edited(&ws, &resp[..n], None), EditKind::Delete));
+    }
+    let bare = |w: &str| {
+        w.trim_matches(|c: char| !c.is_alphanumeric())
+            .to_lowercase()
+    };
+    for &i in &resp {
+        let key = bare(ws[i]);
+        for (word, syns) in &opts.synonyms {
+            if *word != key {
+                continue;
+            }
+            for s in syns {
+                // Keep the punctuation around the word.
+                let w = ws[i];
+                let start = w.find(|c: char| c.is_alphanumeric()).unwrap_or(0);
+                let end = w
+                    .rfind(|c: char| c.is_alphanumeric())
+                    .map_or(w.len(), |e| e + 1);
+                let replaced = format!("{}{}{}", &w[..start], s, &w[end..]);
+                texts.push((edited(&ws, &[], Some((i, &replaced))), EditKind::Synonym));
+            }
+        }
+    }
+    if opts.rephrasings > 0 {
+        let avoid = resp
+            .first()
+            .map(|&i| format!(", without the word \"{}\"", bare(ws[i])))
+            .unwrap_or_default();
+        let ask = format!(
+            "Rewrite this request in other words{avoid}. Reply with the rewritten request \
+             only.\n\n{prompt}"
+        );
+        let sampling = Sampling::Sample {
+            temperature: 0.8,
+            top_k: None,
+            top_p: Some(0.95),
+            seed: opts.seed,
+        };
+        for g in generate(&encode(&ask)?, opts.rephrasings, sampling)? {
+            let text = tok.decode(&g)?;
+            let line = text
+                .lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty())
+                .unwrap_or("")
+                .trim_matches('"')
+                .to_string();
+            if !line.is_empty() {
+                texts.push((line, EditKind::Rephrase));
+            }
+        }
+    }
+    texts.dedup();
+    for (text, kind) in texts {
+        if text.trim().is_empty() {
+            continue;
+        }
+        let t = encode(&text)?;
+        let (activation, _) = prompt_peak(model, sae, hook, &t, feature)?;
+        let meaning = meaning_score(model, &orig, &t, &answer)?;
+        let fluency_cost = text_nll(model, &text)? - nll0;
+        result.lowest_activation = result.lowest_activation.min(activation);
+        result.candidates.push(Candidate {
+            text,
+            kind,
+            activation,
+            meaning,
+            fluency_cost,
+        });
+    }
+    let bars = Bars {
+        max_activation: opts.threshold * peak,
+        min_meaning: opts.min_meaning,
+        max_fluency_cost: opts.max_fluency_cost,
+    };
+    result.proposed = best(&result.candidates, bars).cloned();
+    result.success = result.proposed.is_some();
+    Ok(result)
 }
 
 #[cfg(test)]

@@ -124,6 +124,8 @@ pub enum StopReason {
     MaxTokens,
     /// The sequence reached the model's context length.
     ContextFull,
+    /// The caller's callback asked to stop ([`crate::Model::generate_streaming`]).
+    Cancelled,
 }
 
 /// The result of [`crate::Model::generate`].

@@ -832,6 +832,36 @@ impl Model {
         opts: &GenerateOptions,
         hooks: &mut Hooks,
     ) -> Result<Vec<Generation>> {
+        self.generate_stepwise(prompts, opts, hooks, &mut |_| true)
+    }
+
+    /// Continues `prompt` as [`Model::generate`] does, handing each new token to `on_token` as
+    /// soon as it is chosen (to stream text to a user); when `on_token` returns `false`,
+    /// generation ends there with [`StopReason::Cancelled`] (the user pressed stop, or went away).
+    ///
+    /// # Errors
+    /// As [`Model::generate`].
+    pub fn generate_streaming(
+        &self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        hooks: &mut Hooks,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Generation> {
+        let mut out =
+            self.generate_stepwise(&[prompt.to_vec()], opts, hooks, &mut |t| on_token(t[0]))?;
+        Ok(out.remove(0))
+    }
+
+    /// [`Model::generate_batch`], calling `on_step` with each step's tokens (one per row, rows
+    /// that have stopped included); `false` cancels.
+    fn generate_stepwise(
+        &self,
+        prompts: &[Vec<u32>],
+        opts: &GenerateOptions,
+        hooks: &mut Hooks,
+        on_step: &mut dyn FnMut(&[u32]) -> bool,
+    ) -> Result<Vec<Generation>> {
         opts.validate()?;
         if prompts.is_empty() {
             return Err(Error::invalid("prompts", "empty batch"));
@@ -901,6 +931,12 @@ impl Model {
                 next.push(t);
             }
             steps += 1;
+            if !on_step(&next) {
+                for (g, _) in out.iter_mut().zip(&running).filter(|(_, r)| **r) {
+                    g.stop = StopReason::Cancelled;
+                }
+                break;
+            }
             step_tokens = Tensor::from_vec(next, (b, 1), &self.device)?;
             step_mask = None;
             tokens = Tensor::cat(&[&tokens, &step_tokens], 1)?;

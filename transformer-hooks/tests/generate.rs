@@ -1,6 +1,6 @@
 //! Generation: greedy equals repeated argmax, sampling is reproducible from its seed, hooks act
 //! at every step, stop tokens stop, the KV cache gives the recompute path's tokens (batched, padded,
-//! with and without a clamp); and a real chat model answers a chat-formatted question.
+//! with and without a clamp), streaming sees every token and stops when told; and a real chat model answers a chat-formatted question.
 
 mod common;
 
@@ -204,6 +204,34 @@ fn kv_cache_logits_match_a_full_pass() {
             )
             .is_err()
     );
+}
+
+/// Streaming hands over each token as `generate` would produce it, and stops when told to.
+#[test]
+fn streaming_sees_every_token_and_can_be_cancelled() {
+    let model = tiny("llama");
+    let prompt = [3u32, 17, 42];
+    let opts = GenerateOptions::sampled(8, 0.9, 11);
+    let whole = model.generate(&prompt, &opts, &mut Hooks::new()).unwrap();
+    let mut seen = Vec::new();
+    let streamed = model
+        .generate_streaming(&prompt, &opts, &mut Hooks::new(), &mut |t| {
+            seen.push(t);
+            true
+        })
+        .unwrap();
+    assert_eq!(streamed, whole);
+    assert_eq!(seen, whole.tokens);
+
+    let mut n = 0;
+    let cut = model
+        .generate_streaming(&prompt, &opts, &mut Hooks::new(), &mut |_| {
+            n += 1;
+            n < 3
+        })
+        .unwrap();
+    assert_eq!(cut.stop, StopReason::Cancelled);
+    assert_eq!(cut.tokens, whole.tokens[..3]);
 }
 
 #[test]
