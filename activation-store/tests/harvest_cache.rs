@@ -403,7 +403,8 @@ fn absurd_manifests_are_refused_at_open() {
     let path = tmp.path().join("manifest.json");
     let original: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    type Corrupt = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Corrupt)> = vec![
         ("no hook", Box::new(|m| m["hooks"] = serde_json::json!([]))),
         ("width 0", Box::new(|m| m["hooks"][0]["width"] = 0.into())),
         (

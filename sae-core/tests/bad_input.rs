@@ -197,7 +197,8 @@ fn inconsistent_sparse_codes() {
     let good = sae.encode_sparse(&x).unwrap();
     assert!(good.validate().is_ok());
     assert!(sae.decode_sparse(&good, &Device::Cpu).is_ok());
-    let cases: Vec<(&str, Box<dyn Fn(&mut sae_core::SparseCodes)>)> = vec![
+    type Corrupt = Box<dyn Fn(&mut sae_core::SparseCodes)>;
+    let cases: Vec<(&str, Corrupt)> = vec![
         ("offsets for", Box::new(|c| c.n_tokens += 1)),
         (
             "never decrease",

@@ -159,7 +159,7 @@ fn kv_cache_logits_match_a_full_pass() {
     // Prefill 4 tokens, then 3 single steps: each step's logits equal the full pass's at that
     // position, for a padded batch.
     let model = tiny("gemma3");
-    let seqs = vec![vec![5u32, 6, 7, 8, 9, 10, 11], vec![0, 0, 4, 3, 2, 1, 9]];
+    let seqs = [vec![5u32, 6, 7, 8, 9, 10, 11], vec![0, 0, 4, 3, 2, 1, 9]];
     let mask_rows = [vec![1u32; 7], vec![0, 0, 1, 1, 1, 1, 1]];
     let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
     let all = Tensor::from_vec(flat, (2, 7), &Device::Cpu).unwrap();
