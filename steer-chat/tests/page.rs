@@ -14,7 +14,6 @@ use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
@@ -152,42 +151,68 @@ fn generations(n: usize) -> String {
     format!("document.body.dataset.generations === '{n}'")
 }
 
-#[test]
-fn chat_page_in_headless_chromium() -> TestResult {
-    let Some(chromium) = chromium() else {
-        eprintln!("skipping: no Chromium (install Debian's chromium, or set CHROMIUM)");
-        return Ok(());
-    };
-    let path = assets::asset_path(assets::SMOLLM2);
-    if !path.exists() {
-        eprintln!(
-            "skipping: {} missing (python3 scripts/fetch_assets.py smollm2)",
-            path.display()
-        );
-        return Ok(());
+/// A live server on a free port, and how to stop it.
+struct Server {
+    rt: tokio::runtime::Runtime,
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<steer_chat::Result<()>>,
+}
+
+impl Server {
+    /// SmolLM2 with a random SAE at layer 15; `None` (saying why) without the model.
+    fn start() -> Option<Self> {
+        let path = assets::asset_path(assets::SMOLLM2);
+        if !path.exists() {
+            eprintln!(
+                "skipping: {} missing (python3 scripts/fetch_assets.py smollm2)",
+                path.display()
+            );
+            return None;
+        }
+        let model = Model::load(&path, &Device::Cpu).unwrap();
+        let (sae, stats) = random_sae(&model, 15);
+        let limits = Limits {
+            max_new_tokens: 400,
+            max_concurrent: 3,
+            // The statistics cover ~80 tokens: a feature that fires once has a rate of 1/80.
+            traits: steering::TraitOptions {
+                top: 8,
+                max_firing_rate: 0.2,
+            },
+            ..Limits::default()
+        };
+        let app = ChatApp::new(model, sae, stats, limits).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = rt.spawn(steer_chat::serve(listener, app, async {
+            let _ = stop_rx.await;
+        }));
+        Some(Self {
+            rt,
+            addr,
+            stop,
+            handle,
+        })
     }
-    let model = Model::load(&path, &Device::Cpu)?;
-    let (sae, stats) = random_sae(&model, 15);
-    let limits = Limits {
-        max_new_tokens: 400,
-        max_concurrent: 3,
-        // The statistics cover ~80 tokens: a feature that fires once has a rate of 1/80.
-        traits: steering::TraitOptions {
-            top: 8,
-            max_firing_rate: 0.2,
-        },
-        ..Limits::default()
+
+    /// Stops it, and checks that it ended without error.
+    fn stop(self) {
+        let _ = self.stop.send(());
+        self.rt.block_on(self.handle).unwrap().unwrap();
+    }
+}
+
+#[test]
+fn bad_requests_get_4xx_and_the_server_keeps_serving() {
+    let Some(server) = Server::start() else {
+        return;
     };
-    let app = ChatApp::new(model, sae, stats, limits)?;
-
-    let rt = Arc::new(tokio::runtime::Runtime::new()?);
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let addr = listener.local_addr()?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(steer_chat::serve(listener, app, async {
-        let _ = stop_rx.await;
-    }));
-
+    let addr = server.addr;
     // Bad requests: a 4xx naming the problem.
     let chat = |clamps: &str, content: &str| {
         request(
@@ -225,6 +250,20 @@ fn chat_page_in_headless_chromium() -> TestResult {
     assert_eq!(s, 400, "{b}");
     let (s, b) = request(addr, "GET", "/api/info", "");
     assert_eq!(s, 200, "the server stopped serving after bad requests: {b}");
+
+    server.stop();
+}
+
+#[test]
+fn chat_page_in_headless_chromium() -> TestResult {
+    let Some(chromium) = chromium() else {
+        eprintln!("skipping: no Chromium (install Debian's chromium, or set CHROMIUM)");
+        return Ok(());
+    };
+    let Some(server) = Server::start() else {
+        return Ok(());
+    };
+    let addr = server.addr;
 
     let browser = Browser::new(
         LaunchOptions::default_builder()
@@ -381,8 +420,7 @@ fn chat_page_in_headless_chromium() -> TestResult {
             tab.capture_screenshot(CaptureScreenshotFormatOption::Png, None, None, true)?,
         )?;
     }
-    let _ = stop_tx.send(());
-    rt.block_on(server)??;
+    server.stop();
     Ok(())
 }
 
