@@ -1,5 +1,5 @@
-//! Trainer behaviour: determinism, bit-identical resume from an atomic checkpoint, fold-on-save,
-//! schedules, and errors that name the step.
+//! Trainer behaviour: determinism, bit-identical resume from an atomic checkpoint (also after a real
+//! SIGKILL of a training process), fold-on-save, schedules, and errors that name the step.
 
 use candle_core::{Device, Tensor};
 use sae_core::testkit::gaussian_batch;
@@ -337,4 +337,106 @@ fn encoder_bias_init_sets_the_first_l0() {
     cfg.encoder_bias_init_l0 = Some(16);
     let e = Trainer::new(cfg).err().unwrap();
     assert!(e.to_string().contains("encoder_bias_init_l0"), "{e}");
+}
+
+/// Set in the child process of `sigkill_mid_training_then_resume_is_bit_identical`: the folder
+/// its checkpoints go to.
+const KILL_CHILD_DIR: &str = "SAE_CORE_TEST_KILL_CHILD_DIR";
+const KILL_STEPS: u64 = 400;
+
+fn kill_config() -> TrainerConfig {
+    let mut cfg = config(ArchitectureConfig::TopK(TopKTraining::new(3)), KILL_STEPS);
+    cfg.lr_decay_steps = 80;
+    cfg
+}
+
+/// Batch `s` of the killed run, the same in every process.
+fn kill_batch(s: u64) -> Tensor {
+    Tensor::from_vec(
+        gaussian_batch(N, D_IN, 2.0, 9_000 + s),
+        (N, D_IN),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// A real `kill -9` (SIGKILL, no chance to clean up) of a process in the middle of training with
+/// checkpoints every 20 steps; resuming from the newest complete checkpoint in this process must
+/// end with the weights of an uninterrupted run, bit for bit. The test re-runs its own binary as
+/// the process to kill; the child's batches are slowed (5 ms each) so that the kill lands mid-run.
+#[test]
+fn sigkill_mid_training_then_resume_is_bit_identical() {
+    if let Some(dir) = std::env::var_os(KILL_CHILD_DIR) {
+        let mut cfg = kill_config();
+        cfg.checkpoint_dir = Some(dir.into());
+        cfg.checkpoint_every = Some(20);
+        let mut t = Trainer::new(cfg).unwrap();
+        let slow = (0..KILL_STEPS).map(|s| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            Ok::<_, SaeError>(kill_batch(s))
+        });
+        t.train(&mut IterSource(slow), Progress::Hidden).unwrap();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "sigkill_mid_training_then_resume_is_bit_identical",
+            "--exact",
+            "--test-threads=1",
+        ])
+        .env(KILL_CHILD_DIR, dir.path())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoints = || {
+        std::fs::read_dir(dir.path())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("step_"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let start = std::time::Instant::now();
+    while checkpoints() < 3 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(120),
+            "the child wrote no checkpoints"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child ended before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the child was not killed: {status}");
+
+    let latest = Trainer::latest_checkpoint(dir.path()).unwrap();
+    let mut resumed = Trainer::resume(&latest).unwrap();
+    let done = resumed.batches_consumed();
+    assert!(
+        done >= 40 && done < KILL_STEPS,
+        "resumed at batch {done}: the kill did not land mid-run"
+    );
+    resumed
+        .train(
+            &mut IterSource((done..KILL_STEPS).map(|s| Ok::<_, SaeError>(kill_batch(s)))),
+            Progress::Hidden,
+        )
+        .unwrap();
+    let mut full = Trainer::new(kill_config()).unwrap();
+    full.train(
+        &mut IterSource((0..KILL_STEPS).map(|s| Ok::<_, SaeError>(kill_batch(s)))),
+        Progress::Hidden,
+    )
+    .unwrap();
+    assert_eq!(resumed.step_count(), KILL_STEPS);
+    assert!(
+        bits(&full) == bits(&resumed),
+        "resumed after SIGKILL at batch {done}: the weights differ from the uninterrupted run"
+    );
+    assert_eq!(full.sae().state_json(), resumed.sae().state_json());
 }
