@@ -272,7 +272,7 @@ impl SaeConfig {
             .unwrap_or("standard")
             .to_string();
         if !ARCHITECTURES.contains(&arch.as_str()) {
-            let hint = if arch == "batchtopk" {
+            let hint = if arch == "batchtopk" || arch == "matryoshka_batchtopk" {
                 " (a BatchTopK training checkpoint; save it with `save_sae` to get its jumprelu inference form)"
             } else {
                 ""

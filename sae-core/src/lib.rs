@@ -8,6 +8,7 @@
 //! | `standard` | [`arch::standard`] | ReLU + L1, Towards Monosemanticity (tied pre-encoder bias, geometric-median `b_dec`, unit-norm decoder, resampling) |
 //! | `topk` | [`arch::topk`] | TopK + AuxK (Gao et al. 2024) |
 //! | `batchtopk` | [`arch::batchtopk`] | BatchTopK with a learned inference threshold (saved as `jumprelu`) |
+//! | `matryoshka_batchtopk` | [`arch::matryoshka`] | BatchTopK whose nested prefixes must each reconstruct the input (Bussmann et al. 2025; saved as `jumprelu`) |
 //! | `jumprelu` | [`arch::jumprelu`] | JumpReLU, straight-through threshold gradient, L0 penalty |
 //! | `gated` | [`arch::gated`] | Gated SAE with its auxiliary loss |
 //!
@@ -72,8 +73,8 @@ pub mod trainer;
 
 pub use arch::{
     Batch, BatchTopKSae, BatchTopKTraining, DecoderNorm, FileTensor, GatedSae, GatedTraining,
-    JumpReluSae, JumpReluTraining, Sae, StandardSae, StandardTraining, StepContext, StepOutput,
-    TopKSae, TopKTraining, TrainableSae,
+    JumpReluSae, JumpReluTraining, MatryoshkaSae, MatryoshkaTraining, Sae, StandardSae,
+    StandardTraining, StepContext, StepOutput, TopKSae, TopKTraining, TrainableSae,
 };
 pub use config::{CommonConfig, NormalizeActivations, SaeConfig, SaeMetadata};
 pub use error::{Result, SaeError};

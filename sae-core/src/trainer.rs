@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::{
     Batch, BatchTopKSae, BatchTopKTraining, GatedSae, GatedTraining, JumpReluSae, JumpReluTraining,
-    StandardSae, StandardTraining, StepContext, StepOutput, TopKSae, TopKTraining, TrainableSae,
+    MatryoshkaSae, MatryoshkaTraining, StandardSae, StandardTraining, StepContext, StepOutput,
+    TopKSae, TopKTraining, TrainableSae,
 };
 use crate::config::{CommonConfig, SaeMetadata};
 use crate::error::{Result, SaeError};
@@ -40,6 +41,8 @@ pub enum ArchitectureConfig {
     TopK(TopKTraining),
     #[serde(rename = "batchtopk")]
     BatchTopK(BatchTopKTraining),
+    #[serde(rename = "matryoshka_batchtopk")]
+    Matryoshka(MatryoshkaTraining),
     #[serde(rename = "jumprelu")]
     JumpRelu(JumpReluTraining),
     #[serde(rename = "gated")]
@@ -53,6 +56,7 @@ impl ArchitectureConfig {
             ArchitectureConfig::Standard(_) => "standard",
             ArchitectureConfig::TopK(_) => "topk",
             ArchitectureConfig::BatchTopK(_) => "batchtopk",
+            ArchitectureConfig::Matryoshka(_) => "matryoshka_batchtopk",
             ArchitectureConfig::JumpRelu(_) => "jumprelu",
             ArchitectureConfig::Gated(_) => "gated",
         }
@@ -70,6 +74,9 @@ impl ArchitectureConfig {
             ArchitectureConfig::TopK(c) => Box::new(TopKSae::init(d_in, d_sae, c.clone(), seed)?),
             ArchitectureConfig::BatchTopK(c) => {
                 Box::new(BatchTopKSae::init(d_in, d_sae, c.clone(), seed)?)
+            }
+            ArchitectureConfig::Matryoshka(c) => {
+                Box::new(MatryoshkaSae::init(d_in, d_sae, c.clone(), seed)?)
             }
             ArchitectureConfig::JumpRelu(c) => {
                 Box::new(JumpReluSae::init(d_in, d_sae, c.clone(), seed))
@@ -96,6 +103,13 @@ impl ArchitectureConfig {
                 Box::new(TopKSae::from_params(d_in, d_sae, c.clone(), params)?)
             }
             ArchitectureConfig::BatchTopK(c) => Box::new(BatchTopKSae::from_params(
+                d_in,
+                d_sae,
+                c.clone(),
+                params,
+                0.0,
+            )?),
+            ArchitectureConfig::Matryoshka(c) => Box::new(MatryoshkaSae::from_params(
                 d_in,
                 d_sae,
                 c.clone(),
@@ -541,8 +555,10 @@ impl Trainer {
         let mut params = model.sae().params().clone();
         // A BatchTopK SAE is stored as JumpReLU with one shared threshold: take it back.
         let mut batch_threshold = None;
-        if let ArchitectureConfig::BatchTopK(_) = cfg.sae
-            && let Ok(p) = params.get("threshold")
+        if matches!(
+            cfg.sae,
+            ArchitectureConfig::BatchTopK(_) | ArchitectureConfig::Matryoshka(_)
+        ) && let Ok(p) = params.get("threshold")
         {
             batch_threshold = p.data.first().map(|&v| v as f64);
             params.list.retain(|p| p.name != "threshold");

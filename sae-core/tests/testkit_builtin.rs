@@ -1,9 +1,10 @@
 //! Every built-in architecture runs the property kit.
 
-use sae_core::testkit::{KitOptions, check_architecture};
+use sae_core::testkit::{KitOptions, PlantedOptions, check_architecture};
 use sae_core::{
     BatchTopKSae, BatchTopKTraining, DecoderNorm, GatedSae, GatedTraining, JumpReluSae,
-    JumpReluTraining, StandardSae, StandardTraining, TopKSae, TopKTraining,
+    JumpReluTraining, MatryoshkaSae, MatryoshkaTraining, StandardSae, StandardTraining, TopKSae,
+    TopKTraining,
 };
 
 /// `PROPTEST_CASES` raises the number of cases per property (proptest's own variable).
@@ -178,4 +179,29 @@ fn the_gradient_property_rejects_a_wrong_gradient() {
     };
     let err = sae_core::testkit::check_gradients(&make, &opts()).unwrap_err();
     assert!(err.contains("W_enc"), "{err}");
+}
+
+#[test]
+fn matryoshka_passes_the_kit() {
+    // Two prefixes, half and all. On the planted run (16 atoms, 32 features, two atoms per
+    // sample) the nested objective recovers 13 of 16 atoms at cosine >= 0.9 where BatchTopK
+    // recovers all 16, at 1,500 steps as at 6,000; with a first prefix of a quarter or less
+    // (its features must rebuild every sample alone, so they learn blends of atoms) 6-8 of 16.
+    // That is the architecture's trade on unstructured atoms, not a training failure: the
+    // gradient, shape, norm and save/load properties hold as for the others, and the bar for
+    // recovery is set below the measured 81%.
+    check_architecture(
+        "matryoshka_batchtopk",
+        |d_in, d_sae, seed| {
+            let widths = vec![(d_sae / 2).max(1)];
+            MatryoshkaSae::init(d_in, d_sae, MatryoshkaTraining::new(3.0, widths), seed).unwrap()
+        },
+        &KitOptions {
+            planted: PlantedOptions {
+                min_recovered: 0.75,
+                ..opts().planted
+            },
+            ..opts()
+        },
+    );
 }

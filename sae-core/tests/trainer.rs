@@ -418,7 +418,7 @@ fn sigkill_mid_training_then_resume_is_bit_identical() {
     let mut resumed = Trainer::resume(&latest).unwrap();
     let done = resumed.batches_consumed();
     assert!(
-        done >= 40 && done < KILL_STEPS,
+        (40..KILL_STEPS).contains(&done),
         "resumed at batch {done}: the kill did not land mid-run"
     );
     resumed

@@ -246,6 +246,36 @@ fn bad_requests_get_4xx_and_the_server_keeps_serving() {
         r#"{"prompt":"Hi","feature":99999}"#,
     );
     assert_eq!(s, 400, "{b}");
+    for (body, says) in [
+        (
+            r#"{"messages":[{"role":"robot","content":"Hi"}]}"#,
+            "role `robot`",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"Hi"}],"clamps":[{"feature":3,"value":1},{"feature":3,"value":2}]}"#,
+            "clamped twice",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"Hi"}],"temperature":9}"#,
+            "temperature 9",
+        ),
+        (
+            r#"{"messages":[{"role":"assistant","content":"Hi"}]}"#,
+            "last message must be the user's",
+        ),
+    ] {
+        let (s, b) = request(addr, "POST", "/api/chat", body);
+        assert_eq!(s, 400, "{body}: {b}");
+        assert!(b.contains(says), "{body}: {b}");
+    }
+    let (s, b) = request(
+        addr,
+        "POST",
+        "/api/adjust",
+        r#"{"prompt":"  ","feature":3}"#,
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("nothing to adjust"), "{b}");
     let (s, b) = request(addr, "GET", "/api/features?q=", "");
     assert_eq!(s, 400, "{b}");
     let (s, b) = request(addr, "GET", "/api/info", "");

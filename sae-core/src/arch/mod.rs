@@ -15,6 +15,7 @@
 pub mod batchtopk;
 pub mod gated;
 pub mod jumprelu;
+pub mod matryoshka;
 pub mod standard;
 pub mod topk;
 
@@ -32,6 +33,7 @@ use crate::params::{Param, Params};
 pub use batchtopk::{BatchTopKSae, BatchTopKTraining};
 pub use gated::{GatedSae, GatedTraining};
 pub use jumprelu::{JumpReluSae, JumpReluTraining};
+pub use matryoshka::{MatryoshkaSae, MatryoshkaTraining};
 pub use standard::{StandardSae, StandardTraining};
 pub use topk::{TopKSae, TopKTraining};
 
@@ -76,7 +78,8 @@ pub struct StepOutput {
     pub mse: f64,
     /// L1 / L0 penalty (after the coefficient).
     pub sparsity_loss: f64,
-    /// Auxiliary term (AuxK, gated's via-gate reconstruction), after its coefficient.
+    /// Auxiliary terms (AuxK, gated's via-gate reconstruction, Matryoshka's inner prefixes),
+    /// after their coefficients.
     pub aux_loss: f64,
     /// Feature activations used for the reconstruction.
     pub codes: SparseCodes,
