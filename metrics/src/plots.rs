@@ -326,6 +326,143 @@ pub fn plot_lines(
     Ok(())
 }
 
+/// How a [`Scatter`] series is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// One dot per point (measurements).
+    Dots,
+    /// A line through the points in order (a fitted law).
+    Line,
+}
+
+/// A named set of points for [`plot_scatter`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scatter {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+    pub mark: Mark,
+}
+
+/// Points and lines on axes that are logarithmic where asked (the scaling-law plots: loss
+/// against compute, optimal size against compute). Log axes are drawn in log10 units and
+/// labelled with the values.
+///
+/// # Errors
+/// `InvalidArgument` if there is no point, or a point is not finite (or not positive on a log
+/// axis); `Plot` if drawing fails.
+pub fn plot_scatter(
+    series: &[Scatter],
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    (log_x, log_y): (bool, bool),
+    path: &Path,
+) -> Result<()> {
+    let t = |v: f64, log: bool| if log { v.log10() } else { v };
+    let mut all = Vec::new();
+    for s in series {
+        for &(x, y) in &s.points {
+            let (u, v) = (t(x, log_x), t(y, log_y));
+            if !(u.is_finite() && v.is_finite()) {
+                return Err(MetricsError::InvalidArgument {
+                    what: format!("plot point ({x}, {y}) of `{}`", s.name),
+                    reason: "not finite, or not positive on a log axis".into(),
+                });
+            }
+            all.push((u, v));
+        }
+    }
+    if all.is_empty() {
+        return Err(MetricsError::InvalidArgument {
+            what: "scatter plot".into(),
+            reason: "no points to draw".into(),
+        });
+    }
+    let span = |f: fn(&(f64, f64)) -> f64| {
+        let (lo, hi) = all
+            .iter()
+            .map(f)
+            .fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
+        let pad = ((hi - lo) * 0.06).max(1e-3);
+        (lo - pad)..(hi + pad)
+    };
+    let (xr, yr) = (span(|p| p.0), span(|p| p.1));
+    register_font();
+    let e = plot_err(path);
+    let root = BitMapBackend::new(path, (860, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, (FONT, 20))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(72)
+        .build_cartesian_2d(xr, yr)
+        .map_err(|x| e(x.to_string()))?;
+    let label = |v: f64, log: bool| {
+        let v = if log { 10f64.powf(v) } else { v };
+        let a = v.abs();
+        if a != 0.0 && !(1e-2..1e4).contains(&a) {
+            format!("{v:.1e}")
+        } else {
+            format!("{v:.3}")
+                .trim_end_matches('0')
+                .trim_end_matches('.')
+                .to_string()
+        }
+    };
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style((FONT, 13))
+        .axis_desc_style((FONT, 15))
+        .x_label_formatter(&|v| label(*v, log_x))
+        .y_label_formatter(&|v| label(*v, log_y))
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    let colors = [
+        RGBColor(66, 114, 196),
+        RGBColor(214, 96, 39),
+        RGBColor(60, 150, 80),
+        RGBColor(150, 70, 160),
+        RGBColor(190, 160, 30),
+        RGBColor(40, 170, 190),
+        RGBColor(120, 120, 120),
+        RGBColor(200, 60, 120),
+    ];
+    for (i, s) in series.iter().enumerate() {
+        let c = colors[i % colors.len()];
+        let pts: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .map(|&(x, y)| (t(x, log_x), t(y, log_y)))
+            .collect();
+        match s.mark {
+            Mark::Dots => chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled())))
+                .map_err(|x| e(x.to_string()))?
+                .label(s.name.clone())
+                .legend(move |(x, y)| Circle::new((x + 9, y), 4, c.filled())),
+            Mark::Line => chart
+                .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+                .map_err(|x| e(x.to_string()))?
+                .label(s.name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
+                }),
+        };
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font((FONT, 13))
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,5 +502,24 @@ mod tests {
         };
         assert!(plot_lines(&[nan], "dose", "clamp", "share", false, &p3).is_err());
         assert!(plot_lines(&[], "dose", "clamp", "share", false, &p3).is_err());
+        let p4 = dir.path().join("s.png");
+        let runs = Scatter {
+            name: "runs".into(),
+            points: vec![(1e9, 0.3), (1e10, 0.2), (1e11, 0.15)],
+            mark: Mark::Dots,
+        };
+        let fit = Scatter {
+            name: "fit".into(),
+            points: vec![(1e9, 0.31), (1e11, 0.14)],
+            mark: Mark::Line,
+        };
+        plot_scatter(&[runs.clone(), fit], "L(C)", "C", "FVU", (true, true), &p4).unwrap();
+        assert_eq!(&std::fs::read(&p4).unwrap()[1..4], b"PNG");
+        let zero = Scatter {
+            points: vec![(0.0, 1.0)],
+            ..runs
+        };
+        assert!(plot_scatter(&[zero], "x", "x", "y", (true, false), &p4).is_err());
+        assert!(plot_scatter(&[], "x", "x", "y", (false, false), &p4).is_err());
     }
 }
