@@ -4,7 +4,7 @@
 //! then the laws fitted (`scaling` crate) and plotted.
 //!
 //! ```text
-//! cargo run --release --example scaling_laws -- --grid quick     # about 30 min on 2 cores
+//! cargo run --release --example scaling_laws -- --grid quick     # 22 min on 2 cores
 //! cargo run --release --example scaling_laws -- --grid full      # hours; resumes when rerun
 //! ```
 //!
@@ -57,9 +57,9 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 enum Grid {
-    /// 1-16x features, 25k-410k tokens, k 16/32/64: about 30 minutes on 2 cores.
+    /// 1-16x features, 25k-410k tokens, k 16/32/64: 22 minutes on 2 cores.
     Quick,
-    /// 1-32x features, 125k-4M tokens, k 16-128: hours.
+    /// 1-32x features, 128k-4.1M tokens, k 16-128: hours.
     Full,
 }
 
@@ -786,7 +786,12 @@ fn fit_and_plot(results: &[RunResult], def: &GridDef, out: &Path) -> Result<serd
             name: (*a).to_string(),
             points: results
                 .iter()
-                .filter(|r| r.spec.arch == *a && r.l0 > 0.0 && r.loss_recovered_zero.is_finite())
+                .filter(|r| {
+                    r.spec.arch == *a
+                        && r.spec.tokens == max_tokens
+                        && r.l0 > 0.0
+                        && r.loss_recovered_zero.is_finite()
+                })
                 .map(|r| (r.l0, r.loss_recovered_zero))
                 .collect(),
             mark: Mark::Dots,
@@ -796,7 +801,7 @@ fn fit_and_plot(results: &[RunResult], def: &GridDef, out: &Path) -> Result<serd
     if !l0_series.is_empty() {
         plot_scatter(
             &l0_series,
-            "Loss recovered vs L0 (held-out)",
+            &format!("Loss recovered vs L0 at {max_tokens} tokens (held-out)"),
             "L0",
             "loss recovered (zero ablation)",
             (true, false),
