@@ -260,6 +260,50 @@ impl WindowPlan {
         &self.tokens[self.offsets[i]..self.offsets[i + 1]]
     }
 
+    /// The full-length windows, in plan order, up to `max_tokens` tokens (at least one window),
+    /// as `[batch, context_len]` tensors: a held-out evaluation set whose batches all have one
+    /// shape (the last may have fewer rows).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for `batch == 0` or a plan without a full window; tensor errors.
+    pub fn full_window_batches(
+        &self,
+        max_tokens: usize,
+        batch: usize,
+        device: &candle_core::Device,
+    ) -> Result<Vec<candle_core::Tensor>> {
+        if batch == 0 {
+            return Err(Error::Config {
+                field: "batch",
+                message: "0 windows per batch".into(),
+            });
+        }
+        let full: Vec<&[u32]> = (0..self.len())
+            .map(|i| self.tokens(i))
+            .filter(|t| t.len() == self.context_len)
+            .take(max_tokens.div_ceil(self.context_len).max(1))
+            .collect();
+        if full.is_empty() {
+            return Err(Error::Config {
+                field: "context_len",
+                message: format!(
+                    "the {} split has no full window of {} tokens",
+                    self.split, self.context_len
+                ),
+            });
+        }
+        full.chunks(batch)
+            .map(|c| {
+                let flat: Vec<u32> = c.iter().flat_map(|t| t.iter().copied()).collect();
+                Ok(candle_core::Tensor::from_vec(
+                    flat,
+                    (c.len(), self.context_len),
+                    device,
+                )?)
+            })
+            .collect()
+    }
+
     /// Number of text tokens (BOS excluded) over all windows.
     pub fn text_tokens(&self) -> u64 {
         (self.tokens.len() - self.windows.len()) as u64
@@ -373,6 +417,36 @@ mod tests {
         all.sort();
         assert_eq!(seen, all);
         assert_eq!(plan.text_tokens(), 17);
+    }
+
+    #[test]
+    fn full_window_batches_keep_only_full_windows_in_plan_order() {
+        let docs = vec![doc("a/x", 10), doc("b/yy", 3), doc("c/zzz", 4)];
+        // Windows of 5 (BOS + 4): a/x gives 4+4+2, b/yy 3, c/zzz 4: three full windows.
+        let plan = WindowPlan::build(&docs, Split::Train, 5, 7, 1).unwrap();
+        let cpu = candle_core::Device::Cpu;
+        let full: Vec<Vec<u32>> = (0..plan.len())
+            .map(|i| plan.tokens(i).to_vec())
+            .filter(|t| t.len() == 5)
+            .collect();
+        assert_eq!(full.len(), 3);
+        let b = plan.full_window_batches(100, 2, &cpu).unwrap();
+        assert_eq!(b.len(), 2);
+        assert_eq!(b[0].dims(), [2, 5]);
+        assert_eq!(b[1].dims(), [1, 5]);
+        let rows: Vec<Vec<u32>> = b.iter().flat_map(|t| t.to_vec2::<u32>().unwrap()).collect();
+        assert_eq!(rows, full);
+        // 6 tokens ask for two windows; 0 tokens still give one.
+        let b = plan.full_window_batches(6, 8, &cpu).unwrap();
+        assert_eq!(b[0].dims(), [2, 5]);
+        assert_eq!(
+            plan.full_window_batches(0, 8, &cpu).unwrap()[0].dims(),
+            [1, 5]
+        );
+        assert!(plan.full_window_batches(6, 0, &cpu).is_err());
+        let short = WindowPlan::build(&docs[1..2], Split::Train, 5, 7, 1).unwrap();
+        let err = short.full_window_batches(6, 2, &cpu).unwrap_err();
+        assert!(err.to_string().contains("no full window of 5"), "{err}");
     }
 
     #[test]

@@ -35,7 +35,7 @@ use sae_workbench::sae_core::{
     ArchitectureConfig, IterSource, Progress, SaeModel, StandardTraining, TopKTraining,
     TrainMetrics, Trainer, TrainerConfig, train_many,
 };
-use sae_workbench::transformer_hooks::candle_core::{Device, Tensor};
+use sae_workbench::transformer_hooks::candle_core::Device;
 use sae_workbench::transformer_hooks::{LoadOptions, Model, assets};
 use serde::Serialize;
 
@@ -336,7 +336,7 @@ fn main() -> Result<()> {
 
     // 4. Spliced evaluation on held-out test documents.
     let model = hooked.model();
-    let eval_batches = eval_windows(&test_plan, args.eval_tokens, 8, &device)?;
+    let eval_batches = test_plan.full_window_batches(args.eval_tokens, 8, &device)?;
     let eval_tokens: usize = eval_batches.iter().map(|b| b.elem_count()).sum();
     let mut saes = Vec::new();
     for (name, folder, _) in &names {
@@ -582,32 +582,6 @@ fn identity_name(path: &Path) -> String {
 
 fn test_plan_tokens(plan: &WindowPlan, w: usize) -> Option<Vec<u32>> {
     (w < plan.len()).then(|| plan.tokens(w).to_vec())
-}
-
-/// Full-length held-out windows, in plan order, up to `max_tokens` tokens, `batch` per tensor.
-fn eval_windows(
-    plan: &WindowPlan,
-    max_tokens: usize,
-    batch: usize,
-    device: &Device,
-) -> Result<Vec<Tensor>> {
-    let full: Vec<&[u32]> = (0..plan.len())
-        .map(|i| plan.tokens(i))
-        .filter(|t| t.len() == plan.context_len)
-        .take(max_tokens.div_ceil(plan.context_len).max(1))
-        .collect();
-    if full.is_empty() {
-        bail!(
-            "the test split has no full window of {} tokens",
-            plan.context_len
-        );
-    }
-    full.chunks(batch)
-        .map(|c| {
-            let flat: Vec<u32> = c.iter().flat_map(|t| t.iter().copied()).collect();
-            Ok(Tensor::from_vec(flat, (c.len(), plan.context_len), device)?)
-        })
-        .collect()
 }
 
 fn headline_table(results: &[SaeResult]) -> String {

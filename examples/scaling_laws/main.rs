@@ -445,7 +445,7 @@ fn main() -> Result<()> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let eval_batches = eval_windows(&test_plan, eval_tokens, 8)?;
+    let eval_batches = test_plan.full_window_batches(eval_tokens, 8, &Device::Cpu)?;
     let model = hooked.model();
     let mut target = HookedSplice::new(model, &hook)?;
     let todo: Vec<&RunSpec> = runs
@@ -561,31 +561,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
-}
-
-/// Full-length held-out windows up to `max_tokens` tokens, `batch` per tensor.
-fn eval_windows(plan: &WindowPlan, max_tokens: usize, batch: usize) -> Result<Vec<Tensor>> {
-    let full: Vec<&[u32]> = (0..plan.len())
-        .map(|i| plan.tokens(i))
-        .filter(|t| t.len() == plan.context_len)
-        .take(max_tokens.div_ceil(plan.context_len).max(1))
-        .collect();
-    if full.is_empty() {
-        bail!(
-            "the test split has no full window of {} tokens",
-            plan.context_len
-        );
-    }
-    full.chunks(batch)
-        .map(|c| {
-            let flat: Vec<u32> = c.iter().flat_map(|t| t.iter().copied()).collect();
-            Ok(Tensor::from_vec(
-                flat,
-                (c.len(), plan.context_len),
-                &Device::Cpu,
-            )?)
-        })
-        .collect()
 }
 
 /// Wall time of training steps of the grid's TopK SAE at each width, beside the formula.
