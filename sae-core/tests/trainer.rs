@@ -440,3 +440,65 @@ fn sigkill_mid_training_then_resume_is_bit_identical() {
     );
     assert_eq!(full.sae().state_json(), resumed.sae().state_json());
 }
+
+/// A damaged checkpoint (either file cut short, missing, or its JSON edited to another shape) is
+/// an error naming the file, never a panic or a silently different trainer.
+#[test]
+fn damaged_checkpoints_are_refused() {
+    let cfg = {
+        let mut c = config(ArchitectureConfig::TopK(TopKTraining::new(3)), 6);
+        c.checkpoint_every = Some(3);
+        c
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ck = cfg.clone();
+    ck.checkpoint_dir = Some(dir.path().to_path_buf());
+    let mut t = Trainer::new(ck).unwrap();
+    t.train(
+        &mut IterSource(batches(6).into_iter().map(Ok::<_, SaeError>)),
+        Progress::Hidden,
+    )
+    .unwrap();
+    let good = Trainer::latest_checkpoint(dir.path()).unwrap();
+    assert!(Trainer::resume(&good).is_ok());
+    for file in ["trainer.json", "state.safetensors"] {
+        let bytes = std::fs::read(good.join(file)).unwrap();
+        for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
+            let bad = tempfile::tempdir().unwrap();
+            for f in ["trainer.json", "state.safetensors"] {
+                std::fs::copy(good.join(f), bad.path().join(f)).unwrap();
+            }
+            std::fs::write(bad.path().join(file), &bytes[..cut]).unwrap();
+            let e = Trainer::resume(bad.path()).err();
+            let msg = e.map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                msg.contains(file),
+                "{file} cut to {cut} bytes: expected an error naming it, got {msg:?}"
+            );
+        }
+        let bad = tempfile::tempdir().unwrap();
+        let other = if file == "trainer.json" {
+            "state.safetensors"
+        } else {
+            "trainer.json"
+        };
+        std::fs::copy(good.join(other), bad.path().join(other)).unwrap();
+        let msg = Trainer::resume(bad.path()).err().map(|e| e.to_string());
+        assert!(
+            msg.as_deref().is_some_and(|m| m.contains(file)),
+            "{file} missing: {msg:?}"
+        );
+    }
+    // A trainer.json whose config asks for another width than the saved tensors.
+    let bad = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        good.join("state.safetensors"),
+        bad.path().join("state.safetensors"),
+    )
+    .unwrap();
+    let json = std::fs::read_to_string(good.join("trainer.json")).unwrap();
+    let edited = json.replacen(&format!("\"d_sae\": {D_SAE}"), "\"d_sae\": 25", 1);
+    assert_ne!(json, edited, "trainer.json should hold d_sae");
+    std::fs::write(bad.path().join("trainer.json"), edited).unwrap();
+    assert!(Trainer::resume(bad.path()).is_err());
+}

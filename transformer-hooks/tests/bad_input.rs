@@ -205,6 +205,31 @@ fn absurd_sizes_in_a_config_are_named_not_allocated() {
     }
 }
 
+/// The same absurd sizes in a GGUF's metadata: named, and nothing allocated from them.
+#[test]
+fn absurd_sizes_in_a_gguf_are_named_not_allocated() {
+    for family in ["llama", "gemma3", "qwen2", "gpt2"] {
+        for (key, value) in [("block_count", u32::MAX), ("attention.head_count", 0)] {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("m.gguf");
+            write_gguf(&tiny(family), &path, GgmlDType::F32, |meta, _| {
+                let k = format!("{family}.{key}");
+                for (name, v) in meta.iter_mut() {
+                    if *name == k {
+                        *v = Value::U32(value);
+                    }
+                }
+            });
+            let e = load_err(&path);
+            let full_key = format!("{family}.{key}");
+            assert!(
+                matches!(e, Error::Metadata { key: ref k, .. } if *k == full_key),
+                "{family} {key}={value}: {e}"
+            );
+        }
+    }
+}
+
 #[test]
 fn hook_points_the_model_lacks_are_named() {
     let model = tiny("llama");
