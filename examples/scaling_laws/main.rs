@@ -307,6 +307,16 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
     let model = Model::load_with(&model_path, &Device::Cpu, &LoadOptions::default())
         .with_context(|| format!("loading {}", model_path.display()))?;
+    // Every run of the sweep is in memory at once (one stream): refuse before an hour of
+    // harvesting if they cannot be. The width is the model's for the usual sites.
+    let width_guess = match args.site.as_str() {
+        s if s.starts_with("mlp.") => Some(model.config().d_mlp),
+        s if s.starts_with("hook_resid") => Some(model.config().d_model),
+        _ => None,
+    };
+    if let Some(w) = width_guess {
+        check_memory(&specs(&def, w, args.batch, args.lr), &[], w)?;
+    }
     let mut hooked = HookedModel::new(model);
     hooked.check_hooks(std::slice::from_ref(&hook))?;
     let bos = hooked.bos()?;
@@ -342,6 +352,12 @@ fn main() -> Result<()> {
     let d_in = acts.width();
     let runs = specs(&def, d_in, args.batch, args.lr);
     eprintln!("== {} runs", runs.len());
+    let saved: Vec<&str> = runs
+        .iter()
+        .filter(|s| out.join("saes").join(&s.name).join("cfg.json").exists())
+        .map(|s| s.name.as_str())
+        .collect();
+    check_memory(&runs, &saved, d_in)?;
 
     // 2. Train every run not yet saved, phase by phase on one stream.
     let sae_dir = |s: &RunSpec| out.join("saes").join(&s.name);
@@ -538,6 +554,37 @@ fn final_train_of<'a>(
         .iter()
         .position(|p| p.name == s.name)
         .and_then(|i| finals[i].as_ref())
+}
+
+/// The runs still to train hold weights, gradients and Adam's two moments at once: eight
+/// `n x d_in` f32 matrices each. Refuses, naming the numbers, when that passes 90% of the
+/// memory available (`/proc/meminfo`; not checked where it cannot be read).
+fn check_memory(runs: &[RunSpec], saved: &[&str], d_in: usize) -> Result<()> {
+    let need: f64 = runs
+        .iter()
+        .filter(|s| !saved.contains(&s.name.as_str()))
+        .map(|s| 8.0 * 4.0 * (s.n * d_in) as f64)
+        .sum();
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb * 1024.0);
+    if let Some(avail) = available
+        && need > 0.9 * avail
+    {
+        bail!(
+            "the sweep's runs train together on one stream and need about {:.1} GB at once for \
+             weights, gradients and Adam state (d_in {d_in}); {:.1} GB is available. Use a \
+             narrower hook (--site hook_resid_post) or a machine with more memory",
+            need / 1e9,
+            avail / 1e9
+        );
+    }
+    Ok(())
 }
 
 /// A stream cut after `left` batches: one phase of the sweep.
