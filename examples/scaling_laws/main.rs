@@ -315,7 +315,8 @@ fn main() -> Result<()> {
         _ => None,
     };
     if let Some(w) = width_guess {
-        check_memory(&specs(&def, w, args.batch, args.lr), &[], w)?;
+        let all = specs(&def, w, args.batch, args.lr);
+        check_memory(&all.iter().collect::<Vec<_>>(), w)?;
     }
     let mut hooked = HookedModel::new(model);
     hooked.check_hooks(std::slice::from_ref(&hook))?;
@@ -352,15 +353,14 @@ fn main() -> Result<()> {
     let d_in = acts.width();
     let runs = specs(&def, d_in, args.batch, args.lr);
     eprintln!("== {} runs", runs.len());
-    let saved: Vec<&str> = runs
+    let sae_dir = |s: &RunSpec| out.join("saes").join(&s.name);
+    let pending: Vec<&RunSpec> = runs
         .iter()
-        .filter(|s| out.join("saes").join(&s.name).join("cfg.json").exists())
-        .map(|s| s.name.as_str())
+        .filter(|s| !sae_dir(s).join("cfg.json").exists())
         .collect();
-    check_memory(&runs, &saved, d_in)?;
+    check_memory(&pending, d_in)?;
 
     // 2. Train every run not yet saved, phase by phase on one stream.
-    let sae_dir = |s: &RunSpec| out.join("saes").join(&s.name);
     let ck_dir = |s: &RunSpec| out.join("checkpoints").join(&s.name);
     let progress_path = out.join("progress.json");
     let done_step: u64 = std::fs::read(&progress_path)
@@ -368,10 +368,6 @@ fn main() -> Result<()> {
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v["step"].as_u64())
         .unwrap_or(0);
-    let pending: Vec<&RunSpec> = runs
-        .iter()
-        .filter(|s| !sae_dir(s).join("cfg.json").exists())
-        .collect();
     let mut trainers = Vec::with_capacity(pending.len());
     for s in &pending {
         let ck = ck_dir(s).join(format!("step_{done_step:09}"));
@@ -422,12 +418,12 @@ fn main() -> Result<()> {
                 }
             }
             at = end;
-            for (s, t) in pending.iter().zip(&trainers) {
+            for ((s, t), last) in pending.iter().zip(&trainers).zip(&final_train) {
                 if t.step_count() == end {
                     t.save(sae_dir(s))?;
                     write_atomic(
                         &sae_dir(s).join("train_final.json"),
-                        &serde_json::to_vec(&final_train_of(&pending, &final_train, s))?,
+                        &serde_json::to_vec(last)?,
                     )?;
                 } else if !t.is_done() {
                     t.checkpoint(ck_dir(s))?;
@@ -545,24 +541,12 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn final_train_of<'a>(
-    pending: &[&RunSpec],
-    finals: &'a [Option<TrainMetrics>],
-    s: &RunSpec,
-) -> Option<&'a TrainMetrics> {
-    pending
-        .iter()
-        .position(|p| p.name == s.name)
-        .and_then(|i| finals[i].as_ref())
-}
-
 /// The runs still to train hold weights, gradients and Adam's two moments at once: eight
 /// `n x d_in` f32 matrices each. Refuses, naming the numbers, when that passes 90% of the
 /// memory available (`/proc/meminfo`; not checked where it cannot be read).
-fn check_memory(runs: &[RunSpec], saved: &[&str], d_in: usize) -> Result<()> {
-    let need: f64 = runs
+fn check_memory(pending: &[&RunSpec], d_in: usize) -> Result<()> {
+    let need: f64 = pending
         .iter()
-        .filter(|s| !saved.contains(&s.name.as_str()))
         .map(|s| 8.0 * 4.0 * (s.n * d_in) as f64)
         .sum();
     let available = std::fs::read_to_string("/proc/meminfo")

@@ -303,16 +303,8 @@ fn main() -> Result<()> {
                 })
             });
             let hooks = || scoped.as_ref().map_or_else(Hooks::new, |s| s.hooks());
-            let sampling = if args.temperature > 0.0 {
-                Sampling::Sample {
-                    temperature: args.temperature,
-                    top_k: None,
-                    top_p: Some(0.95),
-                    seed: args.seed.wrapping_add(ci as u64),
-                }
-            } else {
-                Sampling::Greedy
-            };
+            let sampling =
+                Sampling::at_temperature(args.temperature, 0.95, args.seed.wrapping_add(ci as u64));
             let opts = GenerateOptions {
                 sampling,
                 ..GenerateOptions::greedy(args.max_new_tokens)

@@ -162,16 +162,8 @@ fn main() -> Result<()> {
     let mut results = Vec::new();
     for (ci, chunk) in rows.chunks(args.batch).enumerate() {
         let batch: Vec<Vec<u32>> = chunk.iter().map(|&p| encoded[p].clone()).collect();
-        let sampling = if args.temperature > 0.0 {
-            Sampling::Sample {
-                temperature: args.temperature,
-                top_k: None,
-                top_p: Some(0.95),
-                seed: args.seed.wrapping_add(ci as u64),
-            }
-        } else {
-            Sampling::Greedy
-        };
+        let sampling =
+            Sampling::at_temperature(args.temperature, 0.95, args.seed.wrapping_add(ci as u64));
         let opts = GenerateOptions {
             sampling,
             ..GenerateOptions::greedy(args.max_new_tokens)

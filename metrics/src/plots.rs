@@ -17,6 +17,18 @@ const FONT_BYTES: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
 const FONT: &str = "sans-serif";
 static REGISTER: Once = Once::new();
 
+/// Series colours, in order of use.
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(66, 114, 196),
+    RGBColor(214, 96, 39),
+    RGBColor(60, 150, 80),
+    RGBColor(150, 70, 160),
+    RGBColor(120, 120, 120),
+    RGBColor(190, 160, 30),
+    RGBColor(40, 170, 190),
+    RGBColor(200, 60, 120),
+];
+
 fn register_font() {
     REGISTER.call_once(|| {
         // The bytes are a valid TTF shipped with the crate; a failure here would be a packaging
@@ -289,15 +301,8 @@ pub fn plot_lines(
             .map_err(|x| e(x.to_string()))?;
         }
     }
-    let colors = [
-        RGBColor(66, 114, 196),
-        RGBColor(214, 96, 39),
-        RGBColor(60, 150, 80),
-        RGBColor(150, 70, 160),
-        RGBColor(120, 120, 120),
-    ];
     for (i, s) in series.iter().enumerate() {
-        let c = colors[i % colors.len()];
+        let c = PALETTE[i % PALETTE.len()];
         let pts: Vec<(f64, f64)> = s.points.iter().map(|p| (fx(p.0), p.1)).collect();
         chart
             .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
@@ -420,18 +425,8 @@ pub fn plot_scatter(
         .y_label_formatter(&|v| label(*v, log_y))
         .draw()
         .map_err(|x| e(x.to_string()))?;
-    let colors = [
-        RGBColor(66, 114, 196),
-        RGBColor(214, 96, 39),
-        RGBColor(60, 150, 80),
-        RGBColor(150, 70, 160),
-        RGBColor(190, 160, 30),
-        RGBColor(40, 170, 190),
-        RGBColor(120, 120, 120),
-        RGBColor(200, 60, 120),
-    ];
     for (i, s) in series.iter().enumerate() {
-        let c = colors[i % colors.len()];
+        let c = PALETTE[i % PALETTE.len()];
         let pts: Vec<(f64, f64)> = s
             .points
             .iter()

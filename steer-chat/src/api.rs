@@ -214,21 +214,13 @@ impl ChatJob {
                 app.limits.max_new_tokens
             )));
         }
-        let sampling = if req.temperature == 0.0 {
-            Sampling::Greedy
-        } else if req.temperature.is_finite() && req.temperature > 0.0 && req.temperature <= 5.0 {
-            Sampling::Sample {
-                temperature: req.temperature,
-                top_k: None,
-                top_p: Some(0.95),
-                seed: req.seed,
-            }
-        } else {
+        if !(req.temperature >= 0.0 && req.temperature <= 5.0) {
             return Err(ApiError::bad(format!(
                 "temperature {}: must be 0 (greedy) to 5",
                 req.temperature
             )));
-        };
+        }
+        let sampling = Sampling::at_temperature(req.temperature, 0.95, req.seed);
         let tok = app.model.tokenizer()?;
         let prompt = tok
             .encode_chat(&turns, true)

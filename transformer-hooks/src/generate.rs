@@ -30,6 +30,24 @@ pub enum Sampling {
     },
 }
 
+impl Sampling {
+    /// A seeded draw at a positive `temperature` from the smallest set of tokens whose
+    /// probability reaches `top_p` (the usual chat setting; no top-k cut); greedy otherwise
+    /// (temperature 0).
+    pub fn at_temperature(temperature: f64, top_p: f64, seed: u64) -> Self {
+        if temperature > 0.0 {
+            Sampling::Sample {
+                temperature,
+                top_k: None,
+                top_p: Some(top_p),
+                seed,
+            }
+        } else {
+            Sampling::Greedy
+        }
+    }
+}
+
 /// What to generate.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerateOptions {

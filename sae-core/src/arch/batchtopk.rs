@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::standard::default_init_norm;
 use super::{
-    Batch, DecoderNorm, FileTensor, Sae, StepContext, StepOutput, TrainableSae, aux_k, aux_k_size,
-    centered, check_params, export_tensors, init_linear, reconstruction, relu_family_backward,
-    residual_from_grad, select_codes, unit_norm_constrain,
+    Batch, DecoderNorm, FileTensor, PartialReconstruction, Sae, StepContext, StepOutput,
+    TrainableSae, aux_k, aux_k_size, centered, check_params, export_tensors, init_linear,
+    reconstruction, relu_family_backward, residual_from_grad, select_codes, unit_norm_constrain,
 };
 use crate::config::{CommonConfig, JumpReluConfig, SaeConfig};
 use crate::error::{Result, SaeError};
@@ -134,6 +134,109 @@ impl BatchTopKSae {
             threshold,
         })
     }
+}
+
+impl BatchTopKSae {
+    /// One training step whose loss adds, for every width `w` of `inner_widths`, the error of
+    /// reconstructing from the selected features below `w` (Matryoshka's nested prefixes;
+    /// [`super::matryoshka`]). Those terms are reported in `aux_loss`, beside AuxK; `mse` stays
+    /// the full reconstruction's. With no widths it is the BatchTopK step.
+    pub(crate) fn forward_backward_nested(
+        &self,
+        batch: &Batch<'_>,
+        ctx: &StepContext<'_>,
+        grads: &mut Params,
+        inner_widths: &[usize],
+    ) -> Result<StepOutput> {
+        let (n, d_in, d_sae) = (batch.n, self.d_in, self.d_sae);
+        let p = &self.params;
+        let xc = centered(p, batch.x, d_in, self.cfg.apply_b_dec_to_input)?;
+        let pre = kernels::encoder_preacts(&xc, n, d_in, p.data("W_enc")?, d_sae, ctx.device)?;
+        let b_enc = p.data("b_enc")?;
+        let m = ((self.cfg.k as f64 * n as f64) as usize).max(1);
+        let codes = pre.with_slice(|s| batch_topk_codes(s, b_enc, n, d_sae, m))?;
+        let (d_xhat, sq, mse, dots) = reconstruction(p, d_in, &codes, batch.x)?;
+        let mut partials = Vec::with_capacity(inner_widths.len());
+        let mut inner_loss = 0.0;
+        for &w in inner_widths {
+            let c = prefix(&codes, w);
+            let (d, _, loss, g) = reconstruction(p, d_in, &c, batch.x)?;
+            inner_loss += loss;
+            partials.push(PartialReconstruction {
+                codes: c,
+                d_xhat: d,
+                dots: g,
+            });
+        }
+        let w_dec = p.data("W_dec")?;
+        let g_pre = dots;
+        let aux = if ctx.dead.iter().any(|&d| d) {
+            let residual = residual_from_grad(&d_xhat, n);
+            pre.with_slice(|s| {
+                aux_k(
+                    s,
+                    b_enc,
+                    d_sae,
+                    d_in,
+                    n,
+                    ctx.dead,
+                    aux_k_size(self.cfg.aux_k, d_in),
+                    self.cfg.aux_loss_coefficient,
+                    &residual,
+                    w_dec,
+                )
+            })?
+        } else {
+            None
+        };
+        drop(pre);
+        relu_family_backward(
+            p,
+            grads,
+            d_in,
+            d_sae,
+            self.cfg.apply_b_dec_to_input,
+            &codes,
+            &g_pre,
+            &d_xhat,
+            &xc,
+            &partials,
+            aux.as_ref(),
+            None,
+        )?;
+        let aux_loss = aux.as_ref().map_or(0.0, |a| a.loss) + inner_loss;
+        Ok(StepOutput {
+            loss: mse + aux_loss,
+            mse,
+            sparsity_loss: 0.0,
+            aux_loss,
+            codes,
+            per_token_sq_err: sq,
+        })
+    }
+}
+
+/// The pairs of `codes` whose feature is below `width`.
+fn prefix(codes: &SparseCodes, width: usize) -> SparseCodes {
+    let mut out = SparseCodes {
+        n_tokens: codes.n_tokens,
+        d_sae: codes.d_sae,
+        offsets: Vec::with_capacity(codes.n_tokens + 1),
+        features: Vec::new(),
+        values: Vec::new(),
+    };
+    out.offsets.push(0);
+    for t in 0..codes.n_tokens {
+        let (fs, vs) = codes.row(t);
+        for (&f, &v) in fs.iter().zip(vs) {
+            if (f as usize) < width {
+                out.features.push(f);
+                out.values.push(v);
+            }
+        }
+        out.offsets.push(out.features.len());
+    }
+    out
 }
 
 /// The `m` largest positive values of `pre + b_enc` over the whole `[n, d_sae]` batch.
@@ -259,58 +362,7 @@ impl TrainableSae for BatchTopKSae {
         ctx: &StepContext<'_>,
         grads: &mut Params,
     ) -> Result<StepOutput> {
-        let (n, d_in, d_sae) = (batch.n, self.d_in, self.d_sae);
-        let p = &self.params;
-        let xc = centered(p, batch.x, d_in, self.cfg.apply_b_dec_to_input)?;
-        let pre = kernels::encoder_preacts(&xc, n, d_in, p.data("W_enc")?, d_sae, ctx.device)?;
-        let b_enc = p.data("b_enc")?;
-        let m = ((self.cfg.k as f64 * n as f64) as usize).max(1);
-        let codes = pre.with_slice(|s| batch_topk_codes(s, b_enc, n, d_sae, m))?;
-        let (d_xhat, sq, mse, dots) = reconstruction(p, d_in, &codes, batch.x)?;
-        let w_dec = p.data("W_dec")?;
-        let g_pre = dots;
-        let aux = if ctx.dead.iter().any(|&d| d) {
-            let residual = residual_from_grad(&d_xhat, n);
-            pre.with_slice(|s| {
-                aux_k(
-                    s,
-                    b_enc,
-                    d_sae,
-                    d_in,
-                    n,
-                    ctx.dead,
-                    aux_k_size(self.cfg.aux_k, d_in),
-                    self.cfg.aux_loss_coefficient,
-                    &residual,
-                    w_dec,
-                )
-            })?
-        } else {
-            None
-        };
-        drop(pre);
-        relu_family_backward(
-            p,
-            grads,
-            d_in,
-            d_sae,
-            self.cfg.apply_b_dec_to_input,
-            &codes,
-            &g_pre,
-            &d_xhat,
-            &xc,
-            aux.as_ref(),
-            None,
-        )?;
-        let aux_loss = aux.as_ref().map_or(0.0, |a| a.loss);
-        Ok(StepOutput {
-            loss: mse + aux_loss,
-            mse,
-            sparsity_loss: 0.0,
-            aux_loss,
-            codes,
-            per_token_sq_err: sq,
-        })
+        self.forward_backward_nested(batch, ctx, grads, &[])
     }
 
     fn constrain_gradients(&self, grads: &mut Params) -> Result<()> {

@@ -14,15 +14,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::batchtopk::{BatchTopKSae, BatchTopKTraining, batch_topk_codes};
+use super::batchtopk::{BatchTopKSae, BatchTopKTraining};
 use super::standard::default_init_norm;
-use super::{
-    Batch, DecoderNorm, FileTensor, Sae, StepContext, StepOutput, TrainableSae, aux_k, aux_k_size,
-    centered, reconstruction, residual_from_grad,
-};
+use super::{Batch, DecoderNorm, FileTensor, Sae, StepContext, StepOutput, TrainableSae};
 use crate::config::{CommonConfig, SaeConfig};
 use crate::error::{Result, SaeError};
-use crate::kernels::{self, PairSet, SparseCodes};
+use crate::kernels::SparseCodes;
 use crate::params::Params;
 
 /// Training options for Matryoshka BatchTopK.
@@ -158,29 +155,6 @@ impl MatryoshkaSae {
     }
 }
 
-/// The pairs of `codes` whose feature is below `width`.
-fn prefix(codes: &SparseCodes, width: usize) -> SparseCodes {
-    let mut out = SparseCodes {
-        n_tokens: codes.n_tokens,
-        d_sae: codes.d_sae,
-        offsets: Vec::with_capacity(codes.n_tokens + 1),
-        features: Vec::new(),
-        values: Vec::new(),
-    };
-    out.offsets.push(0);
-    for t in 0..codes.n_tokens {
-        let (fs, vs) = codes.row(t);
-        for (&f, &v) in fs.iter().zip(vs) {
-            if (f as usize) < width {
-                out.features.push(f);
-                out.values.push(v);
-            }
-        }
-        out.offsets.push(out.features.len());
-    }
-    out
-}
-
 impl Sae for MatryoshkaSae {
     fn architecture(&self) -> &str {
         "matryoshka_batchtopk"
@@ -211,99 +185,8 @@ impl TrainableSae for MatryoshkaSae {
         ctx: &StepContext<'_>,
         grads: &mut Params,
     ) -> Result<StepOutput> {
-        let (n, d_in, d_sae) = (batch.n, self.d_in(), self.d_sae());
-        let p = self.params();
-        let apply_b_dec = self.cfg.apply_b_dec_to_input;
-        let xc = centered(p, batch.x, d_in, apply_b_dec)?;
-        let pre = kernels::encoder_preacts(&xc, n, d_in, p.data("W_enc")?, d_sae, ctx.device)?;
-        let b_enc = p.data("b_enc")?;
-        let m = ((self.cfg.k as f64 * n as f64) as usize).max(1);
-        let codes = pre.with_slice(|s| batch_topk_codes(s, b_enc, n, d_sae, m))?;
-        // The full reconstruction, then each inner prefix's.
-        let (d_xhat, sq, mse, dots) = reconstruction(p, d_in, &codes, batch.x)?;
-        let inner_widths = &self.widths[..self.widths.len() - 1];
-        let mut inner = Vec::with_capacity(inner_widths.len());
-        let mut inner_loss = 0.0;
-        for &w in inner_widths {
-            let c = prefix(&codes, w);
-            let (d, _, loss, g) = reconstruction(p, d_in, &c, batch.x)?;
-            inner_loss += loss;
-            inner.push((c, d, g));
-        }
-        let w_dec = p.data("W_dec")?;
-        let aux = if ctx.dead.iter().any(|&d| d) {
-            let residual = residual_from_grad(&d_xhat, n);
-            pre.with_slice(|s| {
-                aux_k(
-                    s,
-                    b_enc,
-                    d_sae,
-                    d_in,
-                    n,
-                    ctx.dead,
-                    aux_k_size(self.cfg.aux_k, d_in),
-                    self.cfg.aux_loss_coefficient,
-                    &residual,
-                    w_dec,
-                )
-            })?
-        } else {
-            None
-        };
-        drop(pre);
-        // Every reconstruction contributes its pairs (decoder rows, encoder pre-activations) and
-        // its error gradient to b_dec.
-        let mut sets = vec![PairSet {
-            offsets: &codes.offsets,
-            features: &codes.features,
-            dec_coef: Some(&codes.values),
-            dec_vecs: &d_xhat,
-            enc_coef: Some(&dots),
-        }];
-        let mut b_dec_direct = kernels::sum_rows(&d_xhat, d_in, 1.0);
-        for (c, d, g) in &inner {
-            sets.push(PairSet {
-                offsets: &c.offsets,
-                features: &c.features,
-                dec_coef: Some(&c.values),
-                dec_vecs: d,
-                enc_coef: Some(g),
-            });
-            for (acc, v) in b_dec_direct.iter_mut().zip(kernels::sum_rows(d, d_in, 1.0)) {
-                *acc += v;
-            }
-        }
-        if let Some(a) = &aux {
-            sets.push(PairSet {
-                offsets: &a.offsets,
-                features: &a.features,
-                dec_coef: Some(&a.values),
-                dec_vecs: &a.d_vecs,
-                enc_coef: Some(&a.g_pre),
-            });
-        }
-        let g_b_enc = super::linear_backward(
-            p,
-            grads,
-            d_in,
-            d_sae,
-            apply_b_dec,
-            &sets,
-            &xc,
-            b_dec_direct,
-            None,
-        )?;
-        grads.data_mut("b_enc")?.copy_from_slice(&g_b_enc);
-        // Auxiliary: AuxK and the inner prefixes' reconstructions (`mse` stays the full SAE's).
-        let aux_loss = aux.as_ref().map_or(0.0, |a| a.loss) + inner_loss;
-        Ok(StepOutput {
-            loss: mse + aux_loss,
-            mse,
-            sparsity_loss: 0.0,
-            aux_loss,
-            codes,
-            per_token_sq_err: sq,
-        })
+        let inner = &self.widths[..self.widths.len() - 1];
+        self.base.forward_backward_nested(batch, ctx, grads, inner)
     }
 
     fn constrain_gradients(&self, grads: &mut Params) -> Result<()> {

@@ -425,8 +425,17 @@ pub(crate) fn aux_k(
     })
 }
 
-/// The ReLU family's (standard, TopK, BatchTopK) backward from selected pairs: the main pairs with
-/// their activations and pre-activation gradients, plus an optional AuxK term.
+/// A further reconstruction from part of the selected pairs (a Matryoshka prefix), with the
+/// gradient of its loss: `d_xhat` per token and `dots` per pair, as [`reconstruction`] returns.
+pub(crate) struct PartialReconstruction {
+    pub codes: SparseCodes,
+    pub d_xhat: Vec<f32>,
+    pub dots: Vec<f32>,
+}
+
+/// The ReLU family's (standard, TopK, BatchTopK, Matryoshka) backward from selected pairs: the
+/// main pairs with their activations and pre-activation gradients, any partial reconstructions,
+/// plus an optional AuxK term.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn relu_family_backward(
     params: &Params,
@@ -438,6 +447,7 @@ pub(crate) fn relu_family_backward(
     g_pre: &[f32],
     d_xhat: &[f32],
     xc: &[f32],
+    partials: &[PartialReconstruction],
     aux: Option<&AuxK>,
     dec_extra: Option<&[f32]>,
 ) -> Result<()> {
@@ -448,6 +458,23 @@ pub(crate) fn relu_family_backward(
         dec_vecs: d_xhat,
         enc_coef: Some(g_pre),
     }];
+    // Every reconstruction's error gradient reaches b_dec.
+    let mut b_dec_direct = kernels::sum_rows(d_xhat, d_in, 1.0);
+    for r in partials {
+        sets.push(PairSet {
+            offsets: &r.codes.offsets,
+            features: &r.codes.features,
+            dec_coef: Some(&r.codes.values),
+            dec_vecs: &r.d_xhat,
+            enc_coef: Some(&r.dots),
+        });
+        for (acc, v) in b_dec_direct
+            .iter_mut()
+            .zip(kernels::sum_rows(&r.d_xhat, d_in, 1.0))
+        {
+            *acc += v;
+        }
+    }
     if let Some(a) = aux {
         sets.push(PairSet {
             offsets: &a.offsets,
@@ -457,7 +484,6 @@ pub(crate) fn relu_family_backward(
             enc_coef: Some(&a.g_pre),
         });
     }
-    let b_dec_direct = kernels::sum_rows(d_xhat, d_in, 1.0);
     let g_b_enc = linear_backward(
         params,
         grads,

@@ -229,6 +229,7 @@ impl TrainableSae for StandardSae {
             &g_pre,
             &d_xhat,
             &xc,
+            &[],
             None,
             Some(&dec_extra),
         )?;

@@ -235,6 +235,7 @@ impl TrainableSae for TopKSae {
             &g_pre,
             &d_xhat,
             &xc,
+            &[],
             aux.as_ref(),
             None,
         )?;
