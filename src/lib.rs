@@ -8,6 +8,7 @@ pub use activation_store;
 pub use metrics;
 pub use sae_core;
 pub use scaling;
+pub use sft;
 pub use steer_chat;
 pub use steering;
 pub use transfer;

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::assets;
 use crate::config::ModelConfig;
@@ -407,6 +407,86 @@ impl Model {
         Ok(())
     }
 
+    /// Writes the model as an HF transformers folder (`config.json`, `model.safetensors` in f32,
+    /// `generation_config.json`, and the tokenizer with its chat template), so that
+    /// `AutoModelForCausalLM.from_pretrained(dir)` loads it and [`Model::load`] reads it back.
+    /// This is how a model fine-tuned here leaves the workspace. Each file is written under a
+    /// temporary name and renamed.
+    ///
+    /// # Errors
+    /// A family other than Gemma 3 (the one fine-tuned here so far), or a file that cannot be
+    /// written.
+    pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        if self.cfg.arch != crate::config::Architecture::Gemma3 {
+            return Err(Error::invalid(
+                "save_hf",
+                format!(
+                    "writing an HF folder is implemented for gemma3, not {}",
+                    self.cfg.arch
+                ),
+            ));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let write = |name: &str, bytes: &[u8]| -> Result<()> {
+            let tmp = dir.join(format!("{name}.tmp"));
+            std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+            std::fs::rename(&tmp, dir.join(name)).map_err(|e| Error::io(dir, e))
+        };
+        let json = |v: &serde_json::Value| {
+            serde_json::to_vec_pretty(v).map_err(|e| Error::invalid("config", e.to_string()))
+        };
+        let tensors: Vec<(String, Tensor)> = families::gemma3::hf_tensors(&self.cfg, &self.params)?
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
+        let st_tmp = dir.join("model.safetensors.tmp");
+        candle_core::safetensors::save(&tensors.into_iter().collect(), &st_tmp)?;
+        std::fs::rename(&st_tmp, dir.join("model.safetensors")).map_err(|e| Error::io(dir, e))?;
+        write(
+            "config.json",
+            &json(&families::gemma3::hf_config(&self.cfg))?,
+        )?;
+        let stop = match &self.tokenizer {
+            Some(t) => t.stop_tokens(),
+            None => self.cfg.eos_token_id.into_iter().collect(),
+        };
+        write(
+            "generation_config.json",
+            &json(&serde_json::json!({
+                "bos_token_id": self.cfg.bos_token_id,
+                "eos_token_id": stop,
+                "pad_token_id": self.cfg.pad_token_id,
+            }))?,
+        )?;
+        // Without a tokenizer the folder still loads as a model (weights and config).
+        let Some(tok) = &self.tokenizer else {
+            return Ok(());
+        };
+        let p = dir.join("tokenizer.json");
+        let tmp = dir.join("tokenizer.json.tmp");
+        tok.inner()
+            .save(&tmp, false)
+            .map_err(|e| Error::Tokenizer {
+                what: p.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        std::fs::rename(&tmp, &p).map_err(|e| Error::io(dir, e))?;
+        let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i));
+        let mut tc = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": name(self.cfg.bos_token_id),
+            "eos_token": name(self.cfg.eos_token_id),
+            "pad_token": name(self.cfg.pad_token_id),
+            "add_bos_token": self.cfg.add_bos,
+            "model_max_length": self.cfg.n_ctx,
+        });
+        if let Some(t) = tok.chat_template() {
+            tc["chat_template"] = serde_json::Value::String(t.jinja());
+        }
+        write("tokenizer_config.json", &json(&tc)?)?;
+        Ok(())
+    }
+
     /// The model's dimensions, family and special tokens.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
@@ -453,8 +533,21 @@ impl Model {
     /// network on them, so that the same forward pass is differentiable through candle autograd.
     /// The fused kernels switch to composed ops automatically wherever a `Var` is upstream.
     pub fn trainable_params(&mut self) -> Result<Vec<(String, Var)>> {
+        self.trainable_params_where(|_| true)
+    }
+
+    /// [`Model::trainable_params`] for the weights whose canonical name passes `train` only; the
+    /// others stay constants, so autograd computes no gradient for them (freezing the 262k x 640
+    /// embedding of Gemma-3 skips its two largest weight-gradient products).
+    pub fn trainable_params_where(
+        &mut self,
+        train: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Var)>> {
         let mut vars = Vec::with_capacity(self.params.len());
         for (name, t) in self.params.iter_mut() {
+            if !train(name) {
+                continue;
+            }
             let v = Var::from_tensor(t)?;
             *t = v.as_tensor().clone();
             vars.push((name.clone(), v));
@@ -690,7 +783,61 @@ impl Model {
         }
         let rows = b * (s - 1);
         let x = x.narrow(1, 0, s - 1)?.reshape((rows, d))?;
-        let targets = tokens.narrow(1, 1, s - 1)?.contiguous()?.reshape(rows)?;
+        let targets: Vec<u32> = tokens
+            .narrow(1, 1, s - 1)?
+            .contiguous()?
+            .reshape(rows)?
+            .to_vec1()?;
+        Ok(self.unembed_logprobs(&x, &targets)?.reshape((b, s - 1))?)
+    }
+
+    /// The log-probability of the next token at chosen `(row, position)` pairs only, `[n]` in
+    /// their order: `log p(t[row][pos+1] | t[row][..=pos])`.
+    ///
+    /// Fine-tuning on chat scores only the model's turns, and the unembedding of a 262k-token
+    /// vocabulary costs more than the rest of a small model; scoring only those positions skips
+    /// the rest of that cost, forward and backward.
+    ///
+    /// # Errors
+    /// As [`Model::logprobs_with_hooks`]; a position past the second-to-last token or a row
+    /// outside the batch.
+    pub fn next_token_logprobs(
+        &self,
+        tokens: &Tensor,
+        attention_mask: Option<&Tensor>,
+        hooks: &mut Hooks,
+        positions: &[(usize, usize)],
+    ) -> Result<Tensor> {
+        let (tokens, x, _) = self.run(tokens, attention_mask, hooks)?;
+        let x = x.ok_or_else(|| Error::invalid("hooks", "they stop the pass before the logits"))?;
+        let (b, s, d) = x.dims3()?;
+        if positions.is_empty() {
+            return Err(Error::invalid("positions", "none given"));
+        }
+        let ids = tokens.to_vec2::<u32>()?;
+        let mut rows = Vec::with_capacity(positions.len());
+        let mut targets = Vec::with_capacity(positions.len());
+        for &(r, p) in positions {
+            if r >= b || p + 1 >= s {
+                return Err(Error::invalid(
+                    "positions",
+                    format!(
+                        "({r}, {p}) outside a batch of {b} rows of {s} tokens (the last position has no next token)"
+                    ),
+                ));
+            }
+            rows.push((r * s + p) as u32);
+            targets.push(ids[r][p + 1]);
+        }
+        let rows = Tensor::new(rows.as_slice(), x.device())?;
+        let x = x.reshape((b * s, d))?.index_select(&rows, 0)?;
+        self.unembed_logprobs(&x, &targets)
+    }
+
+    /// `log softmax(unembed(x))[targets]` for `x` `[rows, d_model]`, a few rows at a time so that
+    /// memory stays bounded for 262k-token vocabularies.
+    fn unembed_logprobs(&self, x: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        let rows = x.dim(0)?;
         // About 256 MB of f32 logits per chunk.
         let chunk = ((1usize << 26) / self.cfg.vocab_size).max(1);
         let mut parts = Vec::with_capacity(rows.div_ceil(chunk));
@@ -702,12 +849,13 @@ impl Model {
                 DType::F16 | DType::BF16 => logits.to_dtype(DType::F32)?,
                 _ => logits,
             };
-            let lsm = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let t = targets.narrow(0, start, n)?.unsqueeze(1)?;
-            parts.push(lsm.gather(&t, 1)?.squeeze(1)?);
+            parts.push(crate::ops::target_logprobs(
+                &logits,
+                &targets[start..start + n],
+            )?);
             start += n;
         }
-        Ok(Tensor::cat(&parts, 0)?.reshape((b, s - 1))?)
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// An empty [`KvCache`] for `batch` sequences.

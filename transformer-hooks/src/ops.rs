@@ -129,6 +129,90 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, gate.shape(), gate.device())
 }
 
+/// `log softmax(logits)[r, targets[r]]` for `logits` `[rows, vocab]`: the next-token
+/// log-probability that a language model's loss is made of.
+///
+/// For a 262k-token vocabulary the composed ops (max, subtract, exp, sum, log, gather, and their
+/// backward) each write and reread a `rows x vocab` tensor; here the forward reads the logits
+/// twice and writes `rows` numbers, and the backward writes the one gradient it must. Autograd
+/// sees it as a single op. Off the CPU or in another dtype it falls back to the composed ops.
+pub(crate) fn target_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    if targets.len() != rows {
+        candle_core::bail!("target_logprobs: {} targets for {rows} rows", targets.len());
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("target_logprobs: target {t} outside a vocabulary of {vocab}");
+    }
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        return logits.contiguous()?.apply_op1(TargetLogprobs {
+            targets: targets.to_vec(),
+        });
+    }
+    let lsm = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    let t = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
+    lsm.gather(&t, 1)?.squeeze(1)
+}
+
+struct TargetLogprobs {
+    targets: Vec<u32>,
+}
+
+/// Per row: the maximum and `ln sum exp(x - max)`.
+fn row_logsumexp(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let sum: f32 = row.iter().map(|&x| exp(x - max)).sum();
+    (max, sum.ln())
+}
+
+impl candle_core::CustomOp1 for TargetLogprobs {
+    fn name(&self) -> &'static str {
+        "target-logprobs"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
+        let (Some((a, z)), CpuStorage::F32(d)) = (l.contiguous_offsets(), st) else {
+            candle_core::bail!("target-logprobs: expected contiguous f32 logits");
+        };
+        let rows = self.targets.len();
+        let d = &d[a..z];
+        let vocab = d.len() / rows.max(1);
+        let out: Vec<f32> = d
+            .par_chunks(vocab)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| {
+                let (max, lse) = row_logsumexp(row);
+                row[t as usize] - max - lse
+            })
+            .collect();
+        Ok((CpuStorage::F32(out), candle_core::Shape::from(rows)))
+    }
+
+    /// d/dx_j of `x_t - logsumexp(x)` is `1[j = t] - softmax(x)_j`.
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, vocab) = arg.dims2()?;
+        let g: Vec<f32> = grad_res.to_dtype(DType::F32)?.to_vec1()?;
+        let arg = arg.contiguous()?;
+        let (st, l) = arg.storage_and_layout();
+        let Some(d) = cpu_f32(&st, l) else {
+            candle_core::bail!("target-logprobs: expected contiguous f32 logits");
+        };
+        let mut out = vec![0f32; rows * vocab];
+        out.par_chunks_mut(vocab)
+            .zip(d.par_chunks(vocab))
+            .zip(self.targets.par_iter().zip(g.par_iter()))
+            .for_each(|((o, row), (&t, &g))| {
+                let (max, lse) = row_logsumexp(row);
+                let shift = max + lse;
+                for (o, &x) in o.iter_mut().zip(row) {
+                    *o = -g * exp(x - shift);
+                }
+                o[t as usize] += g;
+            });
+        Ok(Some(Tensor::from_vec(out, (rows, vocab), arg.device())?))
+    }
+}
+
 /// Elements per parallel task of the element-wise kernels.
 const CHUNK: usize = 1 << 14;
 
@@ -183,6 +267,35 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    /// The fused next-token log-probability and its gradient equal the composed ops' (which
+    /// autograd differentiates op by op).
+    #[test]
+    fn target_logprobs_matches_log_softmax_and_its_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 3., (5, 37), &dev)?))?;
+        let targets = [0u32, 36, 7, 7, 20];
+        let weights = Tensor::new(&[1f32, -2., 0.5, 3., 0.], &dev)?;
+        let fused = target_logprobs(x.as_tensor(), &targets)?;
+        let t = Tensor::new(&targets, &dev)?.unsqueeze(1)?;
+        let composed = candle_nn::ops::log_softmax(x.as_tensor(), D::Minus1)?
+            .gather(&t, 1)?
+            .squeeze(1)?;
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        let g_fused = (fused * &weights)?.sum_all()?.backward()?;
+        let g_comp = (composed * &weights)?.sum_all()?.backward()?;
+        let (a, b) = (
+            g_fused.get(x.as_tensor()).expect("fused gradient"),
+            g_comp.get(x.as_tensor()).expect("composed gradient"),
+        );
+        assert!(
+            max_diff(a, b) < 1e-5,
+            "gradients differ by {}",
+            max_diff(a, b)
+        );
+        assert!(target_logprobs(x.as_tensor(), &[0, 1, 2, 3, 37]).is_err());
+        Ok(())
     }
 
     /// The fused (inference) and composed (autograd) paths compute the same function.

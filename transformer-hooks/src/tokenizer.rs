@@ -165,6 +165,35 @@ impl ChatTemplate {
         Ok(out)
     }
 
+    /// A Jinja template equivalent to [`ChatTemplate::render`], for an HF `tokenizer_config.json`
+    /// (HF's `apply_chat_template` gives the same text, and [`ChatTemplate::detect`] reads it back).
+    pub fn jinja(&self) -> String {
+        match self {
+            ChatTemplate::ChatMl { default_system } => {
+                let sys = default_system.as_deref().map_or(String::new(), |s| {
+                    format!(
+                        "{{% if messages[0]['role'] != 'system' %}}<|im_start|>system\n{s}<|im_end|>\n{{% endif %}}"
+                    )
+                });
+                format!(
+                    "{sys}{{% for message in messages %}}<|im_start|>{{{{ message['role'] }}}}\n{{{{ message['content'] }}}}<|im_end|>\n{{% endfor %}}{{% if add_generation_prompt %}}<|im_start|>assistant\n{{% endif %}}"
+                )
+            }
+            ChatTemplate::Gemma => concat!(
+                "{{ bos_token }}",
+                "{% if messages[0]['role'] == 'system' %}",
+                "{% set prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}",
+                "{% else %}{% set prefix = '' %}{% set loop_messages = messages %}{% endif %}",
+                "{% for message in loop_messages %}",
+                "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}",
+                "<start_of_turn>{{ role }}\n{{ prefix if loop.first else '' }}{{ message['content'] | trim }}<end_of_turn>\n",
+                "{% endfor %}",
+                "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+            )
+            .to_string(),
+        }
+    }
+
     /// The token text that ends an assistant turn.
     pub fn end_of_turn(&self) -> &'static str {
         match self {

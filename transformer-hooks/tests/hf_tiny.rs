@@ -158,3 +158,93 @@ fn half_precision_stays_close_to_f32() {
         }
     }
 }
+
+/// `save_hf` writes what HF itself wrote: the same tensor names and values as the fixture's
+/// `model.safetensors` (saved by transformers), the config values transformers reads, and a
+/// folder that loads back to the same logits.
+#[test]
+fn gemma3_save_hf_matches_transformers_own_folder() {
+    let model = Model::load(&dir("gemma3"), &Device::Cpu).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    model.save_hf(out.path()).unwrap();
+
+    let theirs =
+        candle_core::safetensors::load(dir("gemma3").join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ours =
+        candle_core::safetensors::load(out.path().join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = theirs
+        .keys()
+        .filter(|k| !k.ends_with("lm_head.weight"))
+        .collect();
+    names.sort();
+    let mut our_names: Vec<&String> = ours.keys().collect();
+    our_names.sort();
+    assert_eq!(names, our_names);
+    for name in names {
+        let a = theirs[name].to_dtype(candle_core::DType::F32).unwrap();
+        let d = (a - &ours[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6, "{name} differs");
+    }
+
+    let read = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap()
+    };
+    let (a, b) = (read(&dir("gemma3")), read(out.path()));
+    for key in [
+        "architectures",
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "layer_types",
+        "sliding_window",
+        "hidden_activation",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "rope_parameters",
+    ] {
+        assert_eq!(a[key], b[key], "config key {key}");
+    }
+    assert_eq!(
+        a["query_pre_attn_scalar"].as_f64(),
+        b["query_pre_attn_scalar"].as_f64()
+    );
+    assert_eq!(a["rms_norm_eps"].as_f64(), b["rms_norm_eps"].as_f64());
+
+    let back = Model::load(out.path(), &Device::Cpu).unwrap();
+    let r = reference("gemma3");
+    let toks = tensor2(&r.ids);
+    let l0 = model
+        .forward(&toks, &mut Hooks::new())
+        .unwrap()
+        .logits
+        .unwrap();
+    let l1 = back
+        .forward(&toks, &mut Hooks::new())
+        .unwrap()
+        .logits
+        .unwrap();
+    let d = (l0 - l1)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
+    assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+}

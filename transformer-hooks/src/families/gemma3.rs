@@ -13,6 +13,7 @@ use super::{
 use crate::config::{Activation, Architecture, AttentionType, ModelConfig};
 use crate::error::{Error, Result};
 use crate::weights::{Checkpoint, Format, GgufMeta, HfConfig, Params};
+use candle_core::Tensor;
 
 const GLOBAL: &[Name] = &[
     name("embed.weight", "token_embd.weight", "embed_tokens.weight"),
@@ -175,4 +176,83 @@ pub(crate) fn load_params(cfg: &ModelConfig, ckpt: &mut Checkpoint, fmt: Format)
         }
     }
     Ok(p)
+}
+
+/// The HF names and tensors of a Gemma 3 model's canonical `params` (norm factors back to HF's
+/// `w` of `1 + w`), as `Gemma3ForCausalLM` loads them (`model.` prefix, tied `lm_head`).
+pub(crate) fn hf_tensors(cfg: &ModelConfig, params: &Params) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    let mut put = |n: &Name, layer: Option<usize>| -> Result<()> {
+        let (canonical, hf) = match layer {
+            Some(l) => (
+                format!("blocks.{l}.{}", n.canonical),
+                format!("model.layers.{l}.{}", n.hf),
+            ),
+            None => (n.canonical.to_string(), format!("model.{}", n.hf)),
+        };
+        let t = params
+            .get(&canonical)
+            .ok_or_else(|| Error::invalid("params", format!("no `{canonical}`")))?
+            .detach();
+        let t = if canonical.contains("norm") || canonical.contains("ln") {
+            (t - 1.0)?
+        } else {
+            t
+        };
+        out.push((hf, t.contiguous()?));
+        Ok(())
+    };
+    for n in GLOBAL {
+        put(n, None)?;
+    }
+    for l in 0..cfg.n_layers {
+        for n in BLOCK {
+            put(n, Some(l))?;
+        }
+    }
+    Ok(out)
+}
+
+/// The `config.json` HF transformers reads as `Gemma3ForCausalLM` (`model_type` `gemma3_text`).
+pub(crate) fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
+    let layer_types: Vec<&str> = cfg
+        .layer_types
+        .iter()
+        .map(|t| match t {
+            AttentionType::Full => "full_attention",
+            AttentionType::Sliding => "sliding_attention",
+        })
+        .collect();
+    serde_json::json!({
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "torch_dtype": "float32",
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_mlp,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.d_head,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.n_ctx,
+        "rms_norm_eps": cfg.norm_eps,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": 1.0 / (cfg.attn_scale * cfg.attn_scale),
+        // transformers 5 reads `rope_parameters`; 4.x reads the two flat keys.
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta},
+        },
+        "rope_theta": cfg.rope_theta,
+        "rope_local_base_freq": cfg.local_rope_theta,
+        "sliding_window": cfg.sliding_window,
+        "layer_types": layer_types,
+        "final_logit_softcapping": cfg.final_logit_softcap,
+        "attn_logit_softcapping": null,
+        "attention_bias": false,
+        "tie_word_embeddings": true,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+    })
 }
