@@ -52,12 +52,13 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    sae_workbench::transformer_hooks::retain_freed_memory();
     let path = args
         .model
         .clone()
         .unwrap_or_else(|| assets::asset_path("models/gemma-3-270m-q4_k_m.gguf"));
-    let mut model = Model::load(&path, &Device::Cpu)
-        .with_context(|| format!("loading {}", path.display()))?;
+    let mut model =
+        Model::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
     if let Some(dir) = &args.save_hf {
         model.save_hf(dir)?;
     }
@@ -106,7 +107,11 @@ fn main() -> Result<()> {
             let t0 = Instant::now();
             let seqs: Vec<Vec<u32>> = data.iter().map(|e| e.tokens.clone()).collect();
             let (tokens, _) = model.pad_batch(&seqs, 0, false)?;
-            let delta = Var::zeros((args.batch, args.seq, cfg.d_model), model.dtype(), model.device())?;
+            let delta = Var::zeros(
+                (args.batch, args.seq, cfg.d_model),
+                model.dtype(),
+                model.device(),
+            )?;
             let mut hooks =
                 Hooks::new().intervene(hook, Intervention::Add(delta.as_tensor().clone()));
             let positions: Vec<(usize, usize)> = (0..args.batch)
@@ -118,7 +123,10 @@ fn main() -> Result<()> {
                 first_loss = f64::from(loss.to_scalar::<f32>()?);
             }
             let g = loss.backward()?;
-            anyhow::ensure!(g.get(delta.as_tensor()).is_some(), "no gradient reached the embedding output");
+            anyhow::ensure!(
+                g.get(delta.as_tensor()).is_some(),
+                "no gradient reached the embedding output"
+            );
             if s > 0 {
                 times.push(t0.elapsed().as_secs_f64());
             }
@@ -153,7 +161,11 @@ fn main() -> Result<()> {
     let bwd_act = fwd;
     let bwd_w = if weight_grads {
         2.0 * (body * n_tokens) as f64
-            + if args.mode == Mode::Embeddings { 2.0 * (head * n_trained_tokens) as f64 } else { 0.0 }
+            + if args.mode == Mode::Embeddings {
+                2.0 * (head * n_trained_tokens) as f64
+            } else {
+                0.0
+            }
     } else {
         0.0
     };
