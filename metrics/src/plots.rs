@@ -518,3 +518,90 @@ mod tests {
         assert!(plot_scatter(&[], "x", "x", "y", (false, false), &p4).is_err());
     }
 }
+
+/// A grid of numbers as coloured cells with their values written in (a transfer matrix: one row
+/// per SAE, one column per model and text). Colours run from red at `range.0` to green at
+/// `range.1`; NaN cells are grey.
+///
+/// # Errors
+/// `InvalidArgument` if the grid is empty or ragged, or the labels do not match it; `Plot` if
+/// drawing fails.
+pub fn plot_heatmap(
+    values: &[Vec<f64>],
+    row_labels: &[String],
+    col_labels: &[String],
+    title: &str,
+    range: (f64, f64),
+    path: &Path,
+) -> Result<()> {
+    let (rows, cols) = (values.len(), values.first().map_or(0, Vec::len));
+    if rows == 0 || cols == 0 || values.iter().any(|r| r.len() != cols) {
+        return Err(MetricsError::InvalidArgument {
+            what: "heatmap".into(),
+            reason: "needs a non-empty rectangular grid".into(),
+        });
+    }
+    if row_labels.len() != rows || col_labels.len() != cols {
+        return Err(MetricsError::InvalidArgument {
+            what: "heatmap".into(),
+            reason: format!(
+                "{} row and {} column labels for a {rows} x {cols} grid",
+                row_labels.len(),
+                col_labels.len()
+            ),
+        });
+    }
+    register_font();
+    let e = plot_err(path);
+    let (cell_w, cell_h, left, top) = (150u32, 40u32, 260u32, 90u32);
+    let size = (
+        left + cell_w * cols as u32 + 20,
+        top + cell_h * rows as u32 + 20,
+    );
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let text = |s: &str, x: i32, y: i32, px: u32| {
+        root.draw(&Text::new(s.to_string(), (x, y), (FONT, px).into_font()))
+            .map_err(|x| e(x.to_string()))
+    };
+    text(title, 10, 10, 20)?;
+    let span = (range.1 - range.0).max(1e-12);
+    for (j, c) in col_labels.iter().enumerate() {
+        text(
+            c,
+            (left + cell_w * j as u32 + 6) as i32,
+            (top - 28) as i32,
+            14,
+        )?;
+    }
+    for (i, row) in values.iter().enumerate() {
+        let y0 = (top + cell_h * i as u32) as i32;
+        text(&row_labels[i], 10, y0 + 12, 14)?;
+        for (j, &v) in row.iter().enumerate() {
+            let x0 = (left + cell_w * j as u32) as i32;
+            let color = if v.is_finite() {
+                let t = ((v - range.0) / span).clamp(0.0, 1.0);
+                RGBColor(
+                    (230.0 - 150.0 * t) as u8,
+                    (90.0 + 120.0 * t) as u8,
+                    (80.0 + 20.0 * t) as u8,
+                )
+            } else {
+                RGBColor(200, 200, 200)
+            };
+            root.draw(&Rectangle::new(
+                [(x0, y0), (x0 + cell_w as i32 - 2, y0 + cell_h as i32 - 2)],
+                color.filled(),
+            ))
+            .map_err(|x| e(x.to_string()))?;
+            let label = if v.is_finite() {
+                format!("{v:.3}")
+            } else {
+                "n/a".into()
+            };
+            text(&label, x0 + 45, y0 + 12, 15)?;
+        }
+    }
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
+}

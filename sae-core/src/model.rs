@@ -208,6 +208,25 @@ impl SaeModel {
         }
     }
 
+    /// The same SAE for inputs `r` times larger: `SAE'(y) = r · SAE(y / r)`, by folding `1/r`
+    /// into the weights. This is what normalising activations to a fitted mean norm does when an
+    /// SAE meets a model whose activations have another scale (a chat fine-tune of its base
+    /// model): with `r` the ratio of the two models' mean norms, the SAE sees inputs of the scale
+    /// it was trained on.
+    ///
+    /// # Errors
+    /// A non-positive or non-finite `r`; an SAE without `W_enc`, `W_dec` or `b_dec`.
+    pub fn for_input_scale(mut self, r: f32) -> Result<Self> {
+        if !(r.is_finite() && r > 0.0) {
+            return Err(SaeError::InvalidConfig {
+                what: "input scale".into(),
+                reason: format!("{r}; must be a positive number"),
+            });
+        }
+        crate::fold_activation_scale(self.sae.params_mut(), 1.0 / r)?;
+        Ok(self)
+    }
+
     /// Saves in the SAELens v6 layout.
     ///
     /// # Errors

@@ -1,0 +1,148 @@
+//! Every SAE on every model and text: spliced loss, loss recovered, KL and reconstruction, as a
+//! table and a heatmap.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+use indicatif::ProgressBar;
+use metrics::{HookedSplice, SplicedConfig, SplicedEvaluation, evaluate_spliced_many};
+use sae_core::SaeModel;
+use serde::{Deserialize, Serialize};
+use transformer_hooks::Model;
+
+use crate::error::Result;
+
+/// An SAE with the labels the table shows.
+pub struct NamedSae<'a> {
+    /// e.g. `base/topk`.
+    pub name: String,
+    /// The model whose activations it was trained on.
+    pub trained_on: String,
+    pub sae: &'a SaeModel,
+}
+
+/// One SAE evaluated on one model and text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cell {
+    pub sae: String,
+    pub trained_on: String,
+    pub hook: String,
+    pub model: String,
+    pub text: String,
+    pub eval: SplicedEvaluation,
+}
+
+impl Cell {
+    pub fn loss_recovered(&self) -> f64 {
+        self.eval.spliced.loss_recovered_zero
+    }
+}
+
+/// Evaluates `saes` (all at `hook`) on `model` over `batches` of one text: the SAE-independent
+/// passes (clean, ablations) run once for all of them.
+///
+/// # Errors
+/// A hook the model lacks, an SAE whose width is not the hook's, a forward failure.
+pub fn evaluate_on(
+    model: &Model,
+    model_name: &str,
+    text_name: &str,
+    hook: &str,
+    saes: &[NamedSae<'_>],
+    batches: &[Tensor],
+    progress: Option<&ProgressBar>,
+) -> Result<Vec<Cell>> {
+    let mut target = HookedSplice::new(model, hook)?;
+    let refs: Vec<&SaeModel> = saes.iter().map(|s| s.sae).collect();
+    let evals = evaluate_spliced_many(
+        &mut target,
+        &refs,
+        batches,
+        &SplicedConfig::default(),
+        progress,
+    )?;
+    Ok(saes
+        .iter()
+        .zip(evals)
+        .map(|(s, eval)| Cell {
+            sae: s.name.clone(),
+            trained_on: s.trained_on.clone(),
+            hook: hook.to_string(),
+            model: model_name.to_string(),
+            text: text_name.to_string(),
+            eval,
+        })
+        .collect())
+}
+
+/// A Markdown table, one row per cell.
+pub fn markdown_table(cells: &[Cell]) -> String {
+    let mut s = String::from(
+        "| hook | SAE | on model | text | loss recovered (zero) | (mean) | KL | FVU | L0 | dead | clean NLL | spliced NLL |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for c in cells {
+        let (sp, r) = (&c.eval.spliced, &c.eval.reconstruction);
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.3} |\n",
+            c.hook,
+            c.sae,
+            c.model,
+            c.text,
+            sp.loss_recovered_zero,
+            sp.loss_recovered_mean,
+            sp.kl_clean_spliced,
+            r.fvu,
+            r.l0,
+            r.dead_fraction,
+            sp.clean,
+            sp.spliced
+        ));
+    }
+    s
+}
+
+/// A heatmap of `metric` with one row per (hook, SAE) and one column per (model, text).
+///
+/// # Errors
+/// A plot that cannot be drawn or written.
+pub fn plot_matrix(
+    cells: &[Cell],
+    metric: &dyn Fn(&Cell) -> f64,
+    title: &str,
+    range: (f64, f64),
+    path: &Path,
+) -> Result<()> {
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut cols: Vec<(String, String)> = Vec::new();
+    for c in cells {
+        let r = (c.hook.clone(), c.sae.clone());
+        if !rows.contains(&r) {
+            rows.push(r);
+        }
+        let k = (c.model.clone(), c.text.clone());
+        if !cols.contains(&k) {
+            cols.push(k);
+        }
+    }
+    let values: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|(h, s)| {
+            cols.iter()
+                .map(|(m, t)| {
+                    cells
+                        .iter()
+                        .find(|c| &c.hook == h && &c.sae == s && &c.model == m && &c.text == t)
+                        .map_or(f64::NAN, metric)
+                })
+                .collect()
+        })
+        .collect();
+    let short = |h: &str| h.replace("blocks.", "L").replace("hook_", "");
+    let row_labels: Vec<String> = rows
+        .iter()
+        .map(|(h, s)| format!("{} {s}", short(h)))
+        .collect();
+    let col_labels: Vec<String> = cols.iter().map(|(m, t)| format!("{m} / {t}")).collect();
+    metrics::plots::plot_heatmap(&values, &row_labels, &col_labels, title, range, path)?;
+    Ok(())
+}
