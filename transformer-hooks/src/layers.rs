@@ -733,6 +733,40 @@ impl Transformer {
         Ok(Some(x))
     }
 
+    /// `log softmax(unembed(x))[targets]` for `[rows, d_model]` normalized residuals.
+    ///
+    /// When `x` is on the autograd graph but the unembedding is a constant (fine-tuning with the
+    /// embedding frozen), one op computes it whose backward gives `x` its gradient and nothing
+    /// else: candle's matmul backward would also compute the `vocab x d_model` gradient of the
+    /// frozen weight (Gemma-3: 168M numbers per chunk, a third of a training step's work).
+    pub(crate) fn unembed_logprobs(
+        &self,
+        cfg: &ModelConfig,
+        x: &Tensor,
+        targets: &[u32],
+    ) -> Result<Tensor> {
+        let fused = x.track_op()
+            && !self.unembed.track_op()
+            && self.unembed_q.is_none()
+            && cfg.final_logit_softcap.is_none()
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.unembed.dtype() == DType::F32;
+        if fused {
+            return Ok(crate::ops::frozen_unembed_logprobs(
+                x,
+                &self.unembed,
+                targets,
+            )?);
+        }
+        let logits = self.unembed(cfg, x)?;
+        let logits = match logits.dtype() {
+            DType::F16 | DType::BF16 => logits.to_dtype(DType::F32)?,
+            _ => logits,
+        };
+        Ok(crate::ops::target_logprobs(&logits, targets)?)
+    }
+
     /// Logits `[rows, vocab]` of `[rows, d_model]` normalized residuals.
     pub(crate) fn unembed(&self, cfg: &ModelConfig, x: &Tensor) -> Result<Tensor> {
         let logits = match &self.unembed_q {

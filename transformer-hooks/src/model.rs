@@ -844,13 +844,9 @@ impl Model {
         let mut start = 0;
         while start < rows {
             let n = chunk.min(rows - start);
-            let logits = self.net.unembed(&self.cfg, &x.narrow(0, start, n)?)?;
-            let logits = match logits.dtype() {
-                DType::F16 | DType::BF16 => logits.to_dtype(DType::F32)?,
-                _ => logits,
-            };
-            parts.push(crate::ops::target_logprobs(
-                &logits,
+            parts.push(self.net.unembed_logprobs(
+                &self.cfg,
+                &x.narrow(0, start, n)?,
                 &targets[start..start + n],
             )?);
             start += n;

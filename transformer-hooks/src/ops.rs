@@ -213,6 +213,90 @@ impl candle_core::CustomOp1 for TargetLogprobs {
     }
 }
 
+/// [`target_logprobs`] of `x W^T` for a constant `w` `[vocab, d]`, differentiable in `x` only.
+pub(crate) fn frozen_unembed_logprobs(x: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    let (rows, _) = x.dims2()?;
+    let vocab = w.dim(0)?;
+    if targets.len() != rows {
+        candle_core::bail!("unembed: {} targets for {rows} rows", targets.len());
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("unembed: target {t} outside a vocabulary of {vocab}");
+    }
+    let logits = cpu_blas::matmul_t(&x.detach().contiguous()?, w)?;
+    let (values, shift) = {
+        let (st, l) = logits.storage_and_layout();
+        let Some(d) = cpu_f32(&st, l) else {
+            candle_core::bail!("unembed: expected contiguous f32 logits");
+        };
+        let per_row: Vec<(f32, f32)> = d
+            .par_chunks(vocab)
+            .zip(targets.par_iter())
+            .map(|(row, &t)| {
+                let (max, lse) = row_logsumexp(row);
+                (row[t as usize] - max - lse, max + lse)
+            })
+            .collect();
+        per_row.into_iter().unzip::<f32, f32, Vec<f32>, Vec<f32>>()
+    };
+    x.apply_op1(FrozenUnembed {
+        logits,
+        w: w.clone(),
+        targets: targets.to_vec(),
+        values,
+        shift,
+    })
+}
+
+struct FrozenUnembed {
+    /// `x W^T`, kept for the backward pass's softmax.
+    logits: Tensor,
+    w: Tensor,
+    targets: Vec<u32>,
+    values: Vec<f32>,
+    /// Per row, `max + ln sum exp(x - max)`.
+    shift: Vec<f32>,
+}
+
+impl candle_core::CustomOp1 for FrozenUnembed {
+    fn name(&self) -> &'static str {
+        "frozen-unembed-logprobs"
+    }
+
+    fn cpu_fwd(&self, _st: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
+        Ok((
+            CpuStorage::F32(self.values.clone()),
+            candle_core::Shape::from(self.values.len()),
+        ))
+    }
+
+    /// `dx = (g * (onehot(t) - softmax(logits))) W`.
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (rows, vocab) = self.logits.dims2()?;
+        let g: Vec<f32> = grad_res.to_dtype(DType::F32)?.to_vec1()?;
+        let (st, l) = self.logits.storage_and_layout();
+        let Some(d) = cpu_f32(&st, l) else {
+            candle_core::bail!("unembed: expected contiguous f32 logits");
+        };
+        let mut dl = vec![0f32; rows * vocab];
+        dl.par_chunks_mut(vocab)
+            .zip(d.par_chunks(vocab))
+            .zip(
+                self.targets
+                    .par_iter()
+                    .zip(g.par_iter().zip(self.shift.par_iter())),
+            )
+            .for_each(|((o, row), (&t, (&g, &shift)))| {
+                for (o, &x) in o.iter_mut().zip(row) {
+                    *o = -g * exp(x - shift);
+                }
+                o[t as usize] += g;
+            });
+        let dl = Tensor::from_vec(dl, (rows, vocab), self.logits.device())?;
+        Ok(Some(dl.matmul(&self.w)?))
+    }
+}
+
 /// Elements per parallel task of the element-wise kernels.
 const CHUNK: usize = 1 << 14;
 
@@ -295,6 +379,35 @@ mod tests {
             max_diff(a, b)
         );
         assert!(target_logprobs(x.as_tensor(), &[0, 1, 2, 3, 37]).is_err());
+        Ok(())
+    }
+
+    /// The frozen-weight unembedding gives `x` the gradient the composed ops give it.
+    #[test]
+    fn frozen_unembed_matches_the_composed_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (6, 8), &dev)?)?;
+        let w = Tensor::randn(0f32, 1., (50, 8), &dev)?;
+        let targets = [3u32, 49, 0, 17, 17, 8];
+        let weights = Tensor::new(&[1f32, -1., 2., 0.5, 0., 3.], &dev)?;
+        let fused = frozen_unembed_logprobs(x.as_tensor(), &w, &targets)?;
+        let logits = x.as_tensor().matmul(&w.t()?)?;
+        let t = Tensor::new(&targets, &dev)?.unsqueeze(1)?;
+        let composed = candle_nn::ops::log_softmax(&logits, D::Minus1)?
+            .gather(&t, 1)?
+            .squeeze(1)?;
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        let a = (fused * &weights)?.sum_all()?.backward()?;
+        let b = (composed * &weights)?.sum_all()?.backward()?;
+        let (ga, gb) = (
+            a.get(x.as_tensor()).expect("fused gradient"),
+            b.get(x.as_tensor()).expect("composed gradient"),
+        );
+        assert!(
+            max_diff(ga, gb) < 1e-4,
+            "gradients differ by {}",
+            max_diff(ga, gb)
+        );
         Ok(())
     }
 
