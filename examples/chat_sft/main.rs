@@ -72,6 +72,10 @@ struct Args {
     max_new_tokens: usize,
     #[arg(long, default_value_t = 10)]
     checkpoint_every: usize,
+    /// End this run after this many optimizer steps (checkpointed; the schedule stays that of
+    /// `--steps`), evaluate and export the model as it is; run again without it to go on.
+    #[arg(long)]
+    stop_after: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -198,7 +202,8 @@ fn main() -> Result<()> {
         "{bar:30} {pos}/{len} steps  {msg}  [{elapsed} < {eta}]",
     )?);
     pb.set_position(trainer.step_index() as u64);
-    while trainer.step_index() < steps {
+    let until = args.stop_after.unwrap_or(steps).min(steps);
+    while trainer.step_index() < until {
         let log = trainer.train_step(&model, &train)?;
         pb.set_position(log.step as u64);
         pb.set_message(format!(
@@ -206,11 +211,12 @@ fn main() -> Result<()> {
             log.loss,
             log.tokens as f64 / log.seconds
         ));
-        if log.step % args.checkpoint_every == 0 || log.step == steps {
+        if log.step % args.checkpoint_every == 0 || log.step == until {
             trainer.save_checkpoint(&ckpt)?;
         }
     }
     pb.finish_and_clear();
+    let trained_steps = trainer.step_index();
     let history = trainer.history().to_vec();
     let train_seconds: f64 = history.iter().map(|h| h.seconds).sum();
     let train_tokens: usize = history.iter().map(|h| h.tokens).sum();
@@ -249,7 +255,8 @@ fn main() -> Result<()> {
         "experiment": "chat_sft",
         "base_model": path.display().to_string(),
         "chat_model": model_dir.display().to_string(),
-        "steps": steps,
+        "steps": trained_steps,
+        "schedule_steps": steps,
         "config": cfg,
         "train_conversations": train.len(),
         "train_tokens": train_tokens,
@@ -273,7 +280,7 @@ fn main() -> Result<()> {
         100.0 * reduction,
         100.0 * before.end_of_turn_share,
         100.0 * after.end_of_turn_share,
-        steps,
+        trained_steps,
         train_seconds
     );
     Ok(())
