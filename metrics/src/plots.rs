@@ -458,67 +458,6 @@ pub fn plot_scatter(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bundled_font_parses() {
-        assert!(plotters::style::register_font("test-font", FontStyle::Normal, FONT_BYTES).is_ok());
-    }
-
-    #[test]
-    fn writes_png_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("h.png");
-        let hist = DensityHistogram {
-            bin_edges: vec![-3.0, -2.0, -1.0, 0.0],
-            counts: vec![3, 10, 2],
-            n_dead: 1,
-            n_tokens: 1000,
-        };
-        plot_density_histogram(&hist, "density", &p).unwrap();
-        let bytes = std::fs::read(&p).unwrap();
-        assert_eq!(&bytes[1..4], b"PNG");
-        let p2 = dir.path().join("b.png");
-        plot_bars(&[("clean", 3.3), ("spliced", 3.6)], "NLL", "nats", &p2).unwrap();
-        assert_eq!(&std::fs::read(&p2).unwrap()[1..4], b"PNG");
-        assert!(plot_histogram(&[0.0], &[1], "x", "x", "y", &p).is_err());
-        let p3 = dir.path().join("l.png");
-        let s = Series {
-            name: "topic share".into(),
-            points: vec![(0.0, 0.1, 0.0, 0.2), (10.0, 0.6, 0.4, 0.8)],
-        };
-        plot_lines(&[s], "dose", "clamp", "share", true, &p3).unwrap();
-        assert_eq!(&std::fs::read(&p3).unwrap()[1..4], b"PNG");
-        let nan = Series {
-            name: "bad".into(),
-            points: vec![(0.0, f64::NAN, 0.0, 1.0)],
-        };
-        assert!(plot_lines(&[nan], "dose", "clamp", "share", false, &p3).is_err());
-        assert!(plot_lines(&[], "dose", "clamp", "share", false, &p3).is_err());
-        let p4 = dir.path().join("s.png");
-        let runs = Scatter {
-            name: "runs".into(),
-            points: vec![(1e9, 0.3), (1e10, 0.2), (1e11, 0.15)],
-            mark: Mark::Dots,
-        };
-        let fit = Scatter {
-            name: "fit".into(),
-            points: vec![(1e9, 0.31), (1e11, 0.14)],
-            mark: Mark::Line,
-        };
-        plot_scatter(&[runs.clone(), fit], "L(C)", "C", "FVU", (true, true), &p4).unwrap();
-        assert_eq!(&std::fs::read(&p4).unwrap()[1..4], b"PNG");
-        let zero = Scatter {
-            points: vec![(0.0, 1.0)],
-            ..runs
-        };
-        assert!(plot_scatter(&[zero], "x", "x", "y", (true, false), &p4).is_err());
-        assert!(plot_scatter(&[], "x", "x", "y", (false, false), &p4).is_err());
-    }
-}
-
 /// A grid of numbers as coloured cells with their values written in (a transfer matrix: one row
 /// per SAE, one column per model and text). Colours run from red at `range.0` to green at
 /// `range.1`; NaN cells are grey.
@@ -604,4 +543,65 @@ pub fn plot_heatmap(
     }
     root.present().map_err(|x| e(x.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundled_font_parses() {
+        assert!(plotters::style::register_font("test-font", FontStyle::Normal, FONT_BYTES).is_ok());
+    }
+
+    #[test]
+    fn writes_png_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.png");
+        let hist = DensityHistogram {
+            bin_edges: vec![-3.0, -2.0, -1.0, 0.0],
+            counts: vec![3, 10, 2],
+            n_dead: 1,
+            n_tokens: 1000,
+        };
+        plot_density_histogram(&hist, "density", &p).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        let p2 = dir.path().join("b.png");
+        plot_bars(&[("clean", 3.3), ("spliced", 3.6)], "NLL", "nats", &p2).unwrap();
+        assert_eq!(&std::fs::read(&p2).unwrap()[1..4], b"PNG");
+        assert!(plot_histogram(&[0.0], &[1], "x", "x", "y", &p).is_err());
+        let p3 = dir.path().join("l.png");
+        let s = Series {
+            name: "topic share".into(),
+            points: vec![(0.0, 0.1, 0.0, 0.2), (10.0, 0.6, 0.4, 0.8)],
+        };
+        plot_lines(&[s], "dose", "clamp", "share", true, &p3).unwrap();
+        assert_eq!(&std::fs::read(&p3).unwrap()[1..4], b"PNG");
+        let nan = Series {
+            name: "bad".into(),
+            points: vec![(0.0, f64::NAN, 0.0, 1.0)],
+        };
+        assert!(plot_lines(&[nan], "dose", "clamp", "share", false, &p3).is_err());
+        assert!(plot_lines(&[], "dose", "clamp", "share", false, &p3).is_err());
+        let p4 = dir.path().join("s.png");
+        let runs = Scatter {
+            name: "runs".into(),
+            points: vec![(1e9, 0.3), (1e10, 0.2), (1e11, 0.15)],
+            mark: Mark::Dots,
+        };
+        let fit = Scatter {
+            name: "fit".into(),
+            points: vec![(1e9, 0.31), (1e11, 0.14)],
+            mark: Mark::Line,
+        };
+        plot_scatter(&[runs.clone(), fit], "L(C)", "C", "FVU", (true, true), &p4).unwrap();
+        assert_eq!(&std::fs::read(&p4).unwrap()[1..4], b"PNG");
+        let zero = Scatter {
+            points: vec![(0.0, 1.0)],
+            ..runs
+        };
+        assert!(plot_scatter(&[zero], "x", "x", "y", (true, false), &p4).is_err());
+        assert!(plot_scatter(&[], "x", "x", "y", (false, false), &p4).is_err());
+    }
 }
