@@ -89,6 +89,9 @@ struct Args {
     /// Share of the chat SAE's training tokens the fine-tuned base SAE gets.
     #[arg(long, default_value_t = 0.05)]
     finetune_share: f64,
+    /// Passes over that share (the tokens stay the share; more passes are more steps on them).
+    #[arg(long, default_value_t = 2)]
+    finetune_epochs: usize,
     #[arg(long, default_value_t = 128)]
     context: usize,
     /// Small settings for a first look in minutes.
@@ -194,7 +197,7 @@ fn main() -> Result<()> {
                     continue;
                 }
                 let dir = out.join("saes").join(format!("{who}_{}_{arch}", r.hook));
-                let sae = trained(&dir, r, arch, &args, None)?;
+                let sae = trained(&dir, r, arch, &args, args.epochs, None)?;
                 saes.push((name, who.into(), r.hook, sae, dir));
             }
         }
@@ -226,10 +229,18 @@ fn main() -> Result<()> {
             .context("base/topk SAE")?
             .4
             .clone();
-        let dir = out.join("saes").join(format!("finetuned_{h}_topk"));
-        let ft = trained(&dir, &share, "topk", &args, Some(&base_dir))?;
-        let dir_small = out.join("saes").join(format!("chat-share_{h}_topk"));
-        let small = trained(&dir_small, &share, "topk", &args, None)?;
+        let e = args.finetune_epochs;
+        let suffix = if e == args.epochs {
+            String::new()
+        } else {
+            format!("_e{e}")
+        };
+        let dir = out.join("saes").join(format!("finetuned_{h}_topk{suffix}"));
+        let ft = trained(&dir, &share, "topk", &args, e, Some(&base_dir))?;
+        let dir_small = out
+            .join("saes")
+            .join(format!("chat-share_{h}_topk{suffix}"));
+        let small = trained(&dir_small, &share, "topk", &args, e, None)?;
         saes.push((
             "base/topk fine-tuned on chat".into(),
             "base+chat".into(),
@@ -256,27 +267,53 @@ fn main() -> Result<()> {
     }
     let finetune_s = t.elapsed().as_secs_f64();
 
-    // 3. The matrix.
+    // 3. The matrix. Cells already measured for the same SAE files and evaluation tokens are
+    // read back from `cells_cache.jsonl`, so a rerun evaluates only what changed.
     let t = Instant::now();
+    let cache_path = out.join("cells_cache.jsonl");
+    let mut cache: Vec<(String, Cell)> = std::fs::read_to_string(&cache_path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
     let mut cells: Vec<Cell> = Vec::new();
     for &h in &hooks {
-        let named: Vec<NamedSae> = saes
-            .iter()
-            .filter(|(_, _, hh, _, _)| *hh == h)
-            .map(|(n, w, _, s, _)| NamedSae {
-                name: n.clone(),
-                trained_on: w.clone(),
-                sae: s,
-            })
-            .collect();
         for (mname, model) in [("base", &base), ("chat", &chat)] {
             for (tname, batches) in [("corpus", &texts.eval_corpus), ("chat", &texts.eval_chat)] {
+                let key = |dir: &Path| -> String {
+                    format!(
+                        "{}|{mname}|{tname}|{eval_tokens}|{}",
+                        fingerprint(dir),
+                        args.seed
+                    )
+                };
+                let mut todo = Vec::new();
+                for (n, w, hh, sae, dir) in &saes {
+                    if *hh != h {
+                        continue;
+                    }
+                    match cache.iter().find(|(k, c)| *k == key(dir) && c.sae == *n) {
+                        Some((_, c)) => cells.push(c.clone()),
+                        None => todo.push((
+                            key(dir),
+                            NamedSae {
+                                name: n.clone(),
+                                trained_on: w.clone(),
+                                sae,
+                            },
+                        )),
+                    }
+                }
+                if todo.is_empty() {
+                    continue;
+                }
                 eprintln!(
                     "== evaluating {} SAEs at {h} on the {mname} model, {tname} text",
-                    named.len()
+                    todo.len()
                 );
                 let p = pb();
-                cells.extend(evaluate_on(
+                let (keys, named): (Vec<String>, Vec<NamedSae>) = todo.into_iter().unzip();
+                let fresh = evaluate_on(
                     model,
                     mname,
                     tname,
@@ -284,8 +321,18 @@ fn main() -> Result<()> {
                     &named,
                     batches,
                     Some(&p),
-                )?);
+                )?;
                 p.finish_and_clear();
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&cache_path)?;
+                for (k, c) in keys.into_iter().zip(fresh) {
+                    use std::io::Write;
+                    writeln!(f, "{}", serde_json::to_string(&(&k, &c))?)?;
+                    cache.push((k, c.clone()));
+                    cells.push(c);
+                }
             }
         }
     }
@@ -582,12 +629,13 @@ fn trained(
     rows: &Rows,
     arch: &str,
     args: &Args,
+    epochs: usize,
     init: Option<&Path>,
 ) -> Result<SaeModel> {
     if dir.join("cfg.json").exists() {
         return Ok(SaeModel::load(dir)?);
     }
-    let steps = (args.epochs * rows.n() / args.sae_batch).max(1) as u64;
+    let steps = (epochs * rows.n() / args.sae_batch).max(1) as u64;
     let cfg = trainer_config(rows.width, arch, steps, args, rows.hook);
     let mut trainer = match init {
         Some(from) => Trainer::from_pretrained(cfg, SaeModel::load(from)?)?,
@@ -616,6 +664,19 @@ fn trained(
     }
     trainer.save(dir)?;
     Ok(SaeModel::load(dir)?)
+}
+
+/// Identifies an SAE's weights on disk (folder, size and modification time of its weights), for
+/// the cell cache.
+fn fingerprint(dir: &Path) -> String {
+    let w = dir.join("sae_weights.safetensors");
+    let modified_ns = std::fs::metadata(&w)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let len = std::fs::metadata(&w).map_or(0, |m| m.len());
+    format!("{}:{len}:{modified_ns}", dir.display())
 }
 
 type Given = Vec<(&'static str, HookPoint, PathBuf)>;
