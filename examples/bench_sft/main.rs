@@ -103,10 +103,13 @@ fn main() -> Result<()> {
         // through every layer's activations and computes no weight gradient.
         use sae_workbench::transformer_hooks::{HookPoint, Hooks, Intervention};
         let hook: HookPoint = "hook_embed".parse()?;
+        let seqs: Vec<Vec<u32>> = data.iter().map(|e| e.tokens.clone()).collect();
+        let (tokens, _) = model.pad_batch(&seqs, 0, false)?;
+        let positions: Vec<(usize, usize)> = (0..args.batch)
+            .flat_map(|r| (args.seq / 2 - 1..args.seq - 1).map(move |p| (r, p)))
+            .collect();
         for s in 0..=args.steps {
             let t0 = Instant::now();
-            let seqs: Vec<Vec<u32>> = data.iter().map(|e| e.tokens.clone()).collect();
-            let (tokens, _) = model.pad_batch(&seqs, 0, false)?;
             let delta = Var::zeros(
                 (args.batch, args.seq, cfg.d_model),
                 model.dtype(),
@@ -114,9 +117,6 @@ fn main() -> Result<()> {
             )?;
             let mut hooks =
                 Hooks::new().intervene(hook, Intervention::Add(delta.as_tensor().clone()));
-            let positions: Vec<(usize, usize)> = (0..args.batch)
-                .flat_map(|r| (args.seq / 2 - 1..args.seq - 1).map(move |p| (r, p)))
-                .collect();
             let lp = model.next_token_logprobs(&tokens, None, &mut hooks, &positions)?;
             let loss = lp.mean_all()?.neg()?;
             if s == 0 {

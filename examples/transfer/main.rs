@@ -183,18 +183,19 @@ fn main() -> Result<()> {
 
     // 2. SAEs: given, saved by an earlier run, or trained now.
     let t = Instant::now();
-    let given = load_given(&args.sae_base, &args.sae_chat)?;
+    let mut given = load_given(&args.sae_base, &args.sae_chat)?;
     // (name, trained_on, hook, sae, folder)
     let mut saes: Vec<(String, String, HookPoint, SaeModel, PathBuf)> = Vec::new();
     for (who, rows) in [("base", &base_rows), ("chat", &chat_rows)] {
         for r in rows.iter() {
             for arch in ["topk", "relu"] {
                 let name = format!("{who}/{arch}");
-                if let Some((_, _, sae)) = given
+                if let Some(i) = given
                     .iter()
-                    .find(|(w, h, s)| *w == who && *h == r.hook && arch_of(s) == arch)
+                    .position(|g| g.who == who && g.hook == r.hook && g.arch == arch)
                 {
-                    saes.push((name, who.into(), r.hook, SaeModel::load(sae)?, sae.clone()));
+                    let g = given.swap_remove(i);
+                    saes.push((name, who.into(), r.hook, g.sae, g.dir));
                     continue;
                 }
                 let dir = out.join("saes").join(format!("{who}_{}_{arch}", r.hook));
@@ -369,24 +370,28 @@ fn main() -> Result<()> {
                 let r = capture(&scaled, &[h], &texts.eval_corpus, 1, None)?;
                 r[0].mean_norm()
             };
-            let mut named_saes = Vec::new();
+            // The base SAEs as trained, each followed by its normalised copy.
+            let mut fixed = Vec::new();
+            let mut named = Vec::new();
             for arch in ["topk", "relu"] {
-                let dir = &saes
+                let (_, _, _, sae, dir) = saes
                     .iter()
                     .find(|(n, _, hh, _, _)| *n == format!("base/{arch}") && *hh == h)
-                    .context("base SAE")?
-                    .4;
-                let plain = SaeModel::load(dir)?;
-                let fixed = normalized_for(SaeModel::load(dir)?, rows.mean_norm(), target_norm)?;
-                named_saes.push((format!("base/{arch}"), plain));
-                named_saes.push((format!("base/{arch} normalized"), fixed));
+                    .context("base SAE")?;
+                named.push((format!("base/{arch}"), sae));
+                fixed.push((
+                    format!("base/{arch} normalized"),
+                    normalized_for(SaeModel::load(dir)?, rows.mean_norm(), target_norm)?,
+                ));
             }
-            let named: Vec<NamedSae> = named_saes
-                .iter()
-                .map(|(n, s)| NamedSae {
-                    name: n.clone(),
+            let named: Vec<NamedSae> = named
+                .into_iter()
+                .zip(&fixed)
+                .flat_map(|((pn, ps), (fname, fs))| [(pn, ps), (fname.clone(), fs)])
+                .map(|(name, sae)| NamedSae {
+                    name,
                     trained_on: "base".into(),
-                    sae: s,
+                    sae,
                 })
                 .collect();
             let label = format!("chat x{factor}");
@@ -680,9 +685,17 @@ fn fingerprint(dir: &Path) -> String {
     format!("{}:{len}:{modified_ns}", dir.display())
 }
 
-type Given = Vec<(&'static str, HookPoint, PathBuf)>;
+/// An SAE given on the command line, loaded once.
+struct GivenSae {
+    who: &'static str,
+    hook: HookPoint,
+    /// `relu` for SAELens's `standard`, else `topk`.
+    arch: &'static str,
+    dir: PathBuf,
+    sae: SaeModel,
+}
 
-fn load_given(base: &[PathBuf], chat: &[PathBuf]) -> Result<Given> {
+fn load_given(base: &[PathBuf], chat: &[PathBuf]) -> Result<Vec<GivenSae>> {
     let mut out = Vec::new();
     for (who, dirs) in [("base", base), ("chat", chat)] {
         for d in dirs {
@@ -691,17 +704,21 @@ fn load_given(base: &[PathBuf], chat: &[PathBuf]) -> Result<Given> {
                 .hook_name()
                 .with_context(|| format!("{} names no hook (cfg.json hook_name)", d.display()))?
                 .parse()?;
-            out.push((who, hook, d.clone()));
+            let arch = if sae.config().architecture() == "standard" {
+                "relu"
+            } else {
+                "topk"
+            };
+            out.push(GivenSae {
+                who,
+                hook,
+                arch,
+                dir: d.clone(),
+                sae,
+            });
         }
     }
     Ok(out)
-}
-
-fn arch_of(dir: &Path) -> &'static str {
-    match SaeModel::load(dir).map(|s| s.config().architecture().to_string()) {
-        Ok(a) if a == "standard" => "relu",
-        _ => "topk",
-    }
 }
 
 fn write_report(

@@ -286,19 +286,12 @@ impl Trainer {
             return Err(Error::invalid("training data", "no conversations"));
         }
         let t0 = std::time::Instant::now();
-        let picked: Vec<&Example> = self
+        let picked: Vec<Example> = self
             .batch_indices(data.len(), self.step)
             .into_iter()
-            .map(|i| &data[i])
+            .map(|i| data[i].truncated(self.cfg.max_len))
             .collect();
-        let batches: Vec<Vec<&Example>> = picked
-            .chunks(self.cfg.micro_batch)
-            .map(|c| c.to_vec())
-            .collect();
-        let n_trained: usize = picked
-            .iter()
-            .map(|e| self.cut(e).n_trained())
-            .sum::<usize>();
+        let n_trained: usize = picked.iter().map(Example::n_trained).sum();
         if n_trained == 0 {
             return Err(Error::invalid(
                 "training data",
@@ -315,10 +308,9 @@ impl Trainer {
             .collect();
         let mut loss_sum = 0.0;
         let mut tokens = 0;
-        for batch in &batches {
-            let cut: Vec<Example> = batch.iter().map(|e| self.cut(e)).collect();
-            tokens += cut.iter().map(|e| e.tokens.len()).sum::<usize>();
-            let Some(lp) = batch_logprobs(model, &cut)? else {
+        for batch in picked.chunks(self.cfg.micro_batch) {
+            tokens += batch.iter().map(|e| e.tokens.len()).sum::<usize>();
+            let Some(lp) = batch_logprobs(model, batch)? else {
                 continue;
             };
             let sum = lp.sum_all()?;
@@ -364,10 +356,6 @@ impl Trainer {
         };
         self.history.push(log);
         Ok(log)
-    }
-
-    fn cut(&self, e: &Example) -> Example {
-        e.truncated(self.cfg.max_len)
     }
 
     fn apply_adamw(&mut self, grads: &[Vec<f32>], lr: f64, scale: f32) -> Result<()> {

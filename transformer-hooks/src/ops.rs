@@ -142,12 +142,7 @@ pub(crate) fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// sees it as a single op. Off the CPU or in another dtype it falls back to the composed ops.
 pub(crate) fn target_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
     let (rows, vocab) = logits.dims2()?;
-    if targets.len() != rows {
-        candle_core::bail!("target_logprobs: {} targets for {rows} rows", targets.len());
-    }
-    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
-        candle_core::bail!("target_logprobs: target {t} outside a vocabulary of {vocab}");
-    }
+    check_targets(targets, rows, vocab)?;
     if logits.device().is_cpu() && logits.dtype() == DType::F32 {
         return logits.contiguous()?.apply_op1(TargetLogprobs {
             targets: targets.to_vec(),
@@ -156,6 +151,43 @@ pub(crate) fn target_logprobs(logits: &Tensor, targets: &[u32]) -> Result<Tensor
     let lsm = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     let t = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
     lsm.gather(&t, 1)?.squeeze(1)
+}
+
+fn check_targets(targets: &[u32], rows: usize, vocab: usize) -> Result<()> {
+    if targets.len() != rows {
+        candle_core::bail!(
+            "next-token log-probabilities: {} targets for {rows} rows",
+            targets.len()
+        );
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!(
+            "next-token log-probabilities: target {t} outside a vocabulary of {vocab}"
+        );
+    }
+    Ok(())
+}
+
+/// The gradient of `g_r · (x_r[t_r] - logsumexp(x_r))` in the logits: per row
+/// `g_r · (onehot(t_r) - exp(x_r - shift_r))`, with `shift_r` the row's log-sum-exp.
+fn logprob_gradient(
+    logits: &[f32],
+    vocab: usize,
+    targets: &[u32],
+    g: &[f32],
+    shift: &[f32],
+) -> Vec<f32> {
+    let mut out = vec![0f32; logits.len()];
+    out.par_chunks_mut(vocab)
+        .zip(logits.par_chunks(vocab))
+        .zip(targets.par_iter().zip(g.par_iter().zip(shift.par_iter())))
+        .for_each(|((o, row), (&t, (&g, &shift)))| {
+            for (o, &x) in o.iter_mut().zip(row) {
+                *o = -g * exp(x - shift);
+            }
+            o[t as usize] += g;
+        });
+    out
 }
 
 struct TargetLogprobs {
@@ -206,32 +238,22 @@ impl candle_core::CustomOp1 for TargetLogprobs {
         let Some(d) = cpu_f32(&st, l) else {
             candle_core::bail!("target-logprobs: expected contiguous f32 logits");
         };
-        let mut out = vec![0f32; rows * vocab];
-        out.par_chunks_mut(vocab)
-            .zip(d.par_chunks(vocab))
-            .zip(self.targets.par_iter().zip(g.par_iter()))
-            .for_each(|((o, row), (&t, &g))| {
+        let shift: Vec<f32> = d
+            .par_chunks(vocab)
+            .map(|row| {
                 let (max, lse) = row_logsumexp(row);
-                let shift = max + lse;
-                for (o, &x) in o.iter_mut().zip(row) {
-                    *o = -g * exp(x - shift);
-                }
-                o[t as usize] += g;
-            });
+                max + lse
+            })
+            .collect();
+        let out = logprob_gradient(d, vocab, &self.targets, &g, &shift);
         Ok(Some(Tensor::from_vec(out, (rows, vocab), arg.device())?))
     }
 }
 
 /// [`target_logprobs`] of `x W^T` for a constant `w` `[vocab, d]`, differentiable in `x` only.
 pub(crate) fn frozen_unembed_logprobs(x: &Tensor, w: &Tensor, targets: &[u32]) -> Result<Tensor> {
-    let (rows, _) = x.dims2()?;
+    check_targets(targets, x.dim(0)?, w.dim(0)?)?;
     let vocab = w.dim(0)?;
-    if targets.len() != rows {
-        candle_core::bail!("unembed: {} targets for {rows} rows", targets.len());
-    }
-    if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
-        candle_core::bail!("unembed: target {t} outside a vocabulary of {vocab}");
-    }
     let logits = cpu_blas::matmul_t(&x.detach().contiguous()?, w)?;
     let (values, shift) = {
         let (st, l) = logits.storage_and_layout();
@@ -287,20 +309,7 @@ impl candle_core::CustomOp1 for FrozenUnembed {
         let Some(d) = cpu_f32(&st, l) else {
             candle_core::bail!("unembed: expected contiguous f32 logits");
         };
-        let mut dl = vec![0f32; rows * vocab];
-        dl.par_chunks_mut(vocab)
-            .zip(d.par_chunks(vocab))
-            .zip(
-                self.targets
-                    .par_iter()
-                    .zip(g.par_iter().zip(self.shift.par_iter())),
-            )
-            .for_each(|((o, row), (&t, (&g, &shift)))| {
-                for (o, &x) in o.iter_mut().zip(row) {
-                    *o = -g * exp(x - shift);
-                }
-                o[t as usize] += g;
-            });
+        let dl = logprob_gradient(d, vocab, &self.targets, &g, &self.shift);
         let dl = Tensor::from_vec(dl, (rows, vocab), self.logits.device())?;
         Ok(Some(dl.matmul(&self.w)?))
     }

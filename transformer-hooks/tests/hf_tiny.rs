@@ -4,6 +4,8 @@
 //! weights, and where the HF-folder loaders (Gemma's `1 + w` norms, GPT-2's Conv1D layout,
 //! untied unembeddings, Gemma's sliding window) are checked for every family.
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use serde::Deserialize;
 use transformer_hooks::{Architecture, HookPoint, Hooks, Model};
@@ -183,15 +185,7 @@ fn gemma3_save_hf_matches_transformers_own_folder() {
     assert_eq!(names, our_names);
     for name in names {
         let a = theirs[name].to_dtype(candle_core::DType::F32).unwrap();
-        let d = (a - &ours[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-6, "{name} differs");
+        assert!(common::max_abs(&a, &ours[name]) < 1e-6, "{name} differs");
     }
 
     let read = |p: &std::path::Path| -> serde_json::Value {
@@ -238,13 +232,5 @@ fn gemma3_save_hf_matches_transformers_own_folder() {
         .unwrap()
         .logits
         .unwrap();
-    let d = (l0 - l1)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
-    assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+    assert!(common::max_abs(&l0, &l1) < 1e-5);
 }

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::standard::default_init_norm;
 use super::{
     Batch, DecoderNorm, FileTensor, PartialReconstruction, Sae, StepContext, StepOutput,
-    TrainableSae, aux_k, aux_k_size, centered, check_params, export_tensors, init_linear,
-    reconstruction, relu_family_backward, residual_from_grad, select_codes, unit_norm_constrain,
+    TrainableSae, centered, check_params, dead_features_aux, export_tensors, init_linear,
+    reconstruction, relu_family_backward, select_codes, unit_norm_constrain,
 };
 use crate::config::{CommonConfig, JumpReluConfig, SaeConfig};
 use crate::error::{Result, SaeError};
@@ -168,27 +168,18 @@ impl BatchTopKSae {
                 dots: g,
             });
         }
-        let w_dec = p.data("W_dec")?;
         let g_pre = dots;
-        let aux = if ctx.dead.iter().any(|&d| d) {
-            let residual = residual_from_grad(&d_xhat, n);
-            pre.with_slice(|s| {
-                aux_k(
-                    s,
-                    b_enc,
-                    d_sae,
-                    d_in,
-                    n,
-                    ctx.dead,
-                    aux_k_size(self.cfg.aux_k, d_in),
-                    self.cfg.aux_loss_coefficient,
-                    &residual,
-                    w_dec,
-                )
-            })?
-        } else {
-            None
-        };
+        let aux = dead_features_aux(
+            &pre,
+            p,
+            ctx,
+            &d_xhat,
+            n,
+            d_in,
+            d_sae,
+            self.cfg.aux_k,
+            self.cfg.aux_loss_coefficient,
+        )?;
         drop(pre);
         relu_family_backward(
             p,

@@ -569,6 +569,41 @@ pub(crate) fn per_feature_sums(codes: &SparseCodes, weights: &[f32]) -> Vec<f32>
     s
 }
 
+/// The AuxK term of a TopK-family step, or `None` when no feature is dead: reads the dead
+/// features' pre-activations from `pre` and the residual from `d_xhat`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dead_features_aux(
+    pre: &kernels::PreActs,
+    params: &Params,
+    ctx: &StepContext<'_>,
+    d_xhat: &[f32],
+    n: usize,
+    d_in: usize,
+    d_sae: usize,
+    aux_k_cfg: Option<usize>,
+    coefficient: f32,
+) -> Result<Option<AuxK>> {
+    if !ctx.dead.iter().any(|&d| d) {
+        return Ok(None);
+    }
+    let residual = residual_from_grad(d_xhat, n);
+    let (b_enc, w_dec) = (params.data("b_enc")?, params.data("W_dec")?);
+    pre.with_slice(|s| {
+        aux_k(
+            s,
+            b_enc,
+            d_sae,
+            d_in,
+            n,
+            ctx.dead,
+            aux_k_size(aux_k_cfg, d_in),
+            coefficient,
+            &residual,
+            w_dec,
+        )
+    })
+}
+
 /// Resolves the AuxK size: the configured value or SAELens's default `d_in / 2`.
 pub(crate) fn aux_k_size(aux_k: Option<usize>, d_in: usize) -> usize {
     aux_k.unwrap_or(d_in / 2).max(1)

@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use super::standard::default_init_norm;
 use super::{
-    Batch, DecoderNorm, FileTensor, Sae, StepContext, StepOutput, TrainableSae, aux_k, aux_k_size,
-    centered, check_params, export_tensors, init_linear, reconstruction, relu_family_backward,
-    residual_from_grad, select_codes, unit_norm_constrain,
+    Batch, DecoderNorm, FileTensor, Sae, StepContext, StepOutput, TrainableSae, centered,
+    check_params, dead_features_aux, export_tensors, init_linear, reconstruction,
+    relu_family_backward, select_codes, unit_norm_constrain,
 };
 use crate::config::{CommonConfig, SaeConfig, TopKConfig};
 use crate::error::{Result, SaeError};
@@ -203,27 +203,18 @@ impl TrainableSae for TopKSae {
         let b_enc = p.data("b_enc")?;
         let codes = pre.with_slice(|s| topk_codes(s, b_enc, n, d_sae, self.cfg.k))?;
         let (d_xhat, sq, mse, dots) = reconstruction(p, d_in, &codes, batch.x)?;
-        let w_dec = p.data("W_dec")?;
         let g_pre = dots;
-        let aux = if ctx.dead.iter().any(|&d| d) {
-            let residual = residual_from_grad(&d_xhat, n);
-            pre.with_slice(|s| {
-                aux_k(
-                    s,
-                    b_enc,
-                    d_sae,
-                    d_in,
-                    n,
-                    ctx.dead,
-                    aux_k_size(self.cfg.aux_k, d_in),
-                    self.cfg.aux_loss_coefficient,
-                    &residual,
-                    w_dec,
-                )
-            })?
-        } else {
-            None
-        };
+        let aux = dead_features_aux(
+            &pre,
+            p,
+            ctx,
+            &d_xhat,
+            n,
+            d_in,
+            d_sae,
+            self.cfg.aux_k,
+            self.cfg.aux_loss_coefficient,
+        )?;
         drop(pre);
         relu_family_backward(
             p,
