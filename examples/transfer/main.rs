@@ -30,13 +30,16 @@ use clap::Parser;
 use sae_workbench::activation_store::{
     self as store, CorpusName, Split as DocSplit, SplitSpec, WindowPlan,
 };
+use sae_workbench::metrics::TokenGroups;
 use sae_workbench::sae_core::{
     ArchitectureConfig, SaeModel, StandardTraining, TopKTraining, Trainer, TrainerConfig,
 };
 use sae_workbench::sft::conversations::{Material, Sources, Split};
-use sae_workbench::sft::encode_conversation;
+use sae_workbench::sft::{TokenKind, encode_conversation_kinds};
 use sae_workbench::transfer::capture::{Rows, capture};
-use sae_workbench::transfer::matrix::{Cell, NamedSae, evaluate_on, markdown_table, plot_matrix};
+use sae_workbench::transfer::matrix::{
+    Cell, NamedSae, evaluate_on, markdown_group_table, markdown_table, plot_groups, plot_matrix,
+};
 use sae_workbench::transfer::norms::{norm_profile, plot_norms};
 use sae_workbench::transfer::pair::check_pair;
 use sae_workbench::transfer::rescale::{normalized_for, scaled_residual_copy};
@@ -108,6 +111,8 @@ struct Texts {
     train: Vec<Tensor>,
     eval_corpus: Vec<Tensor>,
     eval_chat: Vec<Tensor>,
+    /// The token kind (template, user, model) of every token of `eval_chat`.
+    eval_chat_kinds: TokenGroups,
 }
 
 fn main() -> Result<()> {
@@ -186,7 +191,11 @@ fn main() -> Result<()> {
     let mut given = load_given(&args.sae_base, &args.sae_chat)?;
     // (name, trained_on, hook, sae, folder)
     let mut saes: Vec<(String, String, HookPoint, SaeModel, PathBuf)> = Vec::new();
-    for (who, rows) in [("base", &base_rows), ("chat", &chat_rows)] {
+    let (base_fp, chat_fp) = (fingerprint(&base_path), fingerprint(&args.chat));
+    for (who, rows, source) in [
+        ("base", &base_rows, &base_fp),
+        ("chat", &chat_rows, &chat_fp),
+    ] {
         for r in rows.iter() {
             for arch in ["topk", "relu"] {
                 let name = format!("{who}/{arch}");
@@ -199,7 +208,7 @@ fn main() -> Result<()> {
                     continue;
                 }
                 let dir = out.join("saes").join(format!("{who}_{}_{arch}", r.hook));
-                let sae = trained(&dir, r, arch, &args, args.epochs, None)?;
+                let sae = trained(&dir, r, arch, &args, args.epochs, None, source)?;
                 saes.push((name, who.into(), r.hook, sae, dir));
             }
         }
@@ -238,11 +247,12 @@ fn main() -> Result<()> {
             format!("_e{e}")
         };
         let dir = out.join("saes").join(format!("finetuned_{h}_topk{suffix}"));
-        let ft = trained(&dir, &share, "topk", &args, e, Some(&base_dir))?;
+        let both = format!("{base_fp} then {chat_fp}");
+        let ft = trained(&dir, &share, "topk", &args, e, Some(&base_dir), &both)?;
         let dir_small = out
             .join("saes")
             .join(format!("chat-share_{h}_topk{suffix}"));
-        let small = trained(&dir_small, &share, "topk", &args, e, None)?;
+        let small = trained(&dir_small, &share, "topk", &args, e, None, &chat_fp)?;
         saes.push((
             "base/topk fine-tuned on chat".into(),
             "base+chat".into(),
@@ -279,13 +289,19 @@ fn main() -> Result<()> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     let mut cells: Vec<Cell> = Vec::new();
+    let model_fp = [("base", base_fp.clone()), ("chat", chat_fp.clone())];
     for &h in &hooks {
         for (mname, model) in [("base", &base), ("chat", &chat)] {
-            for (tname, batches) in [("corpus", &texts.eval_corpus), ("chat", &texts.eval_chat)] {
+            for (tname, batches, groups) in [
+                ("corpus", &texts.eval_corpus, None),
+                ("chat", &texts.eval_chat, Some(&texts.eval_chat_kinds)),
+            ] {
+                let mfp = &model_fp.iter().find(|m| m.0 == mname).context("model")?.1;
                 let key = |dir: &Path| -> String {
                     format!(
-                        "{}|{mname}|{tname}|{eval_tokens}|{}",
+                        "{}|{mname}:{mfp}|{tname}{}|{eval_tokens}|{}",
                         fingerprint(dir),
+                        if groups.is_some() { ":kinds" } else { "" },
                         args.seed
                     )
                 };
@@ -322,6 +338,7 @@ fn main() -> Result<()> {
                     &h.to_string(),
                     &named,
                     batches,
+                    groups,
                     Some(&p),
                 )?;
                 p.finish_and_clear();
@@ -404,6 +421,7 @@ fn main() -> Result<()> {
                 &h.to_string(),
                 &named,
                 &texts.eval_corpus,
+                None,
                 Some(&p),
             )?;
             p.finish_and_clear();
@@ -443,6 +461,11 @@ fn main() -> Result<()> {
         "FVU",
         (1.0, 0.0),
         &out.join("report/fvu.png"),
+    )?;
+    plot_groups(
+        &main_cells,
+        "Loss recovered on chat text, by token kind",
+        &out.join("report/by_kind.png"),
     )?;
     if !collapse.is_empty() {
         plot_matrix(
@@ -512,6 +535,33 @@ fn main() -> Result<()> {
             }
         }
     }
+    // Loss recovered on chat text per token kind, for the base SAE on both models and the chat
+    // SAE on the chat model.
+    let mut by_kind = serde_json::Map::new();
+    for &h in &hooks {
+        for arch in ["topk", "relu"] {
+            for (sae, model) in [("base", "base"), ("base", "chat"), ("chat", "chat")] {
+                let cell = cells.iter().find(|c| {
+                    c.sae == format!("{sae}/{arch}")
+                        && c.model == model
+                        && c.text == "chat"
+                        && c.hook == h.to_string()
+                });
+                if let Some(c) = cell {
+                    let kinds: serde_json::Map<String, serde_json::Value> = c
+                        .eval
+                        .by_group
+                        .iter()
+                        .map(|g| (g.group.clone(), g.loss_recovered_zero.into()))
+                        .collect();
+                    by_kind.insert(
+                        format!("{}_{arch}_{sae}_sae_on_{model}", site_short(h)),
+                        kinds.into(),
+                    );
+                }
+            }
+        }
+    }
     let max_ratio = norms.iter().map(|r| r.ratio).fold(0.0f64, |a, b| a.max(b));
     let min_ratio = norms.iter().map(|r| r.ratio).fold(f64::INFINITY, f64::min);
     let summary = serde_json::json!({
@@ -523,6 +573,7 @@ fn main() -> Result<()> {
         "eval_tokens_per_text": eval_tokens,
         "norm_ratio_range": [min_ratio, max_ratio],
         "loss_recovered": headline,
+        "loss_recovered_chat_text_by_token_kind": by_kind,
         "seconds": {
             "capture": capture_s, "train": train_s, "finetune": finetune_s, "matrix": matrix_s,
             "norms": norms_s, "collapse": collapse_s, "total": t_start.elapsed().as_secs_f64(),
@@ -567,27 +618,40 @@ fn texts(chat: &Model, args: &Args, train_tokens: usize, eval_tokens: usize) -> 
     let corpus_train = train_plan.full_window_batches(half, 8, &Device::Cpu)?;
     let eval_corpus = test_plan.full_window_batches(eval_tokens, 8, &Device::Cpu)?;
     let material = Material::load(&Sources::default())?;
-    let pack = |split: Split, tokens: usize| -> Result<Vec<Tensor>> {
+    // Batches of windows, and each token's kind (its index in TokenKind::ALL).
+    let pack = |split: Split, tokens: usize| -> Result<(Vec<Tensor>, Vec<Vec<u8>>)> {
         let n_conv = tokens / 50 + 8;
         let convs = material.build(split, n_conv, args.seed + 1)?;
-        let mut stream = Vec::new();
+        let (mut stream, mut kinds) = (Vec::new(), Vec::new());
         for c in &convs {
-            stream.extend(encode_conversation(tok, &c.messages)?.tokens);
+            let (e, k) = encode_conversation_kinds(tok, &c.messages)?;
+            stream.extend(e.tokens);
+            kinds.extend(
+                k.iter()
+                    .map(|&k| TokenKind::ALL.iter().position(|&x| x == k).unwrap_or(0) as u8),
+            );
         }
-        let windows: Vec<&[u32]> = stream
-            .chunks_exact(args.context)
-            .take(tokens.div_ceil(args.context))
-            .collect();
-        Ok(windows
-            .chunks(8)
+        let n_windows = (stream.len() / args.context).min(tokens.div_ceil(args.context));
+        let per_batch = 8 * args.context;
+        let used = n_windows * args.context;
+        let batches = stream[..used]
+            .chunks(per_batch)
             .map(|w| {
-                let flat: Vec<u32> = w.iter().flat_map(|x| x.iter().copied()).collect();
-                Tensor::from_vec(flat, (w.len(), args.context), &Device::Cpu)
+                Tensor::from_vec(
+                    w.to_vec(),
+                    (w.len() / args.context, args.context),
+                    &Device::Cpu,
+                )
             })
-            .collect::<std::result::Result<_, _>>()?)
+            .collect::<std::result::Result<_, _>>()?;
+        let labels = kinds[..used]
+            .chunks(per_batch)
+            .map(<[u8]>::to_vec)
+            .collect();
+        Ok((batches, labels))
     };
-    let chat_train = pack(Split::Train, half)?;
-    let eval_chat = pack(Split::Eval, eval_tokens)?;
+    let (chat_train, _) = pack(Split::Train, half)?;
+    let (eval_chat, eval_labels) = pack(Split::Eval, eval_tokens)?;
     let mut train = Vec::new();
     for (a, b) in corpus_train.into_iter().zip(chat_train) {
         train.push(a);
@@ -597,6 +661,13 @@ fn texts(chat: &Model, args: &Args, train_tokens: usize, eval_tokens: usize) -> 
         train,
         eval_corpus,
         eval_chat,
+        eval_chat_kinds: TokenGroups {
+            names: TokenKind::ALL
+                .iter()
+                .map(|k| k.name().to_string())
+                .collect(),
+            labels: eval_labels,
+        },
     })
 }
 
@@ -630,6 +701,7 @@ fn trainer_config(
 
 /// The SAE saved at `dir`, or one trained on `rows` (from the SAE saved at `init` when given)
 /// and saved there.
+#[allow(clippy::too_many_arguments)]
 fn trained(
     dir: &Path,
     rows: &Rows,
@@ -637,9 +709,18 @@ fn trained(
     args: &Args,
     epochs: usize,
     init: Option<&Path>,
+    source: &str,
 ) -> Result<SaeModel> {
+    // An SAE saved by an earlier run is reused only if it was trained on the same model(s).
+    let stamp = dir.join("trained_from.txt");
     if dir.join("cfg.json").exists() {
-        return Ok(SaeModel::load(dir)?);
+        match std::fs::read_to_string(&stamp) {
+            Ok(s) if s != source => eprintln!(
+                "== {} was trained on another model ({s}); training it again",
+                dir.display()
+            ),
+            _ => return Ok(SaeModel::load(dir)?),
+        }
     }
     let steps = (epochs * rows.n() / args.sae_batch).max(1) as u64;
     let cfg = trainer_config(rows.width, arch, steps, args, rows.hook);
@@ -669,13 +750,20 @@ fn trained(
         );
     }
     trainer.save(dir)?;
+    std::fs::write(&stamp, source)?;
     Ok(SaeModel::load(dir)?)
 }
 
-/// Identifies an SAE's weights on disk (folder, size and modification time of its weights), for
-/// the cell cache.
-fn fingerprint(dir: &Path) -> String {
-    let w = dir.join("sae_weights.safetensors");
+/// Identifies weights on disk (path, size and modification time of the weights file: an SAE's
+/// `sae_weights.safetensors`, an HF folder's `model.safetensors`, or the file itself), for the
+/// cell cache and for SAEs saved by an earlier run.
+fn fingerprint(path: &Path) -> String {
+    let w = ["sae_weights.safetensors", "model.safetensors"]
+        .iter()
+        .map(|f| path.join(f))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| path.to_path_buf());
+    let dir = path;
     let modified_ns = std::fs::metadata(&w)
         .and_then(|m| m.modified())
         .ok()
@@ -731,11 +819,20 @@ fn write_report(
     let esc = sae_workbench::metrics::html::escape_html;
     let md_to_html = |md: &str| -> String {
         let mut h = String::from("<table>");
-        for (i, line) in md.lines().enumerate() {
-            if i == 1 {
+        let mut notes = String::new();
+        let mut header = true;
+        for line in md.lines() {
+            if line.starts_with("|---") {
                 continue;
             }
-            let tag = if i == 0 { "th" } else { "td" };
+            if !line.starts_with('|') {
+                if !line.trim().is_empty() {
+                    notes.push_str(&format!("<p>{}</p>", esc(line)));
+                }
+                continue;
+            }
+            let tag = if header { "th" } else { "td" };
+            header = false;
             h.push_str("<tr>");
             for c in line.trim_matches('|').split('|') {
                 h.push_str(&format!("<{tag}>{}</{tag}>", esc(c.trim())));
@@ -743,7 +840,7 @@ fn write_report(
             h.push_str("</tr>");
         }
         h.push_str("</table>");
-        h
+        h + &notes
     };
     let mut norm_rows =
         String::from("<table><tr><th>hook</th><th>base</th><th>chat</th><th>chat / base</th></tr>");
@@ -765,11 +862,13 @@ fn write_report(
 <h2>Summary</h2><pre>{}</pre>
 <h2>Loss recovered (zero ablation)</h2><img src="loss_recovered.png"><img src="fvu.png">
 <h2>All cells</h2>{}
+<h2>Chat text by token kind</h2><p>The same cells on chat conversations, split by the kind of token predicted (loss) or read (FVU): the template's markup, the user's turn, the model's turn.</p><img src="by_kind.png">{}
 <h2>Activation norms</h2><img src="norms.png"><img src="norm_ratio.png">{}
 <h2>The collapse, made on purpose, and its fix</h2><p>A copy of the chat model with its residual stream scaled (same logits); the base SAEs read it as they are, and normalised to each model's fitted mean norm.</p><img src="collapse.png">{}
 </body></html>"#,
         esc(&serde_json::to_string_pretty(summary)?),
         md_to_html(&markdown_table(cells)),
+        md_to_html(&markdown_group_table(cells)),
         norm_rows,
         md_to_html(&markdown_table(collapse)),
     );

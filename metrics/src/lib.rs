@@ -35,6 +35,6 @@ pub use reconstruction::{
     ReconstructionMetrics,
 };
 pub use spliced::{
-    MeanActivation, SpliceTarget, SplicedConfig, SplicedEvaluation, SplicedNll, evaluate_spliced,
-    evaluate_spliced_many, loss_recovered,
+    GroupEvaluation, MeanActivation, SpliceTarget, SplicedConfig, SplicedEvaluation, SplicedNll,
+    TokenGroups, evaluate_spliced, evaluate_spliced_grouped, evaluate_spliced_many, loss_recovered,
 };

@@ -134,6 +134,43 @@ pub struct SplicedNll {
 pub struct SplicedEvaluation {
     pub spliced: SplicedNll,
     pub reconstruction: ReconstructionMetrics,
+    /// The same measures on each group of tokens, when [`TokenGroups`] were given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_group: Vec<GroupEvaluation>,
+}
+
+/// A partition of the evaluation tokens into named groups (e.g. the template, the user's turn
+/// and the model's turn of chat conversations), to measure an SAE on each separately: an SAE can
+/// keep the loss on one kind of token and lose it on another, which the mean over all hides.
+///
+/// `labels[i]` holds one group index per token of batch `i`, row-major `[batch, seq]`. A
+/// prediction counts in the group of the token it predicts (the loss on the model's turn is the
+/// loss of predicting its tokens); an activation (FVU, L0) in the group of its own token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenGroups {
+    pub names: Vec<String>,
+    pub labels: Vec<Vec<u8>>,
+}
+
+/// Spliced NLL, loss recovered, KL and reconstruction on one group of tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupEvaluation {
+    pub group: String,
+    /// Predictions of this group's tokens.
+    pub n_predictions: u64,
+    pub clean: f64,
+    pub spliced: f64,
+    pub zero_ablated: f64,
+    pub mean_ablated: f64,
+    pub loss_recovered_zero: f64,
+    pub loss_recovered_mean: f64,
+    pub kl_clean_spliced: f64,
+    pub kl_div_score: f64,
+    /// Spliced activations of this group's tokens.
+    pub n_activations: u64,
+    /// FVU over those activations, with the variance taken around the group's own mean.
+    pub fvu: f64,
+    pub l0: f64,
 }
 
 /// (L_ablated - L_spliced) / (L_ablated - L_clean); NaN (JSON `null`) when the ablation does not
@@ -214,6 +251,23 @@ pub fn evaluate_spliced_many(
     cfg: &SplicedConfig,
     progress: Option<&ProgressBar>,
 ) -> Result<Vec<SplicedEvaluation>> {
+    evaluate_spliced_grouped(model, saes, batches, None, cfg, progress)
+}
+
+/// [`evaluate_spliced_many`], and with `groups` the same measures on each group of tokens in
+/// [`SplicedEvaluation::by_group`] (same passes: the grouping only sorts what they produce).
+///
+/// # Errors
+/// As [`evaluate_spliced_many`]; `ShapeMismatch` for labels that do not cover their batch, and
+/// `InvalidArgument` for a label with no name.
+pub fn evaluate_spliced_grouped(
+    model: &mut dyn SpliceTarget,
+    saes: &[&SaeModel],
+    batches: &[Tensor],
+    groups: Option<&TokenGroups>,
+    cfg: &SplicedConfig,
+    progress: Option<&ProgressBar>,
+) -> Result<Vec<SplicedEvaluation>> {
     let width = model.hook_width();
     let hook = model.hook_name();
     if saes.is_empty() {
@@ -256,6 +310,10 @@ pub fn evaluate_spliced_many(
             needed: 2,
         });
     }
+    if let Some(g) = groups {
+        check_groups(g, batches)?;
+    }
+    let n_groups = groups.map_or(0, |g| g.names.len());
     if let MeanActivation::Provided(m) = &cfg.mean
         && m.len() != width
     {
@@ -273,6 +331,11 @@ pub fn evaluate_spliced_many(
     let mean_sum = RefCell::new((vec![0.0f64; width], 0u64));
     let mut s = Shared::default();
     let mut per: Vec<PerSae> = saes.iter().map(|_| PerSae::default()).collect();
+    let mut gs: Vec<Shared> = (0..n_groups).map(|_| Shared::default()).collect();
+    let gper: Vec<RefCell<Vec<GroupSae>>> = saes
+        .iter()
+        .map(|_| RefCell::new((0..n_groups).map(|_| GroupSae::new(width)).collect()))
+        .collect();
     let deferred_mean = matches!(cfg.mean, MeanActivation::EvalTokens);
     // clean, zero and mean once, spliced and spliced-with-error per SAE.
     let passes_per_batch = 3 + 2 * saes.len();
@@ -286,8 +349,25 @@ pub fn evaluate_spliced_many(
     };
 
     let sum = |v: &[f32]| v.iter().map(|&x| f64::from(x)).sum::<f64>();
-    for tokens in batches {
+    for (bi, tokens) in batches.iter().enumerate() {
         let t = tokens.dim(1)?;
+        // Group of each prediction (its target token) and of each spliced activation.
+        let labels = groups.map(|g| g.labels[bi].as_slice());
+        let pred_group: Vec<usize> = labels.map_or_else(Vec::new, |l| {
+            (0..l.len() / t)
+                .flat_map(|r| (1..t).map(move |p| usize::from(l[r * t + p])))
+                .collect()
+        });
+        let act_group: Vec<usize> = labels.map_or_else(Vec::new, |l| {
+            (0..l.len() / t)
+                .flat_map(|r| (first.min(t)..t).map(move |p| usize::from(l[r * t + p])))
+                .collect()
+        });
+        let by_group = |v: &[f32], out: &mut dyn FnMut(usize, f64)| {
+            for (&x, &g) in v.iter().zip(&pred_group) {
+                out(g, f64::from(x));
+            }
+        };
         let ids = tokens
             .to_dtype(DType::U32)?
             .flatten_all()?
@@ -309,9 +389,13 @@ pub fn evaluate_spliced_many(
         let clean = HostLogits::new(&model.forward(tokens, Some(&mut capture))?)?;
         let clean_lp = clean.target_log_probs(&ids)?;
         s.clean -= sum(&clean_lp);
+        by_group(&clean_lp, &mut |g, x| {
+            gs[g].clean -= x;
+            gs[g].n += 1;
+        });
         tick();
 
-        for ((sae, acc), p) in saes.iter().zip(&accs).zip(per.iter_mut()) {
+        for (((sae, acc), p), gp) in saes.iter().zip(&accs).zip(per.iter_mut()).zip(&gper) {
             // Spliced: reconstruction at positions >= first, recording reconstruction metrics.
             let x_hat_saved: RefCell<Option<Tensor>> = RefCell::new(None);
             let mut splice = |x: &Tensor| -> Result<Tensor> {
@@ -329,13 +413,32 @@ pub fn evaluate_spliced_many(
                     &codes.features,
                     &codes.values,
                 )?;
+                if !act_group.is_empty() {
+                    let xs = rows.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    let xh = x_hat
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    let mut gp = gp.borrow_mut();
+                    for (r, &g) in act_group.iter().enumerate() {
+                        let active = codes.offsets[r + 1] - codes.offsets[r];
+                        gp[g].add(&xs[r * d..(r + 1) * d], &xh[r * d..(r + 1) * d], active);
+                    }
+                }
                 let full = Tensor::cat(&[&x.narrow(1, 0, first)?, &x_hat], 1)?;
                 *x_hat_saved.borrow_mut() = Some(full.clone());
                 Ok(full)
             };
             let spliced = HostLogits::new(&model.forward(tokens, Some(&mut splice))?)?;
-            p.spliced -= sum(&spliced.target_log_probs(&ids)?);
-            p.kl_spliced += sum(&clean.kl_to(&spliced)?);
+            let lp = spliced.target_log_probs(&ids)?;
+            let kl = clean.kl_to(&spliced)?;
+            p.spliced -= sum(&lp);
+            p.kl_spliced += sum(&kl);
+            {
+                let mut gp = gp.borrow_mut();
+                by_group(&lp, &mut |g, x| gp[g].spliced -= x);
+                by_group(&kl, &mut |g, x| gp[g].kl_spliced += x);
+            }
             drop(spliced);
             tick();
 
@@ -365,13 +468,19 @@ pub fn evaluate_spliced_many(
         // Zero ablation.
         let mut zero = |x: &Tensor| splice_positions(x, &x.zeros_like()?, first);
         let zeroed = HostLogits::new(&model.forward(tokens, Some(&mut zero))?)?;
-        s.zero -= sum(&zeroed.target_log_probs(&ids)?);
-        s.kl_zero += sum(&clean.kl_to(&zeroed)?);
+        let lp = zeroed.target_log_probs(&ids)?;
+        let kl = clean.kl_to(&zeroed)?;
+        s.zero -= sum(&lp);
+        s.kl_zero += sum(&kl);
+        by_group(&lp, &mut |g, x| gs[g].zero -= x);
+        by_group(&kl, &mut |g, x| gs[g].kl_zero += x);
         drop(zeroed);
         tick();
 
         if let MeanActivation::Provided(m) = &cfg.mean {
-            s.mean -= mean_ablated_nll(model, tokens, &ids, m, first)?;
+            let lp = mean_ablated_log_probs(model, tokens, &ids, m, first)?;
+            s.mean -= sum(&lp);
+            by_group(&lp, &mut |g, x| gs[g].mean -= x);
             tick();
         }
         s.n += clean.n_predictions() as u64;
@@ -391,12 +500,21 @@ pub fn evaluate_spliced_many(
                 });
             }
             let mean: Vec<f32> = sum.iter().map(|v| (v / n as f64) as f32).collect();
-            for tokens in batches {
+            for (bi, tokens) in batches.iter().enumerate() {
+                let t = tokens.dim(1)?;
                 let ids = tokens
                     .to_dtype(DType::U32)?
                     .flatten_all()?
                     .to_vec1::<u32>()?;
-                s.mean -= mean_ablated_nll(model, tokens, &ids, &mean, first)?;
+                let lp = mean_ablated_log_probs(model, tokens, &ids, &mean, first)?;
+                s.mean -= lp.iter().map(|&x| f64::from(x)).sum::<f64>();
+                if let Some(g) = groups {
+                    let l = &g.labels[bi];
+                    for (i, &x) in lp.iter().enumerate() {
+                        let (r, p) = (i / (t - 1), i % (t - 1));
+                        gs[usize::from(l[r * t + p + 1])].mean -= f64::from(x);
+                    }
+                }
                 tick();
             }
             "eval_tokens"
@@ -408,7 +526,8 @@ pub fn evaluate_spliced_many(
     let kl_zero = s.kl_zero / n;
     per.into_iter()
         .zip(accs)
-        .map(|(p, acc)| {
+        .zip(gper)
+        .map(|((p, acc), gp)| {
             let spliced = p.spliced / n;
             let kl_spliced = p.kl_spliced / n;
             let spliced_nll = SplicedNll {
@@ -433,22 +552,33 @@ pub fn evaluate_spliced_many(
                 mean_source: mean_source.to_string(),
             };
             let reconstruction = acc.into_inner().finish(cfg.dense_threshold)?;
+            let by_group = match groups {
+                Some(g) => g
+                    .names
+                    .iter()
+                    .zip(&gs)
+                    .zip(gp.into_inner())
+                    .map(|((name, sh), ga)| ga.finish(name, sh))
+                    .collect(),
+                None => Vec::new(),
+            };
             Ok(SplicedEvaluation {
                 spliced: spliced_nll,
                 reconstruction,
+                by_group,
             })
         })
         .collect()
 }
 
-/// Summed log-probability of one batch with positions `first..` set to `mean`.
-fn mean_ablated_nll(
+/// Every prediction's log-probability in one batch with positions `first..` set to `mean`.
+fn mean_ablated_log_probs(
     model: &mut dyn SpliceTarget,
     tokens: &Tensor,
     ids: &[u32],
     mean: &[f32],
     first: usize,
-) -> Result<f64> {
+) -> Result<Vec<f32>> {
     let mut ablate = |x: &Tensor| -> Result<Tensor> {
         let m = Tensor::from_slice(mean, mean.len(), x.device())?
             .to_dtype(x.dtype())?
@@ -456,14 +586,107 @@ fn mean_ablated_nll(
             .contiguous()?;
         splice_positions(x, &m, first)
     };
-    let lp = HostLogits::new(&model.forward(tokens, Some(&mut ablate))?)?.target_log_probs(ids)?;
-    Ok(lp.iter().map(|&x| f64::from(x)).sum())
+    HostLogits::new(&model.forward(tokens, Some(&mut ablate))?)?.target_log_probs(ids)
+}
+
+fn check_groups(g: &TokenGroups, batches: &[Tensor]) -> Result<()> {
+    if g.labels.len() != batches.len() {
+        return Err(shape_err(
+            "token group labels",
+            format!("one list per token batch ({})", batches.len()),
+            format!("{} lists", g.labels.len()),
+        ));
+    }
+    for (i, (l, b)) in g.labels.iter().zip(batches).enumerate() {
+        if l.len() != b.elem_count() {
+            return Err(shape_err(
+                format!("token group labels of batch {i}"),
+                format!("{} labels ({:?})", b.elem_count(), b.dims()),
+                format!("{} labels", l.len()),
+            ));
+        }
+        if let Some(&bad) = l.iter().find(|&&x| usize::from(x) >= g.names.len()) {
+            return Err(MetricsError::InvalidArgument {
+                what: format!("token group label {bad} in batch {i}"),
+                reason: format!("there are {} group names", g.names.len()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// One SAE's sums over one group of tokens.
+struct GroupSae {
+    spliced: f64,
+    kl_spliced: f64,
+    sum_x: Vec<f64>,
+    sum_sq: f64,
+    err_sq: f64,
+    active: u64,
+    rows: u64,
+}
+
+impl GroupSae {
+    fn new(width: usize) -> Self {
+        Self {
+            spliced: 0.0,
+            kl_spliced: 0.0,
+            sum_x: vec![0.0; width],
+            sum_sq: 0.0,
+            err_sq: 0.0,
+            active: 0,
+            rows: 0,
+        }
+    }
+
+    fn add(&mut self, x: &[f32], x_hat: &[f32], active: usize) {
+        for ((s, &a), &b) in self.sum_x.iter_mut().zip(x).zip(x_hat) {
+            let (a, b) = (f64::from(a), f64::from(b));
+            *s += a;
+            self.sum_sq += a * a;
+            self.err_sq += (a - b) * (a - b);
+        }
+        self.active += active as u64;
+        self.rows += 1;
+    }
+
+    fn finish(self, name: &str, sh: &Shared) -> GroupEvaluation {
+        let n = sh.n as f64;
+        let (clean, zero, mean) = (sh.clean / n, sh.zero / n, sh.mean / n);
+        let (spliced, kl_spliced, kl_zero) =
+            (self.spliced / n, self.kl_spliced / n, sh.kl_zero / n);
+        let rows = self.rows as f64;
+        let total_var = self.sum_sq - self.sum_x.iter().map(|s| s * s).sum::<f64>() / rows;
+        GroupEvaluation {
+            group: name.to_string(),
+            n_predictions: sh.n,
+            clean,
+            spliced,
+            zero_ablated: zero,
+            mean_ablated: mean,
+            loss_recovered_zero: loss_recovered(clean, spliced, zero),
+            loss_recovered_mean: loss_recovered(clean, spliced, mean),
+            kl_clean_spliced: kl_spliced,
+            kl_div_score: if kl_zero > 0.0 {
+                (kl_zero - kl_spliced) / kl_zero
+            } else {
+                f64::NAN
+            },
+            n_activations: self.rows,
+            fvu: if total_var > 0.0 {
+                self.err_sq / total_var
+            } else {
+                f64::NAN
+            },
+            l0: self.active as f64 / rows,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{ToyModel, perfect_sae, zero_sae};
+    use crate::testutil::{ToyModel, perfect_sae, positive_part_sae, zero_sae};
     use approx::assert_relative_eq;
     use candle_core::Device;
 
@@ -639,6 +862,129 @@ mod tests {
         };
         let e = evaluate_spliced(&mut model, &perfect_sae(6), &batches(), &cfg, None).unwrap_err();
         assert!(e.to_string().contains("mean"), "{e}");
+    }
+
+    /// Per-prediction NLL (computed on the host) with the label of the predicted token, and the
+    /// spliced activations with the label of their own token, for `edit` at positions >= 1.
+    #[allow(clippy::type_complexity)]
+    fn host_grouped(
+        model: &ToyModel,
+        label: &dyn Fn(u32) -> u8,
+        edit: &dyn Fn(&[f32]) -> Vec<f32>,
+    ) -> (Vec<(u8, f64)>, Vec<(u8, Vec<f32>)>) {
+        let (mut preds, mut acts) = (Vec::new(), Vec::new());
+        for b in batches() {
+            for row in b.to_vec2::<u32>().unwrap() {
+                let d = model.d;
+                let mut h = model.hook_acts(&row);
+                for p in 1..row.len() {
+                    acts.push((label(row[p]), h[p * d..(p + 1) * d].to_vec()));
+                    let e = edit(&h[p * d..(p + 1) * d]);
+                    h[p * d..(p + 1) * d].copy_from_slice(&e);
+                }
+                let logits = model.logits_from(&h);
+                let v = model.vocab;
+                for p in 0..row.len() - 1 {
+                    let l = &logits[p * v..(p + 1) * v];
+                    let m = l.iter().cloned().fold(f32::MIN, f32::max) as f64;
+                    let lse = m + l.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                    preds.push((label(row[p + 1]), lse - l[row[p + 1] as usize] as f64));
+                }
+            }
+        }
+        (preds, acts)
+    }
+
+    fn mean_of(v: &[(u8, f64)], g: u8) -> f64 {
+        let xs: Vec<f64> = v.iter().filter(|x| x.0 == g).map(|x| x.1).collect();
+        xs.iter().sum::<f64>() / xs.len() as f64
+    }
+
+    #[test]
+    fn groups_match_host_figures_and_add_up_to_the_whole() {
+        let mut model = ToyModel::new(11, 6, 3);
+        let d = 6;
+        let label = |t: u32| (t % 2) as u8;
+        let b = batches();
+        let groups = TokenGroups {
+            names: vec!["even".into(), "odd".into()],
+            labels: b
+                .iter()
+                .map(|t| {
+                    t.flatten_all()
+                        .unwrap()
+                        .to_vec1::<u32>()
+                        .unwrap()
+                        .into_iter()
+                        .map(label)
+                        .collect()
+                })
+                .collect(),
+        };
+        let cfg = SplicedConfig::default();
+        let sae = positive_part_sae(d);
+        let got = evaluate_spliced_grouped(&mut model, &[&sae], &b, Some(&groups), &cfg, None)
+            .unwrap()
+            .remove(0);
+        let (clean, acts) = host_grouped(&model, &label, &|x| x.to_vec());
+        let (spliced, _) =
+            host_grouped(&model, &label, &|x| x.iter().map(|v| v.max(0.0)).collect());
+        let (zero, _) = host_grouped(&model, &label, &|x| vec![0.0; x.len()]);
+        assert_eq!(got.by_group.len(), 2);
+        let mut n_total = 0;
+        let mut weighted = (0.0, 0.0);
+        for (gi, g) in got.by_group.iter().enumerate() {
+            let gl = gi as u8;
+            let n = clean.iter().filter(|x| x.0 == gl).count();
+            assert!(n > 0);
+            assert_eq!(g.n_predictions, n as u64);
+            assert_relative_eq!(g.clean, mean_of(&clean, gl), epsilon = 1e-5);
+            assert_relative_eq!(g.spliced, mean_of(&spliced, gl), epsilon = 1e-5);
+            assert_relative_eq!(g.zero_ablated, mean_of(&zero, gl), epsilon = 1e-5);
+            let want = (g.zero_ablated - g.spliced) / (g.zero_ablated - g.clean);
+            assert_relative_eq!(g.loss_recovered_zero, want, epsilon = 1e-9);
+            assert!(g.kl_clean_spliced > 0.0 && g.kl_div_score < 1.0);
+            // FVU by hand: the error of ReLU(x) is min(x, 0); variance about the group's mean.
+            let rows: Vec<&Vec<f32>> = acts.iter().filter(|a| a.0 == gl).map(|a| &a.1).collect();
+            assert_eq!(g.n_activations, rows.len() as u64);
+            let mut mean = vec![0.0f64; d];
+            for r in &rows {
+                for j in 0..d {
+                    mean[j] += f64::from(r[j]) / rows.len() as f64;
+                }
+            }
+            let (mut num, mut den) = (0.0, 0.0);
+            for r in &rows {
+                for j in 0..d {
+                    num += f64::from(r[j].min(0.0)).powi(2);
+                    den += (f64::from(r[j]) - mean[j]).powi(2);
+                }
+            }
+            assert_relative_eq!(g.fvu, num / den, epsilon = 1e-6);
+            assert_relative_eq!(g.l0, d as f64, epsilon = 1e-12);
+            n_total += g.n_predictions;
+            weighted.0 += g.n_predictions as f64 * g.spliced;
+            weighted.1 += g.n_predictions as f64 * g.mean_ablated;
+        }
+        assert_eq!(n_total, got.spliced.n_tokens);
+        let n = n_total as f64;
+        assert_relative_eq!(weighted.0 / n, got.spliced.spliced, epsilon = 1e-9);
+        assert_relative_eq!(weighted.1 / n, got.spliced.mean_ablated, epsilon = 1e-9);
+        // Without groups the rest of the evaluation is unchanged.
+        let plain = evaluate_spliced(&mut model, &sae, &b, &cfg, None).unwrap();
+        assert!(plain.by_group.is_empty());
+        assert_eq!(plain.spliced, got.spliced);
+
+        let mut bad = groups.clone();
+        bad.labels[1].pop();
+        let e =
+            evaluate_spliced_grouped(&mut model, &[&sae], &b, Some(&bad), &cfg, None).unwrap_err();
+        assert!(e.to_string().contains("batch 1"), "{e}");
+        let mut bad = groups.clone();
+        bad.labels[0][2] = 2;
+        let e =
+            evaluate_spliced_grouped(&mut model, &[&sae], &b, Some(&bad), &cfg, None).unwrap_err();
+        assert!(e.to_string().contains("label 2"), "{e}");
     }
 
     #[test]

@@ -138,3 +138,16 @@ pub fn zero_sae(d: usize) -> SaeModel {
     }
     standard(d, 2 * d, w, vec![0.0; 2 * d * d])
 }
+
+/// Encoder as [`perfect_sae`], decoder keeping only the +e_j features: reconstructs ReLU(x),
+/// an SAE that is neither perfect nor useless, with every coordinate active.
+pub fn positive_part_sae(d: usize) -> SaeModel {
+    let mut w = vec![0.0; 2 * d * d];
+    for j in 0..d {
+        w[j * d + j] = 1.0;
+        w[(d + j) * d + j] = -1.0;
+    }
+    let mut dec = w.clone();
+    dec[d * d..].iter_mut().for_each(|x| *x = 0.0);
+    standard(d, 2 * d, w, dec)
+}

@@ -27,4 +27,7 @@ pub mod error;
 pub mod train;
 
 pub use error::{Error, Result};
-pub use train::{Example, SftConfig, StepLog, Trainer, chat_loss, encode_conversation};
+pub use train::{
+    Example, SftConfig, StepLog, TokenKind, Trainer, chat_loss, encode_conversation,
+    encode_conversation_kinds,
+};

@@ -39,6 +39,32 @@ impl Example {
     }
 }
 
+/// Which part of a chat conversation a token belongs to, for measuring a model (or an SAE
+/// spliced into it) separately on each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKind {
+    /// Markup the template adds: BOS, turn starts and role names, end-of-turn tokens, newlines
+    /// between turns.
+    Template,
+    /// The content of a user (or system) message.
+    User,
+    /// The content of the model's own turns.
+    Model,
+}
+
+impl TokenKind {
+    pub const ALL: [TokenKind; 3] = [TokenKind::Template, TokenKind::User, TokenKind::Model];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenKind::Template => "template",
+            TokenKind::User => "user",
+            TokenKind::Model => "model",
+        }
+    }
+}
+
 /// Tokenizes `messages` with the tokenizer's chat template, marking the assistant's content and
 /// its end-of-turn token as trained and everything else (template, user turns) as context.
 ///
@@ -50,19 +76,49 @@ impl Example {
 /// No chat template, turns that do not fit it, or a template whose rendering of a conversation
 /// does not extend its generation prompt.
 pub fn encode_conversation(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<Example> {
+    Ok(encode_conversation_kinds(tok, messages)?.0)
+}
+
+/// [`encode_conversation`] plus each token's [`TokenKind`]: a token is `User` or `Model` when
+/// its text lies inside a message's content, `Template` otherwise. The tokens are the same.
+///
+/// # Errors
+/// As [`encode_conversation`].
+pub fn encode_conversation_kinds(
+    tok: &Tokenizer,
+    messages: &[ChatMessage],
+) -> Result<(Example, Vec<TokenKind>)> {
     let template = tok
         .chat_template()
         .ok_or_else(|| Error::invalid("tokenizer", "it has no chat template"))?;
     let eot = template.end_of_turn();
     let mut tokens = Vec::new();
     let mut trained = Vec::new();
+    let mut kinds = Vec::new();
     let mut done = String::new();
-    let mut push = |text: &str, train: bool, tokens: &mut Vec<u32>| -> Result<()> {
-        let ids = tok.encode(text, false)?;
-        trained.extend(std::iter::repeat_n(train, ids.len()));
-        tokens.extend(ids);
+    // Tokenizes one piece of the rendering; `spans` are the byte ranges of message content in
+    // it, with the kind their tokens get.
+    let mut push = |text: &str,
+                    train: bool,
+                    spans: &[(usize, usize, TokenKind)],
+                    tokens: &mut Vec<u32>|
+     -> Result<()> {
+        let enc = tok
+            .inner()
+            .encode(text, false)
+            .map_err(|e| Error::invalid("tokenizer", format!("encoding a conversation: {e}")))?;
+        for &(a, b) in enc.get_offsets() {
+            let kind = spans
+                .iter()
+                .find(|&&(s, e, _)| a >= s && b <= e && b > a)
+                .map_or(TokenKind::Template, |&(_, _, k)| k);
+            kinds.push(kind);
+        }
+        trained.extend(std::iter::repeat_n(train, enc.len()));
+        tokens.extend_from_slice(enc.get_ids());
         Ok(())
     };
+    let mut from = 0;
     for (k, m) in messages.iter().enumerate() {
         if m.role != transformer_hooks::Role::Assistant {
             continue;
@@ -82,12 +138,30 @@ pub fn encode_conversation(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<
                 format!("assistant message {k} has no `{eot}`"),
             ));
         };
-        push(context, false, &mut tokens)?;
-        push(&turn[..end + eot.len()], true, &mut tokens)?;
-        push(&turn[end + eot.len()..], false, &mut tokens)?;
+        // The user and system messages since the last model turn, found in order.
+        let mut spans = Vec::new();
+        let mut cursor = 0;
+        for u in &messages[from..k] {
+            let text = u.content.trim();
+            if let Some(i) = context[cursor..].find(text) {
+                let s = cursor + i;
+                spans.push((s, s + text.len(), TokenKind::User));
+                cursor = s + text.len();
+            }
+        }
+        push(context, false, &spans, &mut tokens)?;
+        let reply = &turn[..end + eot.len()];
+        let text = m.content.trim();
+        let model_span = reply
+            .find(text)
+            .map(|i| vec![(i, i + text.len(), TokenKind::Model)])
+            .unwrap_or_default();
+        push(reply, true, &model_span, &mut tokens)?;
+        push(&turn[end + eot.len()..], false, &[], &mut tokens)?;
         done = full;
+        from = k + 1;
     }
-    Ok(Example { tokens, trained })
+    Ok((Example { tokens, trained }, kinds))
 }
 
 /// What a fine-tuning run does. The defaults are a full fine-tune of everything but the

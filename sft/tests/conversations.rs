@@ -623,3 +623,61 @@ fn real_examples_print() {
         println!("{}", serde_json::to_string_pretty(c).unwrap());
     }
 }
+
+/// On Gemma 3's own tokenizer (SentencePiece-style, from the GGUF), the tokens marked `User` and
+/// `Model` spell exactly the messages' contents, and everything else is markup.
+#[test]
+fn real_token_kinds_spell_the_messages() {
+    use sft::{TokenKind, encode_conversation_kinds};
+    let gguf = transformer_hooks::assets::asset_path("models/gemma-3-270m-q4_k_m.gguf");
+    let Some((_, eval)) = real_built() else {
+        return;
+    };
+    if !gguf.exists() {
+        println!("skipping: {} is missing", gguf.display());
+        return;
+    }
+    let tok = transformer_hooks::Tokenizer::load(&gguf).unwrap();
+    let mut counts = [0usize; 3];
+    for c in eval.iter().take(200) {
+        let (e, kinds) = encode_conversation_kinds(&tok, &c.messages).unwrap();
+        assert_eq!(kinds.len(), e.tokens.len());
+        let text = |kind: TokenKind| -> String {
+            let ids: Vec<u32> = e
+                .tokens
+                .iter()
+                .zip(&kinds)
+                .filter(|(_, k)| **k == kind)
+                .map(|(&t, _)| t)
+                .collect();
+            tok.decode(&ids).unwrap()
+        };
+        let squash = |s: &str| s.split_whitespace().collect::<String>();
+        for (kind, role) in [
+            (TokenKind::User, Role::User),
+            (TokenKind::Model, Role::Assistant),
+        ] {
+            let want: String = c
+                .messages
+                .iter()
+                .filter(|m| m.role == role)
+                .map(|m| squash(&m.content))
+                .collect();
+            assert_eq!(squash(&text(kind)), want, "{kind:?} in {}", c.id);
+        }
+        let mut markup = text(TokenKind::Template);
+        for m in ["<bos>", "<start_of_turn>", "<end_of_turn>", "user", "model"] {
+            markup = markup.replace(m, "");
+        }
+        assert!(
+            markup.trim().is_empty(),
+            "{markup:?} counted as template in {}",
+            c.id
+        );
+        for (i, k) in TokenKind::ALL.iter().enumerate() {
+            counts[i] += kinds.iter().filter(|x| *x == k).count();
+        }
+    }
+    println!("template/user/model tokens: {counts:?}");
+    assert!(counts.iter().all(|&n| n > 0));
+}

@@ -5,7 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use sft::{Example, SftConfig, Trainer, chat_loss, encode_conversation};
+use sft::{
+    Example, SftConfig, TokenKind, Trainer, chat_loss, encode_conversation,
+    encode_conversation_kinds,
+};
 use transformer_hooks::{ChatMessage, ChatTemplate, Hooks, Model, Tokenizer};
 
 fn tiny_dir() -> PathBuf {
@@ -141,6 +144,64 @@ fn only_the_model_turns_are_trained() {
     let prompt = tok.encode_chat(&messages[..1], true).unwrap();
     assert_eq!(&e.tokens[..prompt.len()], prompt.as_slice());
     assert!(e.trained[prompt.len()] && !e.trained[prompt.len() - 1]);
+}
+
+/// Each token's kind: the user's words are `User`, the model's words `Model`, and every piece of
+/// markup (BOS, turn starts, role names, end-of-turn, newlines) `Template`; the tokens are those
+/// of `encode_conversation`.
+#[test]
+fn token_kinds_split_template_user_and_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = word_tokenizer(dir.path());
+    let messages = vec![
+        ChatMessage::user("what is a cat?"),
+        ChatMessage::assistant("an animal."),
+        ChatMessage::user("and a dog?"),
+        ChatMessage::assistant("a dog."),
+    ];
+    let (e, kinds) = encode_conversation_kinds(&tok, &messages).unwrap();
+    assert_eq!(e, encode_conversation(&tok, &messages).unwrap());
+    assert_eq!(kinds.len(), e.tokens.len());
+    let words = |kind: TokenKind| -> Vec<String> {
+        e.tokens
+            .iter()
+            .zip(&kinds)
+            .filter(|(_, k)| **k == kind)
+            .map(|(&t, _)| tok.id_to_token(t).unwrap())
+            .collect()
+    };
+    let w = |s: &str| -> Vec<String> { s.split(' ').map(String::from).collect() };
+    assert_eq!(words(TokenKind::User), w("what is a cat ? and a dog ?"));
+    assert_eq!(words(TokenKind::Model), w("an animal . a dog ."));
+    let template = words(TokenKind::Template);
+    for t in template.iter() {
+        assert!(
+            [
+                "<bos>",
+                "<start_of_turn>",
+                "<end_of_turn>",
+                "user",
+                "model",
+                "\n"
+            ]
+            .contains(&t.as_str()),
+            "{t:?} counted as template"
+        );
+    }
+    // BOS, then per exchange: <start_of_turn> user \n ... <end_of_turn> \n <start_of_turn>
+    // model \n ... <end_of_turn> \n.
+    assert_eq!(template.len(), 1 + 2 * 10);
+    assert_eq!(template.iter().filter(|t| *t == "<end_of_turn>").count(), 4);
+    // A model turn's end-of-turn token is trained but counted as template.
+    let eot = tok.token_to_id("<end_of_turn>").unwrap();
+    let (i, _) = e
+        .tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, t)| **t == eot && e.trained[*i])
+        .last()
+        .unwrap();
+    assert_eq!(kinds[i], TokenKind::Template);
 }
 
 /// After one step with clipping and weight decay off, Adam moves each weight by `lr` against the

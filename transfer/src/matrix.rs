@@ -5,7 +5,9 @@ use std::path::Path;
 
 use candle_core::Tensor;
 use indicatif::ProgressBar;
-use metrics::{HookedSplice, SplicedConfig, SplicedEvaluation, evaluate_spliced_many};
+use metrics::{
+    HookedSplice, SplicedConfig, SplicedEvaluation, TokenGroups, evaluate_spliced_grouped,
+};
 use sae_core::SaeModel;
 use serde::{Deserialize, Serialize};
 use transformer_hooks::Model;
@@ -39,10 +41,13 @@ impl Cell {
 }
 
 /// Evaluates `saes` (all at `hook`) on `model` over `batches` of one text: the SAE-independent
-/// passes (clean, ablations) run once for all of them.
+/// passes (clean, ablations) run once for all of them. With `groups` (e.g. the token kinds of
+/// chat conversations) each cell also holds the measures per group.
 ///
 /// # Errors
-/// A hook the model lacks, an SAE whose width is not the hook's, a forward failure.
+/// A hook the model lacks, an SAE whose width is not the hook's, labels that do not fit the
+/// batches, a forward failure.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_on(
     model: &Model,
     model_name: &str,
@@ -50,14 +55,16 @@ pub fn evaluate_on(
     hook: &str,
     saes: &[NamedSae<'_>],
     batches: &[Tensor],
+    groups: Option<&TokenGroups>,
     progress: Option<&ProgressBar>,
 ) -> Result<Vec<Cell>> {
     let mut target = HookedSplice::new(model, hook)?;
     let refs: Vec<&SaeModel> = saes.iter().map(|s| s.sae).collect();
-    let evals = evaluate_spliced_many(
+    let evals = evaluate_spliced_grouped(
         &mut target,
         &refs,
         batches,
+        groups,
         &SplicedConfig::default(),
         progress,
     )?;
@@ -99,6 +106,113 @@ pub fn markdown_table(cells: &[Cell]) -> String {
         ));
     }
     s
+}
+
+/// A Markdown table of the cells measured per token group: loss recovered (zero ablation) and
+/// FVU on each group, with the group's share of the predictions.
+pub fn markdown_group_table(cells: &[Cell]) -> String {
+    let grouped: Vec<&Cell> = cells
+        .iter()
+        .filter(|c| !c.eval.by_group.is_empty())
+        .collect();
+    let Some(&first) = grouped.first() else {
+        return String::new();
+    };
+    let names: Vec<&str> = first
+        .eval
+        .by_group
+        .iter()
+        .map(|g| g.group.as_str())
+        .collect();
+    let mut s = String::from("| hook | SAE | on model | text |");
+    for n in &names {
+        s.push_str(&format!(" loss recovered: {n} |"));
+    }
+    for n in &names {
+        s.push_str(&format!(" FVU: {n} |"));
+    }
+    s.push_str(" all |\n|");
+    s.push_str(&"---|".repeat(5 + 2 * names.len()));
+    s.push('\n');
+    for c in grouped {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} |",
+            c.hook, c.sae, c.model, c.text
+        ));
+        for g in &c.eval.by_group {
+            s.push_str(&format!(" {:.3} |", g.loss_recovered_zero));
+        }
+        for g in &c.eval.by_group {
+            s.push_str(&format!(" {:.3} |", g.fvu));
+        }
+        s.push_str(&format!(" {:.3} |\n", c.loss_recovered()));
+    }
+    let total: u64 = first.eval.by_group.iter().map(|g| g.n_predictions).sum();
+    s.push_str("\nPredictions per group: ");
+    let shares: Vec<String> = first
+        .eval
+        .by_group
+        .iter()
+        .map(|g| {
+            format!(
+                "{} {} ({:.0}%)",
+                g.group,
+                g.n_predictions,
+                100.0 * g.n_predictions as f64 / total as f64
+            )
+        })
+        .collect();
+    s.push_str(&shares.join(", "));
+    s.push('\n');
+    s
+}
+
+/// A heatmap of loss recovered (zero ablation) per token group: one row per (hook, SAE), one
+/// column per (model, group), for the cells measured per group.
+///
+/// # Errors
+/// A plot that cannot be drawn or written.
+pub fn plot_groups(cells: &[Cell], title: &str, path: &Path) -> Result<()> {
+    let grouped: Vec<&Cell> = cells
+        .iter()
+        .filter(|c| !c.eval.by_group.is_empty())
+        .collect();
+    let mut rows: Vec<(String, String)> = Vec::new();
+    let mut cols: Vec<(String, String)> = Vec::new();
+    for c in &grouped {
+        let r = (c.hook.clone(), c.sae.clone());
+        if !rows.contains(&r) {
+            rows.push(r);
+        }
+        for g in &c.eval.by_group {
+            let k = (c.model.clone(), g.group.clone());
+            if !cols.contains(&k) {
+                cols.push(k);
+            }
+        }
+    }
+    let values: Vec<Vec<f64>> = rows
+        .iter()
+        .map(|(h, s)| {
+            cols.iter()
+                .map(|(m, g)| {
+                    grouped
+                        .iter()
+                        .find(|c| &c.hook == h && &c.sae == s && &c.model == m)
+                        .and_then(|c| c.eval.by_group.iter().find(|x| &x.group == g))
+                        .map_or(f64::NAN, |x| x.loss_recovered_zero)
+                })
+                .collect()
+        })
+        .collect();
+    let short = |h: &str| h.replace("blocks.", "L").replace("hook_", "");
+    let row_labels: Vec<String> = rows
+        .iter()
+        .map(|(h, s)| format!("{} {s}", short(h)))
+        .collect();
+    let col_labels: Vec<String> = cols.iter().map(|(m, g)| format!("{m} / {g}")).collect();
+    metrics::plots::plot_heatmap(&values, &row_labels, &col_labels, title, (0.0, 1.0), path)?;
+    Ok(())
 }
 
 /// A heatmap of `metric` with one row per (hook, SAE) and one column per (model, text).

@@ -4,10 +4,13 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use metrics::TokenGroups;
 use sae_core::{ArchitectureConfig, TopKTraining, Trainer, TrainerConfig};
 use transfer::Error;
 use transfer::capture::{capture, mean_row_norm};
-use transfer::matrix::{NamedSae, evaluate_on, markdown_table, plot_matrix};
+use transfer::matrix::{
+    NamedSae, evaluate_on, markdown_group_table, markdown_table, plot_groups, plot_matrix,
+};
 use transfer::norms::norm_profile;
 use transfer::pair::check_pair;
 use transfer::rescale::{normalized_for, scaled_residual_copy};
@@ -183,8 +186,25 @@ fn matrix_cells_table_and_heatmap() {
         trained_on: "base".into(),
         sae: &sae,
     }];
-    let mut cells = evaluate_on(&m, "base", "text", hook, &named, &eval, None).unwrap();
-    cells.extend(evaluate_on(&s, "scaled", "text", hook, &named, &eval, None).unwrap());
+    let mut cells = evaluate_on(&m, "base", "text", hook, &named, &eval, None, None).unwrap();
+    // On the scaled copy, per group: the first half of each row and the second.
+    let groups = TokenGroups {
+        names: vec!["early".into(), "late".into()],
+        labels: vec![(0..2 * 12).map(|i| u8::from(i % 12 >= 6)).collect()],
+    };
+    cells.extend(
+        evaluate_on(
+            &s,
+            "scaled",
+            "text",
+            hook,
+            &named,
+            &eval,
+            Some(&groups),
+            None,
+        )
+        .unwrap(),
+    );
     assert_eq!(cells.len(), 2);
     assert_eq!(
         (cells[1].model.as_str(), cells[1].sae.as_str()),
@@ -204,4 +224,19 @@ fn matrix_cells_table_and_heatmap() {
     )
     .unwrap();
     assert!(std::fs::metadata(dir.join("m.png")).unwrap().len() > 1000);
+    // The per-group table has the grouped cell only, its shares adding up to every prediction.
+    assert!(cells[0].eval.by_group.is_empty());
+    let g = &cells[1].eval.by_group;
+    assert_eq!(g.len(), 2);
+    assert_eq!(
+        g[0].n_predictions + g[1].n_predictions,
+        cells[1].eval.spliced.n_tokens
+    );
+    // Predictions of tokens 1..=5 of each row are early, of 6..=11 late.
+    assert_eq!((g[0].n_predictions, g[1].n_predictions), (2 * 5, 2 * 6));
+    let t = markdown_group_table(&cells);
+    assert_eq!(t.lines().filter(|l| l.starts_with("| blocks")).count(), 1);
+    assert!(t.contains("early 10 (45%)"), "{t}");
+    plot_groups(&cells, "t", &dir.join("g.png")).unwrap();
+    assert!(std::fs::metadata(dir.join("g.png")).unwrap().len() > 1000);
 }
