@@ -287,8 +287,7 @@ impl Tokenizer {
                 reason: "file not found".into(),
             });
         }
-        let inner =
-            tokenizers::Tokenizer::from_file(path).map_err(tok_err(path.display().to_string()))?;
+        let inner = parse_tokenizer_json(path)?;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let bos = bos.or_else(|| find(&["<bos>", "<s>", "<|begin_of_text|>", "<|endoftext|>"]));
         let eos = eos.or_else(|| find(&["<eos>", "</s>", "<|end_of_text|>", "<|endoftext|>"]));
@@ -517,5 +516,33 @@ impl Tokenizer {
     /// The underlying `tokenizers` tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
+    }
+}
+
+/// Reads a `tokenizer.json`. The `tokenizers` crate panics on some malformed files (a truncated
+/// decoder section hits an `expect` inside its deserializer), so the JSON is checked first and
+/// the crate's parse runs under `catch_unwind`: a bad file is an error naming it, never a crash.
+fn parse_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let what = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if let Err(e) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+        return Err(Error::Tokenizer {
+            what,
+            reason: format!("not valid JSON: {e}"),
+        });
+    }
+    match std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes)) {
+        Ok(parsed) => parsed.map_err(tok_err(what)),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_default();
+            Err(Error::Tokenizer {
+                what,
+                reason: format!("the tokenizers library could not read it ({msg})"),
+            })
+        }
     }
 }

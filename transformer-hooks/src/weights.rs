@@ -183,6 +183,25 @@ impl Checkpoint {
         }
         let t = match &mut self.source {
             Source::Gguf { content, reader } => {
+                // candle multiplies the dims without checking (a debug-build panic, a wrapped
+                // size in release): refuse a shape whose element count overflows first.
+                if let Some(info) = content.tensor_infos.get(name)
+                    && info
+                        .shape
+                        .dims()
+                        .iter()
+                        .try_fold(1usize, |a, &d| a.checked_mul(d))
+                        .and_then(|n| n.checked_mul(info.ggml_dtype.type_size()))
+                        .is_none()
+                {
+                    return Err(Error::Gguf {
+                        path: self.path.clone(),
+                        reason: format!(
+                            "tensor `{name}`: shape {:?} has more elements than can be addressed",
+                            info.shape.dims()
+                        ),
+                    });
+                }
                 let q = content
                     .tensor(reader, name, &self.device)
                     .map_err(|e| Error::Gguf {

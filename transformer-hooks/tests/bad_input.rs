@@ -230,6 +230,51 @@ fn absurd_sizes_in_a_gguf_are_named_not_allocated() {
     }
 }
 
+/// A tensor whose dims multiply past the address space (found by `fuzz/`'s `gguf` target: a
+/// debug-build overflow panic inside candle, a wrapped size in release) is an error naming it.
+#[test]
+fn a_tensor_shape_that_overflows_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.gguf");
+    write_gguf(&tiny("llama"), &path, GgmlDType::F32, |_, _| {});
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The tensor table: name (u64 length + bytes), n_dims (u32), dims (u64 each), ...
+    let name = b"token_embd.weight";
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("tensor name in the file")
+        + name.len();
+    assert_eq!(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()), 2);
+    bytes[at + 4..at + 12].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    bytes[at + 12..at + 20].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let e = load_err(&path);
+    assert!(
+        matches!(e, Error::Gguf { .. }) && e.to_string().contains("token_embd.weight"),
+        "{e}"
+    );
+}
+
+/// A `tokenizer.json` cut short (inside its decoder section, where the `tokenizers` crate itself
+/// panics) is an error naming the file.
+#[test]
+fn a_truncated_tokenizer_json_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tokenizer.json");
+    std::fs::write(
+        &path,
+        r#"{"version":"1.0","added_tokens":[],"decoder":{"type":"ByteLevel","add_prefix_space":tr"#,
+    )
+    .unwrap();
+    let e = transformer_hooks::Tokenizer::from_file(&path, None, None, false).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("tokenizer.json") && msg.contains("not valid JSON"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn hook_points_the_model_lacks_are_named() {
     let model = tiny("llama");

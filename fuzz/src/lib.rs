@@ -1,0 +1,286 @@
+//! Entry points of the fuzz targets: each takes bytes from outside (a file a user could pass)
+//! and drives the workspace's loader for that format as far as it goes. A loader may refuse the
+//! bytes with an error; it must not panic, abort, hang or allocate without bound.
+//!
+//! The loaders read paths, so each entry writes the bytes to a file in a scratch folder next to
+//! valid companions (weights for a fuzzed config, a manifest for a fuzzed shard). The same
+//! functions run under libFuzzer (`fuzz_targets/`) and, on the seed corpora and their
+//! mutations, in the stable test `tests/fuzz_smoke.rs`.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use sae_workbench::activation_store::{
+    self as store, ActivationCache, CacheSettings, CacheWriter, HookInfo, Provenance, SourceInfo,
+    StoreDtype,
+};
+use sae_workbench::sae_core::SaeModel;
+use sae_workbench::transformer_hooks::candle_core::Device;
+use sae_workbench::transformer_hooks::{Model, Tokenizer};
+
+/// The repository root (fixtures are read from it): the parent of the fuzz crate, or the root
+/// package itself when this file is compiled into `tests/fuzz_smoke.rs`.
+fn root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if here.join("fuzz/src/lib.rs").exists() {
+        here.to_path_buf()
+    } else {
+        here.join("..")
+    }
+}
+
+/// A scratch folder for this process, made once.
+fn scratch() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("saew-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&d).expect("scratch folder");
+        d
+    })
+}
+
+/// A folder `name` in the scratch folder holding copies of `files` (relative to the root).
+fn folder_with(name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let d = scratch().join(name);
+    std::fs::create_dir_all(&d).expect("scratch subfolder");
+    for (from, to) in files {
+        std::fs::copy(root().join(from), d.join(to)).expect("fixture copy");
+    }
+    d
+}
+
+fn write(path: &Path, data: &[u8]) {
+    std::fs::write(path, data).expect("scratch write");
+}
+
+/// A GGUF file: its header, metadata, tensor table, tokenizer and weights.
+pub fn gguf(data: &[u8]) {
+    let p = scratch().join("model.gguf");
+    write(&p, data);
+    let _ = Tokenizer::load(&p);
+    let _ = Model::load(&p, &Device::Cpu);
+}
+
+/// An HF folder's `config.json`, beside a tiny Gemma 3's real weights.
+pub fn hf_config(data: &[u8]) {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        folder_with(
+            "hf",
+            &[(
+                "transformer-hooks/tests/fixtures/tiny/gemma3/model.safetensors",
+                "model.safetensors",
+            )],
+        )
+    });
+    write(&dir.join("config.json"), data);
+    let _ = Tokenizer::load(dir);
+    let _ = Model::load(dir, &Device::Cpu);
+}
+
+/// A `tokenizer.json`, then encoding and decoding a fixed text with it.
+pub fn tokenizer_json(data: &[u8]) {
+    let p = scratch().join("tokenizer.json");
+    write(&p, data);
+    if let Ok(t) = Tokenizer::from_file(&p, None, None, false)
+        && let Ok(ids) = t.encode("<start_of_turn>user\nWhat is a cat?", false)
+    {
+        let _ = t.decode(&ids);
+    }
+}
+
+/// An SAE's `cfg.json` in each dialect (SAELens, legacy flat, sparsify), beside real weights;
+/// the first byte picks the dialect.
+pub fn sae_cfg(data: &[u8]) {
+    static DIRS: OnceLock<[PathBuf; 2]> = OnceLock::new();
+    let dirs = DIRS.get_or_init(|| {
+        [
+            folder_with(
+                "sae_saelens",
+                &[(
+                    "tests/fixtures/saelens/topk/sae_weights.safetensors",
+                    "sae_weights.safetensors",
+                )],
+            ),
+            folder_with(
+                "sae_sparsify",
+                &[(
+                    "tests/fixtures/saelens/sparsify_topk/sae.safetensors",
+                    "sae.safetensors",
+                )],
+            ),
+        ]
+    });
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let dir = &dirs[usize::from(first & 1)];
+    write(&dir.join("cfg.json"), rest);
+    if let Ok(sae) = SaeModel::load(dir) {
+        let _ = sae.config().d_sae();
+    }
+}
+
+/// An SAE's `sae_weights.safetensors` beside a valid `cfg.json`.
+pub fn sae_weights(data: &[u8]) {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        folder_with(
+            "sae_w",
+            &[("tests/fixtures/saelens/topk/cfg.json", "cfg.json")],
+        )
+    });
+    write(&dir.join("sae_weights.safetensors"), data);
+    let _ = SaeModel::load(dir);
+}
+
+/// The first shard's files of the fixture cache: each hook's rows, then the provenance.
+pub fn shard_files() -> [String; 3] {
+    [
+        "blocks.0.hook_resid_post",
+        "blocks.0.mlp.hook_post",
+        "provenance",
+    ]
+    .map(|sub| store::manifest::shard_path(sub, 0))
+}
+
+/// A small valid activation cache (two hooks of widths 3 and 5, two shards), written once.
+pub fn fixture_cache() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = scratch().join("cache");
+        let source = SourceInfo {
+            model: "fuzz".into(),
+            model_sha256: "0".repeat(64),
+            tokenizer: "none".into(),
+            context_len: 8,
+            split: "train".into(),
+            plan_sha256: "0".repeat(64),
+        };
+        let settings = CacheSettings {
+            dtype: StoreDtype::F16,
+            shard_rows: 4,
+            batch_windows: 1,
+            exclude_bos: true,
+            exclude_token_ids: vec![],
+            outlier_factor: None,
+        };
+        let hooks = vec![
+            HookInfo {
+                name: "blocks.0.hook_resid_post".into(),
+                width: 3,
+                outlier_threshold: None,
+            },
+            HookInfo {
+                name: "blocks.0.mlp.hook_post".into(),
+                width: 5,
+                outlier_threshold: None,
+            },
+        ];
+        let mut w = CacheWriter::create(&dir, source, settings, hooks).expect("fuzz cache");
+        for s in 0..2u32 {
+            let mut shard = w.begin_shard().expect("shard");
+            for r in 0..4u32 {
+                let a: Vec<f32> = (0..3).map(|j| (s * 4 + r + j) as f32 * 0.25).collect();
+                let b: Vec<f32> = (0..5).map(|j| (r + j) as f32 - 2.0).collect();
+                let prov = Provenance {
+                    window: s,
+                    position: r + 1,
+                    token: r + 7,
+                };
+                shard.push(prov, &[&a, &b]).expect("push");
+            }
+            w.commit(shard, u64::from(s) + 1, u64::from(s) + 1, 0)
+                .expect("commit");
+        }
+        dir
+    })
+}
+
+/// Opens a cache and reads what a user of it would: every hook's rows, provenance, the plan,
+/// a stream of batches, and a full verification.
+fn use_cache(dir: &Path) {
+    let Ok(cache) = ActivationCache::open(dir) else {
+        return;
+    };
+    let rows = cache.rows();
+    let names: Vec<String> = cache
+        .manifest()
+        .hooks
+        .iter()
+        .map(|h| h.name.clone())
+        .collect();
+    for name in names {
+        if let Ok(h) = cache.hook(&name) {
+            let n = rows.min(6) as usize;
+            let _ = h.read_rows(0, n);
+            let _ = h.read_rows(rows.saturating_sub(1), 1);
+            let _ = h.mean_norm();
+            if let Ok(s) = h.batches(store::StreamConfig {
+                epochs: Some(1),
+                ..store::StreamConfig::new(3)
+            }) {
+                for b in s.take(4) {
+                    if b.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let _ = cache.provenance(0);
+    let _ = cache.provenance(rows.saturating_sub(1));
+    let _ = cache.plan();
+    let _ = cache.verify(None);
+}
+
+/// A cache's `manifest.json`, beside valid shards.
+pub fn cache_manifest(data: &[u8]) {
+    let src = fixture_cache();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let d = scratch().join("cache_m");
+        copy_tree(src, &d);
+        d
+    });
+    write(&dir.join("manifest.json"), data);
+    use_cache(dir);
+}
+
+/// A cache's shard file (the first byte picks which: a hook's rows or the provenance), beside
+/// a valid manifest.
+pub fn cache_shard(data: &[u8]) {
+    let src = fixture_cache();
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let d = scratch().join("cache_s");
+        copy_tree(src, &d);
+        d
+    });
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let shard = dir.join(&shard_files()[usize::from(first % 3)]);
+    let before = std::fs::read(&shard).expect("shard");
+    write(&shard, rest);
+    use_cache(dir);
+    write(&shard, &before);
+}
+
+/// An R serialization (the corpora's `.rdb` objects and `.rdx` index).
+pub fn rdata(data: &[u8]) {
+    let _ = store::rdata::unserialize(data, "fuzz input");
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("copy folder");
+    for e in std::fs::read_dir(from).expect("read folder") {
+        let e = e.expect("entry");
+        let p = e.path();
+        if p.is_dir() {
+            copy_tree(&p, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&p, to.join(e.file_name())).expect("copy file");
+        }
+    }
+}
