@@ -194,12 +194,8 @@ fn token_kinds_split_template_user_and_model() {
     assert_eq!(template.iter().filter(|t| *t == "<end_of_turn>").count(), 4);
     // A model turn's end-of-turn token is trained but counted as template.
     let eot = tok.token_to_id("<end_of_turn>").unwrap();
-    let (i, _) = e
-        .tokens
-        .iter()
-        .enumerate()
-        .filter(|(i, t)| **t == eot && e.trained[*i])
-        .last()
+    let i = (0..e.tokens.len())
+        .rfind(|&i| e.tokens[i] == eot && e.trained[i])
         .unwrap();
     assert_eq!(kinds[i], TokenKind::Template);
 }
