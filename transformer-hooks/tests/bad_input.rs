@@ -275,6 +275,23 @@ fn a_truncated_tokenizer_json_is_named() {
     );
 }
 
+/// Valid JSON on which the `tokenizers` crate (0.23.2) itself panics: a byte-level BPE whose
+/// vocabulary lost its multi-character entries, so the merge `a t` is longer than the buffer the
+/// crate sizes from the longest entry (an out-of-range slice instead of its "merge token out of
+/// vocabulary" error); found by `fuzz/`'s `tokenizer_json` target. The loader turns the panic
+/// into an error naming the file.
+#[test]
+fn a_tokenizer_json_that_panics_inside_tokenizers_is_an_error() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/bad/tokenizer_bpe_merge_panic.json");
+    let e = transformer_hooks::Tokenizer::from_file(&path, None, None, false).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("tokenizer_bpe_merge_panic.json") && msg.contains("could not read it"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn hook_points_the_model_lacks_are_named() {
     let model = tiny("llama");
