@@ -701,27 +701,7 @@ mod tests {
     /// Mean NLL computed on the host, independently of candle, with `edit` applied to the
     /// hook's activations at positions >= 1.
     fn host_nll(model: &ToyModel, edit: &dyn Fn(&[f32]) -> Vec<f32>) -> f64 {
-        let (mut total, mut n) = (0.0f64, 0usize);
-        for b in batches() {
-            for row in b.to_vec2::<u32>().unwrap() {
-                let d = model.d;
-                let mut h = model.hook_acts(&row);
-                for p in 1..row.len() {
-                    let e = edit(&h[p * d..(p + 1) * d]);
-                    h[p * d..(p + 1) * d].copy_from_slice(&e);
-                }
-                let logits = model.logits_from(&h);
-                let v = model.vocab;
-                for p in 0..row.len() - 1 {
-                    let l = &logits[p * v..(p + 1) * v];
-                    let m = l.iter().cloned().fold(f32::MIN, f32::max) as f64;
-                    let lse = m + l.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-                    total += lse - l[row[p + 1] as usize] as f64;
-                    n += 1;
-                }
-            }
-        }
-        total / n as f64
+        mean_of(&host_grouped(model, &|_| 0, edit).0, 0)
     }
 
     #[test]

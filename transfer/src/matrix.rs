@@ -180,39 +180,25 @@ pub fn plot_groups(cells: &[Cell], title: &str, path: &Path) -> Result<()> {
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut cols: Vec<(String, String)> = Vec::new();
     for c in &grouped {
-        let r = (c.hook.clone(), c.sae.clone());
-        if !rows.contains(&r) {
-            rows.push(r);
-        }
+        push_new(&mut rows, (c.hook.clone(), c.sae.clone()));
         for g in &c.eval.by_group {
-            let k = (c.model.clone(), g.group.clone());
-            if !cols.contains(&k) {
-                cols.push(k);
-            }
+            push_new(&mut cols, (c.model.clone(), g.group.clone()));
         }
     }
-    let values: Vec<Vec<f64>> = rows
-        .iter()
-        .map(|(h, s)| {
-            cols.iter()
-                .map(|(m, g)| {
-                    grouped
-                        .iter()
-                        .find(|c| &c.hook == h && &c.sae == s && &c.model == m)
-                        .and_then(|c| c.eval.by_group.iter().find(|x| &x.group == g))
-                        .map_or(f64::NAN, |x| x.loss_recovered_zero)
-                })
-                .collect()
-        })
-        .collect();
-    let short = |h: &str| h.replace("blocks.", "L").replace("hook_", "");
-    let row_labels: Vec<String> = rows
-        .iter()
-        .map(|(h, s)| format!("{} {s}", short(h)))
-        .collect();
-    let col_labels: Vec<String> = cols.iter().map(|(m, g)| format!("{m} / {g}")).collect();
-    metrics::plots::plot_heatmap(&values, &row_labels, &col_labels, title, (0.0, 1.0), path)?;
-    Ok(())
+    heatmap(
+        &rows,
+        &cols,
+        &|(h, s), (m, g)| {
+            grouped
+                .iter()
+                .find(|c| &c.hook == h && &c.sae == s && &c.model == m)
+                .and_then(|c| c.eval.by_group.iter().find(|x| &x.group == g))
+                .map_or(f64::NAN, |x| x.loss_recovered_zero)
+        },
+        title,
+        (0.0, 1.0),
+        path,
+    )
 }
 
 /// A heatmap of `metric` with one row per (hook, SAE) and one column per (model, text).
@@ -229,27 +215,44 @@ pub fn plot_matrix(
     let mut rows: Vec<(String, String)> = Vec::new();
     let mut cols: Vec<(String, String)> = Vec::new();
     for c in cells {
-        let r = (c.hook.clone(), c.sae.clone());
-        if !rows.contains(&r) {
-            rows.push(r);
-        }
-        let k = (c.model.clone(), c.text.clone());
-        if !cols.contains(&k) {
-            cols.push(k);
-        }
+        push_new(&mut rows, (c.hook.clone(), c.sae.clone()));
+        push_new(&mut cols, (c.model.clone(), c.text.clone()));
     }
+    heatmap(
+        &rows,
+        &cols,
+        &|(h, s), (m, t)| {
+            cells
+                .iter()
+                .find(|c| &c.hook == h && &c.sae == s && &c.model == m && &c.text == t)
+                .map_or(f64::NAN, metric)
+        },
+        title,
+        range,
+        path,
+    )
+}
+
+fn push_new(v: &mut Vec<(String, String)>, x: (String, String)) {
+    if !v.contains(&x) {
+        v.push(x);
+    }
+}
+
+type Key = (String, String);
+
+/// One row per (hook, SAE), one column per `(model, text or group)`, labelled for the plot.
+fn heatmap(
+    rows: &[Key],
+    cols: &[Key],
+    value: &dyn Fn(&Key, &Key) -> f64,
+    title: &str,
+    range: (f64, f64),
+    path: &Path,
+) -> Result<()> {
     let values: Vec<Vec<f64>> = rows
         .iter()
-        .map(|(h, s)| {
-            cols.iter()
-                .map(|(m, t)| {
-                    cells
-                        .iter()
-                        .find(|c| &c.hook == h && &c.sae == s && &c.model == m && &c.text == t)
-                        .map_or(f64::NAN, metric)
-                })
-                .collect()
-        })
+        .map(|r| cols.iter().map(|c| value(r, c)).collect())
         .collect();
     let short = |h: &str| h.replace("blocks.", "L").replace("hook_", "");
     let row_labels: Vec<String> = rows
