@@ -236,13 +236,8 @@ fn use_cache(dir: &Path) {
 
 /// A cache's `manifest.json`, beside valid shards.
 pub fn cache_manifest(data: &[u8]) {
-    let src = fixture_cache();
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let d = scratch().join("cache_m");
-        copy_tree(src, &d);
-        d
-    });
+    let dir = DIR.get_or_init(|| cache_copy("cache_m"));
     write(&dir.join("manifest.json"), data);
     use_cache(dir);
 }
@@ -250,13 +245,8 @@ pub fn cache_manifest(data: &[u8]) {
 /// A cache's shard file (the first byte picks which: a hook's rows or the provenance), beside
 /// a valid manifest.
 pub fn cache_shard(data: &[u8]) {
-    let src = fixture_cache();
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let d = scratch().join("cache_s");
-        copy_tree(src, &d);
-        d
-    });
+    let dir = DIR.get_or_init(|| cache_copy("cache_s"));
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
@@ -270,6 +260,13 @@ pub fn cache_shard(data: &[u8]) {
 /// An R serialization (the corpora's `.rdb` objects and `.rdx` index).
 pub fn rdata(data: &[u8]) {
     let _ = store::rdata::unserialize(data, "fuzz input");
+}
+
+/// A copy of the fixture cache in the scratch folder, for one target to damage.
+fn cache_copy(name: &str) -> PathBuf {
+    let d = scratch().join(name);
+    copy_tree(fixture_cache(), &d);
+    d
 }
 
 fn copy_tree(from: &Path, to: &Path) {
