@@ -4,7 +4,7 @@
 //! then the laws fitted (`scaling` crate) and plotted.
 //!
 //! ```text
-//! cargo run --release --example scaling_laws -- --grid quick     # 22 min on 2 cores
+//! cargo run --release --example scaling_laws -- --grid quick     # about 30 min on 2 cores
 //! cargo run --release --example scaling_laws -- --grid full      # hours; resumes when rerun
 //! ```
 //!
@@ -14,6 +14,9 @@
 //! that end where some run's token budget ends; at the end of a phase the runs that are done are
 //! saved and the others checkpointed, then `progress.json` records the phase. A killed sweep
 //! resumes from the last recorded phase; the sweep costs about as much as its largest runs.
+//! When the runs do not fit in memory together (`--memory-gb`), they are packed into groups and
+//! each group makes its own pass over the same stream from its first batch: a run sees the same
+//! batches whichever group it is in, and only the cheap stream reading is repeated.
 //! Each run's learning-rate schedule (5% warm-up, linear decay over the last 20%) ends at its
 //! own budget.
 //!
@@ -57,7 +60,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
 enum Grid {
-    /// 1-16x features, 25k-410k tokens, k 16/32/64: 22 minutes on 2 cores.
+    /// 1-32x features, 25k-410k tokens, k 16/32/64: about 30 minutes on 2 cores.
     Quick,
     /// 1-32x features, 128k-4.1M tokens, k 16-128: hours.
     Full,
@@ -92,6 +95,14 @@ struct Args {
     /// Output folder (default: runs/scaling_quick or runs/scaling_full).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Memory for the runs that train together (GB); runs beyond it train in further groups,
+    /// each another pass over the stream (default: 60% of the memory available at start).
+    #[arg(long)]
+    memory_gb: Option<f64>,
+    /// Leave out every run wider than this many times d_in (a wide hook such as `mlp.hook_post`
+    /// within a session's time); the fits use what remains.
+    #[arg(long)]
+    max_expansion: Option<usize>,
 }
 
 /// One SAE of the sweep.
@@ -129,7 +140,7 @@ struct GridDef {
 fn grid_def(g: Grid) -> GridDef {
     match g {
         Grid::Quick => GridDef {
-            mults: vec![1, 2, 4, 8, 16],
+            mults: vec![1, 2, 4, 8, 16, 32],
             max_steps: 400,
             halvings: 4,
             grid_k: 32,
@@ -137,7 +148,7 @@ fn grid_def(g: Grid) -> GridDef {
             l1s: vec![2.0, 5.0, 10.0],
             l1_mult: 4,
             matryoshka_mults: vec![4, 16],
-            lr_points: vec![4],
+            lr_points: vec![4, 16],
         },
         Grid::Full => GridDef {
             mults: vec![1, 2, 4, 8, 16, 32],
@@ -285,7 +296,25 @@ fn main() -> Result<()> {
     if args.batch == 0 || args.context < 2 || !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--batch must be at least 1, --context at least 2, --lr positive");
     }
-    let def = grid_def(args.grid);
+    if let Some(gb) = args.memory_gb
+        && !(gb.is_finite() && gb > 0.0)
+    {
+        bail!("--memory-gb must be a positive number of gigabytes, not {gb}");
+    }
+    let mut def = grid_def(args.grid);
+    if let Some(cap) = args.max_expansion {
+        for list in [
+            &mut def.mults,
+            &mut def.matryoshka_mults,
+            &mut def.lr_points,
+        ] {
+            list.retain(|&m| m <= cap);
+        }
+        def.l1_mult = def.l1_mult.min(cap);
+        if def.mults.len() < 3 {
+            bail!("--max-expansion {cap} leaves fewer than three widths of the grid");
+        }
+    }
     let out = args.out.clone().unwrap_or_else(|| {
         PathBuf::from(match args.grid {
             Grid::Quick => "runs/scaling_quick",
@@ -307,8 +336,9 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
     let model = Model::load_with(&model_path, &Device::Cpu, &LoadOptions::default())
         .with_context(|| format!("loading {}", model_path.display()))?;
-    // Every run of the sweep is in memory at once (one stream): refuse before an hour of
-    // harvesting if they cannot be. The width is the model's for the usual sites.
+    // Runs train in groups that fit in memory, each group on its own pass over the same
+    // stream: say now, before an hour of harvesting, if one run alone cannot fit.
+    let budget = memory_budget(args.memory_gb);
     let width_guess = match args.site.as_str() {
         s if s.starts_with("mlp.") => Some(model.config().d_mlp),
         s if s.starts_with("hook_resid") => Some(model.config().d_model),
@@ -316,7 +346,13 @@ fn main() -> Result<()> {
     };
     if let Some(w) = width_guess {
         let all = specs(&def, w, args.batch, args.lr);
-        check_memory(&all.iter().collect::<Vec<_>>(), w)?;
+        let groups = plan_groups(&all.iter().collect::<Vec<_>>(), w, budget)?;
+        eprintln!(
+            "== {} runs in {} group(s) of at most {:.1} GB",
+            all.len(),
+            groups.len(),
+            budget / 1e9
+        );
     }
     let mut hooked = HookedModel::new(model);
     hooked.check_hooks(std::slice::from_ref(&hook))?;
@@ -358,95 +394,36 @@ fn main() -> Result<()> {
         .iter()
         .filter(|s| !sae_dir(s).join("cfg.json").exists())
         .collect();
-    check_memory(&pending, d_in)?;
 
-    // 2. Train every run not yet saved, phase by phase on one stream.
-    let ck_dir = |s: &RunSpec| out.join("checkpoints").join(&s.name);
+    // 2. Train every run not yet saved: group by group, phase by phase, every group on the same
+    // stream from its first batch (so grouping changes nothing in what a run sees).
     let progress_path = out.join("progress.json");
-    let done_step: u64 = std::fs::read(&progress_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["step"].as_u64())
-        .unwrap_or(0);
-    let mut trainers = Vec::with_capacity(pending.len());
-    for s in &pending {
-        let ck = ck_dir(s).join(format!("step_{done_step:09}"));
-        let t = if done_step > 0 && ck.exists() {
-            Trainer::resume(&ck)?
-        } else if done_step > 0 {
-            bail!(
-                "{} has no checkpoint at step {done_step} (progress.json): remove {} to restart \
-                 the sweep",
-                s.name,
-                progress_path.display()
-            );
-        } else {
-            Trainer::new(trainer_config(s, d_in, &hook, args.seed))?
-        };
-        trainers.push(t);
-    }
-    let mut final_train: Vec<Option<TrainMetrics>> = vec![None; trainers.len()];
+    let mut plan = resume_plan(&progress_path, &pending, d_in, budget)?;
     let t_train = Instant::now();
-    if !trainers.is_empty() {
-        let ends: BTreeSet<u64> = pending
+    while plan.group < plan.groups.len() {
+        let members: Vec<&RunSpec> = plan.groups[plan.group]
             .iter()
-            .map(|s| s.steps)
-            .filter(|&e| e > done_step)
+            .filter_map(|name| pending.iter().find(|s| &s.name == name).copied())
             .collect();
-        let stream = acts.batches(StreamConfig {
-            seed: args.seed,
-            epochs: None,
-            device: Device::Cpu,
-            ..StreamConfig::new(args.batch)
-        })?;
-        let mut source = IterSource(stream);
-        source.skip_batches(done_step)?;
-        let mut at = done_step;
-        for end in ends {
-            eprintln!(
-                "== phase to step {end}: {} runs training",
-                trainers.iter().filter(|t| !t.is_done()).count()
-            );
-            let mut phase = Phase {
-                inner: &mut source,
-                left: end - at,
-            };
-            let logs = train_many(&mut trainers, &mut phase, Progress::Bar)?;
-            for (i, l) in logs.into_iter().enumerate() {
-                if let Some(m) = l.last() {
-                    final_train[i] = Some(m.clone());
-                }
-            }
-            at = end;
-            for ((s, t), last) in pending.iter().zip(&trainers).zip(&final_train) {
-                if t.step_count() == end {
-                    t.save(sae_dir(s))?;
-                    write_atomic(
-                        &sae_dir(s).join("train_final.json"),
-                        &serde_json::to_vec(last)?,
-                    )?;
-                } else if !t.is_done() {
-                    t.checkpoint(ck_dir(s))?;
-                }
-            }
-            write_atomic(
-                &progress_path,
-                &serde_json::to_vec(&serde_json::json!({"step": end}))?,
-            )?;
-            // Older checkpoints are dropped only once the new phase is recorded.
-            for (s, t) in pending.iter().zip(&trainers) {
-                if t.is_done() {
-                    let _ = std::fs::remove_dir_all(ck_dir(s));
-                } else if let Ok(rd) = std::fs::read_dir(ck_dir(s)) {
-                    let keep = format!("step_{end:09}");
-                    for e in rd.flatten() {
-                        if e.file_name().to_string_lossy() != keep {
-                            let _ = std::fs::remove_dir_all(e.path());
-                        }
-                    }
-                }
-            }
-        }
+        eprintln!(
+            "== group {}/{}: {} runs",
+            plan.group + 1,
+            plan.groups.len(),
+            members.len()
+        );
+        train_group(
+            &members,
+            &plan,
+            &args,
+            d_in,
+            &hook,
+            &acts,
+            &out,
+            &progress_path,
+        )?;
+        plan.group += 1;
+        plan.step = 0;
+        write_atomic(&progress_path, &serde_json::to_vec(&plan)?)?;
     }
     let train_seconds = t_train.elapsed().as_secs_f64();
 
@@ -541,32 +518,193 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The runs still to train hold weights, gradients and Adam's two moments at once: eight
-/// `n x d_in` f32 matrices each. Refuses, naming the numbers, when that passes 90% of the
-/// memory available (`/proc/meminfo`; not checked where it cannot be read).
-fn check_memory(pending: &[&RunSpec], d_in: usize) -> Result<()> {
-    let need: f64 = pending
-        .iter()
-        .map(|s| 8.0 * 4.0 * (s.n * d_in) as f64)
-        .sum();
-    let available = std::fs::read_to_string("/proc/meminfo")
+/// Bytes one run holds while it trains: weights, gradients and Adam's two moments, eight
+/// `n x d_in` f32 matrices.
+fn run_bytes(s: &RunSpec, d_in: usize) -> f64 {
+    8.0 * 4.0 * (s.n * d_in) as f64
+}
+
+/// `--memory-gb`, or 60% of the memory available now (`/proc/meminfo`; 8 GB where it cannot be
+/// read): the rest is the stream's buffers, the evaluation model and the page cache.
+fn memory_budget(memory_gb: Option<f64>) -> f64 {
+    if let Some(gb) = memory_gb {
+        return gb * 1e9;
+    }
+    std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
             m.lines()
                 .find(|l| l.starts_with("MemAvailable:"))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
-        .map(|kb| kb * 1024.0);
-    if let Some(avail) = available
-        && need > 0.9 * avail
-    {
-        bail!(
-            "the sweep's runs train together on one stream and need about {:.1} GB at once for \
-             weights, gradients and Adam state (d_in {d_in}); {:.1} GB is available. Use a \
-             narrower hook (--site hook_resid_post) or a machine with more memory",
-            need / 1e9,
-            avail / 1e9
+        .map_or(8e9, |kb| 0.6 * kb * 1024.0)
+}
+
+/// Packs the runs into as few groups as fit in `budget` bytes (first fit, largest first).
+/// Every group is one more pass over the stream, but the stream is cheap next to the steps.
+fn plan_groups(runs: &[&RunSpec], d_in: usize, budget: f64) -> Result<Vec<Vec<String>>> {
+    let mut order: Vec<&RunSpec> = runs.to_vec();
+    order.sort_by(|a, b| run_bytes(b, d_in).total_cmp(&run_bytes(a, d_in)));
+    let mut groups: Vec<(f64, Vec<String>)> = Vec::new();
+    for s in order {
+        let need = run_bytes(s, d_in);
+        if need > budget {
+            bail!(
+                "{} alone needs about {:.1} GB for weights, gradients and Adam state (d_in \
+                 {d_in}, {} features) and the memory budget is {:.1} GB: pass a larger \
+                 --memory-gb or use a narrower hook",
+                s.name,
+                need / 1e9,
+                s.n,
+                budget / 1e9
+            );
+        }
+        match groups.iter_mut().find(|(used, _)| used + need <= budget) {
+            Some((used, names)) => {
+                *used += need;
+                names.push(s.name.clone());
+            }
+            None => groups.push((need, vec![s.name.clone()])),
+        }
+    }
+    Ok(groups.into_iter().map(|(_, names)| names).collect())
+}
+
+/// Where a sweep stands: its groups, the group in training and the last phase recorded.
+#[derive(Debug, Serialize, Deserialize)]
+struct SweepProgress {
+    groups: Vec<Vec<String>>,
+    group: usize,
+    step: u64,
+}
+
+/// The recorded plan when it still covers every run left to train (a rerun after a kill);
+/// otherwise a new plan from step 0 (a first run, or a grid grown since).
+fn resume_plan(
+    path: &Path,
+    pending: &[&RunSpec],
+    d_in: usize,
+    budget: f64,
+) -> Result<SweepProgress> {
+    let recorded: Option<SweepProgress> = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if let Some(p) = recorded {
+        let left: BTreeSet<&str> = p
+            .groups
+            .iter()
+            .skip(p.group)
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        if !pending.is_empty() && pending.iter().all(|s| left.contains(s.name.as_str())) {
+            eprintln!("== resuming group {} at step {}", p.group + 1, p.step);
+            return Ok(p);
+        }
+    }
+    let plan = SweepProgress {
+        groups: plan_groups(pending, d_in, budget)?,
+        group: 0,
+        step: 0,
+    };
+    write_atomic(path, &serde_json::to_vec(&plan)?)?;
+    Ok(plan)
+}
+
+/// Trains one group to the end of its longest budget, phase by phase: at the end of each phase
+/// the runs that are done are saved, the others checkpointed, and `progress.json` records it.
+#[allow(clippy::too_many_arguments)]
+fn train_group(
+    members: &[&RunSpec],
+    plan: &SweepProgress,
+    args: &Args,
+    d_in: usize,
+    hook: &str,
+    acts: &store::HookActivations,
+    out: &Path,
+    progress_path: &Path,
+) -> Result<()> {
+    let sae_dir = |s: &RunSpec| out.join("saes").join(&s.name);
+    let ck_dir = |s: &RunSpec| out.join("checkpoints").join(&s.name);
+    let done_step = plan.step;
+    let mut trainers = Vec::with_capacity(members.len());
+    for s in members {
+        let ck = ck_dir(s).join(format!("step_{done_step:09}"));
+        let t = if done_step > 0 && ck.exists() {
+            Trainer::resume(&ck)?
+        } else if done_step > 0 {
+            bail!(
+                "{} has no checkpoint at step {done_step} ({}): remove that file to restart \
+                 the group",
+                s.name,
+                progress_path.display()
+            );
+        } else {
+            Trainer::new(trainer_config(s, d_in, hook, args.seed))?
+        };
+        trainers.push(t);
+    }
+    let mut final_train: Vec<Option<TrainMetrics>> = vec![None; trainers.len()];
+    let ends: BTreeSet<u64> = members
+        .iter()
+        .map(|s| s.steps)
+        .filter(|&e| e > done_step)
+        .collect();
+    let stream = acts.batches(StreamConfig {
+        seed: args.seed,
+        epochs: None,
+        device: Device::Cpu,
+        ..StreamConfig::new(args.batch)
+    })?;
+    let mut source = IterSource(stream);
+    source.skip_batches(done_step)?;
+    let mut at = done_step;
+    for end in ends {
+        eprintln!(
+            "== phase to step {end}: {} runs training",
+            trainers.iter().filter(|t| !t.is_done()).count()
         );
+        let mut phase = Phase {
+            inner: &mut source,
+            left: end - at,
+        };
+        let logs = train_many(&mut trainers, &mut phase, Progress::Bar)?;
+        for (i, l) in logs.into_iter().enumerate() {
+            if let Some(m) = l.last() {
+                final_train[i] = Some(m.clone());
+            }
+        }
+        at = end;
+        for ((s, t), last) in members.iter().zip(&trainers).zip(&final_train) {
+            if t.step_count() == end {
+                t.save(sae_dir(s))?;
+                write_atomic(
+                    &sae_dir(s).join("train_final.json"),
+                    &serde_json::to_vec(last)?,
+                )?;
+            } else if !t.is_done() {
+                t.checkpoint(ck_dir(s))?;
+            }
+        }
+        let now = SweepProgress {
+            groups: plan.groups.clone(),
+            group: plan.group,
+            step: end,
+        };
+        write_atomic(progress_path, &serde_json::to_vec(&now)?)?;
+        // Older checkpoints are dropped only once the new phase is recorded.
+        for (s, t) in members.iter().zip(&trainers) {
+            if t.is_done() {
+                let _ = std::fs::remove_dir_all(ck_dir(s));
+            } else if let Ok(rd) = std::fs::read_dir(ck_dir(s)) {
+                let keep = format!("step_{end:09}");
+                for e in rd.flatten() {
+                    if e.file_name().to_string_lossy() != keep {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -717,7 +855,32 @@ fn fit_and_plot(results: &[RunResult], def: &GridDef, out: &Path) -> Result<serd
         });
     }
 
-    // Plots.
+    // The learning-rate sweep: the best rate at each of its grid points, in order of compute
+    // (Anthropic: the optimal rate falls as compute grows).
+    let mut lr_points = Vec::new();
+    for &m in &def.lr_points {
+        let mut pts: Vec<(f64, f64, f64)> = results
+            .iter()
+            .filter(|r| {
+                r.spec.arch == "topk"
+                    && r.spec.expansion == m
+                    && r.spec.k == Some(def.grid_k)
+                    && r.spec.tokens == max_tokens
+                    && (r.spec.role == "grid" || r.spec.role == "lr")
+            })
+            .map(|r| (r.spec.lr, r.fvu, r.compute))
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some(best) = pts.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+            lr_points.push(serde_json::json!({
+                "expansion": m,
+                "compute": best.2,
+                "fvu_by_lr": pts.iter().map(|p| serde_json::json!({"lr": p.0, "fvu": p.1})).collect::<Vec<_>>(),
+                "best_lr": best.0,
+            }));
+        }
+    }
+
     let mut loss_c = Vec::new();
     for &m in &def.mults {
         let pts: Vec<(f64, f64)> = grid
@@ -839,10 +1002,76 @@ fn fit_and_plot(results: &[RunResult], def: &GridDef, out: &Path) -> Result<serd
         "s_opt": s_opt,
         "extrapolation": extrap,
         "loss_vs_features": by_k,
+        "lr_sweep": lr_points,
         "anchors": {
             "openai_gpt4_topk": "L(C) = 0.09 + 0.056·C^-0.084 (normalised MSE)",
             "openai_tokens_to_convergence": "∝ n^0.6",
-            "anthropic": "N_opt and S_opt power laws in C, N_opt growing faster",
+            "anthropic": "N_opt and S_opt power laws in C, N_opt growing faster; optimal learning rate falling with compute",
         },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grid_runs() -> Vec<RunSpec> {
+        specs(&grid_def(Grid::Quick), 64, 256, 1e-3)
+    }
+
+    #[test]
+    fn groups_cover_every_run_once_within_budget() {
+        let runs = grid_runs();
+        let refs: Vec<&RunSpec> = runs.iter().collect();
+        let total: f64 = refs.iter().map(|s| run_bytes(s, 64)).sum();
+        let largest = refs.iter().map(|s| run_bytes(s, 64)).fold(0.0, f64::max);
+        assert_eq!(plan_groups(&refs, 64, total).unwrap().len(), 1);
+        let budget = (total / 3.0).max(largest);
+        let groups = plan_groups(&refs, 64, budget).unwrap();
+        assert!(groups.len() >= 3, "{} groups", groups.len());
+        let mut seen: Vec<&str> = groups.iter().flatten().map(String::as_str).collect();
+        seen.sort_unstable();
+        let mut want: Vec<&str> = runs.iter().map(|s| s.name.as_str()).collect();
+        want.sort_unstable();
+        assert_eq!(seen, want);
+        for g in &groups {
+            let used: f64 = g
+                .iter()
+                .map(|n| run_bytes(runs.iter().find(|s| &s.name == n).unwrap(), 64))
+                .sum();
+            assert!(used <= budget, "{used} > {budget}");
+        }
+        let err = plan_groups(&refs, 64, largest / 2.0).unwrap_err().to_string();
+        assert!(err.contains("--memory-gb"), "{err}");
+    }
+
+    #[test]
+    fn resume_keeps_a_recorded_plan_only_while_it_covers_what_is_left() {
+        let dir = std::env::temp_dir().join(format!("scaling_resume_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("progress.json");
+        let runs = grid_runs();
+        let refs: Vec<&RunSpec> = runs.iter().collect();
+        let budget = refs.iter().map(|s| run_bytes(s, 64)).sum::<f64>() / 2.0;
+        let first = resume_plan(&path, &refs, 64, budget).unwrap();
+        assert_eq!((first.group, first.step), (0, 0));
+        // Killed in the second group at step 50: the rerun continues there.
+        let killed = SweepProgress {
+            groups: first.groups.clone(),
+            group: 1,
+            step: 50,
+        };
+        std::fs::write(&path, serde_json::to_vec(&killed).unwrap()).unwrap();
+        let left: Vec<&RunSpec> = refs
+            .iter()
+            .filter(|s| killed.groups[1..].iter().flatten().any(|n| n == &s.name))
+            .copied()
+            .collect();
+        let again = resume_plan(&path, &left, 64, budget).unwrap();
+        assert_eq!((again.group, again.step), (1, 50));
+        // A run the plan does not know (the grid grew): a new plan from step 0.
+        let grown = resume_plan(&path, &refs, 64, budget).unwrap();
+        assert_eq!((grown.group, grown.step), (0, 0));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
