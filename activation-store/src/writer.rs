@@ -30,15 +30,23 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .at("fsync folder", dir)
 }
 
-/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the folder.
+/// Writes `bytes` to `path` atomically: `atomic-write-file` writes a temporary file, fsyncs
+/// it, renames it into place and fsyncs the folder, returning every failure.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    let mut f = File::create(&tmp).at("create", &tmp)?;
-    f.write_all(bytes).at("write", &tmp)?;
-    f.sync_all().at("fsync", &tmp)?;
-    drop(f);
-    fs::rename(&tmp, path).at("rename into place", path)?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
+    let mut f = atomic_write_file::AtomicWriteFile::open(path).at("create", path)?;
+    f.write_all(bytes).at("write", path)?;
+    f.commit().at("commit", path)
+}
+
+/// A temporary file that a killed run left at the top of a cache folder: `manifest.json.tmp`
+/// (older versions) or `.manifest.json.XXXXXX` / `.plan.json.XXXXXX` from [`write_atomic`]
+/// where the filesystem has no unnamed temporary files.
+fn interrupted_write(name: &str) -> bool {
+    name.ends_with(".tmp")
+        || [MANIFEST, PLAN].iter().any(|f| {
+            name.strip_prefix('.')
+                .is_some_and(|r| r.starts_with(&format!("{f}.")))
+        })
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
@@ -292,14 +300,17 @@ impl CacheWriter {
         }
         let ours = |name: &str| {
             name == PLAN
-                || name.ends_with(".tmp")
+                || interrupted_write(name)
                 || name == PROVENANCE
                 || hooks.iter().any(|h| h.name == name)
         };
         for entry in fs::read_dir(dir).at("list", dir)? {
-            let name = entry.at("list", dir)?.file_name();
+            let entry = entry.at("list", dir)?;
+            let name = entry.file_name();
             let name = name.to_string_lossy();
-            if !ours(&name) {
+            if interrupted_write(&name) {
+                fs::remove_file(entry.path()).at("remove uncommitted", &entry.path())?;
+            } else if !ours(&name) {
                 return Err(Error::Config {
                     field: "out",
                     message: format!(
@@ -365,9 +376,18 @@ impl CacheWriter {
                 }
             }
         }
-        let tmp = tmp_path(&self.dir.join(MANIFEST));
-        if tmp.exists() {
-            fs::remove_file(&tmp).at("remove uncommitted", &tmp)?;
+        // Temporary files of a killed atomic write: `manifest.json.tmp` from older versions,
+        // `.manifest.json.XXXXXX` where the filesystem has no unnamed temporary files.
+        for entry in fs::read_dir(&self.dir).at("list", &self.dir)? {
+            let entry = entry.at("list", &self.dir)?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let stale = [MANIFEST, PLAN]
+                .iter()
+                .any(|f| name == format!("{f}.tmp") || name.starts_with(&format!(".{f}.")));
+            if stale {
+                fs::remove_file(entry.path()).at("remove uncommitted", &entry.path())?;
+            }
         }
         Ok(())
     }

@@ -68,14 +68,22 @@ fn killed_harvest_resumes_exactly() {
         let mut child = Command::new(&exe)
             .args(["--exact", "crash_child", "--ignored", "--test-threads=1"])
             .env(CHILD_ENV, dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let wait = Duration::from_millis(rng.random_range(5..40 + 10 * attempt as u64));
         std::thread::sleep(wait);
         if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "child failed: {status}");
+            // The harness prints a failing test's panic on stdout.
+            let mut err = String::new();
+            if let Some(mut e) = child.stdout.take() {
+                std::io::Read::read_to_string(&mut e, &mut err).unwrap();
+            }
+            if let Some(mut e) = child.stderr.take() {
+                std::io::Read::read_to_string(&mut e, &mut err).unwrap();
+            }
+            assert!(status.success(), "child failed: {status}\n{err}");
             break;
         }
         child.kill().unwrap(); // SIGKILL

@@ -376,8 +376,5 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
 }
 
 fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(v)?)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    Ok(sae_workbench::sae_core::io::write_json(path, v)?)
 }

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use sae_workbench::activation_store::{Document, Split, SplitSpec, TokenizedDocument};
+use sae_workbench::sae_core::io::write_atomic;
 use sae_workbench::transformer_hooks::{ChatMessage, GenerateOptions, Hooks, Model, Sampling};
 use serde::{Deserialize, Serialize};
 
@@ -51,15 +52,11 @@ pub fn conversations(
             .collect::<Result<_>>()?,
         Err(_) => {
             let convs = generate(model, docs, n, seed)?;
-            let tmp = path.with_extension("jsonl.tmp");
-            let mut f = std::io::BufWriter::new(
-                std::fs::File::create(&tmp).with_context(|| format!("{}", tmp.display()))?,
-            );
+            let mut lines = Vec::new();
             for c in &convs {
-                writeln!(f, "{}", serde_json::to_string(c)?)?;
+                writeln!(lines, "{}", serde_json::to_string(c)?)?;
             }
-            f.into_inner()?.sync_all()?;
-            std::fs::rename(&tmp, path)?;
+            write_atomic(path, &lines)?;
             convs
         }
     };

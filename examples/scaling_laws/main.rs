@@ -46,6 +46,7 @@ use sae_workbench::activation_store::{
 };
 use sae_workbench::metrics::plots::{Mark, Scatter, plot_scatter};
 use sae_workbench::metrics::{HookedSplice, MeanActivation, SplicedConfig, evaluate_spliced_many};
+use sae_workbench::sae_core::io::write_atomic;
 use sae_workbench::sae_core::{
     ArchitectureConfig, BatchSource, HostBatch, IterSource, MatryoshkaTraining, Progress, SaeModel,
     StandardTraining, TopKTraining, TrainMetrics, Trainer, TrainerConfig, train_many,
@@ -411,16 +412,16 @@ fn main() -> Result<()> {
             plan.groups.len(),
             members.len()
         );
-        train_group(
-            &members,
-            &plan,
-            &args,
-            d_in,
-            &hook,
-            &acts,
-            &out,
-            &progress_path,
-        )?;
+        let stream = acts.batches(StreamConfig {
+            seed: args.seed,
+            epochs: None,
+            device: Device::Cpu,
+            ..StreamConfig::new(args.batch)
+        })?;
+        let mut source = IterSource(stream);
+        source.skip_batches(plan.step)?;
+        let make = |s: &RunSpec| trainer_config(s, d_in, &hook, args.seed);
+        train_group(&members, &plan, &make, &mut source, &out, &progress_path)?;
         plan.group += 1;
         plan.step = 0;
         write_atomic(&progress_path, &serde_json::to_vec(&plan)?)?;
@@ -611,16 +612,14 @@ fn resume_plan(
     Ok(plan)
 }
 
-/// Trains one group to the end of its longest budget, phase by phase: at the end of each phase
-/// the runs that are done are saved, the others checkpointed, and `progress.json` records it.
-#[allow(clippy::too_many_arguments)]
+/// Trains one group to the end of its longest budget, phase by phase, from `source` (already
+/// past the `plan.step` batches the group has trained on). At the end of each phase the runs
+/// that reached their budget are saved, the others checkpointed, and `progress.json` records it.
 fn train_group(
     members: &[&RunSpec],
     plan: &SweepProgress,
-    args: &Args,
-    d_in: usize,
-    hook: &str,
-    acts: &store::HookActivations,
+    config: &dyn Fn(&RunSpec) -> TrainerConfig,
+    source: &mut dyn BatchSource,
     out: &Path,
     progress_path: &Path,
 ) -> Result<()> {
@@ -640,7 +639,7 @@ fn train_group(
                 progress_path.display()
             );
         } else {
-            Trainer::new(trainer_config(s, d_in, hook, args.seed))?
+            Trainer::new(config(s))?
         };
         trainers.push(t);
     }
@@ -650,14 +649,6 @@ fn train_group(
         .map(|s| s.steps)
         .filter(|&e| e > done_step)
         .collect();
-    let stream = acts.batches(StreamConfig {
-        seed: args.seed,
-        epochs: None,
-        device: Device::Cpu,
-        ..StreamConfig::new(args.batch)
-    })?;
-    let mut source = IterSource(stream);
-    source.skip_batches(done_step)?;
     let mut at = done_step;
     for end in ends {
         eprintln!(
@@ -665,7 +656,7 @@ fn train_group(
             trainers.iter().filter(|t| !t.is_done()).count()
         );
         let mut phase = Phase {
-            inner: &mut source,
+            inner: &mut *source,
             left: end - at,
         };
         let logs = train_many(&mut trainers, &mut phase, Progress::Bar)?;
@@ -676,7 +667,8 @@ fn train_group(
         }
         at = end;
         for ((s, t), last) in members.iter().zip(&trainers).zip(&final_train) {
-            if t.step_count() == end {
+            // Saved only at its own budget: a saved run counts as finished on a rerun.
+            if t.step_count() == s.steps && s.steps == end {
                 t.save(sae_dir(s))?;
                 write_atomic(
                     &sae_dir(s).join("train_final.json"),
@@ -723,13 +715,6 @@ impl BatchSource for Phase<'_> {
         self.left -= 1;
         self.inner.next_batch()
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 /// Wall time of training steps of the grid's TopK SAE at each width, beside the formula.
@@ -1041,7 +1026,9 @@ mod tests {
                 .sum();
             assert!(used <= budget, "{used} > {budget}");
         }
-        let err = plan_groups(&refs, 64, largest / 2.0).unwrap_err().to_string();
+        let err = plan_groups(&refs, 64, largest / 2.0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--memory-gb"), "{err}");
     }
 
@@ -1073,5 +1060,85 @@ mod tests {
         let grown = resume_plan(&path, &refs, 64, budget).unwrap();
         assert_eq!((grown.group, grown.step), (0, 0));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Deterministic `[64, 16]` batches, `skip` onward, failing (like a killed process) once
+    /// `fail_at` batches have been read in all.
+    fn batches(skip: u64, fail_at: u64) -> impl BatchSource {
+        IterSource((skip..).map(move |i| {
+            if i >= fail_at {
+                return Err(std::io::Error::other("killed"));
+            }
+            let v: Vec<f32> = (0..64 * 16)
+                .map(|j| ((i as f32 * 1031.0 + j as f32) * 12.9898).sin() * 2.0)
+                .collect();
+            Ok(Tensor::from_vec(v, (64, 16), &Device::Cpu).expect("batch"))
+        }))
+    }
+
+    fn run(steps: u64) -> RunSpec {
+        RunSpec {
+            name: format!("topk_{steps}"),
+            arch: "topk".into(),
+            role: "grid".into(),
+            n: 32,
+            expansion: 2,
+            k: Some(4),
+            l1_coefficient: None,
+            matryoshka_widths: Vec::new(),
+            tokens: steps * 64,
+            steps,
+            lr: 1e-3,
+        }
+    }
+
+    #[test]
+    fn a_killed_group_resumes_to_the_same_weights() {
+        let root = std::env::temp_dir().join(format!("scaling_kill_{}", std::process::id()));
+        let runs = [run(4), run(8)];
+        let make = |s: &RunSpec| trainer_config(s, 16, "blocks.0.hook_resid_post", 0);
+        let weights = |dir: &Path, s: &RunSpec| {
+            std::fs::read(
+                dir.join("saes")
+                    .join(&s.name)
+                    .join("sae_weights.safetensors"),
+            )
+        };
+        let sweep = |dir: &Path, fail_at: u64| -> Result<()> {
+            std::fs::create_dir_all(dir)?;
+            let progress = dir.join("progress.json");
+            let pending: Vec<&RunSpec> = runs
+                .iter()
+                .filter(|s| !dir.join("saes").join(&s.name).join("cfg.json").exists())
+                .collect();
+            let plan = resume_plan(&progress, &pending, 16, 1e12)?;
+            let members: Vec<&RunSpec> = plan.groups[plan.group]
+                .iter()
+                .filter_map(|n| pending.iter().find(|s| &s.name == n).copied())
+                .collect();
+            let mut source = batches(plan.step, fail_at);
+            train_group(&members, &plan, &make, &mut source, dir, &progress)
+        };
+        let whole = root.join("whole");
+        sweep(&whole, u64::MAX).unwrap();
+        let killed = root.join("killed");
+        assert!(sweep(&killed, 6).is_err(), "the source fails at batch 6");
+        // Killed in the second phase: the 4-step run is saved, the 8-step run only checkpointed.
+        assert!(weights(&killed, &runs[0]).is_ok());
+        assert!(
+            weights(&killed, &runs[1]).is_err(),
+            "an unfinished run must not be saved as if done"
+        );
+        assert!(killed.join("checkpoints/topk_8/step_000000004").exists());
+        sweep(&killed, u64::MAX).unwrap();
+        for s in &runs {
+            assert!(
+                weights(&whole, s).unwrap() == weights(&killed, s).unwrap(),
+                "{} differs after the resume",
+                s.name
+            );
+        }
+        assert!(!killed.join("checkpoints/topk_8").exists());
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -123,33 +123,24 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> R
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to `path` via a synced temporary file and a rename.
+/// Writes `bytes` to `path` so that a reader (or a rerun after `kill -9`) sees either the old
+/// file or the whole new one: `atomic-write-file` writes a temporary file, fsyncs it, renames
+/// it into place and fsyncs the folder, and every failure is returned.
 ///
 /// # Errors
 /// [`SaeError::Io`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    {
-        let mut f = fs::File::create(&tmp).map_err(|e| SaeError::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| SaeError::io(&tmp, e))?;
-        f.sync_all().map_err(|e| SaeError::io(&tmp, e))?;
-    }
-    fs::rename(&tmp, path).map_err(|e| SaeError::io(path, e))?;
-    sync_dir(dir)
+    let mut f =
+        atomic_write_file::AtomicWriteFile::open(path).map_err(|e| SaeError::io(path, e))?;
+    f.write_all(bytes).map_err(|e| SaeError::io(path, e))?;
+    f.commit().map_err(|e| SaeError::io(path, e))
 }
 
-/// Syncs a directory so that renames inside it are durable.
+/// fsyncs a folder, so that renames inside it survive a power cut.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    if let Ok(d) = fs::File::open(dir) {
-        // Some filesystems refuse fsync on directories; durability is then best-effort.
-        let _ = d.sync_all();
-    }
-    Ok(())
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| SaeError::io(dir, e))
 }
 
 /// Writes `value` as pretty JSON, atomically.

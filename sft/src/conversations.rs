@@ -1429,28 +1429,21 @@ pub fn build(sources: &Sources, split: Split, n: usize, seed: u64) -> Result<Vec
     Material::load(sources)?.build(split, n, seed)
 }
 
-/// Writes one JSON conversation per line through a temporary file and a rename, so a reader
-/// never sees half a file.
+/// Writes one JSON conversation per line atomically (`atomic-write-file`: a temporary file,
+/// fsynced and renamed into place), so a reader never sees half a file.
 ///
 /// # Errors
 /// [`Error::Io`] naming the file.
 pub fn write_jsonl(path: &Path, conversations: &[Conversation]) -> Result<()> {
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
     let written = (|| -> std::io::Result<()> {
-        let mut w = BufWriter::new(fs::File::create(&tmp)?);
+        let mut w = BufWriter::new(atomic_write_file::AtomicWriteFile::open(path)?);
         for c in conversations {
             serde_json::to_writer(&mut w, c)?;
             w.write_all(b"\n")?;
         }
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()
+        w.into_inner().map_err(|e| e.into_error())?.commit()
     })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(&tmp, e));
-    }
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    written.map_err(|e| Error::io(path, e))
 }
 
 /// Reads what [`write_jsonl`] wrote, checking each conversation's structure.

@@ -217,13 +217,11 @@ impl FeatureStats {
     /// I/O errors.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join(STATS_FILE);
-        let tmp = dir.join(format!("{STATS_FILE}.tmp"));
         let json = serde_json::to_vec(self).map_err(|e| SteeringError::BadFile {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        std::fs::write(&tmp, json).map_err(|e| SteeringError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| SteeringError::io(&path, e))
+        Ok(sae_core::io::write_atomic(&path, &json)?)
     }
 
     /// Reads `dir/feature_stats.json`.
