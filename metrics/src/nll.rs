@@ -11,13 +11,13 @@ use candle_core::{D, DType, Tensor};
 
 use crate::error::{Result, shape_err};
 
-/// Numerically stable log-softmax over the last dimension, in f32.
+/// Log-softmax over the last dimension, in f32 (candle-nn's, the one the model's own
+/// log-probabilities fall back to off the CPU).
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
-    let x = logits.to_dtype(DType::F32)?;
-    let max = x.max_keepdim(D::Minus1)?;
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
+    Ok(candle_nn::ops::log_softmax(
+        &logits.to_dtype(DType::F32)?,
+        D::Minus1,
+    )?)
 }
 
 fn check_pair(logits: &Tensor, tokens: &Tensor) -> Result<(usize, usize, usize)> {
@@ -137,7 +137,7 @@ impl HostLogits {
             .map(|i| {
                 let (bi, p) = (i / (t - 1), i % (t - 1));
                 let row = &data[(bi * t + p) * v..(bi * t + p + 1) * v];
-                log_sum_exp(row)
+                transformer_hooks::log_sum_exp(row)
             })
             .collect();
         Ok(Self { data, b, t, v, lse })
@@ -210,17 +210,6 @@ impl HostLogits {
             })
             .collect())
     }
-}
-
-fn log_sum_exp(row: &[f32]) -> f32 {
-    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !m.is_finite() {
-        return m;
-    }
-    // f64 accumulation: in f32, the tens of thousands of tail terms each below half an ulp of
-    // the running sum are dropped, which biases log-probabilities by ~1e-4 nats on a 49k vocab.
-    let s: f64 = row.iter().map(|&x| f64::from((x - m).exp())).sum();
-    m + s.ln() as f32
 }
 
 #[cfg(test)]

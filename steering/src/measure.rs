@@ -181,13 +181,13 @@ pub fn mean_kl(clean: &Tensor, steered: &Tensor) -> Result<f64> {
             format!("{:?} vs {:?}", clean.dims(), steered.dims()),
         ));
     }
-    let lp = candle_nn_log_softmax(clean)?;
-    let lq = candle_nn_log_softmax(steered)?;
+    let lp = log_softmax(clean)?;
+    let lq = log_softmax(steered)?;
     let kl = (lp.exp()? * (&lp - &lq)?)?.sum(D::Minus1)?;
     Ok(kl.mean_all()?.to_scalar::<f32>()? as f64)
 }
 
-fn candle_nn_log_softmax(x: &Tensor) -> Result<Tensor> {
+fn log_softmax(x: &Tensor) -> Result<Tensor> {
     Ok(metrics::nll::log_softmax(x)?)
 }
 

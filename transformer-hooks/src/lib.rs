@@ -56,6 +56,7 @@ pub use generate::{GenerateOptions, Generation, Sampling, StopReason};
 pub use hook_point::{HookPoint, Site};
 pub use hooks::{ActivationCache, Hooks, Intervention};
 pub use model::{KvCache, LoadOptions, Model, Output};
+pub use ops::log_sum_exp;
 pub use tokenizer::{ChatMessage, ChatTemplate, Role, Tokenizer};
 pub use weights::Params;
 

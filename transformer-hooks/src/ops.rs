@@ -194,6 +194,14 @@ struct TargetLogprobs {
     targets: Vec<u32>,
 }
 
+/// `ln sum_j e^(x_j)` of one row of logits, stably (the maximum first, the sum in f64): the
+/// host-side log-normaliser the fused log-prob op uses, for crates that reduce logits on the
+/// host. A row whose maximum is not finite (all `-inf`, or an `inf` or NaN) returns that maximum.
+pub fn log_sum_exp(row: &[f32]) -> f32 {
+    let (max, lse) = row_logsumexp(row);
+    if max.is_finite() { max + lse } else { max }
+}
+
 /// Per row: the maximum and `ln sum exp(x - max)`. The sum is kept in f64: over a 49k-262k
 /// vocabulary an f32 running sum drops the low bits of each small term, a bias of about 1e-4
 /// nats in the mean log-probability.
