@@ -166,6 +166,21 @@ pub struct WindowSpan {
     pub len: u32,
 }
 
+/// The one windowing rule of the workspace: a document's (or a text's) `n_tokens` tokens cut into
+/// consecutive chunks of `context_len - 1` tokens, each to become `[bos] + chunk` (of
+/// `context_len` when there is no BOS); the last chunk is shorter. Yields each chunk's range.
+/// `context_len` must be at least 2 (the callers check it and name their own argument).
+pub fn chunk_ranges(
+    n_tokens: usize,
+    context_len: usize,
+    with_bos: bool,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let chunk = (context_len - usize::from(with_bos)).max(1);
+    (0..n_tokens)
+        .step_by(chunk)
+        .map(move |start| start..(start + chunk).min(n_tokens))
+}
+
 /// The windows of one split, in harvest order. Window `i` is `[bos] + tokens[i]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowPlan {
@@ -205,14 +220,13 @@ impl WindowPlan {
         let mut selected: Vec<&TokenizedDocument> =
             docs.iter().filter(|d| d.split == split).collect();
         selected.sort_by(|a, b| a.id.cmp(&b.id));
-        let chunk = context_len - 1;
         let mut spans = Vec::new();
         for (di, d) in selected.iter().enumerate() {
-            for (ci, c) in d.tokens.chunks(chunk).enumerate() {
+            for r in chunk_ranges(d.tokens.len(), context_len, true) {
                 spans.push(WindowSpan {
                     doc: di as u32,
-                    start: (ci * chunk) as u32,
-                    len: c.len() as u32 + 1,
+                    start: r.start as u32,
+                    len: r.len() as u32 + 1,
                 });
             }
         }

@@ -216,16 +216,11 @@ pub fn token_batches(
             ),
         });
     }
-    let chunk = if bos.is_some() {
-        context_len - 1
-    } else {
-        context_len
-    };
     let mut windows: Vec<Vec<u32>> = Vec::new();
-    for c in text_ids.chunks(chunk) {
-        let mut w = Vec::with_capacity(c.len() + 1);
+    for r in activation_store::windows::chunk_ranges(text_ids.len(), context_len, bos.is_some()) {
+        let mut w = Vec::with_capacity(r.len() + 1);
         w.extend(bos);
-        w.extend_from_slice(c);
+        w.extend_from_slice(&text_ids[r]);
         if w.len() >= 2 {
             windows.push(w);
         }
