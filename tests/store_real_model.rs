@@ -3,7 +3,7 @@
 //! Skipped when the model or corpora have not been fetched.
 
 use sae_workbench::activation_store::{
-    ActivationCache, CorpusName, HarvestConfig, HookedModel, Split, SplitSpec, StreamConfig,
+    ActivationStore, CorpusName, HarvestConfig, HookedModel, Split, SplitSpec, StreamConfig,
     WindowPlan, harvest, load_corpus, tokenize_documents,
 };
 use sae_workbench::transformer_hooks::candle_core::{Device, IndexOp, Tensor};
@@ -46,7 +46,7 @@ fn harvested_rows_equal_a_direct_forward_pass_at_their_provenance() {
     let s = harvest(tmp.path(), &plan, &identity, &mut source, &cfg, None).unwrap();
     assert!(s.tokens >= 250 && s.shards >= 2, "{s:?}");
 
-    let cache = ActivationCache::open(tmp.path()).unwrap();
+    let cache = ActivationStore::open(tmp.path()).unwrap();
     cache.verify(None).unwrap();
     cache
         .expect_model("b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")

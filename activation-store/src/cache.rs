@@ -18,7 +18,7 @@ use crate::writer::{MANIFEST, PLAN, read_manifest};
 
 /// An activation cache opened for reading. Cheap to clone.
 #[derive(Debug, Clone)]
-pub struct ActivationCache {
+pub struct ActivationStore {
     inner: Arc<Inner>,
 }
 
@@ -39,7 +39,7 @@ pub struct PlanInfo {
     pub windows: Vec<WindowSpan>,
 }
 
-/// What [`ActivationCache::verify`] checked.
+/// What [`ActivationStore::verify`] checked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub shards: u64,
@@ -89,7 +89,7 @@ pub(crate) fn check_file(dir: &Path, f: &FileInfo, progress: Option<&ProgressBar
     Ok(())
 }
 
-impl ActivationCache {
+impl ActivationStore {
     /// Reads the manifest and checks that every shard file it lists exists with the listed size
     /// (a truncated shard is caught here; a corrupted one by [`verify`](Self::verify)).
     ///
@@ -163,7 +163,7 @@ impl ActivationCache {
                 ),
             });
         }
-        Ok(ActivationCache {
+        Ok(ActivationStore {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 manifest,
@@ -335,7 +335,7 @@ pub(crate) fn with_mapped<R>(
 /// One hook of a cache.
 #[derive(Debug, Clone)]
 pub struct HookActivations {
-    cache: ActivationCache,
+    cache: ActivationStore,
     index: usize,
 }
 
@@ -357,7 +357,7 @@ impl HookActivations {
         self.cache.manifest().settings.dtype
     }
 
-    pub fn cache(&self) -> &ActivationCache {
+    pub fn cache(&self) -> &ActivationStore {
         &self.cache
     }
 

@@ -11,14 +11,14 @@
 //!    one or more hooks are written as shards with per-row provenance and a JSON manifest
 //!    ([`manifest`]), committed crash-safely ([`writer`]) so that a killed harvest resumes without
 //!    a lost or duplicated row.
-//! 4. [`ActivationCache`]: opens and verifies a cache; [`HookActivations::batches`] streams
+//! 4. [`ActivationStore`]: opens and verifies a cache; [`HookActivations::batches`] streams
 //!    `[batch, d_in]` f32 tensors in a shuffled order that holds every row exactly once per epoch
 //!    ([`stream`]).
 //!
 //! ```no_run
-//! use activation_store::{ActivationCache, StreamConfig};
+//! use activation_store::{ActivationStore, StreamConfig};
 //! # fn main() -> activation_store::Result<()> {
-//! let cache = ActivationCache::open("runs/cache")?;
+//! let cache = ActivationStore::open("runs/cache")?;
 //! let acts = cache.hook("blocks.15.mlp.hook_post")?;
 //! for batch in acts.batches(StreamConfig { epochs: Some(1), ..StreamConfig::new(4096) })? {
 //!     let batch = batch?; // [4096, d_in] f32
@@ -38,7 +38,7 @@ pub mod stream;
 pub mod windows;
 pub mod writer;
 
-pub use cache::{ActivationCache, HookActivations, PlanInfo, VerifyReport};
+pub use cache::{ActivationStore, HookActivations, PlanInfo, VerifyReport};
 pub use corpus::{CorpusName, Document, default_corpora_root, load_corpora, load_corpus};
 pub use error::{Error, Result};
 pub use harvest::{

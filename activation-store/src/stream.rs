@@ -779,7 +779,7 @@ mod tests {
         let mut cfg = HarvestConfig::new(vec!["h".into()]);
         cfg.shard_rows = 300;
         crate::harvest(tmp.path(), &plan, &id, &mut src, &cfg, None).unwrap();
-        let acts = crate::ActivationCache::open(tmp.path())
+        let acts = crate::ActivationStore::open(tmp.path())
             .unwrap()
             .hook("h")
             .unwrap();

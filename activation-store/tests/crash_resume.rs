@@ -9,7 +9,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use activation_store::{ActivationCache, harvest};
+use activation_store::{ActivationStore, harvest};
 use common::*;
 use rand::{Rng, SeedableRng};
 
@@ -47,7 +47,7 @@ fn killed_harvest_resumes_exactly() {
     let plan = plan(DOCS, 16);
     run(reference.path(), &plan, &child_config());
     let want = snapshot(reference.path());
-    let n_shards = ActivationCache::open(reference.path())
+    let n_shards = ActivationStore::open(reference.path())
         .unwrap()
         .manifest()
         .shards
@@ -90,7 +90,7 @@ fn killed_harvest_resumes_exactly() {
         child.wait().unwrap();
         kills += 1;
         // The cache as a killed run left it must open, and every listed shard must verify.
-        if let Ok(c) = ActivationCache::open(dir.path()) {
+        if let Ok(c) = ActivationStore::open(dir.path()) {
             c.verify(None).unwrap();
             let s = c.manifest().shards.len();
             if s > 0 && s < n_shards {

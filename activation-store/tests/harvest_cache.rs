@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use activation_store::{
-    ActivationCache, ActivationSource, Error, HarvestConfig, Result, StoreDtype, SyntheticSource,
+    ActivationSource, ActivationStore, Error, HarvestConfig, Result, StoreDtype, SyntheticSource,
     harvest,
 };
 use candle_core::{Device, Tensor};
@@ -26,7 +26,7 @@ fn rows_match_their_provenance_and_cover_every_text_token_once() {
     assert!(s.shards > 3, "{s:?}");
     assert!(s.plan_exhausted && !s.resumed);
 
-    let cache = ActivationCache::open(tmp.path()).unwrap();
+    let cache = ActivationStore::open(tmp.path()).unwrap();
     let report = cache.verify(None).unwrap();
     assert_eq!(report.rows, plan.text_tokens());
     assert_eq!(report.files, 3 * s.shards);
@@ -95,7 +95,7 @@ fn half_precision_and_excluded_tokens() {
     let excluded = plan.tokens(0)[1];
     cfg.exclude_token_ids = vec![excluded];
     run(tmp.path(), &plan, &cfg);
-    let cache = ActivationCache::open(tmp.path()).unwrap();
+    let cache = ActivationStore::open(tmp.path()).unwrap();
     let acts = cache.hook(HOOKS[1]).unwrap();
     let all = acts.read_rows(0, cache.rows() as usize).unwrap();
     let n_excluded = (0..plan.len())
@@ -154,7 +154,7 @@ fn outlier_filter_drops_exactly_the_planted_rows_and_says_how_many() {
     assert!(planted > 0);
     assert_eq!(s.dropped_outliers, planted);
     assert_eq!(s.tokens, plan.text_tokens() - planted);
-    let cache = ActivationCache::open(tmp.path()).unwrap();
+    let cache = ActivationStore::open(tmp.path()).unwrap();
     assert!(cache.manifest().hooks[0].outlier_threshold.is_some());
     for r in 0..cache.rows() {
         assert_ne!(cache.provenance(r).unwrap().token, token);
@@ -264,7 +264,7 @@ fn resuming_with_other_settings_or_model_is_refused() {
 fn reader_refuses_other_model_and_unknown_hook() {
     let tmp = tempfile::tempdir().unwrap();
     run(tmp.path(), &plan(10, 16), &config(100));
-    let cache = ActivationCache::open(tmp.path()).unwrap();
+    let cache = ActivationStore::open(tmp.path()).unwrap();
     cache.expect_model(&"00".repeat(32)).unwrap();
     let e = cache.expect_model(&"ab".repeat(32)).unwrap_err();
     assert!(e.to_string().contains("model_sha256"), "{e}");
@@ -274,7 +274,7 @@ fn reader_refuses_other_model_and_unknown_hook() {
         msg.contains("blocks.3.mlp.hook_post") && msg.contains(HOOKS[0]),
         "{msg}"
     );
-    let e = ActivationCache::open(tmp.path().join("nope")).unwrap_err();
+    let e = ActivationStore::open(tmp.path().join("nope")).unwrap_err();
     assert!(matches!(e, Error::Manifest { .. }), "{e}");
 }
 
@@ -290,7 +290,7 @@ fn truncated_shard_is_named_on_open() {
         .unwrap()
         .set_len(len - 7)
         .unwrap();
-    match ActivationCache::open(tmp.path()).unwrap_err() {
+    match ActivationStore::open(tmp.path()).unwrap_err() {
         Error::ShardSize {
             path: p,
             expected,
@@ -311,7 +311,7 @@ fn corrupt_shard_is_named_by_verify_and_by_the_stream() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[100] ^= 0x40;
     std::fs::write(&path, bytes).unwrap();
-    let cache = ActivationCache::open(tmp.path()).unwrap();
+    let cache = ActivationStore::open(tmp.path()).unwrap();
     match cache.verify(None).unwrap_err() {
         Error::ChecksumMismatch { path: p, .. } => assert_eq!(p, path),
         e => panic!("{e}"),
@@ -358,7 +358,7 @@ fn full_disk_is_an_error_naming_the_shard() {
         e => panic!("expected DiskFull, got {e}"),
     }
     // Nothing half-written was committed: the cache still verifies, with shard 0 only.
-    let cache = ActivationCache::open(tmp.path()).unwrap();
+    let cache = ActivationStore::open(tmp.path()).unwrap();
     assert_eq!(cache.manifest().shards.len(), 1);
     cache.verify(None).unwrap();
 }
@@ -420,7 +420,7 @@ fn absurd_manifests_are_refused_at_open() {
         let mut m = original.clone();
         edit(&mut m);
         std::fs::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
-        match ActivationCache::open(tmp.path()) {
+        match ActivationStore::open(tmp.path()) {
             Err(Error::Manifest { what, .. }) => assert!(what.contains(want), "{want}: {what}"),
             other => panic!(
                 "{want}: expected a manifest error, got {:?}",

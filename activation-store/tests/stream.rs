@@ -4,13 +4,13 @@ mod common;
 
 use std::collections::HashMap;
 
-use activation_store::{ActivationCache, HookActivations, Shuffle, StreamConfig};
+use activation_store::{ActivationStore, HookActivations, Shuffle, StreamConfig};
 use common::*;
 
-fn cache(n_docs: usize, shard_rows: u64) -> (tempfile::TempDir, ActivationCache) {
+fn cache(n_docs: usize, shard_rows: u64) -> (tempfile::TempDir, ActivationStore) {
     let tmp = tempfile::tempdir().unwrap();
     run(tmp.path(), &plan(n_docs, 16), &config(shard_rows));
-    let c = ActivationCache::open(tmp.path()).unwrap();
+    let c = ActivationStore::open(tmp.path()).unwrap();
     (tmp, c)
 }
 

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use sae_workbench::activation_store::{
-    ActivationCache, CacheSettings, CacheWriter, HookInfo, Provenance, Shuffle, SourceInfo,
+    ActivationStore, CacheSettings, CacheWriter, HookInfo, Provenance, Shuffle, SourceInfo,
     StoreDtype, StreamConfig,
 };
 
@@ -183,7 +183,7 @@ fn read(
     memory_mb: usize,
     verify: bool,
 ) -> Result<()> {
-    let cache = ActivationCache::open(&dir)?;
+    let cache = ActivationStore::open(&dir)?;
     let hook = cache.manifest().hooks[0].name.clone();
     let acts = cache.hook(&hook)?;
     let bytes: u64 = cache

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use sae_workbench::activation_store::ActivationCache;
+use sae_workbench::activation_store::ActivationStore;
 use sae_workbench::sae_core::SaeModel;
 use sae_workbench::steering::{ContrastText, FeatureStats, contrast, features_in, sae_hook};
 use sae_workbench::transformer_hooks::candle_core::Device;
@@ -85,7 +85,7 @@ fn main() -> Result<()> {
     let existing = FeatureStats::load(&args.sae).ok();
     let stats = match (&args.cache, existing) {
         (Some(cache), e) if args.rescan || e.is_none() => {
-            let cache = ActivationCache::open(cache)
+            let cache = ActivationStore::open(cache)
                 .with_context(|| format!("opening cache {}", cache.display()))?;
             let acts = cache.hook(&hook.to_string())?;
             let pb = ProgressBar::new(0).with_style(

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use sae_workbench::activation_store::{
-    self as store, ActivationCache, CorpusName, HarvestConfig, HookedModel, Split, SplitSpec,
+    self as store, ActivationStore, CorpusName, HarvestConfig, HookedModel, Split, SplitSpec,
     StoreDtype, WindowPlan,
 };
 use sae_workbench::transformer_hooks::candle_core::Device;
@@ -71,7 +71,7 @@ fn main() -> Result<()> {
     sae_workbench::transformer_hooks::retain_freed_memory();
     let args = Args::parse();
     if args.verify {
-        let cache = ActivationCache::open(&args.out)?;
+        let cache = ActivationStore::open(&args.out)?;
         let pb = ProgressBar::new(0).with_style(ProgressStyle::with_template(
             "verify {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
         )?);

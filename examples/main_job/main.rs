@@ -24,7 +24,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use sae_workbench::activation_store::{
-    self as store, ActivationCache, CorpusName, HarvestConfig, HookedModel, Split, SplitSpec,
+    self as store, ActivationStore, CorpusName, HarvestConfig, HookedModel, Split, SplitSpec,
     StreamConfig, WindowPlan,
 };
 use sae_workbench::metrics::{
@@ -245,7 +245,7 @@ fn main() -> Result<()> {
     )?;
     pb.finish_and_clear();
     eprintln!("{}", serde_json::to_string(&harvest_test)?);
-    let train_cache = ActivationCache::open(&train_dir)?;
+    let train_cache = ActivationStore::open(&train_dir)?;
     let train_acts = train_cache.hook(&hook)?;
     let d_in = train_acts.width();
     let d_sae = d_in * args.expansion;
@@ -401,7 +401,7 @@ fn main() -> Result<()> {
         && args.pages > 0
     {
         stage(&format!("feature pages for {sae_name}"));
-        let test_cache = ActivationCache::open(&test_dir)?;
+        let test_cache = ActivationStore::open(&test_dir)?;
         let test_acts = test_cache.hook(&hook)?;
         let pb = bar("collect examples", "rows");
         let collector = collect_examples(

@@ -41,7 +41,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use sae_workbench::activation_store::{
-    self as store, ActivationCache, CorpusName, HarvestConfig, HookedModel, Split, SplitSpec,
+    self as store, ActivationStore, CorpusName, HarvestConfig, HookedModel, Split, SplitSpec,
     StreamConfig, WindowPlan,
 };
 use sae_workbench::metrics::plots::{Mark, Scatter, plot_scatter};
@@ -385,7 +385,7 @@ fn main() -> Result<()> {
         "harvest: {} rows in {:.0} s",
         harvest.tokens, harvest.seconds
     );
-    let cache = ActivationCache::open(&cache_dir)?;
+    let cache = ActivationStore::open(&cache_dir)?;
     let acts = cache.hook(&hook)?;
     let d_in = acts.width();
     let runs = specs(&def, d_in, args.batch, args.lr);

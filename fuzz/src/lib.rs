@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use sae_workbench::activation_store::{
-    self as store, ActivationCache, CacheSettings, CacheWriter, HookInfo, Provenance, SourceInfo,
+    self as store, ActivationStore, CacheSettings, CacheWriter, HookInfo, Provenance, SourceInfo,
     StoreDtype,
 };
 use sae_workbench::sae_core::SaeModel;
@@ -200,7 +200,7 @@ pub fn fixture_cache() -> &'static Path {
 /// Opens a cache and reads what a user of it would: every hook's rows, provenance, the plan,
 /// a stream of batches, and a full verification.
 fn use_cache(dir: &Path) {
-    let Ok(cache) = ActivationCache::open(dir) else {
+    let Ok(cache) = ActivationStore::open(dir) else {
         return;
     };
     let rows = cache.rows();

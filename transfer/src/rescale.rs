@@ -48,7 +48,7 @@ pub fn scaled_residual_copy(model: &Model, c: f64) -> Result<Model> {
             "mlp.down.bias",
         ]
     };
-    let mut params = transformer_hooks::Params::new();
+    let mut params = transformer_hooks::Weights::new();
     for (name, t) in model.params() {
         let t = t.detach();
         let scaled = name.starts_with("blocks.") && outputs.iter().any(|s| name.ends_with(s));

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::hook_point::{HookPoint, Site};
 use crate::hooks::HookRun;
 use crate::ops;
-use crate::weights::Params;
+use crate::weights::Weights;
 
 /// Apply the hooks at a site; return `Ok(None)` from the enclosing function if the pass stops there.
 macro_rules! hook {
@@ -26,7 +26,7 @@ macro_rules! hook {
     }};
 }
 
-fn param(p: &Params, name: &str) -> Result<Tensor> {
+fn param(p: &Weights, name: &str) -> Result<Tensor> {
     p.get(name).cloned().ok_or_else(|| Error::MissingTensor {
         path: "<parameters>".into(),
         name: name.to_string(),
@@ -43,7 +43,7 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
-    fn new(p: &Params, prefix: &str) -> Result<Self> {
+    fn new(p: &Weights, prefix: &str) -> Result<Self> {
         Ok(Self {
             w: param(p, &format!("{prefix}.weight"))?,
             b: p.get(&format!("{prefix}.bias")).cloned(),
@@ -146,7 +146,7 @@ pub(crate) struct Norm {
 }
 
 impl Norm {
-    fn new(p: &Params, prefix: &str, kind: NormKind, eps: f64) -> Result<Self> {
+    fn new(p: &Weights, prefix: &str, kind: NormKind, eps: f64) -> Result<Self> {
         let b = match kind {
             NormKind::RmsNorm => None,
             NormKind::LayerNorm => Some(param(p, &format!("{prefix}.bias"))?),
@@ -193,7 +193,7 @@ pub(crate) struct PassContext {
 pub(crate) type LayerKv = Option<(Tensor, Tensor)>;
 
 impl Attention {
-    fn new(p: &Params, prefix: &str, cfg: &ModelConfig, kind: AttentionType) -> Result<Self> {
+    fn new(p: &Weights, prefix: &str, cfg: &ModelConfig, kind: AttentionType) -> Result<Self> {
         let qk_norm = |which: &str| -> Result<Option<Norm>> {
             if cfg.qk_norm {
                 Ok(Some(Norm::new(
@@ -320,7 +320,7 @@ pub(crate) struct Mlp {
 }
 
 impl Mlp {
-    fn new(p: &Params, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
+    fn new(p: &Weights, prefix: &str, cfg: &ModelConfig) -> Result<Self> {
         Ok(Self {
             gate: if cfg.gated_mlp {
                 Some(Linear::new(p, &format!("{prefix}.gate"))?)
@@ -381,7 +381,7 @@ pub(crate) struct Block {
 }
 
 impl Block {
-    fn new(p: &Params, layer: usize, cfg: &ModelConfig) -> Result<Self> {
+    fn new(p: &Weights, layer: usize, cfg: &ModelConfig) -> Result<Self> {
         let pre = format!("blocks.{layer}");
         let norm = |n: &str| Norm::new(p, &format!("{pre}.{n}"), cfg.norm, cfg.norm_eps);
         Ok(Self {
@@ -613,7 +613,7 @@ fn attention_mask(
 }
 
 impl Transformer {
-    pub(crate) fn new(cfg: &ModelConfig, p: &Params) -> Result<Self> {
+    pub(crate) fn new(cfg: &ModelConfig, p: &Weights) -> Result<Self> {
         let embed = param(p, "embed.weight")?;
         let unembed = if cfg.tied_embeddings {
             embed.clone()

@@ -58,7 +58,7 @@ pub use hooks::{ActivationCache, Hooks, Intervention};
 pub use model::{KvCache, LoadOptions, Model, Output};
 pub use ops::log_sum_exp;
 pub use tokenizer::{ChatMessage, ChatTemplate, Role, Tokenizer};
-pub use weights::Params;
+pub use weights::Weights;
 
 /// Re-exported so that callers build tensors with the same candle version.
 pub use candle_core;

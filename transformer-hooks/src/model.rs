@@ -13,7 +13,7 @@ use crate::hook_point::HookPoint;
 use crate::hooks::{ActivationCache, HookRun, Hooks};
 use crate::layers::{LayerKv, Positions, Transformer};
 use crate::tokenizer::{ChatTemplate, Tokenizer};
-use crate::weights::{Checkpoint, Format, HfConfig, Params};
+use crate::weights::{Checkpoint, Format, HfConfig, Weights};
 
 /// How to load a checkpoint.
 #[derive(Clone, Debug, PartialEq)]
@@ -98,7 +98,7 @@ enum LogitsFor {
 /// A transformer with its tokenizer, ready to run with hooks.
 pub struct Model {
     cfg: ModelConfig,
-    params: Params,
+    params: Weights,
     net: Transformer,
     tokenizer: Option<Tokenizer>,
     /// Why there is no tokenizer, to say so when one is asked for.
@@ -299,7 +299,7 @@ impl Model {
         saved.config.validate()?;
         let cfg = saved.config;
         let mut ckpt = Checkpoint::open_safetensors(dir, cfg.arch.to_string(), device, dtype)?;
-        let mut params = Params::new();
+        let mut params = Weights::new();
         for name in ckpt.names() {
             let t = ckpt.load_shaped(&name, &families::expected_shape(&cfg, &name))?;
             params.insert(name, t);
@@ -318,7 +318,7 @@ impl Model {
 
     fn assemble(
         cfg: ModelConfig,
-        params: Params,
+        params: Weights,
         tokenizer: Option<Tokenizer>,
         no_tokenizer: String,
         device: &Device,
@@ -342,7 +342,7 @@ impl Model {
     /// e.g. random weights for a test or weights trained elsewhere. Every tensor's shape is checked.
     pub fn from_params(
         cfg: ModelConfig,
-        params: Params,
+        params: Weights,
         tokenizer: Option<Tokenizer>,
     ) -> Result<Model> {
         cfg.validate()?;
@@ -525,7 +525,7 @@ impl Model {
 
     /// The weights by canonical name (`blocks.3.mlp.up.weight`, ...; listed in the `families`
     /// module docs), linear weights as `[out, in]`, norm weights as the factor applied.
-    pub fn params(&self) -> &Params {
+    pub fn params(&self) -> &Weights {
         &self.params
     }
 

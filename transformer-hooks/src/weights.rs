@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 
 /// Tensors by this crate's canonical names (see [`crate::Model::params`]), in the model's dtype.
-pub type Params = BTreeMap<String, Tensor>;
+pub type Weights = BTreeMap<String, Tensor>;
 
 /// The format a checkpoint was read from; families map names per format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,11 +6,11 @@ mod common;
 
 use candle_core::{DType, Var};
 use common::*;
-use transformer_hooks::{HookPoint, Hooks, Intervention, Model, Params};
+use transformer_hooks::{HookPoint, Hooks, Intervention, Model, Weights};
 
 fn f64_copy(key: &str) -> Model {
     let m = tiny(key);
-    let params: Params = m
+    let params: Weights = m
         .params()
         .iter()
         .map(|(k, v)| (k.clone(), v.to_dtype(DType::F64).unwrap()))

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::config::{Activation, Architecture, AttentionType, ModelConfig};
 use crate::error::{Error, Result};
-use crate::weights::{Checkpoint, Format, GgufMeta, HfConfig, Params};
+use crate::weights::{Checkpoint, Format, GgufMeta, HfConfig, Weights};
 use candle_core::Tensor;
 
 const GLOBAL: &[Name] = &[
@@ -166,7 +166,11 @@ pub(crate) fn config_from_hf(hf: &HfConfig, ckpt: &Checkpoint) -> Result<ModelCo
     Ok(cfg)
 }
 
-pub(crate) fn load_params(cfg: &ModelConfig, ckpt: &mut Checkpoint, fmt: Format) -> Result<Params> {
+pub(crate) fn load_params(
+    cfg: &ModelConfig,
+    ckpt: &mut Checkpoint,
+    fmt: Format,
+) -> Result<Weights> {
     let mut p = load_table(cfg, ckpt, fmt, GLOBAL, BLOCK, &[])?;
     if fmt == Format::Hf {
         for (k, t) in p.iter_mut() {
@@ -180,7 +184,7 @@ pub(crate) fn load_params(cfg: &ModelConfig, ckpt: &mut Checkpoint, fmt: Format)
 
 /// The HF names and tensors of a Gemma 3 model's canonical `params` (norm factors back to HF's
 /// `w` of `1 + w`), as `Gemma3ForCausalLM` loads them (`model.` prefix, tied `lm_head`).
-pub(crate) fn hf_tensors(cfg: &ModelConfig, params: &Params) -> Result<Vec<(String, Tensor)>> {
+pub(crate) fn hf_tensors(cfg: &ModelConfig, params: &Weights) -> Result<Vec<(String, Tensor)>> {
     let mut out = Vec::new();
     let mut put = |n: &Name, layer: Option<usize>| -> Result<()> {
         let (canonical, hf) = match layer {

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use super::{embedding_rows, has_unembed};
 use crate::config::{Activation, Architecture, AttentionType, ModelConfig, NormKind, RopeLayout};
 use crate::error::{Error, Result};
-use crate::weights::{Checkpoint, Format, GgufMeta, HfConfig, Params};
+use crate::weights::{Checkpoint, Format, GgufMeta, HfConfig, Weights};
 
 fn base(
     n_layers: usize,
@@ -142,10 +142,14 @@ pub(crate) fn config_from_hf(hf: &HfConfig, ckpt: &Checkpoint) -> Result<ModelCo
 /// (canonical name, name in the file, shape in the file).
 type FileTensor = (&'static str, String, Vec<usize>);
 
-pub(crate) fn load_params(cfg: &ModelConfig, ckpt: &mut Checkpoint, fmt: Format) -> Result<Params> {
+pub(crate) fn load_params(
+    cfg: &ModelConfig,
+    ckpt: &mut Checkpoint,
+    fmt: Format,
+) -> Result<Weights> {
     let d = cfg.d_model;
     let f = cfg.d_mlp;
-    let mut p = Params::new();
+    let mut p = Weights::new();
     // (canonical, file name, file shape, stored as [in, out] (HF Conv1D))
     let (globals, prefix) = match fmt {
         Format::Gguf => (

@@ -30,7 +30,7 @@ pub(crate) mod qwen2;
 
 use crate::config::{Activation, Architecture, AttentionType, ModelConfig, NormKind, RopeLayout};
 use crate::error::{Error, Result};
-use crate::weights::{Checkpoint, Format, GgufMeta, HfConfig, Params};
+use crate::weights::{Checkpoint, Format, GgufMeta, HfConfig, Weights};
 
 /// A tensor's canonical name (relative to `blocks.{L}.` for block tensors) and its names in GGUF
 /// (relative to `blk.{L}.`) and in HF files (relative to the text model's prefix, `model.` or
@@ -116,7 +116,11 @@ pub(crate) fn config_from_hf(
     Ok(cfg)
 }
 
-pub(crate) fn load_params(cfg: &ModelConfig, ckpt: &mut Checkpoint, fmt: Format) -> Result<Params> {
+pub(crate) fn load_params(
+    cfg: &ModelConfig,
+    ckpt: &mut Checkpoint,
+    fmt: Format,
+) -> Result<Weights> {
     match cfg.arch {
         Architecture::Llama => llama::load_params(cfg, ckpt, fmt),
         Architecture::Gemma3 => gemma3::load_params(cfg, ckpt, fmt),
@@ -175,7 +179,7 @@ pub(crate) fn load_table(
     global: &[Name],
     block: &[Name],
     optional: &[&str],
-) -> Result<Params> {
+) -> Result<Weights> {
     let prefix = match fmt {
         Format::Gguf => String::new(),
         Format::Hf => hf_prefix(ckpt, "embed_tokens.weight")?,
@@ -193,8 +197,8 @@ pub(crate) fn load_table(
             (Format::Hf, Some(l)) => format!("{prefix}layers.{l}.{}", n.hf),
         }
     };
-    let mut params = Params::new();
-    let mut take = |n: &Name, layer: Option<usize>, params: &mut Params| -> Result<()> {
+    let mut params = Weights::new();
+    let mut take = |n: &Name, layer: Option<usize>, params: &mut Weights| -> Result<()> {
         let canonical = match layer {
             Some(l) => format!("blocks.{l}.{}", n.canonical),
             None => n.canonical.to_string(),

@@ -7,7 +7,7 @@ use super::{
 };
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{Error, Result};
-use crate::weights::{Checkpoint, Format, GgufMeta, HfConfig, Params};
+use crate::weights::{Checkpoint, Format, GgufMeta, HfConfig, Weights};
 
 const GLOBAL: &[Name] = &[
     name("embed.weight", "token_embd.weight", "embed_tokens.weight"),
@@ -61,6 +61,10 @@ pub(crate) fn config_from_hf(hf: &HfConfig, ckpt: &Checkpoint) -> Result<ModelCo
     Ok(cfg)
 }
 
-pub(crate) fn load_params(cfg: &ModelConfig, ckpt: &mut Checkpoint, fmt: Format) -> Result<Params> {
+pub(crate) fn load_params(
+    cfg: &ModelConfig,
+    ckpt: &mut Checkpoint,
+    fmt: Format,
+) -> Result<Weights> {
     load_table(cfg, ckpt, fmt, GLOBAL, BLOCK, &["unembed.weight"])
 }
