@@ -25,8 +25,8 @@
 //!
 //! | check | constrains | passes vacuously for |
 //! |---|---|---|
-//! | [`check_decoder_norms`] | any SAE whose `unit_norm_decoder()` is true (`DecoderNorm::Unit`: the defaults of ReLU-L1, TopK, BatchTopK) | `DecoderNorm::Free` (the defaults of JumpReLU and Gated; any architecture configured free) |
-//! | [`check_l0_bound`] | TopK (`max_l0() = Some(k)`: at most k per token) | ReLU-L1, JumpReLU, Gated (no per-token bound) and BatchTopK (its k bounds the batch mean, not each token) |
+//! | [`check_decoder_norms`] | any SAE whose `unit_norm_decoder()` is true (`DecoderNorm::Unit`: the defaults of ReLU-L1, TopK, BatchTopK, Matryoshka BatchTopK) | `DecoderNorm::Free` (the defaults of JumpReLU and Gated; any architecture configured free) |
+//! | [`check_l0_bound`] | TopK (`max_l0() = Some(k)`: at most k per token) | ReLU-L1, JumpReLU, Gated (no per-token bound) BatchTopK and Matryoshka BatchTopK (their k bounds the batch mean, not each token) |
 //!
 //! Every other check constrains every architecture.
 
