@@ -47,6 +47,8 @@ const TRANS: c_int = 112;
 
 struct Blas {
     name: String,
+    /// OpenBLAS's kernel family for this CPU (`openblas_get_corename`), where it says.
+    core: Option<String>,
     sgemm: CblasSgemm,
     /// Kept open for the life of the process: `sgemm` points into it.
     _lib: libloading::Library,
@@ -64,8 +66,15 @@ fn open(name: &str) -> Option<Blas> {
         if let Ok(set) = lib.get::<unsafe extern "C" fn(c_int)>(b"openblas_set_num_threads\0") {
             set(1);
         }
+        let core = lib
+            .get::<unsafe extern "C" fn() -> *const std::ffi::c_char>(b"openblas_get_corename\0")
+            .ok()
+            .map(|f| f())
+            .filter(|p| !p.is_null())
+            .map(|p| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned());
         Some(Blas {
             name: name.to_string(),
+            core,
             sgemm,
             _lib: lib,
         })
@@ -101,6 +110,14 @@ fn blas() -> Option<&'static Blas> {
 /// use candle's matmul. Benchmarks print it beside their numbers.
 pub fn blas_library() -> Option<&'static str> {
     blas().map(|b| b.name.as_str())
+}
+
+/// The CPU kernel family OpenBLAS chose (`"Haswell"`, `"SkylakeX"`, `"Zen"`...), or `None`
+/// without OpenBLAS. Results are identical across thread counts, but each family sums in its own
+/// order: two machines agree bit for bit only on the same family, which `OPENBLAS_CORETYPE`
+/// (read when the library loads) pins. Reports record it beside [`blas_library`].
+pub fn blas_core() -> Option<&'static str> {
+    blas().and_then(|b| b.core.as_deref())
 }
 
 /// The output buffer, shared by the column blocks that each write their own columns.
@@ -374,6 +391,13 @@ mod tests {
             eprintln!("SKIP: no OpenBLAS (apt-get install libopenblas0); candle's matmul is used");
             return Ok(());
         };
+        if name.contains("openblas") {
+            let core = blas_core().expect("OpenBLAS names its kernel family");
+            assert!(
+                core.chars().all(|c| c.is_ascii_alphanumeric()) && !core.is_empty(),
+                "{core:?}"
+            );
+        }
         let dev = Device::Cpu;
         for (m, k, n) in [
             (1, 1, 1),

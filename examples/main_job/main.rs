@@ -486,6 +486,7 @@ fn main() -> Result<()> {
             "total": total_seconds,
         },
         "matmul": sae_workbench::transformer_hooks::blas_library().unwrap_or("candle gemm"),
+        "blas_core": sae_workbench::transformer_hooks::blas_core(),
         "total_seconds": total_seconds,
     });
     let json_path = report_dir.join("report.json");

@@ -50,7 +50,7 @@ mod weights;
 
 pub use alloc::retain_freed_memory;
 pub use config::{Activation, Architecture, AttentionType, ModelConfig, NormKind, RopeLayout};
-pub use cpu_blas::{BLAS_ENV, blas_library};
+pub use cpu_blas::{BLAS_ENV, blas_core, blas_library};
 pub use error::{BoxError, Error, Result};
 pub use generate::{GenerateOptions, Generation, Sampling, StopReason};
 pub use hook_point::{HookPoint, Site};
