@@ -142,6 +142,35 @@ fn main() -> Result<()> {
     sae_workbench::transformer_hooks::retain_freed_memory();
     let args = Args::parse();
     let t_start = Instant::now();
+    let device = check_args(&args)?;
+    let report_dir = args.out.join("report");
+    std::fs::create_dir_all(&report_dir)
+        .with_context(|| format!("creating {}", report_dir.display()))?;
+    let hook = format!("blocks.{}.{}", args.layer, args.site);
+    check_run_folder(&args)?;
+
+    let mut prepared = prepare(&args, &device, &hook)?;
+    let harvested = harvest_caches(&args, &mut prepared, &hook)?;
+    let trained = train_saes(&args, &device, &hook, &prepared, &harvested)?;
+    let evaluated = evaluate(&args, &device, &hook, &prepared, &trained, &report_dir)?;
+    let t_pages = Instant::now();
+    feature_pages(&args, &hook, &prepared, &harvested, &evaluated, &report_dir)?;
+    let pages_seconds = t_pages.elapsed().as_secs_f64();
+    write_report(
+        &args,
+        &hook,
+        &prepared,
+        &harvested,
+        &trained,
+        &evaluated,
+        &report_dir,
+        pages_seconds,
+        t_start.elapsed().as_secs_f64(),
+    )
+}
+
+/// Every argument checked before an hour of harvesting, not after; the device to run on.
+fn check_args(args: &Args) -> Result<Device> {
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
         "cuda" => {
@@ -154,7 +183,6 @@ fn main() -> Result<()> {
             bail!("--archs {a}: expected topk or standard");
         }
     }
-    // Checked before an hour of harvesting, not after.
     for (flag, v) in [
         ("--train-tokens", args.train_tokens),
         ("--epochs", args.epochs),
@@ -176,22 +204,30 @@ fn main() -> Result<()> {
             args.l1_coefficient
         );
     }
-    let report_dir = args.out.join("report");
-    std::fs::create_dir_all(&report_dir)
-        .with_context(|| format!("creating {}", report_dir.display()))?;
-    let hook = format!("blocks.{}.{}", args.layer, args.site);
-    check_run_folder(&args)?;
+    Ok(device)
+}
 
-    // 1. Model, corpora, windows.
+/// The model, the corpora cut into training and held-out windows.
+struct Prepared {
+    model_path: PathBuf,
+    hooked: HookedModel,
+    identity: store::ModelIdentity,
+    corpus_report: store::CorpusReport,
+    train_plan: WindowPlan,
+    test_plan: WindowPlan,
+}
+
+/// Stage 1: model, corpora, windows.
+fn prepare(args: &Args, device: &Device, hook: &str) -> Result<Prepared> {
     let model_path = args
         .model
         .clone()
         .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
     stage(&format!("loading {}", model_path.display()));
-    let model = Model::load_with(&model_path, &device, &LoadOptions::default())
+    let model = Model::load_with(&model_path, device, &LoadOptions::default())
         .with_context(|| format!("loading model {}", model_path.display()))?;
     let mut hooked = HookedModel::new(model);
-    hooked.check_hooks(std::slice::from_ref(&hook))?;
+    hooked.check_hooks(&[hook.to_string()])?;
     let bos = hooked.bos()?;
     let identity = hooked.identity()?;
     stage("reading and tokenizing the corpora");
@@ -208,9 +244,28 @@ fn main() -> Result<()> {
     let test_plan = WindowPlan::build(&tokenized, Split::Test, args.context, bos, args.seed)?;
     drop(tokenized);
 
-    // 2. Harvest.
-    let mut harvest_cfg = HarvestConfig::new(vec![hook.clone()]);
-    harvest_cfg.exclude_token_ids = hooked.special_token_ids()?;
+    Ok(Prepared {
+        model_path,
+        hooked,
+        identity,
+        corpus_report,
+        train_plan,
+        test_plan,
+    })
+}
+
+/// The two caches: training activations, and held-out ones for feature examples.
+struct Harvested {
+    train: store::HarvestSummary,
+    test: store::HarvestSummary,
+    test_dir: PathBuf,
+    train_cache: ActivationStore,
+}
+
+/// Stage 2: harvest (or resume) both caches.
+fn harvest_caches(args: &Args, p: &mut Prepared, hook: &str) -> Result<Harvested> {
+    let mut harvest_cfg = HarvestConfig::new(vec![hook.to_string()]);
+    harvest_cfg.exclude_token_ids = p.hooked.special_token_ids()?;
     harvest_cfg.max_rows = args.train_tokens;
     stage(&format!(
         "harvesting {hook} on {} training tokens",
@@ -220,9 +275,9 @@ fn main() -> Result<()> {
     let pb = bar("harvest train", "tokens");
     let harvest_train = store::harvest(
         &train_dir,
-        &train_plan,
-        &identity,
-        &mut hooked,
+        &p.train_plan,
+        &p.identity,
+        &mut p.hooked,
         &harvest_cfg,
         Some(&pb),
     )?;
@@ -237,20 +292,42 @@ fn main() -> Result<()> {
     let pb = bar("harvest test", "tokens");
     let harvest_test = store::harvest(
         &test_dir,
-        &test_plan,
-        &identity,
-        &mut hooked,
+        &p.test_plan,
+        &p.identity,
+        &mut p.hooked,
         &harvest_cfg,
         Some(&pb),
     )?;
     pb.finish_and_clear();
     eprintln!("{}", serde_json::to_string(&harvest_test)?);
     let train_cache = ActivationStore::open(&train_dir)?;
-    let train_acts = train_cache.hook(&hook)?;
+    Ok(Harvested {
+        train: harvest_train,
+        test: harvest_test,
+        test_dir,
+        train_cache,
+    })
+}
+
+/// The SAEs: `(name, folder, index into logs)`; the index is `None` for one reused as saved.
+struct Trained {
+    names: Vec<(String, PathBuf, Option<usize>)>,
+    logs: Vec<Vec<TrainMetrics>>,
+    train_seconds: f64,
+    rows: u64,
+}
+
+/// Stage 3: train (or reuse) the SAEs, all from one shuffled stream.
+fn train_saes(
+    args: &Args,
+    device: &Device,
+    hook: &str,
+    p: &Prepared,
+    h: &Harvested,
+) -> Result<Trained> {
+    let train_acts = h.train_cache.hook(hook)?;
     let d_in = train_acts.width();
     let d_sae = d_in * args.expansion;
-
-    // 3. Train (or reuse) the SAEs, all from one shuffled stream.
     let rows = train_acts.rows();
     let steps = (rows * args.epochs) / args.batch as u64;
     if steps == 0 {
@@ -293,8 +370,8 @@ fn main() -> Result<()> {
         cfg.seed = args.seed;
         cfg.checkpoint_every = Some((steps / 4).max(1));
         cfg.checkpoint_dir = Some(args.out.join("checkpoints").join(&name));
-        cfg.metadata.hook_name = Some(hook.clone());
-        cfg.metadata.model_name = Some(identity_name(&model_path));
+        cfg.metadata.hook_name = Some(hook.to_string());
+        cfg.metadata.model_name = Some(identity_name(&p.model_path));
         let trainer = match Trainer::latest_checkpoint(args.out.join("checkpoints").join(&name)) {
             Some(ck) => {
                 eprintln!("resuming {name} from {}", ck.display());
@@ -334,12 +411,39 @@ fn main() -> Result<()> {
         }
     }
 
-    // 4. Spliced evaluation on held-out test documents.
-    let model = hooked.model();
-    let eval_batches = test_plan.full_window_batches(args.eval_tokens, 8, &device)?;
+    Ok(Trained {
+        names,
+        logs,
+        train_seconds,
+        rows,
+    })
+}
+
+/// The evaluated SAEs, in `Trained::names` order.
+struct Evaluated {
+    saes: Vec<(String, SaeModel)>,
+    results: Vec<SaeResult>,
+    eval_tokens: usize,
+    eval_seconds: f64,
+}
+
+/// Stage 4: spliced evaluation on held-out test documents; a density plot per SAE and the
+/// loss-recovered bars.
+fn evaluate(
+    args: &Args,
+    device: &Device,
+    hook: &str,
+    p: &Prepared,
+    t: &Trained,
+    report_dir: &Path,
+) -> Result<Evaluated> {
+    let model = p.hooked.model();
+    let eval_batches = p
+        .test_plan
+        .full_window_batches(args.eval_tokens, 8, device)?;
     let eval_tokens: usize = eval_batches.iter().map(|b| b.elem_count()).sum();
     let mut saes = Vec::new();
-    for (name, folder, _) in &names {
+    for (name, folder, _) in &t.names {
         let sae =
             SaeModel::load(folder).with_context(|| format!("loading {}", folder.display()))?;
         saes.push((name.clone(), sae));
@@ -350,7 +454,7 @@ fn main() -> Result<()> {
         saes.len(),
         3 + 2 * saes.len()
     ));
-    let mut target = HookedSplice::new(model, &hook)?;
+    let mut target = HookedSplice::new(model, hook)?;
     for (_, sae) in &saes {
         target.check_sae(sae)?;
     }
@@ -365,7 +469,7 @@ fn main() -> Result<()> {
     let eval_seconds = t_eval.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let mut results = Vec::new();
-    for (((name, folder, idx), (_, sae)), eval) in names.iter().zip(&saes).zip(evals) {
+    for (((name, folder, idx), (_, sae)), eval) in t.names.iter().zip(&saes).zip(evals) {
         let hist = eval.reconstruction.density_histogram.clone();
         let density_png = format!("density_{name}.png");
         metrics::plots::plot_density_histogram(
@@ -378,8 +482,8 @@ fn main() -> Result<()> {
             architecture: sae.config().architecture().to_string(),
             d_sae: sae.d_sae(),
             folder: folder.clone(),
-            train_seconds: if idx.is_some() { train_seconds } else { 0.0 },
-            train_log: idx.map(|i| logs[i].clone()).unwrap_or_default(),
+            train_seconds: if idx.is_some() { t.train_seconds } else { 0.0 },
+            train_log: idx.map(|i| t.logs[i].clone()).unwrap_or_default(),
             eval,
             density_png,
         });
@@ -395,14 +499,30 @@ fn main() -> Result<()> {
         &report_dir.join("loss_recovered.png"),
     )?;
 
-    // 5. Feature pages for the first SAE.
-    let t_pages = Instant::now();
-    if let Some((sae_name, sae)) = saes.first()
+    Ok(Evaluated {
+        saes,
+        results,
+        eval_tokens,
+        eval_seconds,
+    })
+}
+
+/// Stage 5: feature pages for a sample of the first SAE's live features.
+fn feature_pages(
+    args: &Args,
+    hook: &str,
+    p: &Prepared,
+    h: &Harvested,
+    e: &Evaluated,
+    report_dir: &Path,
+) -> Result<()> {
+    let model = p.hooked.model();
+    if let Some((sae_name, sae)) = e.saes.first()
         && args.pages > 0
     {
         stage(&format!("feature pages for {sae_name}"));
-        let test_cache = ActivationStore::open(&test_dir)?;
-        let test_acts = test_cache.hook(&hook)?;
+        let test_cache = ActivationStore::open(&h.test_dir)?;
+        let test_acts = test_cache.hook(hook)?;
         let pb = bar("collect examples", "rows");
         let collector = collect_examples(
             &test_acts,
@@ -422,14 +542,14 @@ fn main() -> Result<()> {
         alive.sort_unstable();
         let tok = model.tokenizer()?;
         let window_tokens =
-            |w: u32| -> Option<Vec<u32>> { test_plan_tokens(&test_plan, w as usize) };
+            |w: u32| -> Option<Vec<u32>> { test_plan_tokens(&p.test_plan, w as usize) };
         let decode =
             |id: u32| -> String { tok.decode(&[id]).unwrap_or_else(|_| format!("<{id}>")) };
         let source = TokenSource {
             window_tokens: &window_tokens,
             decode: &decode,
         };
-        let mut target = HookedSplice::new(model, &hook)?;
+        let mut target = HookedSplice::new(model, hook)?;
         let page_cfg = PageConfig {
             seed: args.seed,
             ..PageConfig::default()
@@ -459,29 +579,42 @@ fn main() -> Result<()> {
                 "A random sample of {} live features of {sae_name}, trained on {} activations of \
                  {hook}; examples come from held-out test documents.",
                 alive.len(),
-                rows
+                h.train_cache.rows()
             ),
             &pages,
         )?;
     }
 
-    // The report.
-    let pages_seconds = t_pages.elapsed().as_secs_f64();
-    let total_seconds = t_start.elapsed().as_secs_f64();
+    Ok(())
+}
+
+/// `report.json`, `index.html` and the headline table.
+#[allow(clippy::too_many_arguments)]
+fn write_report(
+    args: &Args,
+    hook: &str,
+    p: &Prepared,
+    h: &Harvested,
+    t: &Trained,
+    e: &Evaluated,
+    report_dir: &Path,
+    pages_seconds: f64,
+    total_seconds: f64,
+) -> Result<()> {
     let report = serde_json::json!({
         "args": args,
-        "model": model_path,
+        "model": p.model_path,
         "hook": hook,
-        "corpus": corpus_report,
-        "harvest_train": harvest_train,
-        "harvest_test": harvest_test,
-        "eval_tokens": eval_tokens,
-        "saes": results,
+        "corpus": p.corpus_report,
+        "harvest_train": h.train,
+        "harvest_test": h.test,
+        "eval_tokens": e.eval_tokens,
+        "saes": e.results,
         "seconds": {
-            "harvest_train": harvest_train.seconds,
-            "harvest_test": harvest_test.seconds,
-            "train": train_seconds,
-            "spliced_eval": eval_seconds,
+            "harvest_train": h.train.seconds,
+            "harvest_test": h.test.seconds,
+            "train": t.train_seconds,
+            "spliced_eval": e.eval_seconds,
             "feature_pages": pages_seconds,
             "total": total_seconds,
         },
@@ -492,10 +625,10 @@ fn main() -> Result<()> {
     let json_path = report_dir.join("report.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
-    let table = headline_table(&results);
+    let table = headline_table(&e.results);
     std::fs::write(
         report_dir.join("index.html"),
-        index_html(&hook, &model_path, rows, &results),
+        index_html(hook, &p.model_path, t.rows, &e.results),
     )
     .context("writing index.html")?;
     println!("\n{table}");
