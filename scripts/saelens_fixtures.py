@@ -5,7 +5,9 @@ SAEs that sae-core saved (tests/fixtures/saelens/from_rust/, written by
 `SAE_WRITE_FIXTURES=1 cargo test -p sae-core --test saelens_interop`) are loaded by SAELens and
 must give sae-core's outputs.
 
-Usage: .venv/bin/python scripts/saelens_fixtures.py [write|check-rust|all]   (default: all)
+Usage: .venv/bin/python scripts/saelens_fixtures.py [write|check-rust [DIR]|all]   (default: all)
+(`check-rust DIR` loads the SAEs sae-core saved under DIR instead of the fixtures; sae-core's
+`saelens_loads_what_we_save_now` test does that with freshly saved SAEs.)
 """
 import json
 import shutil
@@ -137,8 +139,8 @@ def write():
     print("sparsify_topk written (expected from sparsify's formulas)")
 
 
-def check_rust():
-    base = ROOT / "from_rust"
+def check_rust(base=None):
+    base = Path(base) if base else ROOT / "from_rust"
     if not base.exists():
         print(f"{base} does not exist: run SAE_WRITE_FIXTURES=1 cargo test -p sae-core --test saelens_interop first")
         return 1
@@ -165,5 +167,5 @@ if __name__ == "__main__":
     if what in ("write", "all"):
         write()
     if what in ("check-rust", "all"):
-        rc = check_rust()
+        rc = check_rust(sys.argv[2] if len(sys.argv) > 2 else None)
     sys.exit(rc)

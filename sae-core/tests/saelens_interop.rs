@@ -248,3 +248,40 @@ fn rust_saved_fixtures_still_match() {
         assert_eq!(sae.log10_sparsity().map(|s| s.len()), Some(10));
     }
 }
+
+/// The other direction, with SAEs saved by this build rather than the committed fixtures:
+/// SAELens itself loads each and must reproduce our codes and reconstructions within 1e-5. Runs
+/// where the Python environment of `bench/setup_venv.sh` (`.venv` with sae-lens) exists; skipped
+/// elsewhere (CI has no such environment).
+#[test]
+fn saelens_loads_what_we_save_now() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".venv/bin/python");
+    let has_saelens = python.exists()
+        && std::process::Command::new(&python)
+            .args(["-c", "import sae_lens"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !has_saelens {
+        eprintln!("SKIP: no .venv with sae-lens (bash bench/setup_venv.sh)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    write_rust_fixtures(tmp.path());
+    let out = std::process::Command::new(&python)
+        .arg(root.join("scripts/saelens_fixtures.py"))
+        .arg("check-rust")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("{text}");
+    assert!(out.status.success() && text.contains("-> OK"), "{text}");
+    for (name, _) in rust_saved_configs() {
+        assert!(
+            text.contains(&format!("{name}: SAELens class")),
+            "{name} not checked: {text}"
+        );
+    }
+}
