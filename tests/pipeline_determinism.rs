@@ -5,6 +5,8 @@
 //! `sum` over work-stolen splits), a hash map's iteration order or the clock, and this test
 //! fails on it. Skipped when the model or corpora have not been fetched.
 
+mod common;
+
 use std::path::Path;
 
 use sae_workbench::activation_store::{
@@ -19,7 +21,7 @@ use sae_workbench::sae_core::{
     TrainerConfig, train_many,
 };
 use sae_workbench::transformer_hooks::candle_core::Device;
-use sae_workbench::transformer_hooks::{Model, assets};
+use sae_workbench::transformer_hooks::Model;
 
 const HOOK: &str = "blocks.15.mlp.hook_post";
 
@@ -116,14 +118,9 @@ fn run_pipeline(model_path: &Path, root: &Path, dir: &Path) -> Outcome {
 
 #[test]
 fn the_pipeline_gives_identical_numbers_twice() {
-    let Some(path) = assets::asset_or_skip(assets::SMOLLM2) else {
+    let Some((path, root)) = common::smollm2_and_corpora() else {
         return;
     };
-    let root = sae_workbench::activation_store::default_corpora_root();
-    if !root.join("moby-dick/data.txt").exists() {
-        eprintln!("skipping: corpora not fetched (python3 scripts/fetch_assets.py)");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let a = run_pipeline(&path, &root, &tmp.path().join("a"));
     let b = run_pipeline(&path, &root, &tmp.path().join("b"));

@@ -2,23 +2,20 @@
 //! independent single-window forward pass (no batching, no padding), through its provenance.
 //! Skipped when the model or corpora have not been fetched.
 
+mod common;
+
 use sae_workbench::activation_store::{
     ActivationStore, CorpusName, HarvestConfig, HookedModel, Split, SplitSpec, StreamConfig,
     WindowPlan, harvest, load_corpus, tokenize_documents,
 };
 use sae_workbench::transformer_hooks::candle_core::{Device, IndexOp, Tensor};
-use sae_workbench::transformer_hooks::{Model, assets};
+use sae_workbench::transformer_hooks::Model;
 
 #[test]
 fn harvested_rows_equal_a_direct_forward_pass_at_their_provenance() {
-    let Some(path) = assets::asset_or_skip(assets::SMOLLM2) else {
+    let Some((path, root)) = common::smollm2_and_corpora() else {
         return;
     };
-    let root = sae_workbench::activation_store::default_corpora_root();
-    if !root.join("moby-dick/data.txt").exists() {
-        eprintln!("skipping: corpora not fetched (python3 scripts/fetch_assets.py)");
-        return;
-    }
     let model = Model::load(&path, &Device::Cpu).unwrap();
     let mut source = HookedModel::new(model);
     let docs: Vec<_> = load_corpus(&root, CorpusName::MobyDick)
