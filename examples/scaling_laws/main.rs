@@ -495,7 +495,20 @@ fn main() -> Result<()> {
     }
     let eval_seconds = t_eval.elapsed().as_secs_f64();
 
-    // 4. Fits and plots.
+    // 4. Fits and plots. A resumed or extended sweep adds its seconds to those already recorded,
+    // so `fits.json` holds the sweep's whole cost however many invocations it took.
+    let before: serde_json::Value = std::fs::read(out.join("fits.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .map(|v| v["seconds_all_invocations"].clone())
+        .unwrap_or_default();
+    let add = |key: &str, now: f64| before[key].as_f64().unwrap_or(0.0) + now;
+    let all_invocations = serde_json::json!({
+        "harvest": add("harvest", harvest.seconds),
+        "train": add("train", train_seconds),
+        "eval": add("eval", eval_seconds),
+        "total": add("total", t_start.elapsed().as_secs_f64()),
+    });
     let timed = timed_steps(&def, d_in, args.batch, &acts)?;
     let fits = fit_and_plot(&results, &def, &out)?;
     let summary = serde_json::json!({
@@ -506,6 +519,7 @@ fn main() -> Result<()> {
         "runs": results.len(),
         "harvest": {"rows": harvest.tokens, "seconds": harvest.seconds},
         "seconds": {"train": train_seconds, "eval": eval_seconds, "total": t_start.elapsed().as_secs_f64()},
+        "seconds_all_invocations": all_invocations,
         "eval_tokens": eval_tokens,
         "timed_steps": timed,
         "fits": fits,
