@@ -20,8 +20,8 @@ use sae_workbench::sae_core::{
     ArchitectureConfig, IterSource, Progress, SaeModel, StandardTraining, TopKTraining, Trainer,
     TrainerConfig, train_many,
 };
-use sae_workbench::transformer_hooks::candle_core::Device;
 use sae_workbench::transformer_hooks::Model;
+use sae_workbench::transformer_hooks::candle_core::Device;
 
 const HOOK: &str = "blocks.15.mlp.hook_post";
 

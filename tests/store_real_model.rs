@@ -8,8 +8,8 @@ use sae_workbench::activation_store::{
     ActivationStore, CorpusName, HarvestConfig, HookedModel, Split, SplitSpec, StreamConfig,
     WindowPlan, harvest, load_corpus, tokenize_documents,
 };
-use sae_workbench::transformer_hooks::candle_core::{Device, IndexOp, Tensor};
 use sae_workbench::transformer_hooks::Model;
+use sae_workbench::transformer_hooks::candle_core::{Device, IndexOp, Tensor};
 
 #[test]
 fn harvested_rows_equal_a_direct_forward_pass_at_their_provenance() {

@@ -188,7 +188,7 @@ pub fn mean_kl(clean: &Tensor, steered: &Tensor) -> Result<f64> {
 }
 
 fn log_softmax(x: &Tensor) -> Result<Tensor> {
-    Ok(metrics::nll::log_softmax(x)?)
+    Ok(metrics::log_softmax(x)?)
 }
 
 /// log Σ_{t ∈ ids} p(t) of `[vocab]` logits: how much probability the next token puts on a set.
@@ -196,7 +196,7 @@ fn log_softmax(x: &Tensor) -> Result<Tensor> {
 /// # Errors
 /// Candle errors.
 pub fn log_mass(logits: &Tensor, ids: &[u32]) -> Result<f64> {
-    let lp: Vec<f32> = metrics::nll::log_softmax(&logits.unsqueeze(0)?)?
+    let lp: Vec<f32> = metrics::log_softmax(&logits.unsqueeze(0)?)?
         .squeeze(0)?
         .to_vec1()?;
     let m = ids
