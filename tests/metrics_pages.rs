@@ -10,7 +10,7 @@ use metrics::{
     ExampleCollector, HookedSplice, PageConfig, RowSource, TokenSource, build_feature_page,
     write_pages,
 };
-use sae_core::config::StandardConfig;
+use sae_core::StandardConfig;
 use sae_core::{
     CommonConfig, DecoderNorm, Param, Params, SaeConfig, SaeModel, StandardSae, StandardTraining,
 };

@@ -8,7 +8,7 @@ use metrics::{
     HookedSplice, MeanActivation, MetricsError, SpliceTarget, SplicedConfig, ablate_feature,
     evaluate_spliced, token_batches,
 };
-use sae_core::config::StandardConfig;
+use sae_core::StandardConfig;
 use sae_core::{
     CommonConfig, DecoderNorm, Param, Params, SaeConfig, SaeModel, StandardSae, StandardTraining,
 };

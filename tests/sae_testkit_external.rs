@@ -5,12 +5,13 @@
 //! saves as a SAELens `standard` SAE, since at inference it is one.
 
 use candle_core::Device;
-use sae_workbench::sae_core::arch::transpose;
-use sae_workbench::sae_core::kernels::{self, PairSet, SparseCodes};
+use sae_workbench::sae_core::SparseCodes;
+use sae_workbench::sae_core::kernels::{self, PairSet};
 use sae_workbench::sae_core::testkit::{KitOptions, check_architecture};
+use sae_workbench::sae_core::transpose;
 use sae_workbench::sae_core::{
-    Batch, CommonConfig, FileTensor, Param, Params, Result, Sae, SaeConfig, StepContext,
-    StepOutput, TrainableSae, config::StandardConfig,
+    Batch, CommonConfig, FileTensor, Param, Params, Result, Sae, SaeConfig, StandardConfig,
+    StepContext, StepOutput, TrainableSae,
 };
 
 struct TanhSae {

@@ -1,7 +1,7 @@
 //! Toy models and hand-built SAEs for unit tests.
 
 use candle_core::{DType, Device, Tensor};
-use sae_core::config::StandardConfig;
+use sae_core::StandardConfig;
 use sae_core::{
     CommonConfig, DecoderNorm, Param, Params, SaeConfig, SaeModel, StandardSae, StandardTraining,
 };

@@ -3,14 +3,14 @@
 //!
 //! # Architectures
 //!
-//! | `architecture` | file | recipe |
+//! | `architecture` | file, type | recipe |
 //! |---|---|---|
-//! | `standard` | [`arch::standard`] | ReLU + L1, Towards Monosemanticity (tied pre-encoder bias, geometric-median `b_dec`, unit-norm decoder, resampling) |
-//! | `topk` | [`arch::topk`] | TopK + AuxK (Gao et al. 2024) |
-//! | `batchtopk` | [`arch::batchtopk`] | BatchTopK with a learned inference threshold (saved as `jumprelu`) |
-//! | `matryoshka_batchtopk` | [`arch::matryoshka`] | BatchTopK whose nested prefixes must each reconstruct the input (Bussmann et al. 2025; saved as `jumprelu`) |
-//! | `jumprelu` | [`arch::jumprelu`] | JumpReLU, straight-through threshold gradient, L0 penalty |
-//! | `gated` | [`arch::gated`] | Gated SAE with its auxiliary loss |
+//! | `standard` | `src/arch/standard.rs`, [`StandardSae`] | ReLU + L1, Towards Monosemanticity (tied pre-encoder bias, geometric-median `b_dec`, unit-norm decoder, resampling) |
+//! | `topk` | `src/arch/topk.rs`, [`TopKSae`] | TopK + AuxK (Gao et al. 2024) |
+//! | `batchtopk` | `src/arch/batchtopk.rs`, [`BatchTopKSae`] | BatchTopK with a learned inference threshold (saved as `jumprelu`) |
+//! | `matryoshka_batchtopk` | `src/arch/matryoshka.rs`, [`MatryoshkaSae`] | BatchTopK whose nested prefixes must each reconstruct the input (Bussmann et al. 2025; saved as `jumprelu`) |
+//! | `jumprelu` | `src/arch/jumprelu.rs`, [`JumpReluSae`] | JumpReLU, straight-through threshold gradient, L0 penalty |
+//! | `gated` | `src/arch/gated.rs`, [`GatedSae`] | Gated SAE with its auxiliary loss |
 //!
 //! All implement [`Sae`] (inference) and [`TrainableSae`] (one hand-written forward + backward
 //! pass). The hot step never goes through candle's autograd: the dense encoder product is a
@@ -59,31 +59,38 @@
 //! `tests/sae_testkit_external.rs` at the workspace root does exactly this for an architecture
 //! defined outside this crate.
 
-pub mod arch;
-pub mod config;
-pub mod error;
+// Every item has one path: `sae_core::Item`, and three namespaces: `io` (SAELens-format files),
+// `kernels` (the host kernels an architecture is written with) and `testkit`.
+mod arch;
+mod codes;
+mod config;
+mod error;
 pub mod io;
 pub mod kernels;
-pub mod model;
-pub mod optim;
-pub mod params;
+mod model;
+mod optim;
+mod params;
 #[cfg(feature = "testkit")]
 pub mod testkit;
-pub mod trainer;
+mod trainer;
 
 pub use arch::{
     Batch, BatchTopKSae, BatchTopKTraining, DecoderNorm, FileTensor, GatedSae, GatedTraining,
     JumpReluSae, JumpReluTraining, MatryoshkaSae, MatryoshkaTraining, Sae, StandardSae,
-    StandardTraining, StepContext, StepOutput, TopKSae, TopKTraining, TrainableSae,
+    StandardTraining, StepContext, StepOutput, TopKSae, TopKTraining, TrainableSae, transpose,
 };
-pub use config::{CommonConfig, NormalizeActivations, SaeConfig, SaeMetadata};
+pub use codes::SparseCodes;
+pub use config::{
+    ARCHITECTURES, CommonConfig, GatedConfig, JumpReluConfig, NormalizeActivations,
+    SAELENS_FORMAT_VERSION, SaeConfig, SaeMetadata, StandardConfig, TopKConfig,
+};
 pub use error::{Result, SaeError};
-pub use kernels::SparseCodes;
 pub use model::SaeModel;
+pub use optim::{Adam, grad_norm};
 pub use params::{Param, Params};
 pub use trainer::{
     ActivationNormalization, ArchitectureConfig, BDecInit, BatchSource, HostBatch, IterSource,
-    Progress, TrainMetrics, Trainer, TrainerConfig, train_many,
+    Progress, TrainMetrics, Trainer, TrainerConfig, geometric_median, train_many,
 };
 
 /// Folds an input scale `s` into SAELens-named parameters: an SAE trained on `s·x` becomes one

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+use crate::SparseCodes;
 use crate::arch::{
     DecoderNorm, GatedSae, GatedTraining, JumpReluSae, JumpReluTraining, StandardSae,
     StandardTraining, TopKSae, TopKTraining, TrainableSae, transpose,
@@ -11,7 +12,7 @@ use crate::arch::{
 use crate::config::{NormalizeActivations, SaeConfig};
 use crate::error::{Result, SaeError};
 use crate::io::{self, HostTensor, LoadedFiles};
-use crate::kernels::{self, SparseCodes};
+use crate::kernels;
 use crate::params::{Param, Params};
 
 /// An SAE with its config: what `metrics` and the examples load, encode with and decode with.

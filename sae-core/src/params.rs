@@ -11,7 +11,7 @@ use crate::error::{Result, SaeError};
 pub struct Param {
     /// SAELens name (`W_enc`, `b_enc`, `W_dec`, `b_dec`, `threshold`, `b_gate`, `b_mag`, `r_mag`).
     pub name: String,
-    /// Row-major shape as stored here (see [`crate::arch`] for the one layout that differs from the
+    /// Row-major shape as stored here (see `src/arch/mod.rs` for the one layout that differs from the
     /// file: `W_enc` is kept feature-major, `[d_sae, d_in]`).
     pub shape: Vec<usize>,
     /// Whether the first axis indexes features, so that resampling a dead feature resets row `f`

@@ -136,7 +136,7 @@ impl sae_core::Sae for SkewedGradient {
     fn params(&self) -> &sae_core::Params {
         self.0.params()
     }
-    fn encode_host(&self, x: &[f32], n: usize) -> sae_core::Result<sae_core::kernels::SparseCodes> {
+    fn encode_host(&self, x: &[f32], n: usize) -> sae_core::Result<sae_core::SparseCodes> {
         self.0.encode_host(x, n)
     }
 }

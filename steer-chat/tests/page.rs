@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use headless_chrome::protocol::cdp::Page::CaptureScreenshotFormatOption;
 use headless_chrome::{Browser, LaunchOptions, Tab};
-use sae_core::config::TopKConfig;
+use sae_core::TopKConfig;
 use sae_core::{CommonConfig, SaeConfig, SaeModel, TopKSae, TopKTraining};
 use steer_chat::{ChatApp, Limits};
 use steering::FeatureStats;

@@ -4,9 +4,8 @@
 use approx::assert_abs_diff_eq;
 use candle_core::{Device, Tensor};
 use sae_core::{
-    CommonConfig, DecoderNorm, Param, Params, SaeConfig, SaeModel, StandardSae, StandardTraining,
-    TopKSae, TopKTraining,
-    config::{StandardConfig, TopKConfig},
+    CommonConfig, DecoderNorm, Param, Params, SaeConfig, SaeModel, StandardConfig, StandardSae,
+    StandardTraining, TopKConfig, TopKSae, TopKTraining,
 };
 use steering::{FeatureEdit, Scope, Steering, SteeringError};
 use transformer_hooks::HookPoint;

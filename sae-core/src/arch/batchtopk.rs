@@ -14,9 +14,10 @@ use super::{
     TrainableSae, centered, check_params, dead_features_aux, export_tensors, init_linear,
     reconstruction, relu_family_backward, select_codes, unit_norm_constrain,
 };
+use crate::SparseCodes;
 use crate::config::{CommonConfig, JumpReluConfig, SaeConfig};
 use crate::error::{Result, SaeError};
-use crate::kernels::{self, SparseCodes};
+use crate::kernels;
 use crate::params::{Param, Params};
 
 /// Training options for BatchTopK.

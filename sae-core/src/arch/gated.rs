@@ -16,9 +16,10 @@ use super::{
     check_params, export_tensors, init_linear, linear_backward, per_feature_sums, select_codes,
     unit_norm_constrain,
 };
+use crate::SparseCodes;
 use crate::config::{CommonConfig, GatedConfig, SaeConfig};
 use crate::error::Result;
-use crate::kernels::{self, PairSet, SparseCodes};
+use crate::kernels::{self, PairSet};
 use crate::params::{Param, Params};
 
 /// Training options for gated SAEs.

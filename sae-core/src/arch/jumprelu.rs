@@ -17,9 +17,10 @@ use super::{
     Batch, DecoderNorm, FileTensor, Sae, StepContext, StepOutput, TrainableSae, centered,
     check_params, export_tensors, init_linear, linear_backward, select_codes, unit_norm_constrain,
 };
+use crate::SparseCodes;
 use crate::config::{CommonConfig, JumpReluConfig, SaeConfig};
 use crate::error::Result;
-use crate::kernels::{self, PairSet, SparseCodes};
+use crate::kernels::{self, PairSet};
 use crate::params::{Param, Params};
 
 /// Training options for JumpReLU.

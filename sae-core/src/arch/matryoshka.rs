@@ -17,9 +17,9 @@ use serde::{Deserialize, Serialize};
 use super::batchtopk::{BatchTopKSae, BatchTopKTraining};
 use super::standard::default_init_norm;
 use super::{Batch, DecoderNorm, FileTensor, Sae, StepContext, StepOutput, TrainableSae};
+use crate::SparseCodes;
 use crate::config::{CommonConfig, SaeConfig};
 use crate::error::{Result, SaeError};
-use crate::kernels::SparseCodes;
 use crate::params::Params;
 
 /// Training options for Matryoshka BatchTopK.

@@ -12,12 +12,12 @@
 //! feature-major, `[d_sae, d_in]` (sparsify's `encoder.weight`), so that a feature's encoder row is
 //! contiguous for the sparse gradient; it is transposed to `[d_in, d_sae]` on export.
 
-pub mod batchtopk;
-pub mod gated;
-pub mod jumprelu;
-pub mod matryoshka;
-pub mod standard;
-pub mod topk;
+mod batchtopk;
+mod gated;
+mod jumprelu;
+mod matryoshka;
+mod standard;
+mod topk;
 
 use candle_core::Device;
 use rand::SeedableRng;
@@ -25,9 +25,10 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use crate::SparseCodes;
 use crate::config::{CommonConfig, SaeConfig};
 use crate::error::{Result, SaeError};
-use crate::kernels::{self, PairSet, SparseCodes};
+use crate::kernels::{self, PairSet};
 use crate::params::{Param, Params};
 
 pub use batchtopk::{BatchTopKSae, BatchTopKTraining};

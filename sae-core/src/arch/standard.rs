@@ -16,9 +16,10 @@ use super::{
     check_params, export_tensors, init_linear, per_feature_sums, reconstruction,
     relu_family_backward, select_codes, unit_norm_constrain,
 };
+use crate::SparseCodes;
 use crate::config::{CommonConfig, SaeConfig, StandardConfig};
 use crate::error::Result;
-use crate::kernels::{self, SparseCodes};
+use crate::kernels;
 use crate::params::Params;
 
 /// Training options for the standard SAE.
@@ -73,7 +74,7 @@ pub struct StandardSae {
 }
 
 impl StandardSae {
-    /// Fresh random weights (see [`super::init_linear`]).
+    /// Fresh random weights (see `init_linear` in `src/arch/mod.rs`).
     pub fn init(d_in: usize, d_sae: usize, cfg: StandardTraining, seed: u64) -> Self {
         let norm = match cfg.decoder_norm {
             DecoderNorm::Unit => 1.0,

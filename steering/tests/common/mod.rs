@@ -1,7 +1,7 @@
 //! Shared by the steering tests: a random TopK SAE wrapped as an `SaeModel`.
 #![allow(dead_code)]
 
-use sae_core::config::TopKConfig;
+use sae_core::TopKConfig;
 use sae_core::{CommonConfig, SaeConfig, SaeModel, TopKSae, TopKTraining};
 
 /// A freshly initialised TopK SAE of `d_sae` features reading width `d_in`.
