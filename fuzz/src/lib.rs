@@ -141,7 +141,7 @@ pub fn shard_files() -> [String; 3] {
         "blocks.0.mlp.hook_post",
         "provenance",
     ]
-    .map(|sub| store::manifest::shard_path(sub, 0))
+    .map(|sub| store::shard_path(sub, 0))
 }
 
 /// A small valid activation cache (two hooks of widths 3 and 5, two shards), written once.

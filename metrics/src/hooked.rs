@@ -217,7 +217,7 @@ pub fn token_batches(
         });
     }
     let mut windows: Vec<Vec<u32>> = Vec::new();
-    for r in activation_store::windows::chunk_ranges(text_ids.len(), context_len, bos.is_some()) {
+    for r in activation_store::chunk_ranges(text_ids.len(), context_len, bos.is_some()) {
         let mut w = Vec::with_capacity(r.len() + 1);
         w.extend(bos);
         w.extend_from_slice(&text_ids[r]);

@@ -14,7 +14,7 @@ use std::fs;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use activation_store::corpus::{CorpusName, Document, load_corpora};
+use activation_store::{CorpusName, Document, load_corpora};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -1001,7 +1001,7 @@ impl Material {
     /// Reads WordNet and all four corpora.
     ///
     /// # Errors
-    /// Those of [`read_wordnet`] and of `activation_store::corpus::load_corpora`.
+    /// Those of [`read_wordnet`] and of `activation_store::load_corpora`.
     pub fn load(sources: &Sources) -> Result<Self> {
         let synsets = read_wordnet(&sources.wordnet)?;
         let documents = load_corpora(&sources.corpora, &CorpusName::ALL)?;

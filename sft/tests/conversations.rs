@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::OnceLock;
 
-use activation_store::corpus::Document;
+use activation_store::Document;
 use sft::Error;
 use sft::conversations::{
     Conversation, FETCH_WORDNET, Material, Origin, Pos, Role, Sources, Split, Synset, Task,

@@ -1,33 +1,4 @@
-//! Typed hook points that print and parse as TransformerLens's names.
-//!
-//! SAE releases name the activation they were trained on by a TransformerLens string
-//! (`hook_name: "blocks.8.hook_resid_pre"`). [`HookPoint`] is that string as a type: `Display` writes
-//! it, `FromStr` reads it and fails on anything else (a typo is an error, never a silently unused
-//! hook), and serde goes through the string.
-//!
-//! | name | shape | what |
-//! |---|---|---|
-//! | `hook_embed` | `[batch, pos, d_model]` | token embedding (Gemma: already times `sqrt(d_model)`) |
-//! | `hook_pos_embed` | `[batch, pos, d_model]` | learned position embedding (GPT-2 only) |
-//! | `blocks.{L}.hook_resid_pre` | `[batch, pos, d_model]` | residual stream entering block L |
-//! | `blocks.{L}.ln1.hook_normalized` | `[batch, pos, d_model]` | input to attention, after its norm |
-//! | `blocks.{L}.attn.hook_q` / `hook_k` / `hook_v` | `[batch, pos, heads, d_head]` | projections (k/v: `n_kv_heads`), before q/k norm and rotary |
-//! | `blocks.{L}.attn.hook_rot_q` / `hook_rot_k` | `[batch, pos, heads, d_head]` | q/k after q/k norm and rotary (rotary models only) |
-//! | `blocks.{L}.attn.hook_attn_scores` | `[batch, heads, query_pos, key_pos]` | scaled, masked (-inf) scores |
-//! | `blocks.{L}.attn.hook_pattern` | `[batch, heads, query_pos, key_pos]` | softmax of the scores |
-//! | `blocks.{L}.attn.hook_z` | `[batch, pos, heads, d_head]` | pattern-weighted values, before `W_O` |
-//! | `blocks.{L}.hook_attn_out` | `[batch, pos, d_model]` | what attention adds to the residual (Gemma: after its post-attention norm) |
-//! | `blocks.{L}.hook_resid_mid` | `[batch, pos, d_model]` | residual between attention and MLP |
-//! | `blocks.{L}.ln2.hook_normalized` | `[batch, pos, d_model]` | input to the MLP, after its norm |
-//! | `blocks.{L}.mlp.hook_pre` | `[batch, pos, d_mlp]` | pre-activation (gated MLPs: the gate branch) |
-//! | `blocks.{L}.mlp.hook_pre_linear` | `[batch, pos, d_mlp]` | the linear ("up") branch of a gated MLP |
-//! | `blocks.{L}.mlp.hook_post` | `[batch, pos, d_mlp]` | the neurons: `act(pre)` or `act(pre) * pre_linear` |
-//! | `blocks.{L}.hook_mlp_out` | `[batch, pos, d_model]` | what the MLP adds to the residual (Gemma: after its post-FFN norm) |
-//! | `blocks.{L}.hook_resid_post` | `[batch, pos, d_model]` | residual leaving block L |
-//! | `ln_final.hook_normalized` | `[batch, pos, d_model]` | input to the unembedding |
-//!
-//! Not provided: `hook_scale` of the norms and `attn.hook_result` (per-head outputs), which the
-//! fused kernels do not materialise.
+//! Typed hook points; their documentation is on [`HookPoint`].
 
 use std::fmt;
 use std::str::FromStr;
@@ -130,6 +101,35 @@ impl Site {
 /// A TransformerLens hook point: where in the forward pass to capture or intervene.
 ///
 /// Ordered as the forward pass reaches them, so the greatest of a set is the deepest.
+///
+/// SAE releases name the activation they were trained on by a TransformerLens string
+/// (`hook_name: "blocks.8.hook_resid_pre"`). [`HookPoint`] is that string as a type: `Display` writes
+/// it, `FromStr` reads it and fails on anything else (a typo is an error, never a silently unused
+/// hook), and serde goes through the string.
+///
+/// | name | shape | what |
+/// |---|---|---|
+/// | `hook_embed` | `[batch, pos, d_model]` | token embedding (Gemma: already times `sqrt(d_model)`) |
+/// | `hook_pos_embed` | `[batch, pos, d_model]` | learned position embedding (GPT-2 only) |
+/// | `blocks.{L}.hook_resid_pre` | `[batch, pos, d_model]` | residual stream entering block L |
+/// | `blocks.{L}.ln1.hook_normalized` | `[batch, pos, d_model]` | input to attention, after its norm |
+/// | `blocks.{L}.attn.hook_q` / `hook_k` / `hook_v` | `[batch, pos, heads, d_head]` | projections (k/v: `n_kv_heads`), before q/k norm and rotary |
+/// | `blocks.{L}.attn.hook_rot_q` / `hook_rot_k` | `[batch, pos, heads, d_head]` | q/k after q/k norm and rotary (rotary models only) |
+/// | `blocks.{L}.attn.hook_attn_scores` | `[batch, heads, query_pos, key_pos]` | scaled, masked (-inf) scores |
+/// | `blocks.{L}.attn.hook_pattern` | `[batch, heads, query_pos, key_pos]` | softmax of the scores |
+/// | `blocks.{L}.attn.hook_z` | `[batch, pos, heads, d_head]` | pattern-weighted values, before `W_O` |
+/// | `blocks.{L}.hook_attn_out` | `[batch, pos, d_model]` | what attention adds to the residual (Gemma: after its post-attention norm) |
+/// | `blocks.{L}.hook_resid_mid` | `[batch, pos, d_model]` | residual between attention and MLP |
+/// | `blocks.{L}.ln2.hook_normalized` | `[batch, pos, d_model]` | input to the MLP, after its norm |
+/// | `blocks.{L}.mlp.hook_pre` | `[batch, pos, d_mlp]` | pre-activation (gated MLPs: the gate branch) |
+/// | `blocks.{L}.mlp.hook_pre_linear` | `[batch, pos, d_mlp]` | the linear ("up") branch of a gated MLP |
+/// | `blocks.{L}.mlp.hook_post` | `[batch, pos, d_mlp]` | the neurons: `act(pre)` or `act(pre) * pre_linear` |
+/// | `blocks.{L}.hook_mlp_out` | `[batch, pos, d_model]` | what the MLP adds to the residual (Gemma: after its post-FFN norm) |
+/// | `blocks.{L}.hook_resid_post` | `[batch, pos, d_model]` | residual leaving block L |
+/// | `ln_final.hook_normalized` | `[batch, pos, d_model]` | input to the unembedding |
+///
+/// Not provided: `hook_scale` of the norms and `attn.hook_result` (per-head outputs), which the
+/// fused kernels do not materialise.
 ///
 /// ```
 /// use transformer_hooks::{HookPoint, Site};

@@ -28,7 +28,7 @@
 //!   (`scripts/hf_reference.py`, checked by `tests/hf_parity.rs`).
 //! * The forward pass is plain candle ops, so it is differentiable: see
 //!   [`Model::trainable_params`].
-//! * Hook names, shapes and what each holds: see [`hook_point`].
+//! * Hook names, shapes and what each holds: see [`HookPoint`].
 //! * Speed on the CPU: weight products through OpenBLAS when installed ([`blas_library`] says
 //!   which), causal attention over the unmasked half only, and [`retain_freed_memory`] for
 //!   programs; level with HF transformers on SmolLM2 (`bench/forward_side_by_side.py`).
@@ -40,7 +40,7 @@ mod config;
 mod error;
 mod families;
 mod generate;
-pub mod hook_point;
+mod hook_point;
 mod hooks;
 mod layers;
 mod model;
