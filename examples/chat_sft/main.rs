@@ -22,8 +22,8 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use sae_workbench::metrics::plots::{Mark, Scatter, plot_scatter};
+use sae_workbench::sft::checkpoint_dir;
 use sae_workbench::sft::conversations::{self, Conversation, Material, Sources, Split};
-use sae_workbench::sft::train::checkpoint_dir;
 use sae_workbench::sft::{Example, SftConfig, Trainer, chat_loss, encode_conversation};
 use sae_workbench::transformer_hooks::candle_core::Device;
 use sae_workbench::transformer_hooks::{

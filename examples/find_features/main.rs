@@ -100,9 +100,7 @@ fn main() -> Result<()> {
             let alive = s.firing_rate.iter().filter(|&&r| r > 0.0).count();
             eprintln!(
                 "wrote {} ({} rows scanned, {alive} of {} features fired)",
-                args.sae
-                    .join(sae_workbench::steering::features::STATS_FILE)
-                    .display(),
+                args.sae.join(sae_workbench::steering::STATS_FILE).display(),
                 s.rows,
                 s.d_sae()
             );

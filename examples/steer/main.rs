@@ -22,11 +22,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sae_workbench::activation_store::{self as store, CorpusName, Split, SplitSpec, WindowPlan};
 use sae_workbench::metrics::plots::{Series, plot_lines};
 use sae_workbench::sae_core::SaeModel;
-use sae_workbench::steering::measure::{log_mass, mean_kl, response_nll};
 use sae_workbench::steering::{
     FeatureEdit, FeatureStats, Scope, Steering, WordList, agrees, bootstrap_mean,
     bootstrap_paired_diff, sae_hook,
 };
+use sae_workbench::steering::{log_mass, mean_kl, response_nll};
 use sae_workbench::transformer_hooks::candle_core::{Device, Tensor};
 use sae_workbench::transformer_hooks::{
     self as transformer_hooks, ChatMessage, GenerateOptions, Hooks, Model, Sampling, assets,

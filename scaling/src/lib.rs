@@ -23,12 +23,12 @@
 //! workspace for no gain at this size.
 
 mod error;
-pub mod fit;
-pub mod frontier;
+mod fit;
+mod frontier;
 
 pub use error::{Result, ScalingError};
 pub use fit::{
-    Bootstrap, Fitted, Law, OffsetPowerLaw, ParamInterval, PowerLaw, Quality, Verdict, assess,
-    bootstrap, fit_offset_power_law, fit_power_law,
+    Bootstrap, Fitted, Law, MIN_R2_LOG, OffsetPowerLaw, ParamInterval, PowerLaw, Quality, Verdict,
+    assess, bootstrap, fit_offset_power_law, fit_power_law,
 };
 pub use frontier::{Extrapolation, best_per_bin, extrapolate, frontier};

@@ -23,11 +23,11 @@
 //! step above went from 33 to 24 s with it).
 
 pub mod conversations;
-pub mod error;
-pub mod train;
+mod error;
+mod train;
 
 pub use error::{Error, Result};
 pub use train::{
-    Example, SftConfig, StepLog, TokenKind, Trainer, chat_loss, encode_conversation,
-    encode_conversation_kinds,
+    Example, SftConfig, StepLog, TokenKind, Trainer, batch_logprobs, chat_loss, checkpoint_dir,
+    encode_conversation, encode_conversation_kinds,
 };

@@ -223,9 +223,7 @@ fn first_step_is_sign_descent_on_the_mean_trained_token_loss() {
     let vars = reference
         .trainable_params_where(|n| n != "embed.weight")
         .unwrap();
-    let lp = sft::train::batch_logprobs(&reference, &picked)
-        .unwrap()
-        .unwrap();
+    let lp = sft::batch_logprobs(&reference, &picked).unwrap().unwrap();
     let loss = lp.mean_all().unwrap().neg().unwrap();
     let grads = loss.backward().unwrap();
 

@@ -22,7 +22,7 @@ use sae_core::TopKConfig;
 use sae_core::{CommonConfig, SaeConfig, SaeModel, TopKSae, TopKTraining};
 use steer_chat::{ChatApp, Limits};
 use steering::FeatureStats;
-use steering::features::activations;
+use steering::activations;
 use transformer_hooks::candle_core::Device;
 use transformer_hooks::{HookPoint, Model, assets};
 

@@ -5,12 +5,12 @@
 //!   feature changes), add its decoder direction, or ablate it; several at once; at every
 //!   position or at generated ones only. It becomes a `transformer_hooks::Intervention`, so it
 //!   runs inside `Model::generate_batch` (KV-cached) and any other forward pass.
-//! * [`features`]: find the feature to steer with, by its top contexts ([`FeatureStats`]), by
+//! * Features: find the feature to steer with, by its top contexts ([`FeatureStats`]), by
 //!   contrasting two sets of texts ([`contrast`]), or by what fires on a prompt ([`features_in`]).
 //! * [`traits()`]: the features most characteristic of a response (TF-IDF over SAE features).
 //! * [`cue`]: a prompt that triggers an unwanted feature, edited (words deleted, replaced by
 //!   synonyms, rephrased) until the feature stays quiet, with a score of the meaning kept.
-//! * [`measure`]: topic mentions by word list, agreement by keyword rule, response perplexity,
+//! * Measures: topic mentions by word list, agreement by keyword rule, response perplexity,
 //!   KL on corpus text, bootstrap intervals over prompts.
 //!
 //! ```no_run
@@ -34,16 +34,18 @@
 
 pub mod cue;
 mod error;
-pub mod features;
+mod features;
 mod intervene;
-pub mod measure;
-pub mod traits;
+mod measure;
+mod traits;
 
 pub use error::{Result, SteeringError};
 pub use features::{
-    ContrastHit, ContrastText, FeatureStats, PromptHit, SearchHit, TopContext, contrast,
-    features_in,
+    ContrastHit, ContrastText, FeatureStats, PromptHit, STATS_FILE, SearchHit, TopContext,
+    activations, contrast, features_in,
 };
 pub use intervene::{Edit, FeatureEdit, Scope, Steering, sae_hook};
-pub use measure::{WordList, agrees, bootstrap_mean, bootstrap_paired_diff};
+pub use measure::{
+    WordList, agrees, bootstrap_mean, bootstrap_paired_diff, log_mass, mean_kl, response_nll,
+};
 pub use traits::{Trait, TraitOptions, TraitToken, traits};

@@ -15,7 +15,7 @@
 //! - [`matrix`]: every SAE on every model and text, as a table and a heatmap.
 
 pub mod capture;
-pub mod error;
+mod error;
 pub mod matrix;
 pub mod norms;
 pub mod pair;
