@@ -314,7 +314,6 @@ struct Trained {
     names: Vec<(String, PathBuf, Option<usize>)>,
     logs: Vec<Vec<TrainMetrics>>,
     train_seconds: f64,
-    rows: u64,
 }
 
 /// Stage 3: train (or reuse) the SAEs, all from one shuffled stream.
@@ -415,7 +414,6 @@ fn train_saes(
         names,
         logs,
         train_seconds,
-        rows,
     })
 }
 
@@ -628,7 +626,7 @@ fn write_report(
     let table = headline_table(&e.results);
     std::fs::write(
         report_dir.join("index.html"),
-        index_html(hook, &p.model_path, t.rows, &e.results),
+        index_html(hook, &p.model_path, h.train_cache.rows(), &e.results),
     )
     .context("writing index.html")?;
     println!("\n{table}");

@@ -682,7 +682,7 @@ fn train_group(
         at = end;
         for ((s, t), last) in members.iter().zip(&trainers).zip(&final_train) {
             // Saved only at its own budget: a saved run counts as finished on a rerun.
-            if t.step_count() == s.steps && s.steps == end {
+            if s.steps == end {
                 t.save(sae_dir(s))?;
                 write_atomic(
                     &sae_dir(s).join("train_final.json"),
