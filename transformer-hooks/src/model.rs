@@ -130,19 +130,29 @@ struct SavedConfig {
 
 const SAVED_FORMAT: &str = "transformer-hooks";
 
-/// The tokenizer of a GGUF model: the byte-level BPE its metadata describes, or for SentencePiece
-/// vocabularies (Gemma) a `tokenizer.json` beside it or in the assets folder; else why not.
+/// The tokenizer of a GGUF model, built from its own metadata: the byte-level BPE (`gpt2`:
+/// SmolLM2, Qwen2) or the SentencePiece BPE (`llama`: Gemma, Llama 2) it describes. For any other
+/// kind, a `tokenizer.json` beside it or in the assets folder; else why not.
 fn gguf_tokenizer(
     path: &Path,
     meta: &crate::weights::GgufMeta,
     cfg: &ModelConfig,
 ) -> Result<(Option<Tokenizer>, String)> {
     let (bos, eos, add_bos) = (cfg.bos_token_id, cfg.eos_token_id, cfg.add_bos);
-    if meta.opt_str("tokenizer.ggml.model") == Some("gpt2") {
-        return Ok((
-            Some(Tokenizer::from_gguf(meta, bos, eos, add_bos)?),
-            String::new(),
-        ));
+    match meta.opt_str("tokenizer.ggml.model") {
+        Some("gpt2") => {
+            return Ok((
+                Some(Tokenizer::from_gguf(meta, bos, eos, add_bos)?),
+                String::new(),
+            ));
+        }
+        Some("llama") if meta.map.contains_key("tokenizer.ggml.scores") => {
+            return Ok((
+                Some(Tokenizer::from_gguf_sentencepiece(meta, bos, eos, add_bos)?),
+                String::new(),
+            ));
+        }
+        _ => {}
     }
     let arch = cfg.arch.as_str();
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -165,8 +175,10 @@ fn gguf_tokenizer(
         None => Ok((
             None,
             format!(
-                "{} stores a SentencePiece vocabulary; put its tokenizer.json at one of {:?} or pass LoadOptions::with_tokenizer",
+                "{} stores a `{}` vocabulary, which is not built from the file; put its tokenizer.json at one of {:?} or pass LoadOptions::with_tokenizer",
                 path.display(),
+                meta.opt_str("tokenizer.ggml.model")
+                    .unwrap_or("(no tokenizer.ggml.model)"),
                 candidates
             ),
         )),

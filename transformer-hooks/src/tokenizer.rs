@@ -1,10 +1,17 @@
-//! Tokenizers: `tokenizer.json` where one exists, else the byte-level BPE a GGUF file describes;
-//! BOS handling per model; chat templates for ChatML (SmolLM2, Qwen) and Gemma.
+//! Tokenizers: `tokenizer.json` for an HF folder; for a GGUF file, the tokenizer its metadata
+//! describes (byte-level BPE with merges, or SentencePiece BPE from scores), so that the file alone
+//! is enough; BOS handling per model; chat templates for ChatML (SmolLM2, Qwen) and Gemma.
 
 use std::path::Path;
 
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::{BPE, Vocab};
-use tokenizers::normalizers::{NFC, NormalizerWrapper};
+use tokenizers::normalizers::{
+    NFC, NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence,
+};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -252,6 +259,66 @@ fn tok_err(what: impl Into<String>) -> impl FnOnce(tokenizers::Error) -> Error {
     }
 }
 
+/// The longest piece, in bytes, that [`sentencepiece_merges`] splits into merges.
+const MAX_MERGED_PIECE: usize = 1024;
+
+/// Adds a GGUF vocabulary's control tokens (type 3, e.g. `<|im_start|>`) as special tokens and
+/// its user-defined ones (type 4) as plain added tokens: both are matched whole in text, as
+/// llama.cpp and HF do.
+fn add_gguf_tokens(
+    inner: &mut tokenizers::Tokenizer,
+    tokens: &[String],
+    types: &[i64],
+    what: &str,
+) -> Result<()> {
+    let of_type = |want: i64, special: bool| -> Vec<AddedToken> {
+        tokens
+            .iter()
+            .zip(types.iter())
+            .filter(|(_, t)| **t == want)
+            .map(|(tok, _)| AddedToken::from(tok.clone(), special))
+            .collect()
+    };
+    inner
+        .add_special_tokens(of_type(3, true))
+        .map_err(tok_err(what))?;
+    inner.add_tokens(of_type(4, false)).map_err(tok_err(what))?;
+    Ok(())
+}
+
+/// The merges of a SentencePiece BPE vocabulary, as HF transformers derives them from scores:
+/// each piece contributes every split into two vocabulary pieces (ordered by their ids), and the
+/// merges are ranked by the piece's score, then the left part's length, then the right part's,
+/// highest first (a stable sort, so equal keys keep vocabulary order). Pieces longer than
+/// [`MAX_MERGED_PIECE`] bytes contribute no merges, which bounds the search (quadratic in a
+/// piece's length) on a hostile file; Gemma-3's longest piece is 93 bytes.
+fn sentencepiece_merges(tokens: &[String], scores: &[f32], vocab: &Vocab) -> Vec<(String, String)> {
+    let mut merges: Vec<(u32, u32, f32)> = Vec::new();
+    for (piece, &score) in tokens.iter().zip(scores) {
+        if piece.len() > MAX_MERGED_PIECE {
+            continue;
+        }
+        let start = merges.len();
+        for (cut, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(cut);
+            if let (Some(&l), Some(&r)) = (vocab.get(l), vocab.get(r)) {
+                merges.push((l, r, score));
+            }
+        }
+        merges[start..].sort_by_key(|&(l, r, _)| (l, r));
+    }
+    let len = |id: u32| tokens[id as usize].chars().count();
+    merges.sort_by(|a, b| {
+        (b.2, len(b.0), len(b.1))
+            .partial_cmp(&(a.2, len(a.0), len(a.1)))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (tokens[l as usize].clone(), tokens[r as usize].clone()))
+        .collect()
+}
+
 impl Tokenizer {
     /// Wraps a `tokenizers` tokenizer with the model's BOS convention and chat template.
     pub fn new(
@@ -374,27 +441,95 @@ impl Tokenizer {
         };
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
-        // 3 = control (e.g. <|im_start|>): matched whole in text, as llama.cpp and HF do.
-        let special: Vec<AddedToken> = tokens
-            .iter()
-            .zip(types.iter())
-            .filter(|(_, t)| **t == 3)
-            .map(|(tok, _)| AddedToken::from(tok.clone(), true))
-            .collect();
-        inner
-            .add_special_tokens(special)
-            .map_err(tok_err(what.clone()))?;
-        // 4 = user-defined: matched whole, but not special.
-        let user: Vec<AddedToken> = tokens
-            .iter()
-            .zip(types.iter())
-            .filter(|(_, t)| **t == 4)
-            .map(|(tok, _)| AddedToken::from(tok.clone(), false))
-            .collect();
-        inner.add_tokens(user).map_err(tok_err(what.clone()))?;
+        add_gguf_tokens(&mut inner, &tokens, &types, &what)?;
         let chat = meta
             .opt_str("tokenizer.chat_template")
             .and_then(ChatTemplate::detect);
+        Ok(Self::new(inner, bos, eos, add_bos, chat))
+    }
+
+    /// Builds the SentencePiece BPE a GGUF file describes (`tokenizer.ggml.model == "llama"`,
+    /// Gemma's and Llama 2's): no merges are stored, only each piece's score, so the merges are
+    /// made the way HF transformers converts a SentencePiece model: every split of a piece into two
+    /// pieces of the vocabulary is a merge ranked by the whole piece's score (then by the longer
+    /// left and right part). llama.cpp writes -1000 as the score of user-defined pieces (type 4)
+    /// where SentencePiece has 0, and their spaces as spaces where the vocabulary has `▁`; both
+    /// are undone, which makes Gemma-3's merges equal HF's `tokenizer.json` entry for entry.
+    pub(crate) fn from_gguf_sentencepiece(
+        meta: &GgufMeta,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        add_bos: bool,
+    ) -> Result<Self> {
+        let what = format!("{} (tokenizer.ggml.*)", meta.path.display());
+        let mut tokens = meta.strings("tokenizer.ggml.tokens")?;
+        let mut scores = meta.floats("tokenizer.ggml.scores")?;
+        let types = meta.ints("tokenizer.ggml.token_type").unwrap_or_default();
+        if scores.len() != tokens.len() {
+            return Err(Error::metadata(
+                &meta.path,
+                "tokenizer.ggml.scores",
+                format!("{} scores for {} tokens", scores.len(), tokens.len()),
+            ));
+        }
+        for ((tok, score), &ty) in tokens.iter_mut().zip(scores.iter_mut()).zip(types.iter()) {
+            if ty == 4 {
+                *tok = tok.replace(' ', "▁");
+                *score = 0.0;
+            }
+        }
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges = sentencepiece_merges(&tokens, &scores, &vocab);
+        let unk = meta
+            .opt_u32("tokenizer.ggml.unknown_token_id")?
+            .and_then(|id| tokens.get(id as usize))
+            .cloned()
+            .unwrap_or_else(|| "<unk>".to_string());
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .unk_token(unk)
+            .fuse_unk(true)
+            .byte_fallback(true)
+            .build()
+            .map_err(tok_err(what.clone()))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let replace =
+            NormalizerWrapper::Replace(Replace::new(" ", "▁").map_err(tok_err(what.clone()))?);
+        let mut decoders = vec![
+            DecoderWrapper::Replace(Replace::new("▁", " ").map_err(tok_err(what.clone()))?),
+            DecoderWrapper::ByteFallback(ByteFallback::new()),
+            DecoderWrapper::Fuse(Fuse::new()),
+        ];
+        // Llama 2 puts `▁` before the text (and its decoder takes it off); Gemma does not.
+        let normalizer = if meta.opt_bool("tokenizer.ggml.add_space_prefix") == Some(true) {
+            decoders.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+            NormalizerWrapper::Sequence(NormalizerSequence::new(vec![
+                NormalizerWrapper::Prepend(Prepend::new("▁".into())),
+                replace,
+            ]))
+        } else {
+            replace
+        };
+        inner
+            .with_normalizer(Some(normalizer))
+            .map_err(tok_err(what.clone()))?;
+        inner.with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(
+            decoders,
+        ))));
+        add_gguf_tokens(&mut inner, &tokens, &types, &what)?;
+        // A GGUF converted from Gemma's HF folder carries no chat template; its turn markers
+        // are control tokens of the vocabulary, which is how the Gemma template is known.
+        let chat = meta
+            .opt_str("tokenizer.chat_template")
+            .and_then(ChatTemplate::detect)
+            .or_else(|| {
+                let has = |t: &str| inner.token_to_id(t).is_some();
+                (has("<start_of_turn>") && has("<end_of_turn>")).then_some(ChatTemplate::Gemma)
+            });
         Ok(Self::new(inner, bos, eos, add_bos, chat))
     }
 

@@ -327,6 +327,24 @@ impl GgufMeta {
             .collect()
     }
 
+    pub(crate) fn floats(&self, key: &str) -> Result<Vec<f32>> {
+        let arr = self
+            .get(key)?
+            .to_vec()
+            .map_err(|e| Error::metadata(&self.path, key, e.to_string()))?;
+        arr.iter()
+            .map(|v| match v {
+                gguf_file::Value::F32(x) => Ok(*x),
+                gguf_file::Value::F64(x) => Ok(*x as f32),
+                other => Err(Error::metadata(
+                    &self.path,
+                    key,
+                    format!("expected floats, got {other:?}"),
+                )),
+            })
+            .collect()
+    }
+
     pub(crate) fn ints(&self, key: &str) -> Result<Vec<i64>> {
         let arr = self
             .get(key)?
