@@ -1128,6 +1128,11 @@ impl Trainer {
 /// then every trainer takes its step on it (the scaling-law sweep pattern). Returns each
 /// trainer's logged metrics. Trainers that are done are skipped.
 ///
+/// A trainer at step `s` takes batch `s` of the stream, and `source` must stand at the batch of
+/// the least advanced unfinished trainer (a resume skips that many). Trainers resumed from
+/// different checkpoints (a process killed between writing one trainer's checkpoint and the
+/// next one's) wait until the stream reaches their step, so that no trainer sees a batch twice.
+///
 /// # Errors
 /// As [`Trainer::train`]; the error names the failing trainer's step.
 pub fn train_many(
@@ -1140,7 +1145,12 @@ pub fn train_many(
         .map(|t| t.cfg.total_steps)
         .max()
         .unwrap_or(0);
-    let start = trainers.iter().map(|t| t.step).min().unwrap_or(0);
+    let start = trainers
+        .iter()
+        .filter(|t| !t.is_done())
+        .map(|t| t.step)
+        .min()
+        .unwrap_or(0);
     let pb = match progress {
         Progress::Bar => indicatif::ProgressBar::new(total),
         Progress::Hidden => indicatif::ProgressBar::hidden(),
@@ -1160,6 +1170,7 @@ pub fn train_many(
             "all trainers must share d_in",
         ));
     }
+    let mut batch_index = start;
     while trainers.iter().any(|t| !t.is_done()) {
         let Some(batch) = source.next_batch()? else {
             tracing::warn!("batch source ended before total_steps");
@@ -1168,7 +1179,7 @@ pub fn train_many(
         let hb = HostBatch::from_tensor(&batch, d_in)?;
         let mut msg = String::new();
         for (i, t) in trainers.iter_mut().enumerate() {
-            if t.is_done() {
+            if t.is_done() || t.step > batch_index {
                 continue;
             }
             let m = t.step_host(&hb)?;
@@ -1188,6 +1199,7 @@ pub fn train_many(
             pb.set_message(msg);
         }
         pb.inc(1);
+        batch_index += 1;
     }
     pb.finish();
     Ok(logs)

@@ -255,6 +255,43 @@ fn several_saes_from_one_stream() {
     }
 }
 
+/// A process killed after writing one trainer's checkpoint and before the next one's leaves
+/// them at different steps; the stream resumes at the least advanced one, and the other must
+/// wait for its own batch rather than take batches it has already seen.
+#[test]
+fn trainers_resumed_at_different_steps_each_take_their_own_batches() {
+    let cfgs = [
+        config(ArchitectureConfig::TopK(TopKTraining::new(2)), 9),
+        config(ArchitectureConfig::BatchTopK(BatchTopKTraining::new(3.0)), 9),
+    ];
+    let data = batches(9);
+    let stream = |from: usize| IterSource(data[from..].to_vec().into_iter().map(Ok::<_, SaeError>));
+    let mut reference: Vec<Trainer> = cfgs
+        .iter()
+        .map(|c| Trainer::new(c.clone()).unwrap())
+        .collect();
+    sae_core::train_many(&mut reference, &mut stream(0), Progress::Hidden).unwrap();
+
+    // Trainer 0 reached step 6, trainer 1 only step 3.
+    let mut ts: Vec<Trainer> = cfgs
+        .iter()
+        .map(|c| Trainer::new(c.clone()).unwrap())
+        .collect();
+    for (t, upto) in ts.iter_mut().zip([6, 3]) {
+        for b in &data[..upto] {
+            t.step(b).unwrap();
+        }
+    }
+    sae_core::train_many(&mut ts, &mut stream(3), Progress::Hidden).unwrap();
+    for (i, (t, r)) in ts.iter().zip(&reference).enumerate() {
+        assert_eq!(t.step_count(), 9, "trainer {i}");
+        assert!(
+            bits(t) == bits(r),
+            "trainer {i} differs from an uninterrupted run"
+        );
+    }
+}
+
 #[test]
 fn divergence_names_the_step() {
     let mut cfg = config(ArchitectureConfig::TopK(TopKTraining::new(3)), 20);
