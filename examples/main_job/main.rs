@@ -140,7 +140,12 @@ struct SaeResult {
 fn main() -> Result<()> {
     // Freed tensors stay in the process for the next operation (transformer-hooks' alloc.rs).
     sae_workbench::transformer_hooks::retain_freed_memory();
-    let args = Args::parse();
+    run(&Args::parse())
+}
+
+/// The five stages; each resumes from what `--out` already holds.
+fn run(args: &Args) -> Result<()> {
+    let args = args.clone();
     let t_start = Instant::now();
     let device = check_args(&args)?;
     let report_dir = args.out.join("report");
@@ -793,4 +798,244 @@ fn index_html(hook: &str, model: &Path, train_rows: u64, results: &[SaeResult]) 
         hook = esc(hook),
         model = esc(&model.display().to_string()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A main job small enough for a test: 8,192 training tokens, 64 steps of 256 for a TopK
+    /// and a ReLU-L1 SAE of 2x, a checkpoint every 16 steps, no feature pages.
+    fn small(out: &Path) -> Args {
+        Args::parse_from([
+            "main_job",
+            "--train-tokens",
+            "8192",
+            "--epochs",
+            "2",
+            "--batch",
+            "256",
+            "--expansion",
+            "2",
+            "--eval-tokens",
+            "512",
+            "--example-tokens",
+            "2048",
+            "--pages",
+            "0",
+            "--out",
+            out.to_str().expect("a UTF-8 temporary path"),
+        ])
+    }
+
+    fn assets_present() -> bool {
+        let model = assets::asset_or_skip(assets::SMOLLM2).is_some();
+        let corpora = store::default_corpora_root()
+            .join("moby-dick/data.txt")
+            .exists();
+        if model && !corpora {
+            eprintln!("skipping: corpora not fetched (python3 scripts/fetch_assets.py corpora)");
+        }
+        model && corpora
+    }
+
+    /// Every file of each trained SAE folder, by name.
+    fn sae_files(out: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut files = Vec::new();
+        let saes = out.join("saes");
+        let mut names: Vec<_> = std::fs::read_dir(&saes)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        for dir in names {
+            let mut inner: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            inner.sort();
+            for f in inner {
+                let name = f.strip_prefix(&saes).unwrap().display().to_string();
+                files.push((name, std::fs::read(&f).unwrap()));
+            }
+        }
+        files
+    }
+
+    const CHILD: &str = "MAIN_JOB_KILL_CHILD_DIR";
+
+    /// SIGKILL of the main job itself while it trains, then the same command again: the SAEs it
+    /// writes must equal, byte for byte, those of a run that was never killed. The killed run
+    /// is this test binary started again with `MAIN_JOB_KILL_CHILD_DIR` set; it is killed as soon
+    /// as its first training checkpoint appears (step 16 of 64).
+    #[test]
+    fn killed_while_training_then_rerun_gives_the_same_saes() {
+        if let Ok(dir) = std::env::var(CHILD) {
+            run(&small(Path::new(&dir))).unwrap();
+            return;
+        }
+        if !assets_present() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (reference, killed) = (tmp.path().join("reference"), tmp.path().join("killed"));
+        run(&small(&reference)).unwrap();
+
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::killed_while_training_then_rerun_gives_the_same_saes",
+                "--nocapture",
+            ])
+            .env(CHILD, &killed)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let checkpoints = killed.join("checkpoints");
+        let has_checkpoint = || {
+            std::fs::read_dir(&checkpoints).ok().is_some_and(|arches| {
+                arches.flatten().any(|a| {
+                    std::fs::read_dir(a.path()).ok().is_some_and(|steps| {
+                        steps
+                            .flatten()
+                            .any(|s| s.file_name().to_string_lossy().starts_with("step_"))
+                    })
+                })
+            })
+        };
+        let t0 = Instant::now();
+        while !has_checkpoint() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the child ended ({status}) before its first training checkpoint");
+            }
+            assert!(t0.elapsed().as_secs() < 600, "no checkpoint within 600 s");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        child.kill().unwrap();
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "the child finished before the kill");
+        let saved = ["topk_3072", "standard_3072"]
+            .iter()
+            .filter(|n| killed.join("saes").join(n).join("cfg.json").exists())
+            .count();
+        assert!(
+            saved < 2,
+            "both SAEs were saved before the kill: nothing was interrupted"
+        );
+
+        run(&small(&killed)).unwrap();
+        let (a, b) = (sae_files(&reference), sae_files(&killed));
+        assert_eq!(
+            a.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            b.iter().map(|(n, _)| n).collect::<Vec<_>>()
+        );
+        assert!(a.iter().any(|(n, _)| n.ends_with(".safetensors")));
+        for ((name, x), (_, y)) in a.iter().zip(&b) {
+            assert!(x == y, "{name} differs after the kill and rerun");
+        }
+        let report = |out: &Path| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(out.join("report/report.json")).unwrap()).unwrap()
+        };
+        let (ra, rb) = (report(&reference), report(&killed));
+        for sae in 0..2 {
+            let key = |r: &serde_json::Value| {
+                r["saes"][sae]["eval"]["spliced"]["loss_recovered_zero"].clone()
+            };
+            assert!(key(&ra).is_number(), "no loss recovered in the report");
+            assert_eq!(key(&ra), key(&rb), "loss recovered of SAE {sae}");
+        }
+    }
+
+    /// Arguments that would waste an hour before failing, or divide by zero, are refused first,
+    /// each naming the flag.
+    #[test]
+    fn bad_arguments_are_refused_naming_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = small(dir.path());
+        let cases: Vec<(Args, &str)> = vec![
+            (
+                Args {
+                    train_tokens: 0,
+                    ..base.clone()
+                },
+                "--train-tokens",
+            ),
+            (
+                Args {
+                    epochs: 0,
+                    ..base.clone()
+                },
+                "--epochs",
+            ),
+            (
+                Args {
+                    eval_tokens: 0,
+                    ..base.clone()
+                },
+                "--eval-tokens",
+            ),
+            (
+                Args {
+                    expansion: 0,
+                    ..base.clone()
+                },
+                "--expansion",
+            ),
+            (
+                Args {
+                    k: 0,
+                    ..base.clone()
+                },
+                "--k",
+            ),
+            (
+                Args {
+                    batch: 0,
+                    ..base.clone()
+                },
+                "--batch",
+            ),
+            (
+                Args {
+                    lr: f64::NAN,
+                    ..base.clone()
+                },
+                "--lr",
+            ),
+            (
+                Args {
+                    lr: -1.0,
+                    ..base.clone()
+                },
+                "--lr",
+            ),
+            (
+                Args {
+                    l1_coefficient: f32::INFINITY,
+                    ..base.clone()
+                },
+                "--l1-coefficient",
+            ),
+            (
+                Args {
+                    archs: vec!["gated".into()],
+                    ..base.clone()
+                },
+                "--archs gated",
+            ),
+            (
+                Args {
+                    device: "tpu".into(),
+                    ..base.clone()
+                },
+                "--device tpu",
+            ),
+        ];
+        for (args, flag) in cases {
+            let msg = format!("{:#}", check_args(&args).unwrap_err());
+            assert!(msg.contains(flag), "{flag}: {msg}");
+        }
+        assert!(check_args(&base).is_ok());
+    }
 }

@@ -262,7 +262,10 @@ fn several_saes_from_one_stream() {
 fn trainers_resumed_at_different_steps_each_take_their_own_batches() {
     let cfgs = [
         config(ArchitectureConfig::TopK(TopKTraining::new(2)), 9),
-        config(ArchitectureConfig::BatchTopK(BatchTopKTraining::new(3.0)), 9),
+        config(
+            ArchitectureConfig::BatchTopK(BatchTopKTraining::new(3.0)),
+            9,
+        ),
     ];
     let data = batches(9);
     let stream = |from: usize| IterSource(data[from..].to_vec().into_iter().map(Ok::<_, SaeError>));
