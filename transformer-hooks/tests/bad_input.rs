@@ -422,3 +422,75 @@ fn blocks_99_on_smollm2_names_the_hook_and_the_layer_count() {
     let msg = model.logprobs(&ids).unwrap_err().to_string();
     assert!(msg.contains("49152") && msg.contains("position 1"), "{msg}");
 }
+
+/// A SentencePiece vocabulary (`tokenizer.ggml.model = llama`) of 128 pieces for the tiny Gemma:
+/// control tokens, `▁`, `a`, `b`, three merged pieces with their scores, byte pieces, padding.
+fn sentencepiece_meta(meta: &mut Vec<(String, Value)>, scores_len: usize) {
+    let mut tokens: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>", "▁", "a", "b"]
+        .map(String::from)
+        .to_vec();
+    let mut scores = vec![-1000.0f32, -1000.0, -1000.0, -1000.0, -10.0, -11.0, -12.0];
+    let mut types = vec![3i32, 3, 3, 3, 1, 1, 1];
+    for (piece, score) in [("▁a", -1.0), ("ab", -2.0), ("▁ab", -3.0)] {
+        tokens.push(piece.into());
+        scores.push(score);
+        types.push(1);
+    }
+    for byte in 0..100u8 {
+        tokens.push(format!("<0x{byte:02X}>"));
+        scores.push(0.0);
+        types.push(6);
+    }
+    while tokens.len() < 128 {
+        tokens.push(format!("<unused{}>", tokens.len()));
+        scores.push(-1000.0);
+        types.push(3);
+    }
+    scores.truncate(scores_len);
+    let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
+    meta.extend([
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        ("tokenizer.ggml.tokens".into(), strings(tokens)),
+        (
+            "tokenizer.ggml.scores".into(),
+            Value::Array(scores.into_iter().map(Value::F32).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), Value::U32(2)),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(1)),
+        ("tokenizer.ggml.unknown_token_id".into(), Value::U32(3)),
+    ]);
+}
+
+/// The merges come from the scores: `▁a` (score -1) merges before `ab` (-2), then `▁a` + `b`
+/// makes `▁ab`; a character outside the vocabulary falls back to its bytes. Scores that do not
+/// match the tokens are an error naming the key.
+#[test]
+fn a_sentencepiece_gguf_builds_its_tokenizer_and_mismatched_scores_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("spm.gguf");
+    write_gguf(&tiny("gemma3"), &path, GgmlDType::F32, |meta, _| {
+        sentencepiece_meta(meta, 128)
+    });
+    let model = Model::load(&path, &Device::Cpu).unwrap();
+    let tok = model.tokenizer().unwrap();
+    // "ab ab" -> a b ▁ a b -> (▁a) -> (ab) -> (▁a b = ▁ab): [ab, ▁ab].
+    assert_eq!(tok.encode("ab ab", false).unwrap(), vec![8, 9]);
+    assert_eq!(tok.encode("ab ab", true).unwrap(), vec![2, 8, 9]);
+    // "c" is not a piece: its byte 0x63 is.
+    assert_eq!(tok.encode("c", false).unwrap(), vec![10 + 0x63]);
+    assert_eq!(tok.decode(&[8, 9, 10 + 0x63]).unwrap(), "ab abc");
+
+    let bad = tmp.path().join("bad.gguf");
+    write_gguf(&tiny("gemma3"), &bad, GgmlDType::F32, |meta, _| {
+        sentencepiece_meta(meta, 127)
+    });
+    let e = load_err(&bad).to_string();
+    assert!(
+        e.contains("tokenizer.ggml.scores") && e.contains("127 scores for 128 tokens"),
+        "{e}"
+    );
+}
