@@ -13,6 +13,7 @@
 //! up where it stopped. Prints the headline table at the end.
 
 mod chat;
+mod memory;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -153,6 +154,7 @@ fn run(args: &Args) -> Result<()> {
         .with_context(|| format!("creating {}", report_dir.display()))?;
     let hook = format!("blocks.{}.{}", args.layer, args.site);
     check_run_folder(&args)?;
+    let memory = memory::MemoryLog::start(&report_dir.join("memory.csv"), MEMORY_EVERY)?;
 
     let mut prepared = prepare(&args, &device, &hook)?;
     let harvested = harvest_caches(&args, &mut prepared, &hook)?;
@@ -161,6 +163,7 @@ fn run(args: &Args) -> Result<()> {
     let t_pages = Instant::now();
     feature_pages(&args, &hook, &prepared, &harvested, &evaluated, &report_dir)?;
     let pages_seconds = t_pages.elapsed().as_secs_f64();
+    let memory = memory.finish();
     write_report(
         &args,
         &hook,
@@ -168,11 +171,15 @@ fn run(args: &Args) -> Result<()> {
         &harvested,
         &trained,
         &evaluated,
+        &memory,
         &report_dir,
         pages_seconds,
         t_start.elapsed().as_secs_f64(),
     )
 }
+
+/// How often the memory log samples the process (`report/memory.csv`).
+const MEMORY_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Every argument checked before an hour of harvesting, not after; the device to run on.
 fn check_args(args: &Args) -> Result<Device> {
@@ -600,11 +607,37 @@ fn write_report(
     h: &Harvested,
     t: &Trained,
     e: &Evaluated,
+    memory: &[memory::Sample],
     report_dir: &Path,
     pages_seconds: f64,
     total_seconds: f64,
 ) -> Result<()> {
+    if !memory.is_empty() {
+        let line = |name: &str, y: fn(&memory::Sample) -> f64| metrics::plots::Series {
+            name: name.into(),
+            points: memory
+                .iter()
+                .map(|s| (s.seconds / 60.0, y(s), y(s), y(s)))
+                .collect(),
+        };
+        metrics::plots::plot_lines(
+            &[
+                line("anonymous (heap)", |s| s.rss_anon_mib),
+                line("file-backed (mapped cache, binary)", |s| s.rss_file_mib),
+            ],
+            "resident memory of the main job",
+            "minutes",
+            "MiB",
+            false,
+            &report_dir.join("memory.png"),
+        )?;
+    }
     let report = serde_json::json!({
+        "memory": {
+            "every_seconds": MEMORY_EVERY.as_secs_f64(),
+            "csv": "memory.csv",
+            "stages": memory::by_stage(memory),
+        },
         "args": args,
         "model": p.model_path,
         "hook": hook,
@@ -700,6 +733,7 @@ fn check_run_folder(args: &Args) -> Result<()> {
 }
 
 fn stage(msg: &str) {
+    memory::set_stage(msg);
     eprintln!("== {msg}");
 }
 
@@ -771,7 +805,10 @@ fn index_html(hook: &str, model: &Path, train_rows: u64, results: &[SaeResult]) 
             n.spliced_with_error_max_abs_diff,
         );
     }
-    let mut imgs = String::from("<img src=\"loss_recovered.png\" alt=\"loss recovered\">");
+    let mut imgs = String::from(
+        "<img src=\"loss_recovered.png\" alt=\"loss recovered\">\
+         <img src=\"memory.png\" alt=\"resident memory over the run\">",
+    );
     for r in results {
         let _ = write!(
             imgs,
