@@ -34,10 +34,10 @@ use sae_workbench::metrics::{
 };
 use sae_workbench::sae_core::{
     ArchitectureConfig, IterSource, Progress, SaeModel, StandardTraining, TopKTraining,
-    TrainMetrics, Trainer, TrainerConfig, train_many,
+    TrainMetrics, Trainer, TrainerConfig, available_memory_bytes, train_many, training_bytes,
 };
 use sae_workbench::transformer_hooks::candle_core::Device;
-use sae_workbench::transformer_hooks::{LoadOptions, Model, assets};
+use sae_workbench::transformer_hooks::{HookPoint, LoadOptions, Model, assets};
 use serde::Serialize;
 
 #[derive(Parser, Debug, Clone, Serialize)]
@@ -157,6 +157,7 @@ fn run(args: &Args) -> Result<()> {
     let memory = memory::MemoryLog::start(&report_dir.join("memory.csv"), MEMORY_EVERY)?;
 
     let mut prepared = prepare(&args, &device, &hook)?;
+    check_sae_sizes(&args, &hook, prepared.hooked.model())?;
     let harvested = harvest_caches(&args, &mut prepared, &hook)?;
     let trained = train_saes(&args, &device, &hook, &prepared, &harvested)?;
     let evaluated = evaluate(&args, &device, &hook, &prepared, &trained, &report_dir)?;
@@ -217,6 +218,34 @@ fn check_args(args: &Args) -> Result<Device> {
         );
     }
     Ok(device)
+}
+
+/// The SAEs asked for train side by side, so together they must fit in memory: checked once the
+/// model is loaded and the hook's width known, before an hour of harvesting, not after.
+fn check_sae_sizes(args: &Args, hook: &str, model: &Model) -> Result<()> {
+    let point: HookPoint = hook.parse()?;
+    let d_in = point
+        .width(model.config())
+        .with_context(|| format!("--site {}: not a per-token activation", args.site))?;
+    let d_sae = d_in
+        .checked_mul(args.expansion)
+        .with_context(|| format!("--expansion {}: d_sae overflows", args.expansion))?;
+    let need = training_bytes(d_in, d_sae)
+        .and_then(|b| b.checked_mul(args.archs.len() as u64))
+        .with_context(|| format!("--expansion {}: the byte count overflows", args.expansion))?;
+    if let Some(avail) = available_memory_bytes()
+        && need > avail
+    {
+        bail!(
+            "--expansion {}: {} SAE(s) of {d_sae} features on {hook} ({d_in} wide) need about \
+             {:.1} GiB to train side by side, and {:.1} GiB of memory is available",
+            args.expansion,
+            args.archs.len(),
+            need as f64 / (1u64 << 30) as f64,
+            avail as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
 }
 
 /// The model, the corpora cut into training and held-out windows.
@@ -982,6 +1011,48 @@ mod tests {
             assert!(key(&ra).is_number(), "no loss recovered in the report");
             assert_eq!(key(&ra), key(&rb), "loss recovered of SAE {sae}");
         }
+    }
+
+    /// An `--expansion` whose SAEs cannot fit in memory is refused once the model is loaded,
+    /// before the harvest; one whose size overflows likewise. (A tiny random Llama: 32 wide.)
+    #[test]
+    fn saes_too_large_for_memory_are_refused_before_the_harvest() {
+        let tiny = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("transformer-hooks/tests/fixtures/tiny/llama");
+        let model = Model::load(&tiny, &Device::Cpu).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let args = |expansion: usize, site: &str| Args {
+            expansion,
+            layer: 0,
+            site: site.into(),
+            ..small(dir.path())
+        };
+        let hook = |a: &Args| format!("blocks.{}.{}", a.layer, a.site);
+        let ok = args(2, "mlp.hook_post");
+        check_sae_sizes(&ok, &hook(&ok), &model).unwrap();
+        if available_memory_bytes().is_some() {
+            let huge = args(1 << 40, "hook_resid_post");
+            let msg = format!(
+                "{:#}",
+                check_sae_sizes(&huge, &hook(&huge), &model).unwrap_err()
+            );
+            assert!(
+                msg.contains("--expansion 1099511627776") && msg.contains("GiB"),
+                "{msg}"
+            );
+        }
+        let overflow = args(usize::MAX / 4, "hook_resid_post");
+        let msg = format!(
+            "{:#}",
+            check_sae_sizes(&overflow, &hook(&overflow), &model).unwrap_err()
+        );
+        assert!(msg.contains("overflows"), "{msg}");
+        let scores = args(2, "attn.hook_pattern");
+        let msg = format!(
+            "{:#}",
+            check_sae_sizes(&scores, &hook(&scores), &model).unwrap_err()
+        );
+        assert!(msg.contains("not a per-token activation"), "{msg}");
     }
 
     /// Arguments that would waste an hour before failing, or divide by zero, are refused first,

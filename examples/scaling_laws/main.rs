@@ -49,7 +49,8 @@ use sae_workbench::metrics::{HookedSplice, MeanActivation, SplicedConfig, evalua
 use sae_workbench::sae_core::io::write_atomic;
 use sae_workbench::sae_core::{
     ArchitectureConfig, BatchSource, HostBatch, IterSource, MatryoshkaTraining, Progress, SaeModel,
-    StandardTraining, TopKTraining, TrainMetrics, Trainer, TrainerConfig, train_many,
+    StandardTraining, TopKTraining, TrainMetrics, Trainer, TrainerConfig, available_memory_bytes,
+    train_many, training_bytes,
 };
 use sae_workbench::scaling::{
     Law, assess, best_per_bin, bootstrap, extrapolate, fit_offset_power_law, fit_power_law,
@@ -536,7 +537,7 @@ fn main() -> Result<()> {
 /// Bytes one run holds while it trains: weights, gradients and Adam's two moments, eight
 /// `n x d_in` f32 matrices.
 fn run_bytes(s: &RunSpec, d_in: usize) -> f64 {
-    8.0 * 4.0 * (s.n * d_in) as f64
+    training_bytes(d_in, s.n).map_or(f64::INFINITY, |b| b as f64)
 }
 
 /// `--memory-gb`, or 60% of the memory available now (`/proc/meminfo`; 8 GB where it cannot be
@@ -545,14 +546,7 @@ fn memory_budget(memory_gb: Option<f64>) -> f64 {
     if let Some(gb) = memory_gb {
         return gb * 1e9;
     }
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(8e9, |kb| 0.6 * kb * 1024.0)
+    available_memory_bytes().map_or(8e9, |b| 0.6 * b as f64)
 }
 
 /// Packs the runs into as few groups as fit in `budget` bytes (first fit, largest first).

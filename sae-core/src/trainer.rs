@@ -533,6 +533,7 @@ impl Trainer {
     /// Invalid config.
     pub fn new(cfg: TrainerConfig) -> Result<Self> {
         cfg.validate()?;
+        check_memory(cfg.d_in, cfg.d_sae)?;
         let sae = cfg.sae.build(cfg.d_in, cfg.d_sae, cfg.seed)?;
         Ok(Self::with_sae(cfg, sae, true))
     }
@@ -1121,6 +1122,47 @@ impl Trainer {
         progress: Progress,
     ) -> Result<Vec<TrainMetrics>> {
         train_many(std::slice::from_mut(self), source, progress).map(|mut v| v.remove(0))
+    }
+}
+
+/// Bytes an SAE of `d_in x d_sae` holds while it trains: encoder and decoder, their gradients
+/// and Adam's two moments of each, eight `d_sae x d_in` f32 matrices (biases and the per-step
+/// buffers are small beside them). `None` if the count overflows.
+pub fn training_bytes(d_in: usize, d_sae: usize) -> Option<u64> {
+    (d_in as u64).checked_mul(d_sae as u64)?.checked_mul(32)
+}
+
+/// Memory the kernel reports as available now (`MemAvailable` in `/proc/meminfo`); `None`
+/// where that cannot be read.
+pub fn available_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Refuses an SAE too large to train here before any of it is allocated: an absurd `d_sae`
+/// is an error naming the sizes, not an abort on a failed allocation (or, with overcommit, an
+/// out-of-memory kill an hour later).
+fn check_memory(d_in: usize, d_sae: usize) -> Result<()> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let need = training_bytes(d_in, d_sae).ok_or_else(|| {
+        SaeError::config(
+            "d_in/d_sae",
+            format!("{d_sae} x {d_in} overflows a byte count"),
+        )
+    })?;
+    match available_memory_bytes() {
+        Some(avail) if need > avail => Err(SaeError::config(
+            "d_sae",
+            format!(
+                "an SAE of {d_sae} features on {d_in} inputs needs about {:.1} GiB to train \
+                 (weights, gradients, Adam's moments), and {:.1} GiB of memory is available",
+                gib(need),
+                gib(avail)
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -268,7 +268,7 @@ fn trainers_resumed_at_different_steps_each_take_their_own_batches() {
         ),
     ];
     let data = batches(9);
-    let stream = |from: usize| IterSource(data[from..].to_vec().into_iter().map(Ok::<_, SaeError>));
+    let stream = |from: usize| IterSource(data[from..].iter().cloned().map(Ok::<_, SaeError>));
     let mut reference: Vec<Trainer> = cfgs
         .iter()
         .map(|c| Trainer::new(c.clone()).unwrap())
@@ -325,6 +325,38 @@ fn nan_in_batch_is_rejected_with_its_position() {
     assert!(
         msg.contains(&format!("expected d_in = {D_IN}, got {}", D_IN + 1)),
         "{msg}"
+    );
+}
+
+/// An SAE too large for this machine is refused before anything is allocated, naming its
+/// sizes; one whose byte count overflows likewise.
+#[test]
+fn an_sae_too_large_to_train_is_refused_before_allocating() {
+    let huge = TrainerConfig::new(
+        4096,
+        1 << 40,
+        ArchitectureConfig::TopK(TopKTraining::new(32)),
+        10,
+    );
+    let msg = Trainer::new(huge).unwrap_err().to_string();
+    eprintln!("{msg}");
+    if sae_core::available_memory_bytes().is_some() {
+        assert!(
+            msg.contains("1099511627776 features on 4096 inputs") && msg.contains("GiB"),
+            "{msg}"
+        );
+    }
+    let overflow = TrainerConfig::new(
+        usize::MAX / 2,
+        usize::MAX / 2,
+        ArchitectureConfig::TopK(TopKTraining::new(32)),
+        10,
+    );
+    let msg = Trainer::new(overflow).unwrap_err().to_string();
+    assert!(msg.contains("overflows"), "{msg}");
+    assert_eq!(
+        sae_core::training_bytes(1536, 12288),
+        Some(32 * 1536 * 12288)
     );
 }
 

@@ -189,6 +189,29 @@ impl HookPoint {
         }
     }
 
+    /// Values per token position at this point (what an activation cache stores per row):
+    /// `d_model`, `d_mlp`, or heads x `d_head`. `None` for the attention scores and pattern,
+    /// whose size grows with the sequence.
+    pub fn width(&self, cfg: &ModelConfig) -> Option<usize> {
+        let site = match self {
+            Self::Block(_, site) => *site,
+            _ => return Some(cfg.d_model),
+        };
+        match site {
+            Site::Q | Site::RotQ | Site::Z => Some(cfg.n_heads * cfg.d_head),
+            Site::K | Site::V | Site::RotK => Some(cfg.n_kv_heads * cfg.d_head),
+            Site::AttnScores | Site::Pattern => None,
+            Site::MlpPre | Site::MlpPreLinear | Site::MlpPost => Some(cfg.d_mlp),
+            Site::ResidPre
+            | Site::Ln1Normalized
+            | Site::AttnOut
+            | Site::ResidMid
+            | Site::Ln2Normalized
+            | Site::MlpOut
+            | Site::ResidPost => Some(cfg.d_model),
+        }
+    }
+
     /// Every hook point a model with this config has, in forward order.
     pub fn all(cfg: &ModelConfig) -> Vec<HookPoint> {
         let mut out = vec![HookPoint::Embed];

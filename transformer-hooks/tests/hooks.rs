@@ -44,6 +44,10 @@ fn every_hook_point_has_its_documented_shape() {
                 expected_shape(&model, h, 2, 7).as_slice(),
                 "{key} {h}"
             );
+            // `width` is the values per position: all dims after [batch, pos].
+            let per_position = matches!(h, HookPoint::Block(_, Site::AttnScores | Site::Pattern));
+            let want = (!per_position).then(|| t.dims()[2..].iter().product::<usize>());
+            assert_eq!(h.width(model.config()), want, "{key} {h} width");
         }
         // Rotary and learned positions are exclusive; only gated MLPs have a linear branch.
         let gpt2 = key == "gpt2";
