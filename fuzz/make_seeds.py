@@ -59,12 +59,12 @@ def gguf_name(hf):
 CURRENT = None
 
 
-def tiny_gguf(family, arch, with_bpe):
+def tiny_gguf(family, arch, tokenizer, name=None):
     global CURRENT
     CURRENT = family
     cfg = json.loads((TINY / family / "config.json").read_text())
     tensors = load_file(str(TINY / family / "model.safetensors"))
-    path = SEEDS / "gguf" / f"tiny_{family}.gguf"
+    path = SEEDS / "gguf" / f"{name or 'tiny_' + family}.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg["num_hidden_layers"])
@@ -79,7 +79,25 @@ def tiny_gguf(family, arch, with_bpe):
         w.add_key_length(cfg["head_dim"])
         w.add_value_length(cfg["head_dim"])
         w.add_sliding_window(cfg.get("sliding_window", 16))
-    if with_bpe:
+    if tokenizer == "spm":
+        # 128 SentencePiece pieces as Gemma's GGUF stores them: no merges, a score per piece
+        # (merges come from the scores), control tokens, one user-defined run of spaces, bytes.
+        toks = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "  ", "▁"]
+        toks += [chr(c) for c in range(ord("a"), ord("z") + 1)]
+        toks += ["▁t", "he", "▁the", "in", "▁a", "an", "▁an", "er", "on", "at"]
+        toks += [f"<0x{b:02X}>" for b in range(128 - len(toks))]
+        types = [3, 3, 3, 3, 3, 3, 4] + [1] * (len(toks) - 7)
+        types = [6 if t.startswith("<0x") else ty for t, ty in zip(toks, types)]
+        scores = [-1000.0] * 7 + [-float(i) for i in range(len(toks) - 7)]
+        w.add_tokenizer_model("llama")
+        w.add_token_list(toks)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(2)
+        w.add_eos_token_id(1)
+        w.add_unk_token_id(3)
+        w.add_add_space_prefix(False)
+    if tokenizer == "bpe":
         # 128 tokens: the printable bytes in GPT-2's byte-level spelling, then merges of them.
         chars = [chr(c) for c in range(33, 127)]
         toks = chars + ["Ġ"] + [a + b for a, b in zip("thaeinos", "heentrnt")]
@@ -103,8 +121,9 @@ def main():
     if SEEDS.exists():
         for t in ["gguf", "hf_config", "tokenizer_json", "sae_cfg", "sae_weights", "rdata"]:
             shutil.rmtree(SEEDS / t, ignore_errors=True)
-    tiny_gguf("llama", "llama", True)
-    tiny_gguf("gemma3", "gemma3", True)
+    tiny_gguf("llama", "llama", "bpe")
+    tiny_gguf("gemma3", "gemma3", "bpe")
+    tiny_gguf("gemma3", "gemma3", "spm", name="tiny_gemma3_sentencepiece")
     for fam in ["gemma3", "llama", "qwen2", "gpt2"]:
         out("hf_config", f"{fam}.json", (TINY / fam / "config.json").read_bytes())
     # A word-level tokenizer with Gemma's special tokens, and a tiny byte-level BPE.

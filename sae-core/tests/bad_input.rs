@@ -222,3 +222,80 @@ fn inconsistent_sparse_codes() {
         assert!(e.contains(want), "{want}: {e}");
     }
 }
+
+/// Weights stored as integers are not an SAE's: the error names the tensor and its dtype.
+#[test]
+fn integer_weights_are_an_unsupported_dtype() {
+    let dir = copy("standard");
+    let path = dir.path().join("sae_weights.safetensors");
+    let mut ts: Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)> = read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| {
+            let bytes = t.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (k, t.shape, bytes, safetensors::Dtype::F32)
+        })
+        .collect();
+    for t in ts.iter_mut().filter(|t| t.0 == "W_dec") {
+        t.3 = safetensors::Dtype::I32;
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = ts
+        .iter()
+        .map(|(n, s, b, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    let (e, msg) = load_err(dir.path());
+    assert!(matches!(e, SaeError::UnsupportedDtype { .. }), "{msg}");
+    assert!(msg.contains("W_dec") && msg.contains("I32"), "{msg}");
+}
+
+/// Normalisations that keep a per-input factor between encode and decode are refused by name.
+#[test]
+fn stateful_normalisations_are_refused() {
+    for norm in ["constant_norm_rescale", "layer_norm"] {
+        let dir = copy("topk");
+        let cfg = std::fs::read_to_string(dir.path().join("cfg.json")).unwrap();
+        std::fs::write(
+            dir.path().join("cfg.json"),
+            cfg.replace(
+                "\"normalize_activations\": \"none\"",
+                &format!("\"normalize_activations\": \"{norm}\""),
+            ),
+        )
+        .unwrap();
+        let (e, msg) = load_err(dir.path());
+        assert!(matches!(e, SaeError::Unsupported { .. }), "{norm}: {msg}");
+        assert!(msg.contains("normalize_activations"), "{norm}: {msg}");
+    }
+}
+
+/// sparsify SAEs that are not plain TopK (a skip connection, another activation) are refused
+/// by name rather than loaded as something else.
+#[test]
+fn sparsify_variants_without_an_saelens_form_are_refused() {
+    for (from, to, named) in [
+        (
+            "\"skip_connection\": false",
+            "\"skip_connection\": true",
+            "skip_connection",
+        ),
+        (
+            "\"multi_topk\": false",
+            "\"multi_topk\": false, \"activation\": \"groupmax\"",
+            "groupmax",
+        ),
+    ] {
+        let dir = copy("sparsify_topk");
+        let cfg = std::fs::read_to_string(dir.path().join("cfg.json")).unwrap();
+        assert!(cfg.contains(from));
+        std::fs::write(dir.path().join("cfg.json"), cfg.replace(from, to)).unwrap();
+        let (e, msg) = load_err(dir.path());
+        assert!(matches!(e, SaeError::Unsupported { .. }), "{named}: {msg}");
+        assert!(msg.contains(named), "{msg}");
+    }
+}
