@@ -45,20 +45,9 @@ fn chromium() -> Option<PathBuf> {
 /// label from the token it fires hardest on) measured on `TEXT`.
 fn random_sae(model: &Model, layer: usize) -> (SaeModel, FeatureStats) {
     let d_in = model.config().d_model;
-    let (d_sae, k) = (1024, 16);
+    let d_sae = 1024;
     let hook = HookPoint::resid_post(layer);
-    let mut common = CommonConfig::new(d_in, d_sae);
-    common.metadata.hook_name = Some(hook.to_string());
-    let cfg = TopKConfig {
-        k,
-        rescale_acts_by_decoder_norm: false,
-        common,
-    };
-    let sae = SaeModel::from_parts(
-        SaeConfig::TopK(cfg),
-        Box::new(TopKSae::init(d_in, d_sae, TopKTraining::new(k), 5).unwrap()),
-        None,
-    );
+    let sae = topk_sae(d_in, d_sae, hook);
     let tok = model.tokenizer().unwrap();
     let ids = tok.encode(TEXT, true).unwrap();
     let acts = activations(model, &sae, hook, &ids).unwrap();
@@ -89,6 +78,23 @@ fn random_sae(model: &Model, layer: usize) -> (SaeModel, FeatureStats) {
             .to_string();
     }
     (sae, stats)
+}
+
+/// A random TopK SAE (k = 16) reading `hook`.
+fn topk_sae(d_in: usize, d_sae: usize, hook: HookPoint) -> SaeModel {
+    let k = 16;
+    let mut common = CommonConfig::new(d_in, d_sae);
+    common.metadata.hook_name = Some(hook.to_string());
+    let cfg = TopKConfig {
+        k,
+        rescale_acts_by_decoder_norm: false,
+        common,
+    };
+    SaeModel::from_parts(
+        SaeConfig::TopK(cfg),
+        Box::new(TopKSae::init(d_in, d_sae, TopKTraining::new(k), 5).unwrap()),
+        None,
+    )
 }
 
 /// One HTTP/1.1 request; the status and the body.
@@ -278,6 +284,49 @@ fn bad_requests_get_4xx_and_the_server_keeps_serving() {
     assert!(b.contains("nothing to adjust"), "{b}");
     let (s, b) = request(addr, "GET", "/api/features?q=", "");
     assert_eq!(s, 400, "{b}");
+    let many: Vec<String> = (0..33)
+        .map(|f| format!(r#"{{"feature":{f},"value":1}}"#))
+        .collect();
+    let (s, b) = chat(&many.join(","), "Hi");
+    assert_eq!(s, 400, "{b}");
+    assert!(b.contains("clamps: 33 given, at most 32"), "{b}");
+
+    // Busy: with `max_concurrent` (3) long generations streaming, a fourth job gets a 503 naming
+    // the limit; once their readers hang up the generations stop and the server serves again.
+    let long_chat = r#"{"messages":[{"role":"user","content":"Write a long story about the sea."}],"max_new_tokens":400}"#;
+    let streams: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            write!(
+                s,
+                "POST /api/chat HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{long_chat}",
+                long_chat.len()
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    let t = Instant::now();
+    while running(addr) < 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the three generations never ran at once"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (s, b) = chat("", "Hi");
+    assert_eq!(s, 503, "{b}");
+    assert!(b.contains("busy") && b.contains("at most 3"), "{b}");
+    drop(streams);
+    let t = Instant::now();
+    while running(addr) != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "generations kept running after their readers hung up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let (s, b) = request(addr, "GET", "/api/info", "");
     assert_eq!(s, 200, "the server stopped serving after bad requests: {b}");
 
@@ -518,4 +567,49 @@ fn screenshot_of_a_running_server() -> TestResult {
         tab.capture_screenshot(CaptureScreenshotFormatOption::Png, None, None, true)?,
     )?;
     Ok(())
+}
+
+/// Model, SAE, statistics and limits that do not go together: the server refuses to start,
+/// naming what disagrees.
+#[test]
+fn setup_errors_are_named() {
+    let path = assets::asset_path(assets::SMOLLM2);
+    if !path.exists() {
+        eprintln!("skipping: {} missing", path.display());
+        return;
+    }
+    let load = || Model::load(&path, &Device::Cpu).unwrap();
+    let (_, stats) = random_sae(&load(), 15);
+    let d_in = load().config().d_model;
+    let sae = || topk_sae(d_in, 1024, HookPoint::resid_post(15));
+    let err = |model: Model, sae: SaeModel, stats: FeatureStats, limits: Limits| {
+        let e = ChatApp::new(model, sae, stats, limits)
+            .err()
+            .expect("a bad setup was accepted");
+        eprintln!("{e}");
+        e.to_string()
+    };
+
+    let mut short = stats.clone();
+    short.max_activation.pop();
+    short.firing_rate.pop();
+    short.labels.pop();
+    short.top_contexts.pop();
+    let msg = err(load(), sae(), short, Limits::default());
+    assert!(
+        msg.starts_with("cannot serve:") && msg.contains("cover 1023 features, the SAE has 1024"),
+        "{msg}"
+    );
+
+    let limits = Limits {
+        max_concurrent: 0,
+        ..Limits::default()
+    };
+    let msg = err(load(), sae(), stats.clone(), limits);
+    assert!(msg.contains("limits must be positive"), "{msg}");
+
+    // An SAE for a layer SmolLM2 (30 layers) does not have.
+    let far = topk_sae(d_in, 1024, HookPoint::resid_post(99));
+    let msg = err(load(), far, stats, Limits::default());
+    assert!(msg.contains("99"), "{msg}");
 }
