@@ -976,6 +976,20 @@ impl Trainer {
             fs::remove_dir_all(&tmp).map_err(|e| SaeError::io(&tmp, e))?;
         }
         fs::create_dir_all(&tmp).map_err(|e| SaeError::io(&tmp, e))?;
+        // A failed write (a full disk) leaves no half-written folder taking the space.
+        self.write_checkpoint(&tmp).inspect_err(|_| {
+            let _ = fs::remove_dir_all(&tmp);
+        })?;
+        if final_dir.exists() {
+            fs::remove_dir_all(&final_dir).map_err(|e| SaeError::io(&final_dir, e))?;
+        }
+        fs::rename(&tmp, &final_dir).map_err(|e| SaeError::io(&final_dir, e))?;
+        io::sync_dir(root)?;
+        Ok(final_dir)
+    }
+
+    /// The files of a checkpoint, into `tmp`: parameters and Adam's moments, then the state.
+    fn write_checkpoint(&self, tmp: &Path) -> Result<()> {
         let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
         for p in self.sae.params().iter() {
             tensors.push((format!("param.{}", p.name), p.shape.clone(), &p.data));
@@ -1006,13 +1020,7 @@ impl Trainer {
             architecture_state: self.sae.state_json(),
         };
         io::write_json(&tmp.join("trainer.json"), &state)?;
-        io::sync_dir(&tmp)?;
-        if final_dir.exists() {
-            fs::remove_dir_all(&final_dir).map_err(|e| SaeError::io(&final_dir, e))?;
-        }
-        fs::rename(&tmp, &final_dir).map_err(|e| SaeError::io(&final_dir, e))?;
-        io::sync_dir(root)?;
-        Ok(final_dir)
+        io::sync_dir(tmp)
     }
 
     /// The newest complete checkpoint under `root`, if any.

@@ -574,3 +574,92 @@ fn damaged_checkpoints_are_refused() {
     std::fs::write(bad.path().join("trainer.json"), edited).unwrap();
     assert!(Trainer::resume(bad.path()).is_err());
 }
+
+/// A small tmpfs mounted for one test (root only), unmounted when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(bytes: u64) -> Option<Self> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}")])
+            .arg("tmpfs")
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("skipping: cannot mount a tmpfs here (needs root)");
+            return None;
+        }
+        Some(Self(dir))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                e.metadata().unwrap().len()
+            }
+        })
+        .sum()
+}
+
+/// A disk that fills while a checkpoint is written: the error names the file and says the disk
+/// is full, the half-written folder is removed, and the last complete checkpoint still resumes.
+/// Saving the SAE onto the full disk fails the same way and leaves no partial file.
+#[test]
+fn a_full_disk_fails_the_checkpoint_and_keeps_the_last_one() {
+    let mut cfg = config(ArchitectureConfig::TopK(TopKTraining::new(3)), 10);
+    cfg.d_sae = 2048;
+    let data = batches(4);
+    let mut t = Trainer::new(cfg).unwrap();
+    t.step(&data[0]).unwrap();
+    // Room for one checkpoint and a half.
+    let probe = tempfile::tempdir().unwrap();
+    let one = dir_bytes(&t.checkpoint(probe.path()).unwrap());
+    let Some(disk) = SmallDisk::mount((one * 3 / 2).div_ceil(4096) * 4096) else {
+        return;
+    };
+    let root = disk.0.path().join("checkpoints");
+    let first = t.checkpoint(&root).unwrap();
+    t.step(&data[1]).unwrap();
+    let msg = t.checkpoint(&root).unwrap_err().to_string();
+    assert!(
+        msg.contains(".step_000000002") && msg.contains("No space left on device"),
+        "{msg}"
+    );
+    let left: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec!["step_000000001".to_string()], "{left:?}");
+    assert_eq!(Trainer::latest_checkpoint(&root), Some(first.clone()));
+    let resumed = Trainer::resume(&first).unwrap();
+    assert_eq!(resumed.step_count(), 1);
+
+    // Fill what is left, then save the SAE there.
+    let filler = disk.0.path().join("filler");
+    let free = one * 3 / 2 - dir_bytes(&root);
+    let _ = std::fs::write(&filler, vec![0u8; free as usize]);
+    let out = disk.0.path().join("sae");
+    let msg = t.save(&out).unwrap_err().to_string();
+    assert!(msg.contains("No space left on device"), "{msg}");
+    assert!(
+        !out.join("sae_weights.safetensors").exists(),
+        "a partial weights file was left"
+    );
+}
