@@ -638,6 +638,7 @@ fn a_full_disk_fails_the_checkpoint_and_keeps_the_last_one() {
     let first = t.checkpoint(&root).unwrap();
     t.step(&data[1]).unwrap();
     let msg = t.checkpoint(&root).unwrap_err().to_string();
+    eprintln!("{msg}");
     assert!(
         msg.contains(".step_000000002") && msg.contains("No space left on device"),
         "{msg}"
