@@ -54,7 +54,7 @@ use sae_workbench::sae_core::{
 };
 use sae_workbench::scaling::{
     Law, assess, best_per_bin, bootstrap, extrapolate, fit_offset_power_law, fit_power_law,
-    frontier,
+    frontier, tokens_to_convergence,
 };
 use sae_workbench::transformer_hooks::candle_core::{Device, Tensor};
 use sae_workbench::transformer_hooks::{LoadOptions, Model, assets};
@@ -773,6 +773,10 @@ fn timed_steps(
 }
 
 /// Fits the laws of the module docs and draws the four plots.
+/// A run counts as converged where its fitted loss-against-budget curve comes this close to
+/// its asymptote.
+const CONVERGED_WITHIN: f64 = 0.05;
+
 fn fit_and_plot(results: &[RunResult], def: &GridDef, out: &Path) -> Result<serde_json::Value> {
     let law_json = |x: &[f64], y: &[f64], offset: bool| -> serde_json::Value {
         if offset {
@@ -872,6 +876,60 @@ fn fit_and_plot(results: &[RunResult], def: &GridDef, out: &Path) -> Result<serd
                 "best_lr": best.0,
             }));
         }
+    }
+
+    // Tokens to convergence (OpenAI: ∝ n^0.6): per size, FVU against the budget.
+    let curves: Vec<(f64, Vec<(f64, f64)>)> = def
+        .mults
+        .iter()
+        .filter_map(|&m| {
+            let pts: Vec<(f64, f64)> = grid
+                .iter()
+                .filter(|r| r.spec.expansion == m)
+                .map(|r| (r.spec.tokens as f64, r.fvu))
+                .collect();
+            let n = grid.iter().find(|r| r.spec.expansion == m)?.spec.n as f64;
+            (pts.len() >= 4).then_some((n, pts))
+        })
+        .collect();
+    let convergence = match tokens_to_convergence(&curves, CONVERGED_WITHIN) {
+        Ok(conv) => {
+            let (x, y): (Vec<f64>, Vec<f64>) = conv
+                .points
+                .iter()
+                .filter_map(|p| Some((p.n, p.tokens_to_converge?)))
+                .unzip();
+            let law = if x.len() >= 3 {
+                law_json(&x, &y, false)
+            } else {
+                serde_json::json!({"error": "fewer than 3 sizes with a convergence point"})
+            };
+            serde_json::json!({
+                "criterion": format!("FVU within {}% of the fitted asymptote of FVU(tokens) = a + b·tokens^-alpha", 100.0 * CONVERGED_WITHIN),
+                "all_extrapolated": conv.all_extrapolated,
+                "per_n": conv.points,
+                "law": law,
+            })
+        }
+        Err(e) => serde_json::json!({"error": e.to_string()}),
+    };
+    if !curves.is_empty() {
+        let series: Vec<Scatter> = curves
+            .iter()
+            .map(|(n, pts)| Scatter {
+                name: format!("{n} features"),
+                points: pts.clone(),
+                mark: Mark::Line,
+            })
+            .collect();
+        plot_scatter(
+            &series,
+            "FVU vs training tokens, per dictionary size (each run's schedule ends at its budget)",
+            "training tokens",
+            "FVU (held-out)",
+            (true, true),
+            &out.join("loss_vs_tokens.png"),
+        )?;
     }
 
     let mut loss_c = Vec::new();
@@ -986,6 +1044,7 @@ fn fit_and_plot(results: &[RunResult], def: &GridDef, out: &Path) -> Result<serd
         "n_opt_beta": n_opt["law"]["beta"],
         "s_opt_beta": s_opt["law"]["beta"],
         "extrapolation_relative_error": extrap["relative_error"],
+        "tokens_to_convergence_delta": convergence["law"]["law"]["beta"],
     });
     Ok(serde_json::json!({
         "loss": "FVU on held-out tokens (OpenAI's normalised MSE)",
@@ -996,6 +1055,7 @@ fn fit_and_plot(results: &[RunResult], def: &GridDef, out: &Path) -> Result<serd
         "extrapolation": extrap,
         "loss_vs_features": by_k,
         "lr_sweep": lr_points,
+        "tokens_to_convergence": convergence,
         "anchors": {
             "openai_gpt4_topk": "L(C) = 0.09 + 0.056·C^-0.084 (normalised MSE)",
             "openai_tokens_to_convergence": "∝ n^0.6",

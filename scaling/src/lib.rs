@@ -17,15 +17,19 @@
 //! * [`frontier`]: the compute frontier of a set of runs, the best run per compute bin (for
 //!   `N_opt(C)` and `S_opt(C)`), and the honest test of a law: fit on the runs with at most a
 //!   quarter of the largest compute and predict the frontier at the largest.
+//! * [`tokens_to_convergence`]: per dictionary size, the budget at which the loss comes within
+//!   5% of its fitted asymptote, and how that grows with the number of features.
 //!
 //! The linear algebra is 3x3 (three parameters at most), solved here by Cholesky on `ndarray`
 //! arrays; LAPACK (`ndarray-linalg`) would make a system OpenBLAS a build requirement of the
 //! workspace for no gain at this size.
 
+mod convergence;
 mod error;
 mod fit;
 mod frontier;
 
+pub use convergence::{Convergence, ConvergencePoint, tokens_to_convergence};
 pub use error::{Result, ScalingError};
 pub use fit::{
     Bootstrap, Fitted, Law, MIN_R2_LOG, OffsetPowerLaw, ParamInterval, PowerLaw, Quality, Verdict,
