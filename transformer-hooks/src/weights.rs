@@ -313,57 +313,47 @@ impl GgufMeta {
         self.map.get(key).and_then(|v| v.to_bool().ok())
     }
 
-    pub(crate) fn strings(&self, key: &str) -> Result<Vec<String>> {
+    /// An array value, each element converted, or an error naming the key and the element.
+    fn array<T>(
+        &self,
+        key: &str,
+        expected: &str,
+        convert: impl Fn(&gguf_file::Value) -> Option<T>,
+    ) -> Result<Vec<T>> {
         let arr = self
             .get(key)?
             .to_vec()
             .map_err(|e| Error::metadata(&self.path, key, e.to_string()))?;
         arr.iter()
             .map(|v| {
-                v.to_string()
-                    .cloned()
-                    .map_err(|e| Error::metadata(&self.path, key, e.to_string()))
+                convert(v).ok_or_else(|| {
+                    Error::metadata(&self.path, key, format!("expected {expected}, got {v:?}"))
+                })
             })
             .collect()
+    }
+
+    pub(crate) fn strings(&self, key: &str) -> Result<Vec<String>> {
+        self.array(key, "strings", |v| v.to_string().ok().cloned())
     }
 
     pub(crate) fn floats(&self, key: &str) -> Result<Vec<f32>> {
-        let arr = self
-            .get(key)?
-            .to_vec()
-            .map_err(|e| Error::metadata(&self.path, key, e.to_string()))?;
-        arr.iter()
-            .map(|v| match v {
-                gguf_file::Value::F32(x) => Ok(*x),
-                gguf_file::Value::F64(x) => Ok(*x as f32),
-                other => Err(Error::metadata(
-                    &self.path,
-                    key,
-                    format!("expected floats, got {other:?}"),
-                )),
-            })
-            .collect()
+        self.array(key, "floats", |v| match v {
+            gguf_file::Value::F32(x) => Some(*x),
+            gguf_file::Value::F64(x) => Some(*x as f32),
+            _ => None,
+        })
     }
 
     pub(crate) fn ints(&self, key: &str) -> Result<Vec<i64>> {
-        let arr = self
-            .get(key)?
-            .to_vec()
-            .map_err(|e| Error::metadata(&self.path, key, e.to_string()))?;
-        arr.iter()
-            .map(|v| match v {
-                gguf_file::Value::I32(x) => Ok(*x as i64),
-                gguf_file::Value::U32(x) => Ok(*x as i64),
-                gguf_file::Value::I64(x) => Ok(*x),
-                gguf_file::Value::U8(x) => Ok(*x as i64),
-                gguf_file::Value::I8(x) => Ok(*x as i64),
-                other => Err(Error::metadata(
-                    &self.path,
-                    key,
-                    format!("expected integers, got {other:?}"),
-                )),
-            })
-            .collect()
+        self.array(key, "integers", |v| match v {
+            gguf_file::Value::I32(x) => Some(*x as i64),
+            gguf_file::Value::U32(x) => Some(*x as i64),
+            gguf_file::Value::I64(x) => Some(*x),
+            gguf_file::Value::U8(x) => Some(*x as i64),
+            gguf_file::Value::I8(x) => Some(*x as i64),
+            _ => None,
+        })
     }
 }
 
