@@ -4,6 +4,8 @@
 //! `examples/` and the cross-crate tests in `tests/` can reach all of them through one name.
 //! Each crate is usable on its own from another project.
 
+pub mod cli;
+
 pub use activation_store;
 pub use metrics;
 pub use sae_core;

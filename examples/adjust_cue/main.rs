@@ -52,7 +52,7 @@ struct Args {
     #[arg(long)]
     calibrate: Option<PathBuf>,
     /// Success: the feature's peak on the edited prompt at most this fraction of the original's.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, value_parser = sae_workbench::cli::finite_f32, default_value_t = 0.1)]
     threshold: f32,
     /// Meaning bar: mean log-prob change of the original answer (nats per token). The default
     /// separates the 12 paraphrase pairs (-0.46 to +0.01) from the 12 unrelated pairs (-2.22 to
@@ -71,7 +71,7 @@ struct Args {
     #[arg(long, default_value_t = 4)]
     rephrasings: usize,
     /// Tokens of the original prompt's greedy answer that the meaning score predicts.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 32)]
     answer_tokens: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -90,9 +90,6 @@ struct CaseResult {
 fn main() -> Result<()> {
     transformer_hooks::retain_freed_memory();
     let args = Args::parse();
-    if args.answer_tokens == 0 {
-        bail!("--answer-tokens must be at least 1");
-    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let path = args
@@ -309,4 +306,33 @@ fn calibrate(model: &Model, args: &Args, path: &PathBuf) -> Result<()> {
         })
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &["adjust_cue", "--sae", "x"];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [("--answer-tokens", "0"), ("--threshold", "nan")] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

@@ -23,13 +23,13 @@ struct Args {
     #[arg(long, default_value_t = 15)]
     layer: usize,
     /// Sequences per batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 8)]
     batch: usize,
     /// Tokens per sequence.
     #[arg(long, default_value_t = 256)]
     ctx: usize,
     /// Timed repetitions of each measurement (after one warm-up); the median is reported.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 3)]
     reps: usize,
     /// Weights and activations dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
@@ -127,4 +127,33 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &["bench_forward"];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [("--batch", "0"), ("--reps", "0")] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

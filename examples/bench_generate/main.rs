@@ -29,13 +29,13 @@ struct Args {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Prompts per batch.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 1)]
     batch: usize,
     /// Tokens per prompt (random ids, seeded).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 64)]
     prompt: usize,
     /// New tokens per prompt (no stop token: always this many).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 128)]
     new: usize,
     /// SAE folder; without it a random TopK SAE at `blocks.15.hook_resid_post` is made.
     #[arg(long)]
@@ -47,7 +47,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     feature: usize,
     /// Value it is clamped to (the SAE's units).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, value_parser = sae_workbench::cli::finite_f32, default_value_t = 10.0)]
     value: f32,
     /// No clamp: plain generation.
     #[arg(long)]
@@ -64,17 +64,13 @@ struct Args {
     #[arg(long)]
     quantized: Option<String>,
     /// Timed repetitions (after a short warm-up); the median is reported.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 1)]
     reps: usize,
 }
 
 fn main() -> Result<()> {
     transformer_hooks::retain_freed_memory();
     let args = Args::parse();
-    anyhow::ensure!(
-        args.batch > 0 && args.prompt > 0 && args.new > 0,
-        "--batch, --prompt and --new must be at least 1"
-    );
     let path = args
         .model
         .clone()
@@ -215,4 +211,39 @@ fn held_out_text(model: &Model) -> Result<Tensor> {
     anyhow::ensure!(!rows.is_empty(), "no held-out window of 256 tokens");
     let n = rows.len() / 256;
     Ok(Tensor::from_vec(rows, (n, 256), model.device())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &["bench_generate"];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [
+            ("--batch", "0"),
+            ("--prompt", "0"),
+            ("--new", "0"),
+            ("--reps", "0"),
+            ("--value", "nan"),
+        ] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

@@ -23,26 +23,26 @@ struct Args {
     /// standard | topk | batchtopk | jumprelu | gated
     #[arg(long, default_value = "topk")]
     arch: String,
-    #[arg(long, default_value_t = 1536)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 1536)]
     d_in: usize,
-    #[arg(long, default_value_t = 12288)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 12288)]
     d_sae: usize,
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 4096)]
     batch: usize,
     /// Timed steps (after one untimed warm-up step).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 3)]
     steps: usize,
     /// k for topk / batchtopk.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 32)]
     k: usize,
     /// L1 (standard, gated) or L0 (jumprelu) coefficient.
     #[arg(long, default_value_t = 5.0)]
     l1_coefficient: f32,
     /// Target L0 for the ReLU family (0 keeps the fresh, dense initialisation).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 32)]
     target_l0: usize,
     /// Worker threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one)]
     threads: Option<usize>,
 }
 
@@ -121,4 +121,41 @@ fn main() -> Result<()> {
     });
     println!("{line}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &["bench_sae_train"];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [
+            ("--d-in", "0"),
+            ("--d-sae", "0"),
+            ("--batch", "0"),
+            ("--steps", "0"),
+            ("--k", "0"),
+            ("--target-l0", "0"),
+            ("--threads", "0"),
+        ] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

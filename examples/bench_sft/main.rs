@@ -33,12 +33,12 @@ struct Args {
     /// GGUF file or HF folder (default: Gemma-3-270M from the assets folder).
     #[arg(long)]
     model: Option<PathBuf>,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 4)]
     batch: usize,
     #[arg(long, default_value_t = 256)]
     seq: usize,
     /// Timed steps (after one untimed warm-up step).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 3)]
     steps: usize,
     #[arg(long, value_enum, default_value = "full")]
     mode: Mode,
@@ -190,4 +190,33 @@ fn main() -> Result<()> {
 
 fn rayon_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &["bench_sft"];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [("--batch", "0"), ("--steps", "0")] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

@@ -36,12 +36,12 @@ struct Args {
     #[arg(long)]
     hook: Option<String>,
     /// Features of the random SAE.
-    #[arg(long, default_value_t = 12288)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 12288)]
     d_sae: usize,
     /// k of the random TopK SAE.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 32)]
     k: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 8)]
     batch: usize,
     /// Sequence length including BOS.
     #[arg(long, default_value_t = 256)]
@@ -50,7 +50,7 @@ struct Args {
     #[arg(long)]
     text_file: Option<PathBuf>,
     /// Timed repetitions (the best is reported).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 1)]
     repeat: usize,
     /// `cpu`, or `cuda` (build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
@@ -66,8 +66,8 @@ fn main() -> anyhow::Result<()> {
     // Freed tensors stay in the process for the next operation (transformer-hooks' alloc.rs).
     sae_workbench::transformer_hooks::retain_freed_memory();
     let args = Args::parse();
-    if args.seq < 2 || args.batch == 0 {
-        bail!("--seq must be at least 2 (BOS and a token) and --batch at least 1");
+    if args.seq < 2 {
+        bail!("--seq must be at least 2 (BOS and a token)");
     }
     let device = match args.device.as_str() {
         "cpu" => Device::Cpu,
@@ -187,4 +187,38 @@ fn main() -> anyhow::Result<()> {
     })?;
     emit("spliced_evaluation", s, 5);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &["bench_spliced"];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [
+            ("--batch", "0"),
+            ("--repeat", "0"),
+            ("--d-sae", "0"),
+            ("--k", "0"),
+        ] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

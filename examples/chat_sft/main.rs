@@ -44,16 +44,16 @@ struct Args {
     #[arg(long)]
     quick: bool,
     /// Optimizer steps (default 160, quick 24).
-    #[arg(long)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one)]
     steps: Option<usize>,
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-4)]
     lr: f64,
     /// Conversations per forward pass.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 4)]
     micro_batch: usize,
     /// Forward passes per optimizer step (default 4, quick 2).
-    #[arg(long)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one)]
     grad_accum: Option<usize>,
     /// Tokens per conversation at most.
     #[arg(long, default_value_t = 256)]
@@ -68,9 +68,9 @@ struct Args {
     #[arg(long)]
     instructions: Option<usize>,
     /// Longest greedy answer.
-    #[arg(long, default_value_t = 96)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 96)]
     max_new_tokens: usize,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 10)]
     checkpoint_every: usize,
     /// End this run after this many optimizer steps (checkpointed; the schedule stays that of
     /// `--steps`), evaluate and export the model as it is; run again without it to go on.
@@ -377,4 +377,39 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
 
 fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     Ok(sae_workbench::sae_core::io::write_json(path, v)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &["chat_sft"];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [
+            ("--micro-batch", "0"),
+            ("--grad-accum", "0"),
+            ("--max-new-tokens", "0"),
+            ("--checkpoint-every", "0"),
+            ("--steps", "0"),
+        ] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

@@ -32,7 +32,7 @@ struct Args {
     #[arg(long)]
     text_file: PathBuf,
     /// Use at most this many text tokens (from the start of the file).
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 4096)]
     max_tokens: usize,
     /// Hook to splice into; defaults to the SAE config's `hook_name`.
     #[arg(long)]
@@ -41,7 +41,7 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     context_len: usize,
     /// Windows per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 8)]
     batch_size: usize,
     /// Positions before this keep their clean activations (1: BOS stays clean).
     #[arg(long, default_value_t = 1)]
@@ -141,4 +141,33 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(p, &s).with_context(|| format!("writing --out {}", p.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &["eval_sae", "--model", "x", "--sae", "x", "--text-file", "x"];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [("--max-tokens", "0"), ("--batch-size", "0")] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

@@ -59,19 +59,16 @@ struct Args {
     #[arg(long)]
     raw: bool,
     /// Features firing on more than this fraction of tokens are left out (dense features).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, value_parser = sae_workbench::cli::fraction, default_value_t = 0.05)]
     max_firing_rate: f64,
     /// Hits shown per query.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 12)]
     top: usize,
 }
 
 fn main() -> Result<()> {
     transformer_hooks::retain_freed_memory();
     let args = Args::parse();
-    if !(args.max_firing_rate > 0.0 && args.max_firing_rate <= 1.0) {
-        bail!("--max-firing-rate must be in (0, 1]");
-    }
     let sae =
         SaeModel::load(&args.sae).with_context(|| format!("loading SAE {}", args.sae.display()))?;
     let hook = sae_hook(&sae)?;
@@ -265,4 +262,33 @@ fn read_texts(model: &Model, path: &PathBuf) -> Result<Vec<ContrastText>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &["find_features", "--sae", "x"];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [("--max-firing-rate", "0"), ("--top", "0")] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

@@ -41,7 +41,7 @@ struct Args {
     #[arg(long, default_value_t = 128)]
     context: usize,
     /// Windows per forward pass.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 8)]
     batch: usize,
     /// Storage dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
@@ -145,4 +145,33 @@ fn main() -> Result<()> {
     pb.finish_and_clear();
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &["harvest", "--out", "x"];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [("--batch", "0")] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

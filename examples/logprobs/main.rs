@@ -16,7 +16,7 @@ struct Args {
     #[arg(long)]
     text_file: std::path::PathBuf,
     /// Keep at most this many tokens (BOS included, if the model uses one).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 512)]
     max_tokens: usize,
     /// Zero the MLP output (`blocks.L.hook_mlp_out`) of this layer.
     #[arg(long)]
@@ -67,4 +67,33 @@ fn main() -> Result<()> {
         })
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &["logprobs", "--model", "x", "--text-file", "x"];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [("--max-tokens", "0")] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

@@ -105,6 +105,11 @@ struct Args {
     /// within a session's time); the fits use what remains.
     #[arg(long)]
     max_expansion: Option<usize>,
+    /// Only fit and plot again from the `runs.jsonl` already in the output folder: no model,
+    /// no training, seconds instead of the sweep (after a change to the fits, or on a sweep
+    /// copied from another machine). The rest of `fits.json` is kept.
+    #[arg(long)]
+    refit: bool,
 }
 
 /// One SAE of the sweep.
@@ -327,6 +332,9 @@ fn main() -> Result<()> {
         Grid::Quick => 2048,
         Grid::Full => 8192,
     });
+    if args.refit {
+        return refit(&def, &out);
+    }
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let hook = format!("blocks.{}.{}", args.layer, args.site);
     let t_start = Instant::now();
@@ -531,6 +539,52 @@ fn main() -> Result<()> {
     )?;
     println!("{}", serde_json::to_string(&summary["fits"]["headline"])?);
     eprintln!("fits: {}", out.join("fits.json").display());
+    Ok(())
+}
+
+/// `--refit`: the fits and plots of `out/runs.jsonl` again, written into `out/fits.json` in
+/// place of its `fits` (timings and harvest figures stay those of the sweep that measured them).
+fn refit(def: &GridDef, out: &Path) -> Result<()> {
+    let runs_path = out.join("runs.jsonl");
+    let text = std::fs::read_to_string(&runs_path).with_context(|| {
+        format!(
+            "--refit reads the runs of an earlier sweep from {}",
+            runs_path.display()
+        )
+    })?;
+    let mut results = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let r: RunResult = serde_json::from_str(line).with_context(|| {
+            format!(
+                "{} line {}: not a run of this sweep",
+                runs_path.display(),
+                i + 1
+            )
+        })?;
+        results.push(r);
+    }
+    if results.is_empty() {
+        bail!("{} holds no runs to fit", runs_path.display());
+    }
+    let fits = fit_and_plot(&results, def, out)?;
+    let fits_path = out.join("fits.json");
+    let mut summary: serde_json::Value = match std::fs::read(&fits_path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .with_context(|| format!("{} is not JSON", fits_path.display()))?,
+        Err(_) => serde_json::json!({}),
+    };
+    summary["runs"] = serde_json::json!(results.len());
+    summary["fits"] = fits;
+    write_atomic(
+        &fits_path,
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    println!("{}", serde_json::to_string(&summary["fits"]["headline"])?);
+    eprintln!("refitted {} runs: {}", results.len(), fits_path.display());
     Ok(())
 }
 
@@ -1070,6 +1124,66 @@ mod tests {
 
     fn grid_runs() -> Vec<RunSpec> {
         specs(&grid_def(Grid::Quick), 64, 256, 1e-3)
+    }
+
+    #[test]
+    fn refit_fits_the_recorded_runs_and_keeps_the_sweeps_timings() {
+        let dir = std::env::temp_dir().join(format!("scaling_refit_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let def = grid_def(Grid::Quick);
+        // Runs whose loss follows a known law in n and tokens, so the fit has something to find.
+        let lines: Vec<String> = grid_runs()
+            .into_iter()
+            .map(|spec| {
+                let (n, t) = (spec.n as f64, spec.tokens as f64);
+                let fvu = 0.05 + 2.0 * n.powf(-0.3) + 40.0 * t.powf(-0.5);
+                let fpt = flops_per_token(&spec, 64, 256, 32.0);
+                let r = RunResult {
+                    compute: fpt * t,
+                    flops_per_token: fpt,
+                    spec,
+                    train_l0: 32.0,
+                    train_fvu: fvu,
+                    l0: 32.0,
+                    fvu,
+                    dead_fraction: 0.0,
+                    loss_recovered_zero: 1.0 - fvu,
+                    loss_recovered_mean: 1.0 - fvu,
+                    delta_nll: fvu,
+                    kl: fvu,
+                };
+                serde_json::to_string(&r).unwrap()
+            })
+            .collect();
+        std::fs::write(dir.join("runs.jsonl"), lines.join("\n") + "\n").unwrap();
+        std::fs::write(
+            dir.join("fits.json"),
+            r#"{"harvest": {"rows": 7}, "fits": null}"#,
+        )
+        .unwrap();
+        refit(&def, &dir).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("fits.json")).unwrap()).unwrap();
+        assert_eq!(v["harvest"]["rows"], 7, "the sweep's own figures are kept");
+        assert_eq!(v["runs"], lines.len());
+        assert!(v["fits"]["frontier"].is_object(), "{}", v["fits"]);
+        assert!(
+            v["fits"]["tokens_to_convergence"].is_object(),
+            "{}",
+            v["fits"]
+        );
+        assert!(dir.join("loss_vs_tokens.png").exists());
+        // A line that is not a run is named, not skipped.
+        std::fs::write(
+            dir.join("runs.jsonl"),
+            format!("{}\n{{\"name\": 3}}\n", lines[0]),
+        )
+        .unwrap();
+        let err = format!("{:#}", refit(&def, &dir).unwrap_err());
+        assert!(err.contains("line 2"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+        let err = format!("{:#}", refit(&def, &dir).unwrap_err());
+        assert!(err.contains("runs.jsonl"), "{err}");
     }
 
     #[test]

@@ -48,7 +48,7 @@ struct Args {
     feature: Vec<usize>,
     /// Values, comma separated: multiples of each feature's maximum activation for a clamp, or of
     /// the decoder direction's norm scaled to that maximum for `--add`.
-    #[arg(long, value_delimiter = ',', default_value = "0,1,2,5,10,20")]
+    #[arg(long, value_parser = sae_workbench::cli::finite_f32, value_delimiter = ',', default_value = "0,1,2,5,10,20")]
     values: Vec<f32>,
     /// Also run unsteered (reported as value "none"): the baseline.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -65,13 +65,13 @@ struct Args {
     /// Send prompts as they are instead of in the model's chat template.
     #[arg(long)]
     raw: bool,
-    #[arg(long, default_value_t = 48)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 48)]
     max_new_tokens: usize,
     /// Samples per prompt and value.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 3)]
     samples: usize,
     /// Sampling temperature (0: greedy, then one sample per prompt).
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, value_parser = sae_workbench::cli::temperature, default_value_t = 0.7)]
     temperature: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -82,10 +82,10 @@ struct Args {
     #[arg(long)]
     agreement: bool,
     /// Held-out corpus tokens on which the KL of the clamp is measured (0: skip).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 1024)]
     kl_tokens: usize,
     /// Prompts per generation batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 16)]
     batch: usize,
     /// Output folder.
     #[arg(long, default_value = "runs/steer")]
@@ -173,12 +173,6 @@ struct Prompt {
 fn main() -> Result<()> {
     transformer_hooks::retain_freed_memory();
     let args = Args::parse();
-    if args.samples == 0 || args.max_new_tokens == 0 || args.batch == 0 {
-        bail!("--samples, --max-new-tokens and --batch must be at least 1");
-    }
-    if args.values.iter().any(|v| !v.is_finite()) {
-        bail!("--values must be finite numbers");
-    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     if args.replot {
@@ -773,4 +767,48 @@ fn plots(args: &Args, results: &[ValueResult]) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &[
+            "steer",
+            "--sae",
+            "x",
+            "--feature",
+            "1",
+            "--prompts-file",
+            "x",
+        ];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [
+            ("--max-new-tokens", "0"),
+            ("--samples", "0"),
+            ("--batch", "0"),
+            ("--kl-tokens", "0"),
+            ("--values", "1,nan"),
+            ("--temperature", "-1"),
+        ] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

@@ -44,28 +44,28 @@ struct Args {
     /// `F=V`: clamp feature F to V times its maximum activation while generating (repeatable).
     #[arg(long, value_parser = parse_clamp)]
     clamp: Vec<(usize, f32)>,
-    #[arg(long, default_value_t = 48)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 48)]
     max_new_tokens: usize,
     /// Samples per prompt.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 1)]
     samples: usize,
     /// Sampling temperature (0: greedy).
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, value_parser = sae_workbench::cli::temperature, default_value_t = 0.7)]
     temperature: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Traits listed per response.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 5)]
     top: usize,
     /// Features firing on more than this fraction of tokens are not traits (at 0.05, features of
     /// "was", "I", "a" crowd the list).
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, value_parser = sae_workbench::cli::fraction, default_value_t = 0.01)]
     max_firing_rate: f64,
     /// Report the share of responses with this feature among their top traits.
     #[arg(long)]
     expect: Option<usize>,
     /// Prompts per generation batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 16)]
     batch: usize,
     /// Output folder.
     #[arg(long, default_value = "runs/traits")]
@@ -101,9 +101,6 @@ struct Row {
 fn main() -> Result<()> {
     transformer_hooks::retain_freed_memory();
     let args = Args::parse();
-    if args.samples == 0 || args.max_new_tokens == 0 || args.batch == 0 || args.top == 0 {
-        bail!("--samples, --max-new-tokens, --batch and --top must be at least 1");
-    }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let path = args
@@ -299,4 +296,40 @@ fn html(args: &Args, rows: &[Row], summary: Option<&serde_json::Value>) -> Strin
         s.push_str("</div>");
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &["traits", "--sae", "x", "--prompts-file", "x"];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [
+            ("--max-new-tokens", "0"),
+            ("--samples", "0"),
+            ("--batch", "0"),
+            ("--top", "0"),
+            ("--temperature", "-1"),
+            ("--max-firing-rate", "0"),
+        ] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

@@ -71,20 +71,20 @@ struct Args {
     #[arg(long)]
     sae_chat: Vec<PathBuf>,
     /// Training tokens per model (half corpus, half chat); default 120k, quick 24k.
-    #[arg(long)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one)]
     train_tokens: Option<usize>,
     /// Evaluation tokens per text; default 2048, quick 512.
-    #[arg(long)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one)]
     eval_tokens: Option<usize>,
     /// Features per input dimension.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 4)]
     expansion: usize,
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 32)]
     k: usize,
     /// Passes over the training tokens.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 2)]
     epochs: usize,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 512)]
     sae_batch: usize,
     /// Residual scale of the collapse demonstration.
     #[arg(long, default_value_t = 8.0)]
@@ -94,7 +94,7 @@ struct Args {
     finetune_share: f64,
     /// Passes over that share (the tokens stay the share; more passes are more steps on them:
     /// 2 passes were too few steps to reach the from-scratch SAE, 20 reach it).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 20)]
     finetune_epochs: usize,
     #[arg(long, default_value_t = 128)]
     context: usize,
@@ -874,4 +874,41 @@ fn write_report(
     );
     std::fs::write(out.join("report/index.html"), html)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts, rates and values this program cannot use are refused while parsing, naming the
+    /// flag, before any file is read.
+    #[test]
+    fn bad_numbers_are_refused_naming_the_flag() {
+        const BASE: &[&str] = &["transfer"];
+        if let Err(e) = Args::try_parse_from(BASE) {
+            panic!("the base arguments must parse: {e}");
+        }
+        for (flag, value) in [
+            ("--expansion", "0"),
+            ("--k", "0"),
+            ("--epochs", "0"),
+            ("--sae-batch", "0"),
+            ("--finetune-epochs", "0"),
+            ("--train-tokens", "0"),
+            ("--eval-tokens", "0"),
+        ] {
+            let arg = format!("{flag}={value}");
+            let mut argv = BASE.to_vec();
+            argv.push(&arg);
+            let Err(e) = Args::try_parse_from(&argv) else {
+                panic!("{flag} {value} was accepted");
+            };
+            let msg = e.to_string();
+            let bad = value.rsplit(',').next().unwrap_or(value);
+            assert!(
+                msg.contains(flag) && msg.contains(bad),
+                "{flag} {value}: {msg}"
+            );
+        }
+    }
 }

@@ -1,0 +1,62 @@
+//! Value parsers for the examples' flags, so that clap refuses a bad number at parse time with a
+//! message naming the flag (`invalid value '0' for '--batch <BATCH>': must be at least 1`) before
+//! any model is loaded, rather than each program dividing by it or allocating from it later.
+
+/// A count that must be at least 1 (`--batch`, `--samples`, `--max-new-tokens` ...).
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a whole number: {e}")),
+    }
+}
+
+/// A finite number (a clamp value, a steering coefficient): NaN and infinities are refused.
+pub fn finite_f32(s: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) => Err(format!("must be a finite number, not {v}")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
+/// A sampling temperature: finite and not negative (0 is greedy).
+pub fn temperature(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(v) => Err(format!("must be 0 (greedy) or a positive number, not {v}")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
+/// A rate in (0, 1] (`--max-firing-rate`).
+pub fn fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        Ok(v) => Err(format!("must be in (0, 1], not {v}")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsers_refuse_what_the_programs_cannot_use() {
+        assert_eq!(at_least_one("3"), Ok(3));
+        assert!(at_least_one("0").unwrap_err().contains("at least 1"));
+        assert!(at_least_one("-2").unwrap_err().contains("whole number"));
+        assert_eq!(finite_f32("-2.5"), Ok(-2.5));
+        for bad in ["NaN", "inf", "-inf", "1e39"] {
+            assert!(finite_f32(bad).is_err(), "{bad}");
+        }
+        assert_eq!(temperature("0"), Ok(0.0));
+        assert!(temperature("-0.1").is_err());
+        assert!(temperature("nan").is_err());
+        assert_eq!(fraction("1"), Ok(1.0));
+        for bad in ["0", "1.5", "nan", "-0.2"] {
+            assert!(fraction(bad).is_err(), "{bad}");
+        }
+    }
+}
