@@ -978,7 +978,7 @@ fn fit_and_plot(results: &[RunResult], def: &GridDef, out: &Path) -> Result<serd
             .collect();
         plot_scatter(
             &series,
-            "FVU vs training tokens, per dictionary size (each run's schedule ends at its budget)",
+            "FVU vs training tokens per dictionary size (schedules end at each budget)",
             "training tokens",
             "FVU (held-out)",
             (true, true),
