@@ -38,6 +38,29 @@ pub fn fraction(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Test support for the examples: requires that `base` parses as `P`, and that `base` plus each
+/// `flag=value` is refused with a message naming the flag and the offending value (the last
+/// element of a comma-separated list). Panics otherwise, as a test should.
+pub fn assert_refused<P: clap::Parser>(base: &[&str], cases: &[(&str, &str)]) {
+    if let Err(e) = P::try_parse_from(base) {
+        panic!("the base arguments must parse: {e}");
+    }
+    for &(flag, value) in cases {
+        let arg = format!("{flag}={value}");
+        let mut argv = base.to_vec();
+        argv.push(&arg);
+        let Err(e) = P::try_parse_from(&argv) else {
+            panic!("{flag} {value} was accepted");
+        };
+        let msg = e.to_string();
+        let bad = value.rsplit(',').next().unwrap_or(value);
+        assert!(
+            msg.contains(flag) && msg.contains(bad),
+            "{flag} {value}: {msg}"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

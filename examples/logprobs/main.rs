@@ -77,23 +77,9 @@ mod tests {
     /// flag, before any file is read.
     #[test]
     fn bad_numbers_are_refused_naming_the_flag() {
-        const BASE: &[&str] = &["logprobs", "--model", "x", "--text-file", "x"];
-        if let Err(e) = Args::try_parse_from(BASE) {
-            panic!("the base arguments must parse: {e}");
-        }
-        for (flag, value) in [("--max-tokens", "0")] {
-            let arg = format!("{flag}={value}");
-            let mut argv = BASE.to_vec();
-            argv.push(&arg);
-            let Err(e) = Args::try_parse_from(&argv) else {
-                panic!("{flag} {value} was accepted");
-            };
-            let msg = e.to_string();
-            let bad = value.rsplit(',').next().unwrap_or(value);
-            assert!(
-                msg.contains(flag) && msg.contains(bad),
-                "{flag} {value}: {msg}"
-            );
-        }
+        sae_workbench::cli::assert_refused::<Args>(
+            &["logprobs", "--model", "x", "--text-file", "x"],
+            &[("--max-tokens", "0")],
+        );
     }
 }

@@ -777,38 +777,24 @@ mod tests {
     /// flag, before any file is read.
     #[test]
     fn bad_numbers_are_refused_naming_the_flag() {
-        const BASE: &[&str] = &[
-            "steer",
-            "--sae",
-            "x",
-            "--feature",
-            "1",
-            "--prompts-file",
-            "x",
-        ];
-        if let Err(e) = Args::try_parse_from(BASE) {
-            panic!("the base arguments must parse: {e}");
-        }
-        for (flag, value) in [
-            ("--max-new-tokens", "0"),
-            ("--samples", "0"),
-            ("--batch", "0"),
-            ("--kl-tokens", "0"),
-            ("--values", "1,nan"),
-            ("--temperature", "-1"),
-        ] {
-            let arg = format!("{flag}={value}");
-            let mut argv = BASE.to_vec();
-            argv.push(&arg);
-            let Err(e) = Args::try_parse_from(&argv) else {
-                panic!("{flag} {value} was accepted");
-            };
-            let msg = e.to_string();
-            let bad = value.rsplit(',').next().unwrap_or(value);
-            assert!(
-                msg.contains(flag) && msg.contains(bad),
-                "{flag} {value}: {msg}"
-            );
-        }
+        sae_workbench::cli::assert_refused::<Args>(
+            &[
+                "steer",
+                "--sae",
+                "x",
+                "--feature",
+                "1",
+                "--prompts-file",
+                "x",
+            ],
+            &[
+                ("--max-new-tokens", "0"),
+                ("--samples", "0"),
+                ("--batch", "0"),
+                ("--kl-tokens", "0"),
+                ("--values", "1,nan"),
+                ("--temperature", "-1"),
+            ],
+        );
     }
 }
