@@ -82,7 +82,7 @@ struct Args {
     #[arg(long)]
     agreement: bool,
     /// Held-out corpus tokens on which the KL of the clamp is measured (0: skip).
-    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024)]
     kl_tokens: usize,
     /// Prompts per generation batch.
     #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 16)]
@@ -774,7 +774,7 @@ mod tests {
     use super::*;
 
     /// Counts, rates and values this program cannot use are refused while parsing, naming the
-    /// flag, before any file is read.
+    /// flag, before any file is read; the zeros it documents as meaningful are accepted.
     #[test]
     fn bad_numbers_are_refused_naming_the_flag() {
         sae_workbench::cli::assert_refused::<Args>(
@@ -786,12 +786,14 @@ mod tests {
                 "1",
                 "--prompts-file",
                 "x",
+                // 0 means something here: no KL measurement.
+                "--kl-tokens",
+                "0",
             ],
             &[
                 ("--max-new-tokens", "0"),
                 ("--samples", "0"),
                 ("--batch", "0"),
-                ("--kl-tokens", "0"),
                 ("--values", "1,nan"),
                 ("--temperature", "-1"),
             ],
