@@ -11,6 +11,10 @@
 //! `CPU_BLAS=off` keeps candle's matmul (for side-by-side measurements);
 //! `CPU_BLAS=/path/to/lib.so` names another library exporting `cblas_sgemm`.
 
+mod packed;
+
+pub use packed::PackedWeight;
+
 use std::ffi::c_int;
 use std::sync::OnceLock;
 

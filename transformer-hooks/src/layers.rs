@@ -5,6 +5,8 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
+use cpu_blas::PackedWeight;
+use std::sync::OnceLock;
 
 use crate::causal_attention;
 use crate::config::{Activation, AttentionType, ModelConfig, NormKind};
@@ -40,6 +42,30 @@ pub(crate) struct Linear {
     w: Tensor,
     b: Option<Tensor>,
     q: Option<QMatMul>,
+    /// `w` rearranged for generation steps, made on the first product with few rows.
+    packed: OnceLock<Option<PackedWeight>>,
+}
+
+/// `x W^T`: a generation step's few rows through the packed copy of `w` (made on first use and
+/// kept in `packed`), everything else through [`cpu_blas::matmul_t`].
+///
+/// Packing costs a second copy of the weight, so only a product that will use it triggers it:
+/// a training or harvesting pass (many rows, or a tracked `x`) never does.
+fn weight_product(
+    x: &Tensor,
+    w: &Tensor,
+    packed: &OnceLock<Option<PackedWeight>>,
+) -> Result<Tensor> {
+    let few_rows = x.dims().first().is_some_and(|&m| m <= cpu_blas::SMALL_M);
+    if few_rows && x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
+        // A weight that cannot be packed (no AVX-512, not f32, a Var) is remembered as None.
+        if let Some(p) = packed.get_or_init(|| PackedWeight::new(w).ok().flatten())
+            && let Some(y) = p.matmul_t(&x.contiguous()?)?
+        {
+            return Ok(y);
+        }
+    }
+    Ok(cpu_blas::matmul_t(x, w)?)
 }
 
 impl Linear {
@@ -48,6 +74,7 @@ impl Linear {
             w: param(p, &format!("{prefix}.weight"))?,
             b: p.get(&format!("{prefix}.bias")).cloned(),
             q: None,
+            packed: OnceLock::new(),
         })
     }
 
@@ -64,7 +91,7 @@ impl Linear {
         let x = x.reshape((rows, d_in))?;
         let y = match &self.q {
             Some(q) => q.forward(&x)?,
-            None => cpu_blas::matmul_t(&x, &self.w)?,
+            None => weight_product(&x, &self.w, &self.packed)?,
         };
         let y = match &self.b {
             Some(b) => y.broadcast_add(b)?,
@@ -107,6 +134,7 @@ impl MultiLinear {
                 w: Tensor::cat(&ws, 0)?,
                 b,
                 q: None,
+                packed: OnceLock::new(),
             })
         };
         Ok(Self { parts, fused })
@@ -445,6 +473,7 @@ pub(crate) struct Transformer {
     ln_final: Norm,
     unembed: Tensor,
     unembed_q: Option<QMatMul>,
+    unembed_packed: OnceLock<Option<PackedWeight>>,
 }
 
 /// A block-quantized copy of an `[out, in]` weight for `x W^T`.
@@ -633,6 +662,7 @@ impl Transformer {
             ln_final: Norm::new(p, "ln_final", cfg.norm, cfg.norm_eps)?,
             unembed,
             unembed_q: None,
+            unembed_packed: OnceLock::new(),
         })
     }
 
@@ -771,7 +801,7 @@ impl Transformer {
     pub(crate) fn unembed(&self, cfg: &ModelConfig, x: &Tensor) -> Result<Tensor> {
         let logits = match &self.unembed_q {
             Some(q) => q.forward(x)?,
-            None => cpu_blas::matmul_t(x, &self.unembed)?,
+            None => weight_product(x, &self.unembed, &self.unembed_packed)?,
         };
         Ok(match cfg.final_logit_softcap {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
