@@ -4,9 +4,9 @@
 //! or runs out of memory on any of them fails this test. The libFuzzer runs (nightly, hours)
 //! are in `docs/reliability.md`.
 //!
-//! With `SAEW_FUZZ_SEEDS=DIR` it also writes the activation-cache seeds (a manifest and its
-//! shards, made by the entry points' own fixture) under `DIR/cache_manifest` and
-//! `DIR/cache_shard`.
+//! With `SAEW_FUZZ_SEEDS=DIR` it also writes the seeds made by the entry points' own fixtures:
+//! the activation cache's (a manifest and its shards) under `DIR/cache_manifest` and
+//! `DIR/cache_shard`, and the trainer checkpoints' `trainer.json` under `DIR/checkpoint`.
 
 #[allow(dead_code)]
 #[path = "../fuzz/src/lib.rs"]
@@ -195,4 +195,38 @@ fn cache_shard() {
         }
     }
     println!("cache_shard: {n} inputs");
+}
+
+/// The checkpoint seeds: each architecture's `trainer.json`, after its selector byte.
+fn checkpoint_seeds() -> Vec<Vec<u8>> {
+    let seeds: Vec<Vec<u8>> = entries::checkpoint_dirs()
+        .iter()
+        .enumerate()
+        .map(|(i, dir)| {
+            let mut v = vec![i as u8];
+            v.extend(std::fs::read(dir.join("trainer.json")).unwrap());
+            v
+        })
+        .collect();
+    if let Ok(out) = std::env::var("SAEW_FUZZ_SEEDS") {
+        let out = Path::new(&out).join("checkpoint");
+        std::fs::create_dir_all(&out).unwrap();
+        for (i, s) in seeds.iter().enumerate() {
+            std::fs::write(out.join(format!("trainer{i}.json")), s).unwrap();
+        }
+    }
+    seeds
+}
+
+#[test]
+fn checkpoint() {
+    let mut rng = Rng(13);
+    let mut n = 0;
+    for s in checkpoint_seeds() {
+        for m in mutations(&s, 400, 1, &mut rng) {
+            entries::checkpoint(&m);
+            n += 1;
+        }
+    }
+    println!("checkpoint: {n} inputs");
 }

@@ -14,8 +14,8 @@ use sae_workbench::activation_store::{
     self as store, ActivationStore, CacheSettings, CacheWriter, HookInfo, Provenance, SourceInfo,
     StoreDtype,
 };
-use sae_workbench::sae_core::SaeModel;
-use sae_workbench::transformer_hooks::candle_core::Device;
+use sae_workbench::sae_core::{SaeModel, Trainer, TrainerConfig};
+use sae_workbench::transformer_hooks::candle_core::{DType, Device, Tensor};
 use sae_workbench::transformer_hooks::{Model, Tokenizer};
 
 /// The repository root (fixtures are read from it): the parent of the fuzz crate, or the root
@@ -260,6 +260,92 @@ pub fn cache_shard(data: &[u8]) {
 /// An R serialization (the corpora's `.rdb` objects and `.rdx` index).
 pub fn rdata(data: &[u8]) {
     let _ = store::rdata::unserialize(data, "fuzz input");
+}
+
+/// The architectures of [`checkpoint`]'s folders, each with non-default options so that the
+/// seeds carry every kind of field.
+/// (the architecture, trainer options only some architectures take)
+const CHECKPOINT_ARCHS: [(&str, &str); 6] = [
+    (
+        r#"{"architecture":"standard","l1_coefficient":2.0}"#,
+        r#""resample_at_steps":[20],"encoder_bias_init_l0":2,"#,
+    ),
+    (r#"{"architecture":"topk","k":2,"aux_k":4}"#, ""),
+    (r#"{"architecture":"batchtopk","k":2.0}"#, ""),
+    (
+        r#"{"architecture":"matryoshka_batchtopk","k":2.0,"matryoshka_widths":[4,8]}"#,
+        "",
+    ),
+    (r#"{"architecture":"jumprelu","l0_coefficient":0.5}"#, ""),
+    (
+        r#"{"architecture":"gated","l1_coefficient":1.5}"#,
+        r#""encoder_bias_init_l0":3,"#,
+    ),
+];
+
+/// A trainer checkpoint per architecture (3 inputs, 8 features, three steps on the fixture
+/// cache's rows), made once; returns each checkpoint folder.
+pub fn checkpoint_dirs() -> &'static [PathBuf] {
+    static DIRS: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    DIRS.get_or_init(|| {
+        let batch = fixture_batch();
+        CHECKPOINT_ARCHS
+            .iter()
+            .enumerate()
+            .map(|(i, (arch, extra))| {
+                let cfg = format!(
+                    r#"{{"d_in":3,"d_sae":8,"sae":{arch},"total_steps":40,"lr":0.001,{extra}
+                        "lr_warm_up_steps":2,"lr_decay_steps":10,"sparsity_warm_up_steps":3,
+                        "log_every":2,"seed":{i}}}"#
+                );
+                let cfg: TrainerConfig = serde_json::from_str(&cfg).expect("trainer config");
+                let mut t = Trainer::new(cfg).expect("trainer");
+                for _ in 0..3 {
+                    t.step(&batch).expect("step");
+                }
+                t.checkpoint(scratch().join(format!("ck{i}")))
+                    .expect("checkpoint")
+            })
+            .collect()
+    })
+}
+
+/// The fixture cache's first hook's rows, `[8, 3]`: the batch every checkpoint trains on.
+fn fixture_batch() -> Tensor {
+    let cache = ActivationStore::open(fixture_cache()).expect("fixture cache");
+    let rows = cache.rows() as usize;
+    let h = cache.hook("blocks.0.hook_resid_post").expect("hook");
+    let v = h.read_rows(0, rows).expect("rows");
+    Tensor::from_vec(v, (rows, 3), &Device::Cpu).expect("batch")
+}
+
+/// A trainer checkpoint's `trainer.json` (the first byte picks the architecture's folder)
+/// beside that checkpoint's valid `state.safetensors`, then resuming and training two steps.
+///
+/// `trainer.json` holds every training option the examples take from their arguments (sizes,
+/// learning rate and its schedule, sparsity, resampling, clipping, normalisation, the
+/// architecture's own settings), so this is also where their combinations meet the allocating
+/// code, from a file a user can hand to `--resume`.
+pub fn checkpoint(data: &[u8]) {
+    let dirs = checkpoint_dirs();
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let dir = &dirs[usize::from(first) % dirs.len()];
+    let path = dir.join("trainer.json");
+    let before = std::fs::read(&path).expect("trainer.json");
+    write(&path, rest);
+    if let Ok(mut t) = Trainer::resume(dir) {
+        let d_in = t.config().d_in;
+        if let Ok(batch) = Tensor::ones((4, d_in), DType::F32, &Device::Cpu) {
+            for _ in 0..2 {
+                if t.step(&batch).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    write(&path, &before);
 }
 
 /// A copy of the fixture cache in the scratch folder, for one target to damage.

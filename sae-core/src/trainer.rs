@@ -1059,6 +1059,8 @@ impl Trainer {
                 source,
             })?;
         state.config.validate()?;
+        // The sizes come from the file: refuse absurd ones before `build` allocates them.
+        check_memory(state.config.d_in, state.config.d_sae)?;
         let mut tensors = io::read_safetensors(&dir.join("state.safetensors"))?;
         let template =
             state

@@ -548,6 +548,29 @@ fn damaged_checkpoints_are_refused() {
                 "{file} cut to {cut} bytes: expected an error naming it, got {msg:?}"
             );
         }
+        if file == "trainer.json" {
+            // Sizes in the file far beyond memory: refused before the SAE is built (this
+            // aborted the process on a failed allocation before; found by the `checkpoint`
+            // fuzz target's first run).
+            let json = String::from_utf8(bytes.clone()).unwrap();
+            let d_sae = format!("\"d_sae\": {}", cfg.d_sae);
+            assert!(json.contains(&d_sae), "{json}");
+            for huge in ["\"d_sae\": 100000000000", "\"d_sae\": 18446744073709551615"] {
+                let bad = tempfile::tempdir().unwrap();
+                std::fs::copy(
+                    good.join("state.safetensors"),
+                    bad.path().join("state.safetensors"),
+                )
+                .unwrap();
+                std::fs::write(bad.path().join(file), json.replace(&d_sae, huge)).unwrap();
+                let msg = Trainer::resume(bad.path()).err().map(|e| e.to_string());
+                assert!(
+                    msg.as_deref()
+                        .is_some_and(|m| m.contains("d_sae") || m.contains("d_in/d_sae")),
+                    "{huge}: {msg:?}"
+                );
+            }
+        }
         let bad = tempfile::tempdir().unwrap();
         let other = if file == "trainer.json" {
             "state.safetensors"
