@@ -299,3 +299,42 @@ fn sparsify_variants_without_an_saelens_form_are_refused() {
         assert!(msg.contains(named), "{msg}");
     }
 }
+
+/// The streamed writer gives the bytes of safetensors' own in-memory serializer (same header,
+/// order and data), and a write that cannot finish is an error naming the path that leaves no
+/// temporary file behind.
+#[test]
+fn streamed_safetensors_match_the_library_and_fail_cleanly() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let dir = tempfile::tempdir().unwrap();
+    let a: Vec<f32> = (0..12).map(|i| i as f32 * 0.5 - 2.0).collect();
+    let b: Vec<f32> = vec![f32::MIN_POSITIVE, -0.0, 1e30];
+    let tensors: [(&str, &[usize], &[f32]); 2] = [("W_dec", &[3, 4], &a), ("b_dec", &[3], &b)];
+    let path = dir.path().join("w.safetensors");
+    write_safetensors(&path, &tensors).unwrap();
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, d)| d.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(&str, TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| (*n, TensorView::new(Dtype::F32, s.to_vec(), b).unwrap()))
+        .collect();
+    let expected = safetensors::serialize(views, None).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), expected);
+    let back = read_safetensors(&path).unwrap();
+    assert_eq!(back["W_dec"].data, a);
+    assert_eq!(back["b_dec"].shape, vec![3]);
+
+    let missing = dir.path().join("absent/w.safetensors");
+    let msg = write_safetensors(&missing, &tensors)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("absent"), "{msg}");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec!["w.safetensors".to_string()], "{left:?}");
+}
