@@ -91,8 +91,8 @@ fn to_f32(dtype: Dtype, b: &[u8]) -> Option<Vec<f32>> {
 ///
 /// The tensors stream from the caller's slices to the file: nothing is copied into a buffer of
 /// the whole file first (which held a checkpoint's parameters and Adam moments twice more, half
-/// a gigabyte each for a 12,288 x 1,536 SAE, while it was written). As [`write_atomic`], the file
-/// is written under a temporary name, synced and renamed, and the folder synced.
+/// a gigabyte each for a 12,288 x 1,536 SAE, while it was written). The header is the
+/// `safetensors` crate's own, and so is the order of the data (by name, all being f32).
 ///
 /// # Errors
 /// [`SaeError::Io`], or [`SaeError::ShapeMismatch`] if a shape does not match its data.
@@ -106,53 +106,42 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &[usize], &[f32])]) -> R
             });
         }
     }
-    let views = tensors.iter().map(|(name, shape, data)| {
-        (
-            *name,
-            F32View {
-                shape: shape.to_vec(),
-                data,
-            },
-        )
-    });
-    let file_name = path.file_name().map_or_else(
-        || "safetensors".into(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
-    let written = safetensors::serialize_to_file(views, None, &tmp)
-        .map_err(|e| match e {
-            safetensors::SafeTensorError::IoError(e) => SaeError::io(&tmp, e),
-            e => SaeError::CorruptFile {
-                file: path.to_path_buf(),
-                reason: e.to_string(),
-            },
-        })
-        .and_then(|()| {
-            fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| SaeError::io(&tmp, e))
-        })
-        .and_then(|()| fs::rename(&tmp, path).map_err(|e| SaeError::io(path, e)));
-    if written.is_err() {
-        // A full disk must not leave the half-written file taking the space.
-        let _ = fs::remove_file(&tmp);
-    }
-    written?;
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
-        _ => Ok(()),
-    }
+    // The library's serializer over views that report their length but hand over no bytes:
+    // it returns the header alone (length prefix, JSON, padding) with the offsets of the data.
+    let header = safetensors::serialize(
+        tensors.iter().map(|(name, shape, data)| {
+            (
+                *name,
+                HeaderOnly {
+                    shape: shape.to_vec(),
+                    bytes: data.len() * 4,
+                },
+            )
+        }),
+        None,
+    )
+    .map_err(|e| SaeError::CorruptFile {
+        file: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mut ordered: Vec<&(&str, &[usize], &[f32])> = tensors.iter().collect();
+    ordered.sort_by(|a, b| a.0.cmp(b.0));
+    write_atomic_with(path, |f| {
+        f.write_all(&header)?;
+        for (_, _, data) in ordered {
+            write_f32_le(f, data)?;
+        }
+        Ok(())
+    })
 }
 
-/// An f32 tensor as safetensors writes it: little-endian bytes, borrowed where the machine's
-/// own order is little-endian.
-struct F32View<'a> {
+/// A tensor's place in a safetensors header, without its data.
+struct HeaderOnly {
     shape: Vec<usize>,
-    data: &'a [f32],
+    bytes: usize,
 }
 
-impl safetensors::View for F32View<'_> {
+impl safetensors::View for HeaderOnly {
     fn dtype(&self) -> Dtype {
         Dtype::F32
     }
@@ -162,22 +151,32 @@ impl safetensors::View for F32View<'_> {
     }
 
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        #[cfg(target_endian = "little")]
-        {
-            // SAFETY: any f32 is 4 initialised bytes, u8 has no alignment requirement, and the
-            // byte slice covers exactly the floats' memory, borrowed for as long as they are.
-            std::borrow::Cow::Borrowed(unsafe {
-                std::slice::from_raw_parts(self.data.as_ptr().cast::<u8>(), self.data.len() * 4)
-            })
-        }
-        #[cfg(not(target_endian = "little"))]
-        {
-            std::borrow::Cow::Owned(self.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-        }
+        std::borrow::Cow::Borrowed(&[])
     }
 
     fn data_len(&self) -> usize {
-        self.data.len() * 4
+        self.bytes
+    }
+}
+
+/// Writes floats as little-endian bytes: straight from their memory where that is the
+/// machine's order, through a small buffer elsewhere.
+fn write_f32_le(f: &mut impl Write, data: &[f32]) -> std::io::Result<()> {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: any f32 is 4 initialised bytes, u8 has no alignment requirement, and the byte
+        // slice covers exactly the floats' memory, borrowed only for this call.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), data.len() * 4) };
+        f.write_all(bytes)
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        for chunk in data.chunks(1 << 14) {
+            let b: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+            f.write_all(&b)?;
+        }
+        Ok(())
     }
 }
 
@@ -188,9 +187,17 @@ impl safetensors::View for F32View<'_> {
 /// # Errors
 /// [`SaeError::Io`].
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |f| f.write_all(bytes))
+}
+
+/// [`write_atomic`] for content written piece by piece by `write`.
+fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut atomic_write_file::AtomicWriteFile) -> std::io::Result<()>,
+) -> Result<()> {
     let mut f =
         atomic_write_file::AtomicWriteFile::open(path).map_err(|e| SaeError::io(path, e))?;
-    f.write_all(bytes).map_err(|e| SaeError::io(path, e))?;
+    write(&mut f).map_err(|e| SaeError::io(path, e))?;
     f.commit().map_err(|e| SaeError::io(path, e))
 }
 
