@@ -11,7 +11,7 @@
 //! everything else (autograd, other dtypes, GPUs, hooks on `attn_scores`/`pattern`) takes the
 //! tensor-op path, and `tests::fused_matches_composed` holds the two to the same numbers.
 
-use candle_core::{DType, Layout, Result, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::{self, exp};
@@ -28,10 +28,13 @@ pub(crate) fn applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> bool
 
 /// `softmax(q k^T + mask) v`.
 ///
-/// `q` is `[batch, heads, seq, d_head]` (already scaled), `k`/`v` are `[batch, kv_heads, seq,
-/// d_head]` (query head `h` reads kv head `h / (heads / kv_heads)`), and `mask` is the additive
-/// `[batch or 1, 1, seq, seq]` mask, which must be `-inf` above the diagonal: those entries are never
-/// read. Returns `[batch, heads, seq, d_head]`.
+/// `q` is `[batch, heads, seq, d_head]` (already scaled): the last `seq` of `keys` positions, so
+/// that a generation step (a few queries after a KV cache) runs here as well as a whole pass.
+/// `k`/`v` are `[batch, kv_heads, keys, d_head]` (query head `h` reads kv head
+/// `h / (heads / kv_heads)`), and may be views of a longer cache buffer: only their last two
+/// dimensions need to be contiguous. `mask` is the additive `[batch or 1, 1, seq, keys]` mask,
+/// which must be `-inf` wherever a query would see a later key: those entries are never read.
+/// Returns `[batch, heads, seq, d_head]`.
 pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -39,57 +42,88 @@ pub(crate) fn causal_attention(
     mask: &Tensor,
 ) -> Result<Tensor> {
     let (b, h, s, dh) = q.dims4()?;
-    let (_, kvh, _, _) = k.dims4()?;
+    let (_, kvh, t, _) = k.dims4()?;
+    if t < s {
+        candle_core::bail!("causal_attention: {s} queries but only {t} keys");
+    }
     let mask_rows = mask.dim(0)?;
-    let (q, k, v, mask) = (
-        q.contiguous()?,
-        k.contiguous()?,
-        v.contiguous()?,
-        mask.contiguous()?,
-    );
+    let (q, mask) = (q.contiguous()?, mask.contiguous()?);
+    let (k, v) = (rows_contiguous(k)?, rows_contiguous(v)?);
     let (q_st, q_l) = q.storage_and_layout();
     let (k_st, k_l) = k.storage_and_layout();
     let (v_st, v_l) = v.storage_and_layout();
     let (m_st, m_l) = mask.storage_and_layout();
-    let (qd, kd, vd, md) = (
-        f32_slice(&q_st, q_l)?,
-        f32_slice(&k_st, k_l)?,
-        f32_slice(&v_st, v_l)?,
-        f32_slice(&m_st, m_l)?,
-    );
+    let (qd, md) = (f32_slice(&q_st, q_l)?, f32_slice(&m_st, m_l)?);
+    let (kd, vd) = (from_offset(&k_st, k_l)?, from_offset(&v_st, v_l)?);
+    // Element offsets of each (batch, kv head)'s rows in the k and v storages.
+    let base = |l: &Layout, bi: usize, g: usize| bi * l.stride()[0] + g * l.stride()[1];
     let n_rep = h / kvh;
     let mut out = vec![0f32; b * h * s * dh];
     out.par_chunks_mut(s * dh)
         .enumerate()
         .for_each(|(head, out)| {
             let (bi, hi) = (head / h, head % h);
-            let kv = (bi * kvh + hi / n_rep) * s * dh;
+            let g = hi / n_rep;
             let mrow = if mask_rows == 1 { 0 } else { bi };
             one_head(
                 &qd[head * s * dh..][..s * dh],
-                &kd[kv..][..s * dh],
-                &vd[kv..][..s * dh],
-                &md[mrow * s * s..][..s * s],
+                &kd[base(k_l, bi, g)..][..t * dh],
+                &vd[base(v_l, bi, g)..][..t * dh],
+                &md[mrow * s * t..][..s * t],
                 out,
                 s,
+                t,
                 dh,
             );
         });
     Tensor::from_vec(out, (b, h, s, dh), q.device())
 }
 
-/// The data of a tensor made contiguous above; [`applies`] checked it is f32 on the CPU.
+/// `t` itself where its last two dimensions are contiguous (a narrowed KV cache buffer), else
+/// a contiguous copy.
+fn rows_contiguous(t: &Tensor) -> Result<Tensor> {
+    let (_, _, _, dh) = t.dims4()?;
+    let st = t.layout().stride();
+    if st[3] == 1 && st[2] == dh {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
 fn f32_slice<'a>(st: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
     ops::cpu_f32(st, l)
         .ok_or_else(|| candle_core::Error::Msg("causal_attention: expected f32 CPU tensors".into()))
 }
 
-/// One head: `q`, `k`, `v`, `out` are `[s, dh]` row-major, `mask` is `[s, s]`.
-fn one_head(q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: &mut [f32], s: usize, dh: usize) {
-    let mut scores = vec![0f32; BLOCK.min(s) * s];
+/// A CPU f32 storage from the layout's first element on (the rows are addressed by strides).
+fn from_offset<'a>(st: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
+    match st {
+        Storage::Cpu(CpuStorage::F32(d)) => Ok(&d[l.start_offset()..]),
+        _ => Err(candle_core::Error::Msg(
+            "causal_attention: expected f32 CPU tensors".into(),
+        )),
+    }
+}
+
+/// One head: queries `s` rows of `q`, the last `s` of the `t` positions of `k` and `v`.
+#[allow(clippy::too_many_arguments)]
+fn one_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    out: &mut [f32],
+    s: usize,
+    t: usize,
+    dh: usize,
+) {
+    let offset = t - s;
+    let mut scores = vec![0f32; BLOCK.min(s) * t];
     for i0 in (0..s).step_by(BLOCK) {
         let i1 = (i0 + BLOCK).min(s);
-        let (n, keys) = (i1 - i0, i1);
+        // Query i (position offset + i) sees keys up to offset + i; the block up to offset + i1.
+        let (n, keys) = (i1 - i0, offset + i1);
         let scores = &mut scores[..n * keys];
         // scores = q[i0..i1] k[..keys]^T, then each row's softmax, then out[i0..i1] = scores v.
         product(
@@ -103,7 +137,7 @@ fn one_head(q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: &mut [f32], s: u
         );
         for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
             let i = i0 + r;
-            softmax_causal_row(row, &mask[i * s..][..keys], i + 1);
+            softmax_causal_row(row, &mask[i * t..][..keys], offset + i + 1);
         }
         product(
             &mut out[i0 * dh..][..n * dh],
@@ -117,8 +151,6 @@ fn one_head(q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: &mut [f32], s: u
     }
 }
 
-/// `dst = lhs rhs` on one thread, all row-major: `dst` `[m, n]`, `lhs` `[m, k]`, and `rhs`
-/// `[k, n]`, or `[n, k]` read transposed when `rhs_transposed`.
 fn product(
     dst: &mut [f32],
     lhs: &[f32],
@@ -197,12 +229,13 @@ mod tests {
     /// The composed ops the layer uses otherwise: full scores, mask, softmax, product.
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, h, s, dh) = q.dims4()?;
-        let kvh = k.dim(1)?;
+        let (kvh, t) = (k.dim(1)?, k.dim(2)?);
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
         let q = q.reshape((b, kvh, h / kvh * s, dh))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, h, s, s))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, h, s, t))?;
         let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
-        p.reshape((b, kvh, h / kvh * s, s))?
-            .matmul(v)?
+        p.reshape((b, kvh, h / kvh * s, t))?
+            .matmul(&v)?
             .reshape((b, h, s, dh))
     }
 
@@ -223,6 +256,52 @@ mod tests {
 
     /// Against the tensor ops, over sequence lengths around the block size, grouped kv heads,
     /// a sliding window, and left padding per row.
+    /// Causal mask for `s` queries at positions `t - s..t` over `t` keys, the first `pad[r]`
+    /// keys of row `r` padding (masked except for a query's own position).
+    fn cached_mask(rows: usize, s: usize, t: usize, pad: &[usize]) -> Result<Tensor> {
+        let mut m = vec![0f32; rows * s * t];
+        for r in 0..rows {
+            for i in 0..s {
+                let pos = t - s + i;
+                for j in 0..t {
+                    if j > pos || (j < pad[r] && j != pos) {
+                        m[(r * s + i) * t + j] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(m, (rows, 1, s, t), &Device::Cpu)
+    }
+
+    /// The few queries of a generation step against a KV cache, with the keys and values as
+    /// views of longer buffers (as the cache holds them), give the composed ops' result.
+    #[test]
+    fn cached_queries_over_buffer_views_match_composed() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, h, kvh, s, t, cap, dh, pad) in [
+            (2, 6, 3, 1, 70, 128, 16, vec![0, 5]),
+            (1, 4, 4, 3, 9, 9, 8, vec![0]),
+            (2, 4, 2, 2, 130, 200, 32, vec![3, 0]),
+        ] {
+            let q = Tensor::randn(0f32, 1.0, (b, h, s, dh), &dev)?;
+            let kb = Tensor::randn(0f32, 1.0, (b, kvh, cap, dh), &dev)?;
+            let vb = Tensor::randn(0f32, 1.0, (b, kvh, cap, dh), &dev)?;
+            let (k, v) = (kb.narrow(2, 0, t)?, vb.narrow(2, 0, t)?);
+            assert_eq!(k.is_contiguous(), t == cap);
+            let m = cached_mask(b, s, t, &pad)?;
+            assert!(applies(&q, &k, &v, &m));
+            let fused = causal_attention(&q, &k, &v, &m)?;
+            let reference = composed(&q, &k, &v, &m)?;
+            let diff = (fused - reference)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "s={s} t={t} cap={cap}: max |diff| {diff}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn fused_matches_composed() -> Result<()> {
         let dev = Device::Cpu;

@@ -217,8 +217,75 @@ pub(crate) struct PassContext {
 }
 
 /// Keys and values of the positions already run, so that generation runs one new position per
-/// step instead of the whole sequence (see [`crate::KvCache`]).
-pub(crate) type LayerKv = Option<(Tensor, Tensor)>;
+/// step instead of the whole sequence (see [`crate::KvCache`]); `None` before the first pass.
+pub(crate) type LayerKv = Option<KvBuffers>;
+
+/// One layer's cached keys and values: buffers `[batch, kv_heads, capacity, d_head]` whose first
+/// `len` positions are filled. A step writes its own keys and values in place, so it copies only
+/// them rather than the whole cache (which concatenating did, every layer, every step); the
+/// capacity doubles when it runs out.
+///
+/// A clone shares the buffers, marked not `owned`: its first append copies them into buffers
+/// of its own before writing. The original may go on writing in place, but only past the
+/// clone's `len`, which the clone never reads.
+#[derive(Debug)]
+pub(crate) struct KvBuffers {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+    owned: bool,
+}
+
+impl Clone for KvBuffers {
+    fn clone(&self) -> Self {
+        Self {
+            k: self.k.clone(),
+            v: self.v.clone(),
+            len: self.len,
+            owned: false,
+        }
+    }
+}
+
+impl KvBuffers {
+    /// Adds `k` and `v` (`[batch, kv_heads, seq, d_head]`) after the cached positions and
+    /// returns views of all of them.
+    fn append(slot: &mut LayerKv, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let s = k.dim(2)?;
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let buf = match slot.take() {
+            // The first pass: its own keys, full to capacity.
+            None => KvBuffers {
+                k,
+                v,
+                len: s,
+                owned: true,
+            },
+            Some(mut buf) => {
+                let cap = buf.k.dim(2)?;
+                if !buf.owned || buf.len + s > cap {
+                    let new_cap = (2 * cap).max(buf.len + s);
+                    let grow = |old: &Tensor| -> Result<Tensor> {
+                        let (b, h, _, d) = old.dims4()?;
+                        let t = Tensor::zeros((b, h, new_cap, d), old.dtype(), old.device())?;
+                        t.slice_set(&old.narrow(2, 0, buf.len)?.contiguous()?, 2, 0)?;
+                        Ok(t)
+                    };
+                    buf.k = grow(&buf.k)?;
+                    buf.v = grow(&buf.v)?;
+                    buf.owned = true;
+                }
+                buf.k.slice_set(&k, 2, buf.len)?;
+                buf.v.slice_set(&v, 2, buf.len)?;
+                buf.len += s;
+                buf
+            }
+        };
+        let views = (buf.k.narrow(2, 0, buf.len)?, buf.v.narrow(2, 0, buf.len)?);
+        *slot = Some(buf);
+        Ok(views)
+    }
+}
 
 impl Attention {
     fn new(p: &Weights, prefix: &str, cfg: &ModelConfig, kind: AttentionType) -> Result<Self> {
@@ -299,20 +366,12 @@ impl Attention {
         // With a cache, this step's keys and values join those of the earlier positions.
         let (k, v) = match kv {
             None => (k, v),
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    None => (k, v),
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            Some(slot) => KvBuffers::append(slot, &k, &v)?,
         };
         let t = k.dim(2)?;
         // Scaling q before the product is the same as scaling the scores, on s*d not s*s numbers.
         let q = (q * cfg.attn_scale)?;
-        let z = if t == s
-            && !run.wants(at(Site::AttnScores))
+        let z = if !run.wants(at(Site::AttnScores))
             && !run.wants(at(Site::Pattern))
             && causal_attention::applies(&q, &k, &v, mask)
         {
@@ -321,6 +380,8 @@ impl Attention {
             // Grouped-query attention without copying k/v: the n_rep query heads sharing a kv
             // head are stacked along the sequence axis of one product.
             let n_rep = h / kvh;
+            // A cache's keys are views of longer buffers.
+            let (k, v) = (k.contiguous()?, v.contiguous()?);
             let q = q.reshape((b, kvh, n_rep * s, dh))?;
             let scores = q.matmul(&k.t()?)?.reshape((b, h, s, t))?;
             let scores = scores.broadcast_add(mask)?;

@@ -206,6 +206,55 @@ fn kv_cache_logits_match_a_full_pass() {
     );
 }
 
+/// A cloned cache goes its own way: the cache writes each step's keys in place, and neither a
+/// clone's steps nor the original's may show up in the other. Each continuation gives the
+/// logits of a full pass over its own sequence.
+#[test]
+fn a_cloned_kv_cache_is_independent_of_its_original() {
+    let model = tiny("gemma3");
+    let prompt = Tensor::from_vec(vec![5u32, 6, 7, 8], (1, 4), &Device::Cpu).unwrap();
+    let mut original = model.kv_cache(1);
+    model
+        .forward_cached(&prompt, None, &mut original, &mut Hooks::new())
+        .unwrap();
+    let step = |cache: &mut transformer_hooks::KvCache, tok: u32| {
+        let t = Tensor::from_vec(vec![tok], (1, 1), &Device::Cpu).unwrap();
+        model
+            .forward_cached(&t, None, cache, &mut Hooks::new())
+            .unwrap()
+    };
+    // One step first, so that the buffers have room to spare when they are shared.
+    step(&mut original, 8);
+    let mut clone = original.clone();
+    let full_last = |seq: Vec<u32>| {
+        let n = seq.len();
+        let t = Tensor::from_vec(seq, (1, n), &Device::Cpu).unwrap();
+        let logits = model
+            .forward(&t, &mut Hooks::new())
+            .unwrap()
+            .logits
+            .unwrap();
+        logits.narrow(1, n - 1, 1).unwrap().squeeze(1).unwrap()
+    };
+    // Interleaved, several steps each, past the first growth of the buffers.
+    let (a, b) = ([9u32, 3, 11, 2, 4, 1], [1u32, 12, 0, 7, 7, 3]);
+    let (mut seq_a, mut seq_b) = (vec![5u32, 6, 7, 8, 8], vec![5u32, 6, 7, 8, 8]);
+    for (&ta, &tb) in a.iter().zip(&b) {
+        let la = step(&mut original, ta);
+        let lb = step(&mut clone, tb);
+        seq_a.push(ta);
+        seq_b.push(tb);
+        assert!(
+            max_abs(&la, &full_last(seq_a.clone())) < 1e-4,
+            "original at {seq_a:?}"
+        );
+        assert!(
+            max_abs(&lb, &full_last(seq_b.clone())) < 1e-4,
+            "clone at {seq_b:?}"
+        );
+    }
+}
+
 /// Streaming hands over each token as `generate` would produce it, and stops when told to.
 #[test]
 fn streaming_sees_every_token_and_can_be_cancelled() {
