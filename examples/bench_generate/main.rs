@@ -57,10 +57,10 @@ struct Args {
     recompute: bool,
     /// Run the weight products on block-quantized weights through candle's quantized matmul, and
     /// report the log-probability difference from the f32 path on held-out corpus text. `q8_0`
-    /// is the one worth using here, at batch 1 only: it measured 41.4 new tokens/s against 33-37
-    /// for f32 (mean |Δ log p| 0.088); at batch 8 it is far slower (64 against 150-180). `q4_1` (the GGUF's own
-    /// format) runs on candle's scalar kernel, with no AVX2 path: 9.6 tokens/s. `q4k` needs
-    /// widths that are multiples of 256 (not SmolLM2's 576).
+    /// is the one worth trying, at batch 1 only: it measured 41.4 new tokens/s against 33-39
+    /// for f32 (mean |Δ log p| 0.088); at batch 8 it is far slower (64 against 150-220).
+    /// `q4_1` (the GGUF's own format) runs on candle's scalar kernel, with no AVX2 path:
+    /// 9.6 tokens/s. `q4k` needs widths that are multiples of 256 (not SmolLM2's 576).
     #[arg(long)]
     quantized: Option<String>,
     /// Timed repetitions (after a short warm-up); the median is reported.
