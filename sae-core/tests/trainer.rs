@@ -550,8 +550,8 @@ fn damaged_checkpoints_are_refused() {
         }
         if file == "trainer.json" {
             // Sizes in the file far beyond memory: refused before the SAE is built (this
-            // aborted the process on a failed allocation before; found by the `checkpoint`
-            // fuzz target's first run).
+            // aborted the process on a failed allocation before; found while writing
+            // the `checkpoint` fuzz target).
             let json = String::from_utf8(bytes.clone()).unwrap();
             let d_sae = format!("\"d_sae\": {}", cfg.d_sae);
             assert!(json.contains(&d_sae), "{json}");
