@@ -38,6 +38,15 @@ pub fn fraction(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A finite number above 0 (`--merge-overlap`, where values past 1 switch merging off).
+pub fn positive(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(v) => Err(format!("must be a finite number above 0, not {v}")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
+}
+
 /// Test support for the examples: requires that `base` parses as `P`, and that `base` plus each
 /// `flag=value` is refused with a message naming the flag and the offending value (the last
 /// element of a comma-separated list). Panics otherwise, as a test should.

@@ -61,6 +61,10 @@ struct Args {
     /// "was", "I", "a" crowd the list).
     #[arg(long, value_parser = sae_workbench::cli::fraction, default_value_t = 0.01)]
     max_firing_rate: f64,
+    /// Features whose firing positions overlap a stronger trait's by at least this Jaccard index
+    /// are listed under it rather than as traits of their own; above 1, never.
+    #[arg(long, value_parser = sae_workbench::cli::positive, default_value_t = 0.6)]
+    merge_overlap: f64,
     /// Report the share of responses with this feature among their top traits.
     #[arg(long)]
     expect: Option<usize>,
@@ -187,6 +191,7 @@ fn main() -> Result<()> {
                     TraitOptions {
                         top: args.top,
                         max_firing_rate: args.max_firing_rate,
+                        merge_overlap: args.merge_overlap,
                     },
                 )?
             };
@@ -204,17 +209,29 @@ fn main() -> Result<()> {
     }
     pb.finish_and_clear();
     let summary = args.expect.map(|f| {
+        // In a top trait, leading it or folded into it; and leading one.
         let hits = results
+            .iter()
+            .filter(|r| {
+                r.traits
+                    .iter()
+                    .any(|t| t.feature == f || t.also.iter().any(|a| a.feature == f))
+            })
+            .count();
+        let leads = results
             .iter()
             .filter(|r| r.traits.iter().any(|t| t.feature == f))
             .count();
         serde_json::json!({
             "expect": f,
             "top": args.top,
+            "merge_overlap": args.merge_overlap,
             "clamp": args.clamp,
             "responses": results.len(),
             "with_feature_in_top": hits,
             "share": hits as f64 / results.len() as f64,
+            "leading_a_top_trait": leads,
+            "share_leading": leads as f64 / results.len() as f64,
         })
     });
     if let Some(s) = &summary {
@@ -236,13 +253,31 @@ fn print_row(r: &Row) {
     for t in &r.traits {
         let where_: Vec<String> = t.tokens.iter().map(|x| format!("{:?}", x.token)).collect();
         println!(
-            "    #{:<6} {:>6.2}  [{}]  fires on {}",
+            "    #{:<6} {:>6.2}  [{}]  fires on {}{}",
             t.feature,
             t.score,
             t.label,
-            where_.join(" ")
+            where_.join(" "),
+            also(t)
         );
     }
+}
+
+/// The features folded into a trait, as ` (also #6573, #5368)`; empty when there are none.
+fn also(t: &Trait) -> String {
+    if t.also.is_empty() {
+        return String::new();
+    }
+    let mut ids: Vec<String> = t
+        .also
+        .iter()
+        .take(4)
+        .map(|a| format!("#{}", a.feature))
+        .collect();
+    if t.also.len() > 4 {
+        ids.push(format!("{} more", t.also.len() - 4));
+    }
+    format!(" (also {})", ids.join(", "))
 }
 
 fn html(args: &Args, rows: &[Row], summary: Option<&serde_json::Value>) -> String {
@@ -256,7 +291,8 @@ fn html(args: &Args, rows: &[Row], summary: Option<&serde_json::Value>) -> Strin
     );
     s.push_str(&format!(
         "<p>SAE <code>{}</code>; clamps: {}. A trait's score is its activation relative to its \
-         maximum, summed over the response, times ln(1 / firing rate).</p>",
+         maximum, summed over the response's non-blank tokens, times ln(1 / firing rate); features \
+         firing on nearly the same tokens as a stronger trait are folded into it (also).</p>",
         escape_html(&args.sae.display().to_string()),
         if args.clamp.is_empty() {
             "none".to_string()
@@ -286,11 +322,12 @@ fn html(args: &Args, rows: &[Row], summary: Option<&serde_json::Value>) -> Strin
         for t in &r.traits {
             let toks: Vec<String> = t.tokens.iter().map(|x| format!("{:?}", x.token)).collect();
             s.push_str(&format!(
-                "<span class=t title=\"fires on {}\"><b>#{}</b> {} · {:.2}</span>",
+                "<span class=t title=\"fires on {}\"><b>#{}</b> {} · {:.2}{}</span>",
                 escape_html(&toks.join(" ")),
                 t.feature,
                 escape_html(&t.label),
-                t.score
+                t.score,
+                escape_html(&also(t))
             ));
         }
         s.push_str("</div>");
@@ -315,6 +352,8 @@ mod tests {
                 ("--top", "0"),
                 ("--temperature", "-1"),
                 ("--max-firing-rate", "0"),
+                ("--merge-overlap", "0"),
+                ("--merge-overlap", "NaN"),
             ],
         );
     }

@@ -75,7 +75,7 @@ impl Default for Limits {
             rephrasings: 2,
             traits: TraitOptions {
                 top: 8,
-                max_firing_rate: 0.01,
+                ..TraitOptions::default()
             },
         }
     }

@@ -192,6 +192,7 @@ impl Server {
             traits: steering::TraitOptions {
                 top: 8,
                 max_firing_rate: 0.2,
+                ..Default::default()
             },
             ..Limits::default()
         };

@@ -48,4 +48,4 @@ pub use intervene::{Edit, FeatureEdit, Scope, Steering, sae_hook};
 pub use measure::{
     WordList, agrees, bootstrap_mean, bootstrap_paired_diff, log_mass, mean_kl, response_nll,
 };
-pub use traits::{Trait, TraitOptions, TraitToken, traits};
+pub use traits::{RelatedFeature, Trait, TraitOptions, TraitToken, traits};

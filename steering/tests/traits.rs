@@ -1,6 +1,8 @@
 //! `traits` against scores recomputed from the dense SAE encoding of a real model's activations
 //! (SmolLM2-135M; skipped when the asset is absent).
 
+use std::collections::HashSet;
+
 use approx::assert_relative_eq;
 use candle_core::Device;
 mod common;
@@ -11,12 +13,17 @@ use transformer_hooks::{HookPoint, Model, assets};
 
 const D_SAE: usize = 256;
 
+/// Every feature its own trait: the ranking alone.
 fn opts(top: usize) -> TraitOptions {
     TraitOptions {
         top,
         max_firing_rate: 0.01,
+        merge_overlap: 2.0,
     }
 }
+
+/// Blank lines in the middle and at the end: their tokens must not count.
+const TEXT: &str = "The whale rose from the sea,\n\n\nand the sailors cheered on the deck.\n\n";
 
 #[test]
 fn traits_rank_by_relative_activation_times_log_inverse_rate() {
@@ -28,12 +35,15 @@ fn traits_rank_by_relative_activation_times_log_inverse_rate() {
     let d_in = model.config().d_model;
     let sae = random_topk(d_in, D_SAE, 16, 7);
     let tok = model.tokenizer().unwrap();
-    let tokens = tok
-        .encode(
-            "The whale rose from the sea, and the sailors cheered on the deck.",
-            true,
-        )
-        .unwrap();
+    let tokens = tok.encode(TEXT, true).unwrap();
+    let blank: Vec<bool> = tokens
+        .iter()
+        .map(|&t| tok.decode(&[t]).unwrap().trim().is_empty())
+        .collect();
+    assert!(
+        blank[4..].iter().filter(|&&b| b).count() >= 2,
+        "the text should have blank-line tokens in the response"
+    );
     let span = 4..tokens.len();
 
     // Independent figures: the dense encoding of the captured activations.
@@ -59,9 +69,10 @@ fn traits_rank_by_relative_activation_times_log_inverse_rate() {
     let mut want: Vec<(usize, f64)> = (0..D_SAE)
         .filter(|&f| max[f] > 0.0 && rate[f] <= 0.01)
         .map(|f| {
-            let s: f64 = dense[span.clone()]
-                .iter()
-                .map(|r| f64::from(r[f] / max[f]))
+            let s: f64 = span
+                .clone()
+                .filter(|&p| !blank[p])
+                .map(|p| f64::from(dense[p][f] / max[f]))
                 .sum();
             (f, s * (1.0 / rate[f]).ln())
         })
@@ -75,6 +86,7 @@ fn traits_rank_by_relative_activation_times_log_inverse_rate() {
         assert_eq!(g.feature, *f);
         assert_relative_eq!(g.score, *s, max_relative = 1e-4);
         assert_eq!(g.label, format!("f{f}"));
+        assert!(g.also.is_empty());
         assert!(rate[g.feature] <= 0.01);
         // Its listed tokens are inside the response, strongest first, with their activations.
         assert!(!g.tokens.is_empty() && g.tokens.len() <= 3);
@@ -82,6 +94,7 @@ fn traits_rank_by_relative_activation_times_log_inverse_rate() {
             assert!(w[0].relative >= w[1].relative);
         }
         for t in &g.tokens {
+            assert!(!blank[span.start + t.position], "a blank token listed");
             let a = dense[span.start + t.position][g.feature] / max[g.feature];
             assert_relative_eq!(t.relative, a, max_relative = 1e-4);
             assert_eq!(
@@ -90,6 +103,62 @@ fn traits_rank_by_relative_activation_times_log_inverse_rate() {
             );
         }
     }
+    // Merged: a feature firing on nearly the same (non-blank) positions as a stronger trait's
+    // leading feature is folded into that trait. Recomputed here greedily over the ranking
+    // above, with position sets.
+    let fires = |f: usize| -> HashSet<usize> {
+        span.clone()
+            .filter(|&p| !blank[p] && dense[p][f] > 0.0)
+            .collect()
+    };
+    let jaccard = |a: &HashSet<usize>, b: &HashSet<usize>| {
+        a.intersection(b).count() as f64 / a.union(b).count() as f64
+    };
+    let mut folded = 0;
+    for theta in [1.0, 0.8, 0.5] {
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for &(f, _) in &want {
+            let set = fires(f);
+            let room = groups.len() < 5;
+            match groups
+                .iter_mut()
+                .find(|(lead, _)| jaccard(&fires(*lead), &set) >= theta)
+            {
+                Some((_, also)) => also.push(f),
+                None if room => groups.push((f, Vec::new())),
+                None => {}
+            }
+        }
+        let merged = traits(
+            &model,
+            &sae,
+            hook,
+            &stats,
+            &tokens,
+            span.clone(),
+            TraitOptions {
+                merge_overlap: theta,
+                ..opts(5)
+            },
+        )
+        .unwrap();
+        let got: Vec<(usize, Vec<usize>)> = merged
+            .iter()
+            .map(|t| (t.feature, t.also.iter().map(|a| a.feature).collect()))
+            .collect();
+        assert_eq!(got, groups, "merge_overlap {theta}");
+        for a in merged.iter().flat_map(|t| &t.also) {
+            let (_, s) = want.iter().find(|(f, _)| *f == a.feature).unwrap();
+            assert_relative_eq!(a.score, *s, max_relative = 1e-4);
+            assert_eq!(a.label, format!("f{}", a.feature));
+        }
+        folded += groups.iter().map(|g| g.1.len()).sum::<usize>();
+    }
+    assert!(
+        folded > 0,
+        "no feature was folded into another: the merge went untested"
+    );
+
     // A dense feature that would otherwise rank first is not a trait.
     let top = got[0].feature;
     let mut dense_stats = stats.clone();
