@@ -479,13 +479,6 @@ fn chat_page_in_headless_chromium() -> TestResult {
         last_answer(&tab2)
     );
     for t in [&tab, &tab2] {
-        eprintln!(
-            "answered: {}",
-            js(
-                t,
-                "[...document.querySelectorAll('#log .msg.assistant')].pop().innerText"
-            )
-        );
         wait_for(
             t,
             "document.querySelectorAll('#log .trait').length > 0",
@@ -528,7 +521,6 @@ fn chat_page_in_headless_chromium() -> TestResult {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!("stopped: {state}");
     let words = last_answer(&tab).split_whitespace().count();
     assert!(words < 200, "{words} words: stop did not stop the answer");
 

@@ -142,8 +142,13 @@ pub fn traits(
     let mut score = vec![0f64; sae.d_sae()];
     // Per feature, the response positions where it fires, in order, with relative activations.
     let mut fired: Vec<Vec<(usize, f32)>> = vec![Vec::new(); sae.d_sae()];
+    // Each response token's text, decoded once: for the blank-token rule and the listing.
+    let texts: Vec<String> = tokens[span.clone()]
+        .iter()
+        .map(|&t| tok.decode(&[t]))
+        .collect::<std::result::Result<_, _>>()?;
     for (p, row) in acts[span.clone()].iter().enumerate() {
-        if tok.decode(&[tokens[span.start + p]])?.trim().is_empty() {
+        if texts[p].trim().is_empty() {
             continue;
         }
         for (f, &a) in row.iter().enumerate() {
@@ -174,24 +179,22 @@ pub fn traits(
             None => {}
         }
     }
-    groups
+    let label = |f: usize| stats.labels.get(f).cloned().unwrap_or_default();
+    let traits = groups
         .into_iter()
         .map(|(f, also)| {
-            let mut pk = fired[f].clone();
+            let mut pk = std::mem::take(&mut fired[f]);
             pk.sort_by(|a, b| b.1.total_cmp(&a.1));
             pk.truncate(3);
             let tokens = pk
                 .into_iter()
-                .map(|(p, relative)| {
-                    Ok(TraitToken {
-                        position: p,
-                        token: tok.decode(&[tokens[span.start + p]])?,
-                        relative,
-                    })
+                .map(|(p, relative)| TraitToken {
+                    position: p,
+                    token: texts[p].clone(),
+                    relative,
                 })
-                .collect::<Result<_>>()?;
-            let label = |f: usize| stats.labels.get(f).cloned().unwrap_or_default();
-            Ok(Trait {
+                .collect();
+            Trait {
                 feature: f,
                 label: label(f),
                 score: score[f],
@@ -204,9 +207,10 @@ pub fn traits(
                         score: score[g],
                     })
                     .collect(),
-            })
+            }
         })
-        .collect()
+        .collect();
+    Ok(traits)
 }
 
 /// |A ∩ B| / |A ∪ B| of two features' firing positions (each list in increasing position).
