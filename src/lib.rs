@@ -5,6 +5,7 @@
 //! Each crate is usable on its own from another project.
 
 pub mod cli;
+pub mod wordnet;
 
 pub use activation_store;
 pub use metrics;

@@ -1,13 +1,18 @@
 //! Cue adjustment: a prompt triggers a feature you do not want; find the words responsible and
-//! propose an edited prompt (words deleted, a word replaced by a near-synonym from a list, or a
-//! rephrasing written by the model itself) on which the feature's peak activation falls below
-//! `--threshold` of its original, keeping the meaning: the edited prompt must still predict the
-//! original prompt's answer (`steering::cue::meaning_score` at least `--min-meaning`).
+//! propose an edited prompt (words deleted, the sentence or clause holding them dropped, a word or
+//! phrase replaced by a near-synonym from WordNet or a list, or a rephrasing written by the model
+//! itself) on which the feature's peak activation falls below `--threshold` of its original,
+//! keeping the meaning: the edited prompt must still predict the original prompt's answer
+//! (`steering::cue::meaning_score` at least `--min-meaning`), read about as naturally
+//! (`--max-fluency-cost`), leave no hole in the grammar (`steering::cue::grammar_jump` at most
+//! `--max-grammar-jump`) and stay a question if it was one.
 //!
 //! One case (`--prompt TEXT --feature F`) or many (`--cases FILE`, lines `FEATURE<TAB>PROMPT`),
 //! one JSON line per case and a summary; `--calibrate FILE` (lines
 //! `paraphrase|unrelated<TAB>PROMPT A<TAB>PROMPT B`) prints the meaning scores of paraphrase and
-//! unrelated pairs, to set `--min-meaning` before running the cases.
+//! unrelated pairs, to set `--min-meaning` before running the cases; `--calibrate-grammar FILE`
+//! (lines `good|broken<TAB>ORIGINAL<TAB>EDIT`) prints the grammar jumps of good and broken word
+//! edits, to set `--max-grammar-jump`.
 //!
 //! ```text
 //! cargo run --release --example adjust_cue -- --sae runs/steer_sae/saes/topk_9216 \
@@ -21,7 +26,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use sae_workbench::sae_core::SaeModel;
 use sae_workbench::steering::cue::{
-    AdjustOptions, Adjustment, Candidate, EditKind, adjust, meaning_score, parse_synonyms, text_nll,
+    AdjustOptions, Adjustment, Candidate, EditKind, adjust, grammar_jump, meaning_score,
+    parse_synonyms, text_nll, token_nlls,
 };
 use sae_workbench::steering::{FeatureStats, sae_hook};
 use sae_workbench::transformer_hooks::candle_core::Device;
@@ -64,9 +70,35 @@ struct Args {
     /// (rounded up), so that an edit may read as unnaturally as a real paraphrase, no more.
     #[arg(long, default_value_t = AdjustOptions::default().max_fluency_cost)]
     max_fluency_cost: f64,
-    /// Near-synonyms: lines `word<TAB>synonym, synonym, ...`.
+    /// Pairs `good|broken<TAB>ORIGINAL<TAB>EDIT` whose grammar jumps calibrate
+    /// `--max-grammar-jump`.
+    #[arg(long)]
+    calibrate_grammar: Option<PathBuf>,
+    /// Grammar bar: the largest rise in NLL (nats) of a word the edit left in place after it.
+    /// The default separates the 15 good from the 15 broken word edits of
+    /// `examples/adjust_cue/data/edits.tsv` on SmolLM2-135M.
+    #[arg(long, default_value_t = AdjustOptions::default().max_grammar_jump)]
+    max_grammar_jump: f64,
+    /// Do not try dropping the sentence or clause that holds the responsible word.
+    #[arg(long)]
+    no_drop_clauses: bool,
+    /// Near-synonyms: lines `word or phrase<TAB>synonym, synonym, ...`.
     #[arg(long)]
     synonyms: Option<PathBuf>,
+    /// WordNet 3.0 `dict` folder for near-synonyms of the prompt's words and phrases (default:
+    /// `assets/wordnet` when present; fetch it with `python3 scripts/fetch_assets.py wordnet`).
+    #[arg(long)]
+    wordnet: Option<PathBuf>,
+    /// Use no WordNet synonyms, only `--synonyms`.
+    #[arg(long, conflicts_with = "wordnet")]
+    no_wordnet: bool,
+    /// WordNet senses of each word or phrase whose synonyms are tried, most frequent first (per
+    /// part of speech, in WordNet's order: nouns, verbs, adjectives, adverbs).
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 1)]
+    wordnet_senses: usize,
+    /// WordNet synonyms tried per word or phrase.
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 8)]
+    wordnet_per_word: usize,
     /// Rephrasings asked of the model per case (0: none).
     #[arg(long, default_value_t = 4)]
     rephrasings: usize,
@@ -105,6 +137,9 @@ fn main() -> Result<()> {
     if let Some(p) = &args.calibrate {
         calibrate(&model, &args, p)?;
     }
+    if let Some(p) = &args.calibrate_grammar {
+        calibrate_grammar(&model, p)?;
+    }
     let mut cases: Vec<(usize, String)> = Vec::new();
     if let (Some(p), Some(f)) = (&args.prompt, args.feature) {
         cases.push((f, p.clone()));
@@ -128,10 +163,13 @@ fn main() -> Result<()> {
         }
     }
     if cases.is_empty() {
-        if args.calibrate.is_some() {
+        if args.calibrate.is_some() || args.calibrate_grammar.is_some() {
             return Ok(());
         }
-        bail!("nothing to do: give --prompt and --feature, --cases FILE, or --calibrate FILE");
+        bail!(
+            "nothing to do: give --prompt and --feature, --cases FILE, --calibrate FILE or \
+             --calibrate-grammar FILE"
+        );
     }
     let synonyms = match &args.synonyms {
         Some(p) => parse_synonyms(
@@ -140,10 +178,32 @@ fn main() -> Result<()> {
         .with_context(|| p.display().to_string())?,
         None => Vec::new(),
     };
+    let thesaurus = if args.no_wordnet {
+        None
+    } else {
+        let (dir, asked) = match &args.wordnet {
+            Some(d) => (d.clone(), true),
+            None => (assets::assets_dir().join("wordnet"), false),
+        };
+        if asked || dir.is_dir() {
+            let t = sae_workbench::wordnet::thesaurus(&dir)
+                .with_context(|| format!("reading WordNet from {}", dir.display()))?;
+            eprintln!("WordNet: {}", dir.display());
+            Some(t)
+        } else {
+            eprintln!(
+                "WordNet: none at {} (python3 scripts/fetch_assets.py wordnet); only --synonyms",
+                dir.display()
+            );
+            None
+        }
+    };
     let opts = AdjustOptions {
         threshold: args.threshold,
         min_meaning: args.min_meaning,
         max_fluency_cost: args.max_fluency_cost,
+        max_grammar_jump: args.max_grammar_jump,
+        drop_clauses: !args.no_drop_clauses,
         synonyms,
         rephrasings: args.rephrasings,
         answer_tokens: args.answer_tokens,
@@ -158,8 +218,13 @@ fn main() -> Result<()> {
             .as_ref()
             .and_then(|s| s.labels.get(*feature).cloned())
             .unwrap_or_default();
+        let mut synonyms = opts.synonyms.clone();
+        if let Some(t) = &thesaurus {
+            synonyms.extend(t.synonyms_for(prompt, args.wordnet_senses, args.wordnet_per_word));
+        }
         let case_opts = AdjustOptions {
             seed: args.seed + ci as u64,
+            synonyms,
             ..opts.clone()
         };
         let r = adjust(&model, &sae, hook, prompt, *feature, &case_opts)?;
@@ -182,7 +247,7 @@ fn main() -> Result<()> {
             a.prompt,
             a.proposed
                 .as_ref()
-                .map_or("(no edit passes both bars)", |c| c.text.as_str()),
+                .map_or("(no edit passes every bar)", |c| c.text.as_str()),
         );
         writeln!(out, "{}", serde_json::to_string(&r)?)?;
         results.push(r);
@@ -194,19 +259,26 @@ fn main() -> Result<()> {
         .collect();
     let n = valid.len().max(1) as f64;
     let chosen: Vec<&Candidate> = valid.iter().filter_map(|r| r.proposed.as_ref()).collect();
-    let by_kind: Vec<serde_json::Value> = [EditKind::Delete, EditKind::Synonym, EditKind::Rephrase]
-        .iter()
-        .map(|k| {
-            let n = chosen.iter().filter(|c| c.kind == *k).count();
-            serde_json::json!({"kind": k, "proposed": n})
-        })
-        .collect();
+    let by_kind: Vec<serde_json::Value> = [
+        EditKind::Delete,
+        EditKind::DropSentence,
+        EditKind::DropClause,
+        EditKind::Synonym,
+        EditKind::Rephrase,
+    ]
+    .iter()
+    .map(|k| {
+        let n = chosen.iter().filter(|c| c.kind == *k).count();
+        serde_json::json!({"kind": k, "proposed": n})
+    })
+    .collect();
     let summary = serde_json::json!({
         "cases": results.len(),
         "triggered": valid.len(),
         "threshold": args.threshold,
         "min_meaning": args.min_meaning,
         "max_fluency_cost": args.max_fluency_cost,
+        "max_grammar_jump": args.max_grammar_jump,
         "success_rate": valid.iter().filter(|r| r.success).count() as f64 / n,
         "mean_activation_before": valid.iter().map(|r| f64::from(r.activation_before)).sum::<f64>() / n,
         "mean_activation_after_proposed": chosen.iter().map(|c| f64::from(c.activation)).sum::<f64>() / chosen.len().max(1) as f64,
@@ -302,6 +374,81 @@ fn calibrate(model: &Model, args: &Args, path: &PathBuf) -> Result<()> {
             "unrelated": stats(false),
             "best_bar": best_bar,
             "paraphrase_fluency_cost_max": fluency.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            "misclassified_at_best_bar": errors(best_bar),
+        })
+    );
+    Ok(())
+}
+
+/// Grammar jumps of good and broken edits, and the bar that separates them best.
+fn calibrate_grammar(model: &Model, path: &PathBuf) -> Result<()> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut jumps: Vec<(bool, f64)> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let parts: Vec<&str> = line.split('\t').collect();
+        let [kind, a, b] = parts[..] else {
+            bail!(
+                "{}:{}: expected KIND<TAB>ORIGINAL<TAB>EDIT",
+                path.display(),
+                i + 1
+            );
+        };
+        let good = match kind.trim() {
+            "good" => true,
+            "broken" => false,
+            other => bail!(
+                "{}:{}: `{other}` is neither good nor broken",
+                path.display(),
+                i + 1
+            ),
+        };
+        let (ia, na) = token_nlls(model, a)?;
+        let (ib, nb) = token_nlls(model, b)?;
+        // An edit that is the original's last sentences starts a sentence (see `grammar_jump`).
+        let starts_a_sentence = a.len() > b.len()
+            && a.ends_with(b)
+            && a[..a.len() - b.len()].trim_end().ends_with(['.', '!', '?']);
+        let j = grammar_jump((&ia, &na), (&ib, &nb), starts_a_sentence);
+        println!(
+            "{}",
+            serde_json::json!({"kind": kind.trim(), "original": a, "edit": b, "grammar_jump": j})
+        );
+        jumps.push((good, j));
+    }
+    // Good edits above the bar and broken ones at or below it are the errors.
+    let errors = |bar: f64| {
+        jumps
+            .iter()
+            .filter(|(g, j)| if *g { *j > bar } else { *j <= bar })
+            .count()
+    };
+    let mut cuts: Vec<f64> = jumps.iter().map(|j| j.1).collect();
+    cuts.sort_by(f64::total_cmp);
+    let best_bar = cuts
+        .windows(2)
+        .map(|w| (w[0] + w[1]) / 2.0)
+        .min_by_key(|&b| errors(b))
+        .unwrap_or(f64::NAN);
+    let range = |want: bool| {
+        let v: Vec<f64> = jumps.iter().filter(|j| j.0 == want).map(|j| j.1).collect();
+        serde_json::json!({
+            "n": v.len(),
+            "min": v.iter().copied().fold(f64::INFINITY, f64::min),
+            "max": v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        })
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "calibration": path.display().to_string(),
+            "good": range(true),
+            "broken": range(false),
+            "best_bar": best_bar,
             "misclassified_at_best_bar": errors(best_bar),
         })
     );

@@ -34,6 +34,10 @@ struct Args {
     /// Near-synonyms for "adjust my prompt": lines `word<TAB>synonym, synonym`.
     #[arg(long, default_value = "examples/adjust_cue/data/synonyms.tsv")]
     synonyms: PathBuf,
+    /// WordNet 3.0 `dict` folder whose synonyms "adjust my prompt" tries too (default:
+    /// `assets/wordnet` when present).
+    #[arg(long)]
+    wordnet: Option<PathBuf>,
     /// Most tokens per answer.
     #[arg(long, default_value_t = Limits::default().max_new_tokens)]
     max_new_tokens: usize,
@@ -77,6 +81,16 @@ fn main() -> Result<()> {
             .with_context(|| format!("reading {}", args.synonyms.display()))?;
         app = app.with_synonyms(
             parse_synonyms(&text).with_context(|| args.synonyms.display().to_string())?,
+        );
+    }
+    let (dir, asked) = match &args.wordnet {
+        Some(d) => (d.clone(), true),
+        None => (assets::assets_dir().join("wordnet"), false),
+    };
+    if asked || dir.is_dir() {
+        app = app.with_thesaurus(
+            sae_workbench::wordnet::thesaurus(&dir)
+                .with_context(|| format!("reading WordNet from {}", dir.display()))?,
         );
     }
     steer_chat::serve_blocking(app, ([127, 0, 0, 1], args.port).into())?;

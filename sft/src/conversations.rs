@@ -212,6 +212,62 @@ pub fn read_wordnet(dir: &Path) -> Result<Vec<Synset>> {
     Ok(synsets)
 }
 
+/// WordNet's index: per lemma (lower case, spaces for underscores) and part of speech, its
+/// synsets as [`Synset::key`]s, most frequent sense first. Read from `index.noun`, `index.verb`,
+/// `index.adj` and `index.adv` beside the data files; cue adjustment takes a word's first senses
+/// only, so that "Congress" is not replaced by a synonym of its rarest sense.
+///
+/// # Errors
+/// [`Error::MissingAsset`] naming a missing file (with the command that fetches it),
+/// [`Error::Parse`] naming the file and line of a malformed entry.
+pub fn read_wordnet_index(dir: &Path) -> Result<Vec<(String, Vec<String>)>> {
+    let mut out = Vec::new();
+    for (data, pos) in WORDNET_FILES {
+        let name = data.replace("data.", "index.");
+        let path = dir.join(&name);
+        if !path.is_file() {
+            return Err(Error::MissingAsset {
+                path,
+                fetch: FETCH_WORDNET.into(),
+            });
+        }
+        let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        for (i, line) in text.lines().enumerate() {
+            if line.starts_with("  ") || line.trim().is_empty() {
+                continue;
+            }
+            let entry = parse_index_line(line, pos).map_err(|message| Error::Parse {
+                path: path.clone(),
+                line: i + 1,
+                message,
+            })?;
+            out.push(entry);
+        }
+    }
+    Ok(out)
+}
+
+/// `lemma pos synset_cnt p_cnt [ptr_symbol...] sense_cnt tagsense_cnt synset_offset...`
+fn parse_index_line(line: &str, pos: Pos) -> std::result::Result<(String, Vec<String>), String> {
+    let mut t = line.split_ascii_whitespace();
+    let lemma = field(&mut t, "lemma")?.replace('_', " ");
+    field(&mut t, "part of speech")?;
+    let synsets = number(field(&mut t, "synset count")?, 10, "synset count")?;
+    let pointers = number(field(&mut t, "pointer count")?, 10, "pointer count")?;
+    for _ in 0..pointers {
+        field(&mut t, "pointer symbol")?;
+    }
+    field(&mut t, "sense count")?;
+    field(&mut t, "tagged sense count")?;
+    let keys = (0..synsets)
+        .map(|_| {
+            let o = number(field(&mut t, "synset offset")?, 10, "synset offset")?;
+            Ok(format!("{}{o:08}", pos.file_letter()))
+        })
+        .collect::<std::result::Result<Vec<String>, String>>()?;
+    Ok((lemma, keys))
+}
+
 /// Parses the text of one WordNet data file; `path` only names the file in errors and `pos`
 /// is the part of speech the file holds (for `data.adj`, [`Pos::Adjective`]).
 ///

@@ -681,3 +681,58 @@ fn real_token_kinds_spell_the_messages() {
     println!("template/user/model tokens: {counts:?}");
     assert!(counts.iter().all(|&n| n > 0));
 }
+
+#[test]
+fn wordnet_index_lists_senses_in_order_and_names_bad_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = |body: &str| format!("{HEADER}{body}");
+    // "abstraction" has two senses, listed most frequent first; pointers are skipped.
+    std::fs::write(
+        dir.path().join("index.noun"),
+        index("abstract_entity n 1 1 @ 1 0 00002137  \nabstraction n 2 2 @ ~ 2 1 00002137 00001740  \n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("index.verb"),
+        index("pick_up v 1 1 @ 1 1 00205598  \n"),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("index.adj"), index("")).unwrap();
+    let err = sft::conversations::read_wordnet_index(dir.path()).unwrap_err();
+    assert!(matches!(err, Error::MissingAsset { .. }), "{err}");
+    assert!(err.to_string().contains("index.adv"), "{err}");
+    std::fs::write(
+        dir.path().join("index.adv"),
+        index("badly r 1 0 1 1 00014738  \n"),
+    )
+    .unwrap();
+    let got = sft::conversations::read_wordnet_index(dir.path()).unwrap();
+    let keys = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        got,
+        vec![
+            ("abstract entity".to_string(), keys(&["n00002137"])),
+            ("abstraction".to_string(), keys(&["n00002137", "n00001740"])),
+            ("pick up".to_string(), keys(&["v00205598"])),
+            ("badly".to_string(), keys(&["r00014738"])),
+        ]
+    );
+    // Two synsets announced, one given: the file and line are named.
+    std::fs::write(
+        dir.path().join("index.adv"),
+        index("badly r 2 0 1 1 00014738  \n"),
+    )
+    .unwrap();
+    match sft::conversations::read_wordnet_index(dir.path()).unwrap_err() {
+        Error::Parse {
+            path,
+            line,
+            message,
+        } => {
+            assert!(path.ends_with("index.adv"));
+            assert_eq!(line, 3);
+            assert!(message.contains("synset offset"), "{message}");
+        }
+        other => panic!("{other}"),
+    }
+}

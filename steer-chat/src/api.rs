@@ -502,8 +502,12 @@ async fn adjust(
     let result = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let _running = Running::start(&worker.running);
+        let mut synonyms = worker.synonyms.clone();
+        if let Some(t) = &worker.thesaurus {
+            synonyms.extend(t.synonyms_for(&req.prompt, 1, 8));
+        }
         let opts = AdjustOptions {
-            synonyms: worker.synonyms.clone(),
+            synonyms,
             rephrasings: worker.limits.rephrasings,
             ..AdjustOptions::default()
         };

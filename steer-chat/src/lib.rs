@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sae_core::SaeModel;
-use steering::cue::Synonyms;
+use steering::cue::{Synonyms, Thesaurus};
 use steering::{FeatureStats, TraitOptions, sae_hook};
 use transformer_hooks::candle_core::Device;
 use transformer_hooks::{HookPoint, Model};
@@ -88,6 +88,8 @@ pub struct ChatApp {
     hook: HookPoint,
     stats: FeatureStats,
     synonyms: Synonyms,
+    /// Near-synonyms of each prompt's words (WordNet's), added to `synonyms` per request.
+    thesaurus: Option<Thesaurus>,
     limits: Limits,
     /// Names shown on the page.
     model_name: String,
@@ -156,6 +158,7 @@ impl ChatApp {
             hook,
             stats,
             synonyms: Vec::new(),
+            thesaurus: None,
             limits,
             running: AtomicUsize::new(0),
         })
@@ -164,6 +167,14 @@ impl ChatApp {
     /// Near-synonyms for cue adjustment (`steering::cue::parse_synonyms`).
     pub fn with_synonyms(mut self, synonyms: Synonyms) -> Self {
         self.synonyms = synonyms;
+        self
+    }
+
+    /// A thesaurus (e.g. `sae_workbench::wordnet::thesaurus`) whose synonyms of each prompt's
+    /// words and phrases cue adjustment tries too (each word's first sense per part of speech,
+    /// eight at most, as `adjust_cue` does by default).
+    pub fn with_thesaurus(mut self, thesaurus: Thesaurus) -> Self {
+        self.thesaurus = Some(thesaurus);
         self
     }
 

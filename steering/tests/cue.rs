@@ -6,7 +6,9 @@ use candle_core::Device;
 mod common;
 
 use common::random_topk;
-use steering::cue::{edited, meaning_score, prompt_peak, text_nll, word_effects, words};
+use steering::cue::{
+    edited, grammar_jump, meaning_score, prompt_peak, text_nll, token_nlls, word_effects, words,
+};
 use transformer_hooks::{ChatMessage, HookPoint, Model, assets};
 
 #[test]
@@ -72,4 +74,26 @@ fn cue_measurements_agree_with_direct_figures() {
     assert!(text_nll(&model, shuffled).unwrap() > text_nll(&model, text).unwrap());
 
     assert!(prompt_peak(&model, &sae, hook, &tokens, 128).is_err());
+
+    // Per-token NLLs are the mean of text_nll, over the text's tokens after the first.
+    let (ids, nll) = token_nlls(&model, text).unwrap();
+    let all = tok.encode(text, model.config().add_bos).unwrap();
+    assert_eq!(ids, all[1..]);
+    let mean = nll.iter().sum::<f64>() / nll.len() as f64;
+    assert!((mean - text_nll(&model, text).unwrap()).abs() < 1e-9);
+
+    // A hole in the grammar makes the word after it far less likely; a synonym does not, and the
+    // default bar tells them apart.
+    let jump = |edit: &str| {
+        let (ei, en) = token_nlls(&model, edit).unwrap();
+        grammar_jump((&ids, &nll), (&ei, &en), false)
+    };
+    let hole = jump("My grandfather worked at for years.");
+    let synonym = jump("My grandfather worked at the ocean for years.");
+    let bar = steering::cue::AdjustOptions::default().max_grammar_jump;
+    assert!(
+        hole > bar && synonym <= bar,
+        "hole {hole}, synonym {synonym}, bar {bar}"
+    );
+    assert_eq!(jump(text), 0.0);
 }
