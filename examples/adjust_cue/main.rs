@@ -307,35 +307,21 @@ fn calibrate(model: &Model, args: &Args, path: &PathBuf) -> Result<()> {
         }
         Ok(a)
     };
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut scores: Vec<(bool, f64)> = Vec::new();
     let mut fluency: Vec<f64> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let parts: Vec<&str> = line.split('\t').collect();
-        let [kind, a, b] = parts[..] else {
-            bail!("{}:{}: expected KIND<TAB>A<TAB>B", path.display(), i + 1);
-        };
-        let para = match kind.trim() {
-            "paraphrase" => true,
-            "unrelated" => false,
-            other => bail!(
-                "{}:{}: `{other}` is neither paraphrase nor unrelated",
-                path.display(),
-                i + 1
-            ),
-        };
+    for (para, a, b) in read_pairs(path, "paraphrase", "unrelated")? {
+        let (kind, a, b) = (
+            if para { "paraphrase" } else { "unrelated" },
+            a.as_str(),
+            b.as_str(),
+        );
         let ta = encode(a)?;
         let tb = encode(b)?;
         let s = meaning_score(model, &ta, &tb, &answer(&ta)?)?;
         let fluency_cost = text_nll(model, b)? - text_nll(model, a)?;
         println!(
             "{}",
-            serde_json::json!({"kind": kind.trim(), "a": a, "b": b, "meaning": s, "fluency_cost": fluency_cost})
+            serde_json::json!({"kind": kind, "a": a, "b": b, "meaning": s, "fluency_cost": fluency_cost})
         );
         scores.push((para, s));
         if para {
@@ -343,19 +329,13 @@ fn calibrate(model: &Model, args: &Args, path: &PathBuf) -> Result<()> {
         }
     }
     // The bar with the fewest pairs on the wrong side (paraphrases below, unrelated at or above).
-    let mut cuts: Vec<f64> = scores.iter().map(|s| s.1).collect();
-    cuts.sort_by(f64::total_cmp);
     let errors = |bar: f64| {
         scores
             .iter()
             .filter(|(p, s)| if *p { *s < bar } else { *s >= bar })
             .count()
     };
-    let best_bar = cuts
-        .windows(2)
-        .map(|w| (w[0] + w[1]) / 2.0)
-        .min_by_key(|&b| errors(b))
-        .unwrap_or(f64::NAN);
+    let best_bar = best_cut(scores.iter().map(|s| s.1).collect(), errors);
     let stats = |want: bool| {
         let mut v: Vec<f64> = scores.iter().filter(|s| s.0 == want).map(|s| s.1).collect();
         v.sort_by(f64::total_cmp);
@@ -382,31 +362,9 @@ fn calibrate(model: &Model, args: &Args, path: &PathBuf) -> Result<()> {
 
 /// Grammar jumps of good and broken edits, and the bar that separates them best.
 fn calibrate_grammar(model: &Model, path: &PathBuf) -> Result<()> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut jumps: Vec<(bool, f64)> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let parts: Vec<&str> = line.split('\t').collect();
-        let [kind, a, b] = parts[..] else {
-            bail!(
-                "{}:{}: expected KIND<TAB>ORIGINAL<TAB>EDIT",
-                path.display(),
-                i + 1
-            );
-        };
-        let good = match kind.trim() {
-            "good" => true,
-            "broken" => false,
-            other => bail!(
-                "{}:{}: `{other}` is neither good nor broken",
-                path.display(),
-                i + 1
-            ),
-        };
+    for (good, a, b) in read_pairs(path, "good", "broken")? {
+        let (kind, a, b) = (if good { "good" } else { "broken" }, a.as_str(), b.as_str());
         let (ia, na) = token_nlls(model, a)?;
         let (ib, nb) = token_nlls(model, b)?;
         // An edit that is the original's last sentences starts a sentence (see `grammar_jump`).
@@ -416,7 +374,7 @@ fn calibrate_grammar(model: &Model, path: &PathBuf) -> Result<()> {
         let j = grammar_jump((&ia, &na), (&ib, &nb), starts_a_sentence);
         println!(
             "{}",
-            serde_json::json!({"kind": kind.trim(), "original": a, "edit": b, "grammar_jump": j})
+            serde_json::json!({"kind": kind, "original": a, "edit": b, "grammar_jump": j})
         );
         jumps.push((good, j));
     }
@@ -427,13 +385,7 @@ fn calibrate_grammar(model: &Model, path: &PathBuf) -> Result<()> {
             .filter(|(g, j)| if *g { *j > bar } else { *j <= bar })
             .count()
     };
-    let mut cuts: Vec<f64> = jumps.iter().map(|j| j.1).collect();
-    cuts.sort_by(f64::total_cmp);
-    let best_bar = cuts
-        .windows(2)
-        .map(|w| (w[0] + w[1]) / 2.0)
-        .min_by_key(|&b| errors(b))
-        .unwrap_or(f64::NAN);
+    let best_bar = best_cut(jumps.iter().map(|j| j.1).collect(), errors);
     let range = |want: bool| {
         let v: Vec<f64> = jumps.iter().filter(|j| j.0 == want).map(|j| j.1).collect();
         serde_json::json!({
@@ -453,6 +405,44 @@ fn calibrate_grammar(model: &Model, path: &PathBuf) -> Result<()> {
         })
     );
     Ok(())
+}
+
+/// The lines `KIND<TAB>A<TAB>B` of a calibration file (`#` comments), KIND `yes` or `no`:
+/// `(KIND == yes, A, B)`.
+fn read_pairs(path: &PathBuf, yes: &str, no: &str) -> Result<Vec<(bool, String, String)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let parts: Vec<&str> = line.split('\t').collect();
+        let [kind, a, b] = parts[..] else {
+            bail!("{}:{}: expected KIND<TAB>A<TAB>B", path.display(), i + 1);
+        };
+        let kind = kind.trim();
+        if kind != yes && kind != no {
+            bail!(
+                "{}:{}: `{kind}` is neither {yes} nor {no}",
+                path.display(),
+                i + 1
+            );
+        }
+        out.push((kind == yes, a.to_string(), b.to_string()));
+    }
+    Ok(out)
+}
+
+/// The midpoint between two neighbouring `values` with the fewest `errors`.
+fn best_cut(mut values: Vec<f64>, errors: impl Fn(f64) -> usize) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values
+        .windows(2)
+        .map(|w| (w[0] + w[1]) / 2.0)
+        .min_by_key(|&b| errors(b))
+        .unwrap_or(f64::NAN)
 }
 
 #[cfg(test)]

@@ -140,19 +140,8 @@ pub fn meaning_score(model: &Model, original: &[u32], new: &[u32], answer: &[u32
 /// # Errors
 /// A text of no tokens, model errors.
 pub fn text_nll(model: &Model, text: &str) -> Result<f64> {
-    let tok = model.tokenizer()?;
-    let ids = tok.encode(text, model.config().add_bos)?;
-    if ids.len() < 2 {
-        return Err(SteeringError::invalid(
-            "text",
-            format!("{text:?} has fewer than two tokens"),
-        ));
-    }
-    let lp: Vec<f32> = model
-        .logprobs(&model.tokens(&ids)?)?
-        .squeeze(0)?
-        .to_vec1()?;
-    Ok(-lp.iter().map(|&v| f64::from(v)).sum::<f64>() / lp.len() as f64)
+    let (_, nll) = token_nlls(model, text)?;
+    Ok(nll.iter().sum::<f64>() / nll.len() as f64)
 }
 
 /// The tokens of `text` as plain text (BOS first where the model uses one) after the first,
