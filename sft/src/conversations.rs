@@ -232,17 +232,30 @@ pub fn read_wordnet_index(dir: &Path) -> Result<Vec<(String, Vec<String>)>> {
             });
         }
         let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        for (i, line) in text.lines().enumerate() {
-            if line.starts_with("  ") || line.trim().is_empty() {
-                continue;
-            }
-            let entry = parse_index_line(line, pos).map_err(|message| Error::Parse {
-                path: path.clone(),
-                line: i + 1,
-                message,
-            })?;
-            out.push(entry);
+        out.extend(parse_lines(&path, &text, |line| {
+            parse_index_line(line, pos)
+        })?);
+    }
+    Ok(out)
+}
+
+/// Parses each line of a WordNet file with `parse`, skipping the licence header (every line of
+/// it starts with two spaces) and blank lines; a malformed line is named by file and number.
+fn parse_lines<T>(
+    path: &Path,
+    text: &str,
+    parse: impl Fn(&str) -> std::result::Result<T, String>,
+) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.starts_with("  ") || line.trim().is_empty() {
+            continue;
         }
+        out.push(parse(line).map_err(|message| Error::Parse {
+            path: path.to_path_buf(),
+            line: i + 1,
+            message,
+        })?);
     }
     Ok(out)
 }
@@ -274,20 +287,7 @@ fn parse_index_line(line: &str, pos: Pos) -> std::result::Result<(String, Vec<St
 /// # Errors
 /// [`Error::Parse`] with the 1-based line number of the first malformed line.
 pub fn parse_wordnet_data(path: &Path, text: &str, pos: Pos) -> Result<Vec<Synset>> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        // The licence header: every line of it starts with two spaces.
-        if line.starts_with("  ") || line.trim().is_empty() {
-            continue;
-        }
-        let synset = parse_data_line(line, pos).map_err(|message| Error::Parse {
-            path: path.to_path_buf(),
-            line: i + 1,
-            message,
-        })?;
-        out.push(synset);
-    }
-    Ok(out)
+    parse_lines(path, text, |line| parse_data_line(line, pos))
 }
 
 fn field<'a>(
