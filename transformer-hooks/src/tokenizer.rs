@@ -660,9 +660,15 @@ impl Tokenizer {
 fn parse_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     let what = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // JSON is UTF-8, but serde_json skips the bytes of strings it ignores without checking them,
+    // and `tokenizers` then panics on them deep in its decoder section: check the encoding first.
+    let text = std::str::from_utf8(&bytes).map_err(|e| Error::Tokenizer {
+        what: what.clone(),
+        reason: format!("not UTF-8 (invalid byte at offset {})", e.valid_up_to()),
+    })?;
     // IgnoredAny checks the syntax without building a tree: a 30 MB file is not parsed twice
     // into memory.
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes) {
+    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
         return Err(Error::Tokenizer {
             what,
             reason: format!("not valid JSON: {e}"),

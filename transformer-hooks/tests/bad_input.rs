@@ -296,6 +296,25 @@ fn a_tokenizer_json_that_panics_inside_tokenizers_is_an_error() {
     }
 }
 
+/// A `tokenizer.json` with a byte that is not UTF-8 inside a key of its decoder section: serde
+/// skips such strings unchecked, and `tokenizers` 0.23.2 then panics at `decoders/mod.rs:90`
+/// (`expect("Helper")`). Found 24 times by `fuzz/`'s `tokenizer_json` target; the loader checks
+/// the encoding first and names the offset.
+#[test]
+fn a_tokenizer_json_that_is_not_utf8_is_named_with_the_offset() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/bad/tokenizer_not_utf8.json");
+    let bytes = std::fs::read(&path).unwrap();
+    let offset = std::str::from_utf8(&bytes).unwrap_err().valid_up_to();
+    let e = transformer_hooks::Tokenizer::from_file(&path, None, None, false).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("tokenizer_not_utf8.json")
+            && msg.contains(&format!("not UTF-8 (invalid byte at offset {offset})")),
+        "{msg}"
+    );
+}
+
 #[test]
 fn hook_points_the_model_lacks_are_named() {
     let model = tiny("llama");
