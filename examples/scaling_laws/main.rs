@@ -375,6 +375,22 @@ fn main() -> Result<()> {
     let test_plan = WindowPlan::build(&tokenized, Split::Test, args.context, bos, args.seed)?;
     drop(tokenized);
     let max_tokens = def.max_steps * args.batch as u64;
+    // The stream makes one pass (no epochs): a corpus shorter than the largest budget would
+    // leave the longest runs without batches after an hour of harvesting. Say so now.
+    if train_plan.text_tokens() < max_tokens {
+        bail!(
+            "the training split has {} text tokens, fewer than the {max_tokens} the grid's largest \
+             run needs ({} steps x --batch {}): lower --batch or add corpora",
+            train_plan.text_tokens(),
+            def.max_steps,
+            args.batch
+        );
+    }
+    eprintln!(
+        "== training split: {} text tokens in {} windows",
+        train_plan.text_tokens(),
+        train_plan.len()
+    );
     let mut harvest_cfg = HarvestConfig::new(vec![hook.clone()]);
     harvest_cfg.exclude_token_ids = hooked.special_token_ids()?;
     harvest_cfg.max_rows = max_tokens;
