@@ -53,8 +53,8 @@ use sae_workbench::sae_core::{
     train_many, training_bytes,
 };
 use sae_workbench::scaling::{
-    Law, assess, best_per_bin, bootstrap, extrapolate, fit_offset_power_law, fit_power_law,
-    frontier, tokens_to_convergence,
+    Law, assess, best_per_bin, bootstrap, doubling_convergence, extrapolate, fit_offset_power_law,
+    fit_power_law, frontier, tokens_to_convergence,
 };
 use sae_workbench::transformer_hooks::candle_core::{Device, Tensor};
 use sae_workbench::transformer_hooks::{LoadOptions, Model, assets};
@@ -846,6 +846,10 @@ fn timed_steps(
 /// A run counts as converged where its fitted loss-against-budget curve comes this close to
 /// its asymptote.
 const CONVERGED_WITHIN: f64 = 0.05;
+/// The criterion without a fit (`scaling::doubling_convergence`): converged from the budget at
+/// which doubling the tokens lowers held-out FVU by less than this. Set at 5% before the `full`
+/// grid's 4.1M-token runs were looked at.
+const MAX_FALL_PER_DOUBLING: f64 = 0.05;
 
 fn fit_and_plot(results: &[RunResult], def: &GridDef, out: &Path) -> Result<serde_json::Value> {
     let law_json = |x: &[f64], y: &[f64], offset: bool| -> serde_json::Value {
@@ -983,6 +987,33 @@ fn fit_and_plot(results: &[RunResult], def: &GridDef, out: &Path) -> Result<serd
         }
         Err(e) => serde_json::json!({"error": e.to_string()}),
     };
+    // The same question read off the measured curves, without extrapolating a fit.
+    let measured: Vec<serde_json::Value> = curves
+        .iter()
+        .map(|(n, pts)| {
+            doubling_convergence(*n, pts, MAX_FALL_PER_DOUBLING).map_or_else(
+                |e| serde_json::json!({"n": n, "error": e.to_string()}),
+                |d| serde_json::to_value(d).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let (mx, my): (Vec<f64>, Vec<f64>) = measured
+        .iter()
+        .filter_map(|d| Some((d["n"].as_f64()?, d["tokens"].as_f64()?)))
+        .unzip();
+    let convergence_measured = serde_json::json!({
+        "criterion": format!(
+            "the budget from which doubling the tokens lowers held-out FVU by less than {}% (measured falls, interpolated in log tokens; none beyond the largest budget)",
+            100.0 * MAX_FALL_PER_DOUBLING
+        ),
+        "per_n": measured,
+        "sizes_converged": mx.len(),
+        "law": if mx.len() >= 3 {
+            law_json(&mx, &my, false)
+        } else {
+            serde_json::json!({"error": format!("{} of {} sizes converge inside the budgets measured; the law needs 3", mx.len(), curves.len())})
+        },
+    });
     if !curves.is_empty() {
         let series: Vec<Scatter> = curves
             .iter()
@@ -1115,6 +1146,7 @@ fn fit_and_plot(results: &[RunResult], def: &GridDef, out: &Path) -> Result<serd
         "s_opt_beta": s_opt["law"]["beta"],
         "extrapolation_relative_error": extrap["relative_error"],
         "tokens_to_convergence_delta": convergence["law"]["law"]["beta"],
+        "tokens_to_convergence_measured_delta": convergence_measured["law"]["law"]["beta"],
     });
     Ok(serde_json::json!({
         "loss": "FVU on held-out tokens (OpenAI's normalised MSE)",
@@ -1126,6 +1158,7 @@ fn fit_and_plot(results: &[RunResult], def: &GridDef, out: &Path) -> Result<serd
         "loss_vs_features": by_k,
         "lr_sweep": lr_points,
         "tokens_to_convergence": convergence,
+        "tokens_to_convergence_measured": convergence_measured,
         "anchors": {
             "openai_gpt4_topk": "L(C) = 0.09 + 0.056·C^-0.084 (normalised MSE)",
             "openai_tokens_to_convergence": "∝ n^0.6",
@@ -1188,6 +1221,24 @@ mod tests {
             "{}",
             v["fits"]
         );
+        // The fit-free criterion reads each size's own curve: its first fall is the law's.
+        let measured = v["fits"]["tokens_to_convergence_measured"]["per_n"]
+            .as_array()
+            .unwrap();
+        assert_eq!(measured.len(), def.mults.len(), "{measured:?}");
+        for m in measured {
+            let n = m["n"].as_f64().unwrap();
+            let mut ts: Vec<f64> = grid_runs()
+                .iter()
+                .filter(|s| s.role == "grid" && s.n as f64 == n)
+                .map(|s| s.tokens as f64)
+                .collect();
+            ts.sort_by(f64::total_cmp);
+            let law = |t: f64| 0.05 + 2.0 * n.powf(-0.3) + 40.0 * t.powf(-0.5);
+            let want = 1.0 - law(ts[1]) / law(ts[0]);
+            let got = m["falls"][0][1].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-9, "n {n}: {got} vs {want}");
+        }
         assert!(dir.join("loss_vs_tokens.png").exists());
         // A line that is not a run is named, not skipped.
         std::fs::write(

@@ -6,6 +6,11 @@
 //! (5% by default) of its asymptote `a`: `S_conv = (b / (fraction · a))^(1/ρ)`. Where that lies
 //! beyond the largest budget measured it is an extrapolation of the fit, and flagged as one. The
 //! model-free figure beside it is how much the last doubling of the budget still bought.
+//!
+//! [`doubling_convergence`] is the criterion that needs no fit: the budget from which doubling
+//! the tokens lowers the loss by less than a set fraction, read off the measured curve (the
+//! fall over each step between budgets, per doubling, interpolated in log tokens). It exists
+//! only inside the budgets measured; beyond them it is `None`, never a guess.
 
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +107,91 @@ pub fn tokens_to_convergence(
     })
 }
 
+/// One dictionary size's curve read without a fit: what each doubling of the budget bought.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DoublingConvergence {
+    /// Features.
+    pub n: f64,
+    /// `(S, fall)` per step between budgets: `1 - (L_{i+1} / L_i)^(1 / log2(S_{i+1} / S_i))`, the
+    /// relative fall of the loss per doubling of the tokens, at `S = sqrt(S_i · S_{i+1} / 2)`, the
+    /// start of the doubling in the middle of the step (`S_i` when budgets double).
+    pub falls: Vec<(f64, f64)>,
+    /// The budget from which a doubling buys less than the fraction: where `falls` crosses it,
+    /// linear in `log S`; the smallest budget when the first fall is already below it; `None`
+    /// when no measured fall is.
+    pub tokens: Option<f64>,
+}
+
+/// The budget from which a doubling of the tokens lowers the loss by less than `max_fall`
+/// (module docs), for one curve `[(tokens, loss)]` of at least 3 budgets.
+///
+/// # Errors
+/// `max_fall` outside (0, 1); fewer than 3 budgets; a budget or loss that is not positive and
+/// finite; two equal budgets.
+pub fn doubling_convergence(
+    n: f64,
+    curve: &[(f64, f64)],
+    max_fall: f64,
+) -> Result<DoublingConvergence> {
+    if !(max_fall > 0.0 && max_fall < 1.0) {
+        return Err(invalid(
+            "max_fall",
+            format!("{max_fall}: must be in (0, 1)"),
+        ));
+    }
+    let mut curve = curve.to_vec();
+    curve.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if curve.len() < 3 {
+        return Err(invalid(
+            format!("curve of n = {n}"),
+            format!("{} budgets; the criterion needs at least 3", curve.len()),
+        ));
+    }
+    if let Some(bad) = curve
+        .iter()
+        .find(|(s, l)| !(s.is_finite() && *s > 0.0 && l.is_finite() && *l > 0.0))
+    {
+        return Err(invalid(
+            format!("curve of n = {n}"),
+            format!(
+                "({}, {}): budgets and losses must be positive",
+                bad.0, bad.1
+            ),
+        ));
+    }
+    let falls: Vec<(f64, f64)> = curve
+        .windows(2)
+        .map(|w| {
+            let doublings = (w[1].0 / w[0].0).log2();
+            // A fall averaged over several doublings belongs to the doubling in the middle of
+            // the step: the one that starts at sqrt(S_i · S_{i+1} / 2) (S_i itself for a step of
+            // one doubling).
+            (
+                (w[0].0 * w[1].0 / 2.0).sqrt(),
+                1.0 - (w[1].1 / w[0].1).powf(1.0 / doublings),
+            )
+        })
+        .collect();
+    if let Some(w) = curve.windows(2).find(|w| w[1].0 <= w[0].0) {
+        return Err(invalid(
+            format!("curve of n = {n}"),
+            format!("the budget {} appears twice", w[0].0),
+        ));
+    }
+    let tokens = if falls[0].1 < max_fall {
+        Some(falls[0].0)
+    } else {
+        falls.windows(2).find_map(|w| {
+            let ((s0, f0), (s1, f1)) = (w[0], w[1]);
+            (f0 >= max_fall && f1 < max_fall).then(|| {
+                let t = (f0 - max_fall) / (f0 - f1);
+                (s0.ln() + t * (s1.ln() - s0.ln())).exp()
+            })
+        })
+    };
+    Ok(DoublingConvergence { n, falls, tokens })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +238,68 @@ mod tests {
         assert!(e.contains("n = 64") && e.contains("3 budgets"), "{e}");
         let e = tokens_to_convergence(&short, 1.5).unwrap_err().to_string();
         assert!(e.contains("fraction"), "{e}");
+    }
+
+    /// On `L = a + b·S^-ρ` the fall per doubling is `1 - L(2S)/L(S)`, which falls with `S`;
+    /// the budget where it equals 5% is found here by bisection on the law itself, and the
+    /// criterion, reading only the curve at budgets a doubling apart, must land on it (up to
+    /// the log-linear interpolation between budgets).
+    #[test]
+    fn doubling_convergence_finds_where_a_known_curve_flattens() {
+        let (a, b, rho) = (0.2, 3.0, 0.4);
+        let law = |s: f64| a + b * s.powf(-rho);
+        let fall = |s: f64| 1.0 - law(2.0 * s) / law(s);
+        let (mut lo, mut hi) = (1e2f64, 1e9f64);
+        assert!(fall(lo) > 0.05 && fall(hi) < 0.05);
+        for _ in 0..200 {
+            let mid = (lo * hi).sqrt();
+            if fall(mid) > 0.05 { lo = mid } else { hi = mid }
+        }
+        let want = lo;
+        let curve: Vec<(f64, f64)> = (0..16)
+            .map(|i| {
+                let s = 1e3 * 2f64.powi(i);
+                (s, law(s))
+            })
+            .collect();
+        let c = doubling_convergence(512.0, &curve, 0.05).unwrap();
+        let got = c.tokens.unwrap();
+        assert!((got / want - 1.0).abs() < 0.1, "{got} vs {want}");
+        assert_eq!(c.falls.len(), 15);
+        assert!((c.falls[3].1 - fall(8e3)).abs() < 1e-12, "{:?}", c.falls[3]);
+        // Budgets four times apart: the fall per doubling is the square root of the step's.
+        let sparse: Vec<(f64, f64)> = curve.iter().step_by(2).copied().collect();
+        let c4 = doubling_convergence(512.0, &sparse, 0.05).unwrap();
+        let step = 1.0 - law(4e3) / law(1e3);
+        assert!((c4.falls[0].1 - (1.0 - (1.0 - step).sqrt())).abs() < 1e-12);
+        assert!((c4.falls[0].0 - 2f64.sqrt() * 1e3).abs() < 1e-9);
+        let got4 = c4.tokens.unwrap();
+        assert!((got4 / want - 1.0).abs() < 0.1, "{got4} vs {want}");
+    }
+
+    #[test]
+    fn doubling_convergence_is_none_beyond_the_budgets_and_first_when_already_flat() {
+        let steep: Vec<(f64, f64)> = (0..5).map(|i| (2f64.powi(i), 0.5f64.powi(i))).collect();
+        let c = doubling_convergence(64.0, &steep, 0.05).unwrap();
+        assert_eq!(c.tokens, None, "{c:?}");
+        let flat: Vec<(f64, f64)> = (0..5)
+            .map(|i| (2f64.powi(i), 1.0 - 0.001 * f64::from(i)))
+            .collect();
+        let c = doubling_convergence(64.0, &flat, 0.05).unwrap();
+        assert_eq!(c.tokens, Some(1.0));
+        let e = doubling_convergence(64.0, &steep[..2], 0.05)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("n = 64") && e.contains("2 budgets"), "{e}");
+        let e = doubling_convergence(64.0, &steep, 0.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_fall"), "{e}");
+        let mut dup = steep.clone();
+        dup[1].0 = dup[0].0;
+        let e = doubling_convergence(64.0, &dup, 0.05)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("appears twice"), "{e}");
     }
 }

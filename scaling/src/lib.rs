@@ -29,7 +29,9 @@ mod error;
 mod fit;
 mod frontier;
 
-pub use convergence::{Convergence, ConvergencePoint, tokens_to_convergence};
+pub use convergence::{
+    Convergence, ConvergencePoint, DoublingConvergence, doubling_convergence, tokens_to_convergence,
+};
 pub use error::{Result, ScalingError};
 pub use fit::{
     Bootstrap, Fitted, Law, MIN_R2_LOG, OffsetPowerLaw, ParamInterval, PowerLaw, Quality, Verdict,
