@@ -105,6 +105,11 @@ struct Args {
     /// within a session's time); the fits use what remains.
     #[arg(long)]
     max_expansion: Option<usize>,
+    /// Train and evaluate only the runs of these roles (comma-separated: `grid` the features x
+    /// tokens grid, `k`, `l1`, `matryoshka`, `lr`; default all). A later run without it trains
+    /// what was left out, from the same cache.
+    #[arg(long, value_delimiter = ',', value_parser = ["grid", "k", "l1", "matryoshka", "lr"])]
+    roles: Vec<String>,
     /// Only fit and plot again from the `runs.jsonl` already in the output folder: no model,
     /// no training, seconds instead of the sweep (after a change to the fits, or on a sweep
     /// copied from another machine). The rest of `fits.json` is kept.
@@ -245,6 +250,14 @@ fn specs(def: &GridDef, d_in: usize, batch: usize, lr: f64) -> Vec<RunSpec> {
     out
 }
 
+/// The runs of the given roles (all when none is given).
+fn with_roles(mut runs: Vec<RunSpec>, roles: &[String]) -> Vec<RunSpec> {
+    if !roles.is_empty() {
+        runs.retain(|s| roles.contains(&s.role));
+    }
+    runs
+}
+
 fn trainer_config(s: &RunSpec, d_in: usize, hook: &str, seed: u64) -> TrainerConfig {
     let arch = match s.arch.as_str() {
         "standard" => ArchitectureConfig::Standard(StandardTraining {
@@ -355,7 +368,7 @@ fn main() -> Result<()> {
         _ => None,
     };
     if let Some(w) = width_guess {
-        let all = specs(&def, w, args.batch, args.lr);
+        let all = with_roles(specs(&def, w, args.batch, args.lr), &args.roles);
         let groups = plan_groups(&all.iter().collect::<Vec<_>>(), w, budget)?;
         eprintln!(
             "== {} runs in {} group(s) of at most {:.1} GB",
@@ -413,7 +426,7 @@ fn main() -> Result<()> {
     let cache = ActivationStore::open(&cache_dir)?;
     let acts = cache.hook(&hook)?;
     let d_in = acts.width();
-    let runs = specs(&def, d_in, args.batch, args.lr);
+    let runs = with_roles(specs(&def, d_in, args.batch, args.lr), &args.roles);
     eprintln!("== {} runs", runs.len());
     let sae_dir = |s: &RunSpec| out.join("saes").join(&s.name);
     let pending: Vec<&RunSpec> = runs
@@ -1173,6 +1186,26 @@ mod tests {
 
     fn grid_runs() -> Vec<RunSpec> {
         specs(&grid_def(Grid::Quick), 64, 256, 1e-3)
+    }
+
+    #[test]
+    fn roles_pick_runs_and_unknown_roles_are_refused() {
+        let a = Args::try_parse_from(["scaling_laws", "--roles", "grid,k"]).unwrap();
+        let all = grid_runs();
+        let some = with_roles(all.clone(), &a.roles);
+        assert!(!some.is_empty() && some.len() < all.len());
+        assert!(some.iter().all(|s| s.role == "grid" || s.role == "k"));
+        assert_eq!(
+            some.len(),
+            all.iter()
+                .filter(|s| s.role == "grid" || s.role == "k")
+                .count()
+        );
+        assert_eq!(with_roles(all.clone(), &[]).len(), all.len());
+        let e = Args::try_parse_from(["scaling_laws", "--roles", "grid,bogus"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
     }
 
     #[test]
