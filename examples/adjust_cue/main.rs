@@ -96,6 +96,10 @@ struct Args {
     /// part of speech, in WordNet's order: nouns, verbs, adjectives, adverbs).
     #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 1)]
     wordnet_senses: usize,
+    /// Also offer WordNet's broader words for each sense, after its synonyms ("vessel" for
+    /// "ship", "legislature" for "Congress", "levy" for "tax").
+    #[arg(long)]
+    wordnet_broader: bool,
     /// WordNet synonyms tried per word or phrase.
     #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 8)]
     wordnet_per_word: usize,
@@ -186,7 +190,7 @@ fn main() -> Result<()> {
             None => (assets::assets_dir().join("wordnet"), false),
         };
         if asked || dir.is_dir() {
-            let t = sae_workbench::wordnet::thesaurus(&dir)
+            let t = sae_workbench::wordnet::thesaurus(&dir, args.wordnet_broader)
                 .with_context(|| format!("reading WordNet from {}", dir.display()))?;
             eprintln!("WordNet: {}", dir.display());
             Some(t)

@@ -89,7 +89,7 @@ fn main() -> Result<()> {
     };
     if asked || dir.is_dir() {
         app = app.with_thesaurus(
-            sae_workbench::wordnet::thesaurus(&dir)
+            sae_workbench::wordnet::thesaurus(&dir, false)
                 .with_context(|| format!("reading WordNet from {}", dir.display()))?,
         );
     }

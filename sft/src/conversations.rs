@@ -164,6 +164,10 @@ pub struct Synset {
     pub definition: String,
     /// The quoted example sentences, without their quotes.
     pub examples: Vec<String>,
+    /// Keys ([`Synset::key`]) of the broader senses this one is a kind or an instance of
+    /// (WordNet's `@` and `@i` pointers): "vessel" for "ship", "legislature" for "Congress".
+    #[serde(default)]
+    pub hypernyms: Vec<String>,
 }
 
 impl Synset {
@@ -337,12 +341,16 @@ fn parse_data_line(line: &str, file_pos: Pos) -> std::result::Result<Synset, Str
         lemmas.push(clean_lemma(word));
     }
     let p_cnt = number(field(&mut t, "p_cnt")?, 10, "p_cnt")?;
+    let mut hypernyms = Vec::new();
     for _ in 0..p_cnt {
-        field(&mut t, "pointer symbol")?;
-        number(field(&mut t, "pointer offset")?, 10, "pointer offset")?;
+        let symbol = field(&mut t, "pointer symbol")?;
+        let target_offset = number(field(&mut t, "pointer offset")?, 10, "pointer offset")?;
         let target = field(&mut t, "pointer part of speech")?;
-        if Pos::from_ss_type(target).is_none() {
+        let Some(target_pos) = Pos::from_ss_type(target) else {
             return Err(format!("unknown pointer part of speech {target:?}"));
+        };
+        if symbol == "@" || symbol == "@i" {
+            hypernyms.push(format!("{}{target_offset:08}", target_pos.file_letter()));
         }
         number(
             field(&mut t, "pointer source/target")?,
@@ -372,6 +380,7 @@ fn parse_data_line(line: &str, file_pos: Pos) -> std::result::Result<Synset, Str
         lemmas,
         definition,
         examples,
+        hypernyms,
     })
 }
 

@@ -49,8 +49,9 @@ fn hand_written_wordnet_parses_exactly() {
             lemmas: lemmas.iter().map(|l| l.to_string()).collect(),
             definition: definition.into(),
             examples: examples.iter().map(|e| e.to_string()).collect(),
+            hypernyms: Vec::new(),
         };
-    let want = vec![
+    let mut want = vec![
         s(
             1740,
             3,
@@ -92,6 +93,9 @@ fn hand_written_wordnet_parses_exactly() {
             &["she writes badly", "I think he paints very badly"],
         ),
     ];
+    // `@` pointers are the broader senses; `~`, `+`, `&` and `!` are not.
+    want[1].hypernyms = vec!["n00001740".into()];
+    want[2].hypernyms = vec!["v00205046".into()];
     assert_eq!(got, want);
     assert_eq!(got[3].key(), "a00019731", "satellites live in data.adj");
     assert_eq!(got[2].key(), "v00205598");
