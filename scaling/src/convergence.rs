@@ -55,12 +55,7 @@ pub fn tokens_to_convergence(
     curves: &[(f64, Vec<(f64, f64)>)],
     fraction: f64,
 ) -> Result<Convergence> {
-    if !(fraction > 0.0 && fraction < 1.0) {
-        return Err(invalid(
-            "fraction",
-            format!("{fraction}: must be in (0, 1)"),
-        ));
-    }
+    open_unit("fraction", fraction)?;
     let mut points = Vec::with_capacity(curves.len());
     for (n, curve) in curves {
         let mut curve = curve.clone();
@@ -133,12 +128,7 @@ pub fn doubling_convergence(
     curve: &[(f64, f64)],
     max_fall: f64,
 ) -> Result<DoublingConvergence> {
-    if !(max_fall > 0.0 && max_fall < 1.0) {
-        return Err(invalid(
-            "max_fall",
-            format!("{max_fall}: must be in (0, 1)"),
-        ));
-    }
+    open_unit("max_fall", max_fall)?;
     let mut curve = curve.to_vec();
     curve.sort_by(|a, b| a.0.total_cmp(&b.0));
     if curve.len() < 3 {
@@ -159,6 +149,12 @@ pub fn doubling_convergence(
             ),
         ));
     }
+    if let Some(w) = curve.windows(2).find(|w| w[1].0 <= w[0].0) {
+        return Err(invalid(
+            format!("curve of n = {n}"),
+            format!("the budget {} appears twice", w[0].0),
+        ));
+    }
     let falls: Vec<(f64, f64)> = curve
         .windows(2)
         .map(|w| {
@@ -172,12 +168,6 @@ pub fn doubling_convergence(
             )
         })
         .collect();
-    if let Some(w) = curve.windows(2).find(|w| w[1].0 <= w[0].0) {
-        return Err(invalid(
-            format!("curve of n = {n}"),
-            format!("the budget {} appears twice", w[0].0),
-        ));
-    }
     let tokens = if falls[0].1 < max_fall {
         Some(falls[0].0)
     } else {
@@ -190,6 +180,15 @@ pub fn doubling_convergence(
         })
     };
     Ok(DoublingConvergence { n, falls, tokens })
+}
+
+/// A fraction strictly between 0 and 1, or an error naming the parameter.
+fn open_unit(name: &str, x: f64) -> Result<()> {
+    if x > 0.0 && x < 1.0 {
+        Ok(())
+    } else {
+        Err(invalid(name, format!("{x}: must be in (0, 1)")))
+    }
 }
 
 #[cfg(test)]
