@@ -12,7 +12,10 @@
 //! `paraphrase|unrelated<TAB>PROMPT A<TAB>PROMPT B`) prints the meaning scores of paraphrase and
 //! unrelated pairs, to set `--min-meaning` before running the cases; `--calibrate-grammar FILE`
 //! (lines `good|broken<TAB>ORIGINAL<TAB>EDIT`) prints the grammar jumps of good and broken word
-//! edits, to set `--max-grammar-jump`.
+//! edits, to set `--max-grammar-jump`; `--calibrate-senses FILE` (lines
+//! `right|wrong<TAB>ORIGINAL<TAB>EDIT`) prints the sense similarities of right- and wrong-sense
+//! word replacements (`steering::cue::sense_similarity`, reported with each replacement; too weak
+//! on this model to be a bar).
 //!
 //! ```text
 //! cargo run --release --example adjust_cue -- --sae runs/steer_sae/saes/topk_9216 \
@@ -27,9 +30,9 @@ use clap::Parser;
 use sae_workbench::sae_core::SaeModel;
 use sae_workbench::steering::cue::{
     AdjustOptions, Adjustment, Candidate, EditKind, adjust, grammar_jump, meaning_score,
-    parse_synonyms, text_nll, token_nlls,
+    parse_synonyms, sense_similarity, text_nll, token_nlls,
 };
-use sae_workbench::steering::{FeatureStats, sae_hook};
+use sae_workbench::steering::{FeatureStats, activations, sae_hook};
 use sae_workbench::transformer_hooks::candle_core::Device;
 use sae_workbench::transformer_hooks::{
     self as transformer_hooks, ChatMessage, GenerateOptions, Hooks, Model, assets,
@@ -79,6 +82,12 @@ struct Args {
     /// `examples/adjust_cue/data/edits.tsv` on SmolLM2-135M.
     #[arg(long, default_value_t = AdjustOptions::default().max_grammar_jump)]
     max_grammar_jump: f64,
+    /// Pairs `right|wrong<TAB>ORIGINAL<TAB>EDIT` (one word replaced by a word of its sense in
+    /// the sentence, or of another sense): how well the sense similarity reported with each
+    /// replacement (cosine at the SAE's hook between the word and its replacement) tells them
+    /// apart.
+    #[arg(long)]
+    calibrate_senses: Option<PathBuf>,
     /// Do not try dropping the sentence or clause that holds the responsible word.
     #[arg(long)]
     no_drop_clauses: bool,
@@ -144,6 +153,9 @@ fn main() -> Result<()> {
     if let Some(p) = &args.calibrate_grammar {
         calibrate_grammar(&model, p)?;
     }
+    if let Some(p) = &args.calibrate_senses {
+        calibrate_senses(&model, &sae, hook, p)?;
+    }
     let mut cases: Vec<(usize, String)> = Vec::new();
     if let (Some(p), Some(f)) = (&args.prompt, args.feature) {
         cases.push((f, p.clone()));
@@ -167,12 +179,15 @@ fn main() -> Result<()> {
         }
     }
     if cases.is_empty() {
-        if args.calibrate.is_some() || args.calibrate_grammar.is_some() {
+        if args.calibrate.is_some()
+            || args.calibrate_grammar.is_some()
+            || args.calibrate_senses.is_some()
+        {
             return Ok(());
         }
         bail!(
-            "nothing to do: give --prompt and --feature, --cases FILE, --calibrate FILE or \
-             --calibrate-grammar FILE"
+            "nothing to do: give --prompt and --feature, --cases FILE, --calibrate FILE, \
+             --calibrate-grammar FILE or --calibrate-senses FILE"
         );
     }
     let synonyms = match &args.synonyms {
@@ -276,6 +291,17 @@ fn main() -> Result<()> {
         serde_json::json!({"kind": k, "proposed": n})
     })
     .collect();
+    // The issue's own criterion, beside the stricter one above: some edit silences the feature
+    // with the meaning score above its bar, whatever its fluency, grammar, sense and form.
+    let silenced_with_meaning = valid
+        .iter()
+        .filter(|r| {
+            r.candidates.iter().any(|c| {
+                c.activation <= args.threshold * r.activation_before
+                    && c.meaning >= args.min_meaning
+            })
+        })
+        .count();
     let summary = serde_json::json!({
         "cases": results.len(),
         "triggered": valid.len(),
@@ -283,6 +309,7 @@ fn main() -> Result<()> {
         "min_meaning": args.min_meaning,
         "max_fluency_cost": args.max_fluency_cost,
         "max_grammar_jump": args.max_grammar_jump,
+        "silenced_with_meaning_rate": silenced_with_meaning as f64 / n,
         "success_rate": valid.iter().filter(|r| r.success).count() as f64 / n,
         "mean_activation_before": valid.iter().map(|r| f64::from(r.activation_before)).sum::<f64>() / n,
         "mean_activation_after_proposed": chosen.iter().map(|c| f64::from(c.activation)).sum::<f64>() / chosen.len().max(1) as f64,
@@ -406,6 +433,86 @@ fn calibrate_grammar(model: &Model, path: &PathBuf) -> Result<()> {
             "broken": range(false),
             "best_bar": best_bar,
             "misclassified_at_best_bar": errors(best_bar),
+        })
+    );
+    Ok(())
+}
+
+/// Sense similarities of right- and wrong-sense replacements, and the bar that separates them
+/// best. The direction removed is that of the feature firing hardest at the replaced word's last
+/// token in the original, standing for the unwanted feature that the word triggers in a case.
+fn calibrate_senses(
+    model: &Model,
+    sae: &SaeModel,
+    hook: sae_workbench::transformer_hooks::HookPoint,
+    path: &PathBuf,
+) -> Result<()> {
+    let tok = model.tokenizer()?;
+    let encode = |text: &str| tok.encode_chat(&[ChatMessage::user(text)], true);
+    let mut sims: Vec<(bool, f64)> = Vec::new();
+    let mut by_original: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
+    for (right, a, b) in read_pairs(path, "right", "wrong")? {
+        let (ta, tb) = (encode(&a)?, encode(&b)?);
+        let suffix = ta
+            .iter()
+            .rev()
+            .zip(tb.iter().rev())
+            .take_while(|(x, y)| x == y)
+            .count();
+        let pos = ta.len().saturating_sub(suffix + 1);
+        let row = activations(model, sae, hook, &ta)?.swap_remove(pos);
+        let feature = (0..row.len())
+            .max_by(|&i, &j| row[i].total_cmp(&row[j]))
+            .context("an SAE with no features")?;
+        let Some(s) = sense_similarity(model, sae, hook, &ta, &tb, feature)? else {
+            bail!("{}: `{a}` and `{b}` replace no word", path.display());
+        };
+        let kind = if right { "right" } else { "wrong" };
+        println!(
+            "{}",
+            serde_json::json!({"kind": kind, "original": a, "edit": b, "feature": feature, "sense": s})
+        );
+        sims.push((right, s));
+        let at = match by_original.iter().position(|o| o.0 == a) {
+            Some(i) => i,
+            None => {
+                by_original.push((a.clone(), Vec::new(), Vec::new()));
+                by_original.len() - 1
+            }
+        };
+        let o = &mut by_original[at];
+        if right { &mut o.1 } else { &mut o.2 }.push(s);
+    }
+    // Per original, pairs of a right and a wrong replacement where the right one scores higher.
+    let ranked_right = by_original
+        .iter()
+        .flat_map(|(_, r, w)| r.iter().flat_map(move |x| w.iter().map(move |y| x > y)))
+        .filter(|&b| b)
+        .count();
+    // Right replacements below the bar and wrong ones at or above it are the errors.
+    let errors = |bar: f64| {
+        sims.iter()
+            .filter(|(r, s)| if *r { *s < bar } else { *s >= bar })
+            .count()
+    };
+    let best_bar = best_cut(sims.iter().map(|s| s.1).collect(), errors);
+    let range = |want: bool| {
+        let v: Vec<f64> = sims.iter().filter(|s| s.0 == want).map(|s| s.1).collect();
+        serde_json::json!({
+            "n": v.len(),
+            "min": v.iter().copied().fold(f64::INFINITY, f64::min),
+            "max": v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        })
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "calibration": path.display().to_string(),
+            "right": range(true),
+            "wrong": range(false),
+            "best_bar": best_bar,
+            "misclassified_at_best_bar": errors(best_bar),
+            "pairs_ranked_right": ranked_right,
         })
     );
     Ok(())

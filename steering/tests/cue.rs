@@ -5,9 +5,10 @@
 use candle_core::Device;
 mod common;
 
-use common::random_topk;
+use common::{random_topk, random_topk_offset};
 use steering::cue::{
-    edited, grammar_jump, meaning_score, prompt_peak, text_nll, token_nlls, word_effects, words,
+    edited, grammar_jump, meaning_score, prompt_peak, sense_similarity, text_nll, token_nlls,
+    word_effects, words,
 };
 use transformer_hooks::{ChatMessage, HookPoint, Model, assets};
 
@@ -96,4 +97,77 @@ fn cue_measurements_agree_with_direct_figures() {
         "hole {hole}, synonym {synonym}, bar {bar}"
     );
     assert_eq!(jump(text), 0.0);
+
+    // The sense check: the cosine between the activations at "sea" and at "ocean", each less
+    // b_dec and without its component along the feature's decoder row, computed here with
+    // tensor ops at the positions the tokenizer gives the two words.
+    // An SAE whose b_dec is not zero, so that the measurement's centring shows.
+    let sae = random_topk_offset(d_in, 128, 8, 11, 0.5);
+    let ocean = encode("My grandfather worked at ocean for years.").unwrap();
+    let at = |toks: &[u32], word: &str| {
+        let id = tok.encode(word, false).unwrap()[0];
+        let pos = toks.iter().position(|&t| t == id).unwrap();
+        let c = model
+            .run_with_cache(&model.tokens(toks).unwrap(), &[hook])
+            .unwrap();
+        let x = c
+            .require(hook)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .get(pos)
+            .unwrap();
+        let b = candle_core::Tensor::new(sae.b_dec().unwrap(), &Device::Cpu).unwrap();
+        x.sub(&b).unwrap()
+    };
+    let d = candle_core::Tensor::new(sae.w_dec_row(f).unwrap(), &Device::Cpu).unwrap();
+    let d = d
+        .broadcast_div(&d.sqr().unwrap().sum_all().unwrap().sqrt().unwrap())
+        .unwrap();
+    let strip = |x: candle_core::Tensor| {
+        let along = x.mul(&d).unwrap().sum_all().unwrap();
+        x.sub(&d.broadcast_mul(&along).unwrap()).unwrap()
+    };
+    let (a, b) = (strip(at(&tokens, " sea")), strip(at(&ocean, " ocean")));
+    let dot: f32 = a.mul(&b).unwrap().sum_all().unwrap().to_scalar().unwrap();
+    let na: f32 = a
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let nb: f32 = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let direct = f64::from(dot / (na * nb));
+    let s = sense_similarity(&model, &sae, hook, &tokens, &ocean, f)
+        .unwrap()
+        .unwrap();
+    assert!((s - direct).abs() < 1e-4, "{s} vs {direct}");
+    assert!(s < 0.9999, "different words are not identical: {s}");
+    // Symmetric; nothing to compare for a deletion or no edit; a feature past the dictionary
+    // is refused.
+    let back = sense_similarity(&model, &sae, hook, &ocean, &tokens, f)
+        .unwrap()
+        .unwrap();
+    assert!((back - s).abs() < 1e-9);
+    let deleted = encode("My grandfather worked at for years.").unwrap();
+    assert_eq!(
+        sense_similarity(&model, &sae, hook, &tokens, &deleted, f).unwrap(),
+        None
+    );
+    assert_eq!(
+        sense_similarity(&model, &sae, hook, &tokens, &tokens, f).unwrap(),
+        None
+    );
+    assert!(sense_similarity(&model, &sae, hook, &tokens, &ocean, 128).is_err());
 }
