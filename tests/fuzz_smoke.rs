@@ -230,3 +230,8 @@ fn checkpoint() {
     }
     println!("checkpoint: {n} inputs");
 }
+
+#[test]
+fn options() {
+    run("options", entries::options, 300, 0);
+}

@@ -235,7 +235,15 @@ fn produce(
             check_file(hook.cache().dir(), &s.hooks[hook.index()].file, None)?;
         }
     }
-    let mut batch: Vec<f32> = Vec::with_capacity(cfg.batch_size * d);
+    // A batch never holds more rows than the stream has: reserve no more than that, so that an
+    // absurd batch size costs the rows that exist rather than aborting on the reservation.
+    let stream_rows = cfg
+        .epochs
+        .map_or(hook.rows(), |e| hook.rows().saturating_mul(e))
+        .max(1);
+    let batch_rows = usize::try_from(stream_rows).map_or(cfg.batch_size, |r| r.min(cfg.batch_size));
+    let reserve = batch_rows.saturating_mul(d);
+    let mut batch: Vec<f32> = Vec::with_capacity(reserve);
     let mut epoch = 0u64;
     let mut skip = cfg.skip_batches;
     let send = |batch: Vec<f32>| -> Result<bool> {
@@ -287,7 +295,7 @@ fn produce(
                 skip -= 1;
                 batch.clear();
             } else if batch.len() / d == cfg.batch_size {
-                let full = std::mem::replace(&mut batch, Vec::with_capacity(cfg.batch_size * d));
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(reserve));
                 if !send(full)? {
                     return Ok(());
                 }

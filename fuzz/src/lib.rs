@@ -16,7 +16,7 @@ use sae_workbench::activation_store::{
 };
 use sae_workbench::sae_core::{SaeModel, Trainer, TrainerConfig};
 use sae_workbench::transformer_hooks::candle_core::{DType, Device, Tensor};
-use sae_workbench::transformer_hooks::{Model, Tokenizer};
+use sae_workbench::transformer_hooks::{GenerateOptions, Hooks, Model, Sampling, Tokenizer};
 
 /// The repository root (fixtures are read from it): the parent of the fuzz crate, or the root
 /// package itself when this file is compiled into `tests/fuzz_smoke.rs`.
@@ -366,4 +366,119 @@ fn copy_tree(from: &Path, to: &Path) {
             std::fs::copy(&p, to.join(e.file_name())).expect("copy file");
         }
     }
+}
+
+/// Bytes read in order as option values; zeros once they run out.
+struct Draw<'a>(&'a [u8]);
+
+impl Draw<'_> {
+    fn bytes<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        let n = N.min(self.0.len());
+        out[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        out
+    }
+    fn u8(&mut self) -> u8 {
+        self.bytes::<1>()[0]
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.bytes())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.bytes())
+    }
+    /// Any f64, NaN and the infinities included.
+    fn f64(&mut self) -> f64 {
+        f64::from_bits(self.u64())
+    }
+    fn yes(&mut self) -> bool {
+        self.u8() & 1 == 1
+    }
+}
+
+/// The tiny Gemma 3 of the fixtures (vocabulary 128, context 64), loaded once.
+fn tiny_model() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        Model::load(
+            &root().join("transformer-hooks/tests/fixtures/tiny/gemma3"),
+            &Device::Cpu,
+        )
+        .expect("tiny model")
+    })
+}
+
+/// Combinations of the options that the examples take from their arguments besides the
+/// trainer's (those are the `checkpoint` target's): a stream over the fixture cache (batch size,
+/// seed, epochs, shuffle and its sizes, prefetch, checksums, batches skipped to resume) and
+/// generation on a tiny model (new tokens, temperature, top-k, top-p, seed, stop tokens, KV
+/// cache, pad token, and a batch of prompts of any token ids). Each value comes from the bytes
+/// as they are: zero, huge, NaN or out of the vocabulary. The stream always has a number of
+/// epochs, since an endless one with a batch larger than the cache is endless by request.
+pub fn options(data: &[u8]) {
+    let mut d = Draw(data);
+    let hook = if d.yes() {
+        "blocks.0.hook_resid_post"
+    } else {
+        "blocks.0.mlp.hook_post"
+    };
+    let shuffle = match d.u8() % 3 {
+        0 => store::Shuffle::Sequential,
+        1 => store::Shuffle::Buffer {
+            buffer_bytes: d.u32() as usize,
+            chunk_rows: d.u32() as usize,
+        },
+        _ => store::Shuffle::External {
+            memory_bytes: d.u32() as usize,
+            scratch_dir: Some(scratch().join("external")),
+        },
+    };
+    let stream = store::StreamConfig {
+        batch_size: d.u32() as usize,
+        seed: d.u64(),
+        epochs: Some(u64::from(d.u8() % 4)),
+        shuffle,
+        prefetch: usize::from(d.u8()),
+        device: Device::Cpu,
+        verify_checksums: d.yes(),
+        skip_batches: u64::from(d.u32()),
+    };
+    if let Ok(cache) = ActivationStore::open(fixture_cache())
+        && let Ok(h) = cache.hook(hook)
+        && let Ok(batches) = h.batches(stream)
+    {
+        for b in batches.take(6) {
+            if b.is_err() {
+                break;
+            }
+        }
+    }
+
+    let sampling = if d.yes() {
+        Sampling::Greedy
+    } else {
+        Sampling::Sample {
+            temperature: d.f64(),
+            top_k: d.yes().then(|| d.u32() as usize),
+            top_p: d.yes().then(|| d.f64()),
+            seed: d.u64(),
+        }
+    };
+    let max_new_tokens = usize::from(d.u8());
+    let stop_tokens = (0..d.u8() % 4).map(|_| d.u32()).collect();
+    let kv_cache = d.yes();
+    let pad_token = d.yes().then(|| d.u32());
+    let opts = GenerateOptions {
+        max_new_tokens,
+        sampling,
+        stop_tokens,
+        kv_cache,
+        pad_token,
+    };
+    // Token ids mostly in the vocabulary (128), sometimes past it.
+    let prompts: Vec<Vec<u32>> = (0..1 + d.u8() % 3)
+        .map(|_| (0..d.u8() % 6).map(|_| d.u32() % 160).collect())
+        .collect();
+    let _ = tiny_model().generate_batch(&prompts, &opts, &mut Hooks::new());
 }

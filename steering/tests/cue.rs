@@ -76,10 +76,25 @@ fn cue_measurements_agree_with_direct_figures() {
 
     assert!(prompt_peak(&model, &sae, hook, &tokens, 128).is_err());
 
-    // Per-token NLLs are the mean of text_nll, over the text's tokens after the first.
+    // Per-token NLLs: the text's own tokens, the first included, and the token closing the
+    // user's turn, each scored where it stands in the chat template; text_nll is their mean.
     let (ids, nll) = token_nlls(&model, text).unwrap();
-    let all = tok.encode(text, model.config().add_bos).unwrap();
-    assert_eq!(ids, all[1..]);
+    let plain = tok.encode(text, false).unwrap();
+    let turn = tok.encode_chat(&[ChatMessage::user(text)], false).unwrap();
+    let at = turn.windows(plain.len()).position(|w| w == plain).unwrap();
+    assert_eq!(ids.len(), plain.len() + 1);
+    assert_eq!(ids[..plain.len()], plain[..]);
+    assert_eq!(ids[plain.len()], turn[at + plain.len()]);
+    let lp: Vec<f32> = model
+        .logprobs(&model.tokens(&turn).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    for (k, v) in nll.iter().enumerate() {
+        assert!((v + f64::from(lp[at + k - 1])).abs() < 1e-6, "token {k}");
+    }
     let mean = nll.iter().sum::<f64>() / nll.len() as f64;
     assert!((mean - text_nll(&model, text).unwrap()).abs() < 1e-9);
 
