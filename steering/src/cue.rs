@@ -68,17 +68,32 @@ pub fn words(text: &str) -> Vec<&str> {
     text.split_whitespace().collect()
 }
 
-/// `words` with word `skip` left out (and `replace` put in its place, if any).
+/// `words` with the words `skip` left out (and `replace` put in place of one, if any). A deleted
+/// word's closing punctuation stays, on the word kept before it ("the history of Congress. How"
+/// → "the history of. How", not "of How"), so that a deletion never merges two sentences or
+/// clauses.
 pub fn edited(words: &[&str], skip: &[usize], replace: Option<(usize, &str)>) -> String {
-    words
-        .iter()
-        .enumerate()
-        .filter_map(|(i, w)| match replace {
-            Some((j, r)) if j == i => Some(r),
-            _ => (!skip.contains(&i)).then_some(*w),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    let mut out: Vec<String> = Vec::with_capacity(words.len());
+    for (i, w) in words.iter().enumerate() {
+        match replace {
+            Some((j, r)) if j == i => out.push(r.to_string()),
+            _ if skip.contains(&i) => {
+                let end = w
+                    .char_indices()
+                    .rev()
+                    .find(|(_, c)| c.is_alphanumeric())
+                    .map_or(0, |(k, c)| k + c.len_utf8());
+                let tail = &w[end..];
+                if let (false, Some(prev)) = (tail.is_empty(), out.last_mut()) {
+                    let keep = prev.trim_end_matches(|c: char| !c.is_alphanumeric()).len();
+                    prev.truncate(keep);
+                    prev.push_str(tail);
+                }
+            }
+            _ => out.push(w.to_string()),
+        }
+    }
+    out.join(" ")
 }
 
 /// Per word of `text`, the feature's prompt peak with that word deleted (`encode` turns a text
@@ -909,6 +924,31 @@ mod tests {
         let w = words("I feel  all at sea today");
         assert_eq!(w, ["I", "feel", "all", "at", "sea", "today"]);
         assert_eq!(edited(&w, &[3, 4], None), "I feel all today");
+        // A deleted word's closing punctuation stays on the word before it.
+        let p = words("We read the history of Congress. How do I start, then?");
+        assert_eq!(
+            edited(&p, &[5], None),
+            "We read the history of. How do I start, then?"
+        );
+        assert_eq!(
+            edited(&p, &[4, 5], None),
+            "We read the history. How do I start, then?"
+        );
+        assert_eq!(
+            edited(&p, &[9, 10], None),
+            "We read the history of Congress. How do I?"
+        );
+        assert_eq!(
+            edited(&p, &[9], None),
+            "We read the history of Congress. How do I, then?"
+        );
+        assert_eq!(
+            edited(&p, &[0], None),
+            "read the history of Congress. How do I start, then?"
+        );
+        // Punctuation before a deleted closing mark is replaced, not doubled.
+        let q = words("Hello, world.");
+        assert_eq!(edited(&q, &[1], None), "Hello.");
         assert_eq!(
             edited(&w, &[], Some((4, "lost"))),
             "I feel all at lost today"
