@@ -417,14 +417,7 @@ fn calibrate_grammar(model: &Model, path: &PathBuf) -> Result<()> {
             .count()
     };
     let best_bar = best_cut(jumps.iter().map(|j| j.1).collect(), errors);
-    let range = |want: bool| {
-        let v: Vec<f64> = jumps.iter().filter(|j| j.0 == want).map(|j| j.1).collect();
-        serde_json::json!({
-            "n": v.len(),
-            "min": v.iter().copied().fold(f64::INFINITY, f64::min),
-            "max": v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        })
-    };
+    let range = |want: bool| value_range(&jumps, want);
     println!(
         "{}",
         serde_json::json!({
@@ -496,14 +489,7 @@ fn calibrate_senses(
             .count()
     };
     let best_bar = best_cut(sims.iter().map(|s| s.1).collect(), errors);
-    let range = |want: bool| {
-        let v: Vec<f64> = sims.iter().filter(|s| s.0 == want).map(|s| s.1).collect();
-        serde_json::json!({
-            "n": v.len(),
-            "min": v.iter().copied().fold(f64::INFINITY, f64::min),
-            "max": v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        })
-    };
+    let range = |want: bool| value_range(&sims, want);
     println!(
         "{}",
         serde_json::json!({
@@ -544,6 +530,16 @@ fn read_pairs(path: &PathBuf, yes: &str, no: &str) -> Result<Vec<(bool, String, 
         out.push((kind == yes, a.to_string(), b.to_string()));
     }
     Ok(out)
+}
+
+/// Count, smallest and largest of the values of one kind of a calibration's pairs.
+fn value_range(scored: &[(bool, f64)], want: bool) -> serde_json::Value {
+    let v: Vec<f64> = scored.iter().filter(|s| s.0 == want).map(|s| s.1).collect();
+    serde_json::json!({
+        "n": v.len(),
+        "min": v.iter().copied().fold(f64::INFINITY, f64::min),
+        "max": v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    })
 }
 
 /// The midpoint between two neighbouring `values` with the fewest `errors`.

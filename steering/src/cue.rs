@@ -174,14 +174,8 @@ pub fn token_nlls(model: &Model, text: &str) -> Result<(Vec<u32>, Vec<f64>)> {
     let chat = |t: &str| tok.encode_chat(&[ChatMessage::user(t)], false);
     let (ids, span) = match (chat(text), chat("")) {
         (Ok(ids), Ok(empty)) => {
-            let head = ids.iter().zip(&empty).take_while(|(a, b)| a == b).count();
-            let tail = ids
-                .iter()
-                .rev()
-                .zip(empty.iter().rev())
-                .take_while(|(a, b)| a == b)
-                .count()
-                .min(empty.len() - head);
+            // The template around the text: what it shares with an empty turn.
+            let (head, tail) = changed_span(&ids, &empty);
             if head + tail >= ids.len() || head == 0 {
                 return Err(SteeringError::invalid(
                     "text",
@@ -234,7 +228,7 @@ pub fn grammar_jump(
 ) -> f64 {
     let (oi, on) = original;
     let (ei, en) = edit;
-    let prefix = oi.iter().zip(ei).take_while(|(a, b)| a == b).count();
+    let (prefix, _) = changed_span(oi, ei);
     kept_tokens(oi, ei)
         .into_iter()
         .filter(|&(i, _)| i >= prefix)

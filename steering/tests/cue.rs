@@ -145,25 +145,11 @@ fn cue_measurements_agree_with_direct_figures() {
     };
     let (a, b) = (strip(at(&tokens, " sea")), strip(at(&ocean, " ocean")));
     let dot: f32 = a.mul(&b).unwrap().sum_all().unwrap().to_scalar().unwrap();
-    let na: f32 = a
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let nb: f32 = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    let direct = f64::from(dot / (na * nb));
+    let norm = |x: &candle_core::Tensor| -> f32 {
+        let sq: f32 = x.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        sq.sqrt()
+    };
+    let direct = f64::from(dot / (norm(&a) * norm(&b)));
     let s = sense_similarity(&model, &sae, hook, &tokens, &ocean, f)
         .unwrap()
         .unwrap();
