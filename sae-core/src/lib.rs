@@ -90,8 +90,8 @@ pub use optim::{Adam, grad_norm};
 pub use params::{Param, Params};
 pub use trainer::{
     ActivationNormalization, ArchitectureConfig, BDecInit, BatchSource, HostBatch, IterSource,
-    Progress, TrainMetrics, Trainer, TrainerConfig, available_memory_bytes, geometric_median,
-    train_many, training_bytes,
+    KEEP_CHECKPOINTS, Progress, TrainMetrics, Trainer, TrainerConfig, available_memory_bytes,
+    geometric_median, train_many, training_bytes,
 };
 
 /// Folds an input scale `s` into SAELens-named parameters: an SAE trained on `s·x` becomes one

@@ -985,6 +985,7 @@ impl Trainer {
         }
         fs::rename(&tmp, &final_dir).map_err(|e| SaeError::io(&final_dir, e))?;
         io::sync_dir(root)?;
+        prune_checkpoints(root, &tmp)?;
         Ok(final_dir)
     }
 
@@ -1255,6 +1256,37 @@ pub fn train_many(
     }
     pb.finish();
     Ok(logs)
+}
+
+/// Checkpoints kept under a root: each holds the parameters and both Adam moments (three times
+/// the SAE), so a long run that kept them all would fill the disk. The newest is complete by
+/// construction (written aside and renamed); the one before it is kept in case the newest is
+/// damaged afterwards.
+pub const KEEP_CHECKPOINTS: usize = 2;
+
+/// Removes all but the newest [`KEEP_CHECKPOINTS`] `step_*` folders under `root`, and the
+/// half-written folders that killed runs left behind (any `.step_*.tmp` but `ours`).
+fn prune_checkpoints(root: &Path, ours: &Path) -> Result<()> {
+    let mut steps: Vec<(u64, PathBuf)> = Vec::new();
+    for e in fs::read_dir(root)
+        .map_err(|e| SaeError::io(root, e))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name
+            .strip_prefix("step_")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            steps.push((n, e.path()));
+        } else if name.starts_with(".step_") && name.ends_with(".tmp") && e.path() != ours {
+            fs::remove_dir_all(e.path()).map_err(|err| SaeError::io(e.path(), err))?;
+        }
+    }
+    steps.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    for (_, old) in steps.into_iter().skip(KEEP_CHECKPOINTS) {
+        fs::remove_dir_all(&old).map_err(|e| SaeError::io(&old, e))?;
+    }
+    Ok(())
 }
 
 /// Everything besides the tensors that a checkpoint holds.

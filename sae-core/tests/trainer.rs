@@ -461,17 +461,20 @@ fn sigkill_mid_training_then_resume_is_bit_identical() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let checkpoints = || {
-        std::fs::read_dir(dir.path())
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("step_"))
-                    .count()
+    // Only the newest checkpoints are kept, so the newest one's step tells how far the child got.
+    let newest_step = || {
+        Trainer::latest_checkpoint(dir.path())
+            .and_then(|p| {
+                p.file_name()?
+                    .to_str()?
+                    .strip_prefix("step_")?
+                    .parse::<u64>()
+                    .ok()
             })
             .unwrap_or(0)
     };
     let start = std::time::Instant::now();
-    while checkpoints() < 3 {
+    while newest_step() < 60 {
         assert!(
             start.elapsed() < std::time::Duration::from_secs(120),
             "the child wrote no checkpoints"
@@ -686,4 +689,30 @@ fn a_full_disk_fails_the_checkpoint_and_keeps_the_last_one() {
         !out.join("sae_weights.safetensors").exists(),
         "a partial weights file was left"
     );
+}
+
+/// A long run checkpoints many times: only the newest `KEEP_CHECKPOINTS` stay on disk, and a
+/// half-written folder that a killed run left behind is cleared, so disk use does not grow with
+/// the run's length. What stays still resumes.
+#[test]
+fn only_the_newest_checkpoints_stay_on_disk() {
+    assert_eq!(sae_core::KEEP_CHECKPOINTS, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let stale = dir.path().join(".step_000000002.999999.tmp");
+    std::fs::create_dir_all(&stale).unwrap();
+    std::fs::write(stale.join("state.safetensors"), b"cut short").unwrap();
+    let mut cfg = config(ArchitectureConfig::TopK(TopKTraining::new(3)), 6);
+    cfg.checkpoint_dir = Some(dir.path().to_path_buf());
+    cfg.checkpoint_every = Some(1);
+    let mut t = Trainer::new(cfg).unwrap();
+    let mut src = IterSource(batches(6).into_iter().map(Ok::<_, SaeError>));
+    t.train(&mut src, Progress::Hidden).unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["step_000000005", "step_000000006"], "{left:?}");
+    let resumed = Trainer::resume(dir.path().join("step_000000005")).unwrap();
+    assert_eq!(resumed.step_count(), 5);
 }
