@@ -1282,7 +1282,7 @@ fn prune_checkpoints(root: &Path, ours: &Path) -> Result<()> {
             fs::remove_dir_all(e.path()).map_err(|err| SaeError::io(e.path(), err))?;
         }
     }
-    steps.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    steps.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
     for (_, old) in steps.into_iter().skip(KEEP_CHECKPOINTS) {
         fs::remove_dir_all(&old).map_err(|e| SaeError::io(&old, e))?;
     }
