@@ -413,8 +413,9 @@ fn tiny_model() -> &'static Model {
 /// trainer's (those are the `checkpoint` target's): a stream over the fixture cache (batch size,
 /// seed, epochs, shuffle and its sizes, prefetch, checksums, batches skipped to resume) and
 /// generation on a tiny model (new tokens, temperature, top-k, top-p, seed, stop tokens, KV
-/// cache, pad token, and a batch of prompts of any token ids). Each value comes from the bytes
-/// as they are: zero, huge, NaN or out of the vocabulary. The stream always has a number of
+/// cache, pad token, and a batch of prompts of any token ids), then a harvest
+/// ([`harvest_options`]). Each value comes from the bytes as they are: zero, huge, NaN or out of
+/// the vocabulary. The stream always has a number of
 /// epochs, since an endless one with a batch larger than the cache is endless by request.
 pub fn options(data: &[u8]) {
     let mut d = Draw(data);
@@ -481,4 +482,84 @@ pub fn options(data: &[u8]) {
         .map(|_| (0..d.u8() % 6).map(|_| d.u32() % 160).collect())
         .collect();
     let _ = tiny_model().generate_batch(&prompts, &opts, &mut Hooks::new());
+
+    harvest_options(&mut d);
+}
+
+/// The harvest's settings in combination (what `harvest` and `main_job` take from `--seq`,
+/// `--hooks`, `--shard-rows`, `--dtype`, `--max-tokens` ...): a window plan of a few short
+/// documents at any context length, hooks known, unknown or repeated, every setting of
+/// [`store::HarvestConfig`], harvested with the tiny model into a fresh folder and then harvested
+/// again into the same folder with settings that may differ (a resume, or a cache from other
+/// settings that must be refused). Bytes of zero draw a valid harvest (24 tokens, context 8,
+/// one known hook, 8 windows a batch), so that mutations start from settings that get through.
+fn harvest_options(d: &mut Draw<'_>) {
+    const HOOKS: [&str; 6] = [
+        "blocks.0.hook_resid_post",
+        "blocks.1.mlp.hook_post",
+        "blocks.0.attn.hook_z",
+        "blocks.9.hook_resid_post",
+        "blocks.0.hook_nonsense",
+        "",
+    ];
+    let docs: Vec<store::TokenizedDocument> = (0..1 + d.u8() % 4)
+        .map(|i| store::TokenizedDocument {
+            id: format!("doc{i}"),
+            split: if d.u8() % 4 == 3 {
+                store::Split::Test
+            } else {
+                store::Split::Train
+            },
+            tokens: (0..24 - d.u8() % 25).map(|_| d.u32() % 130).collect(),
+        })
+        .collect();
+    let Ok(plan) = store::WindowPlan::build(
+        &docs,
+        store::Split::Train,
+        usize::from(8 ^ (d.u8() % 16)),
+        d.u32() % 160,
+        d.u64(),
+    ) else {
+        return;
+    };
+    let dir = scratch().join("harvest");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut source = harvest_model().lock().unwrap_or_else(|p| p.into_inner());
+    // The tiny model has no tokenizer, which `HookedModel::identity` asks for.
+    let identity = store::ModelIdentity {
+        model: "tiny-gemma3".into(),
+        model_sha256: "0".repeat(64),
+        tokenizer: "none".into(),
+    };
+    for _ in 0..2 {
+        let hooks = (0..d.u8().wrapping_add(1) % 4)
+            .map(|_| HOOKS[usize::from(d.u8()) % HOOKS.len()].to_string())
+            .collect();
+        let mut cfg = store::HarvestConfig::new(hooks);
+        cfg.dtype = match d.u8() % 3 {
+            0 => StoreDtype::F32,
+            1 => StoreDtype::Bf16,
+            _ => StoreDtype::F16,
+        };
+        cfg.batch_windows = usize::from(8 ^ (d.u8() % 12));
+        cfg.shard_rows = u64::from((d.u32() % 200) ^ 64);
+        cfg.exclude_bos = d.yes();
+        cfg.exclude_token_ids = (0..d.u8() % 3).map(|_| d.u32() % 160).collect();
+        cfg.outlier_factor = d.yes().then(|| d.f64() as f32);
+        cfg.max_rows = if d.yes() { d.u64() % 300 } else { u64::MAX };
+        let _ = store::harvest(&dir, &plan, &identity, &mut *source, &cfg, None);
+    }
+}
+
+/// A second copy of the tiny model, owned by the harvest's source.
+fn harvest_model() -> &'static std::sync::Mutex<store::HookedModel> {
+    static MODEL: OnceLock<std::sync::Mutex<store::HookedModel>> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let model = Model::load(
+            &root().join("transformer-hooks/tests/fixtures/tiny/gemma3"),
+            &Device::Cpu,
+        )
+        .expect("tiny model");
+        std::sync::Mutex::new(store::HookedModel::new(model))
+    })
 }
