@@ -64,6 +64,7 @@
 mod arch;
 mod codes;
 mod config;
+mod device;
 mod error;
 pub mod io;
 pub mod kernels;
@@ -84,6 +85,7 @@ pub use config::{
     ARCHITECTURES, CommonConfig, GatedConfig, JumpReluConfig, NormalizeActivations,
     SAELENS_FORMAT_VERSION, SaeConfig, SaeMetadata, StandardConfig, TopKConfig,
 };
+pub use device::{DeviceStep, DeviceStepScalars, DeviceTopK};
 pub use error::{Result, SaeError};
 pub use model::SaeModel;
 pub use optim::{Adam, grad_norm};

@@ -627,6 +627,57 @@ impl Trainer {
     pub fn activation_scale(&self) -> Option<f32> {
         self.scale
     }
+    /// Adam's state (for the device path, which starts from it).
+    pub(crate) fn adam(&self) -> &Adam {
+        &self.adam
+    }
+    /// Whether the first batch has still to set `b_dec`.
+    pub(crate) fn needs_data_init(&self) -> bool {
+        self.needs_data_init
+    }
+    pub(crate) fn tokens_since_fired(&self) -> &[u64] {
+        &self.tokens_since_fired
+    }
+    pub(crate) fn lifetime_fires(&self) -> &[u64] {
+        &self.lifetime_fires
+    }
+    /// Takes over the state of a device run (see `DeviceTopK::write_to`): weights, Adam,
+    /// counters. The density window restarts, since the device path does not keep one.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn set_device_state(
+        &mut self,
+        params: Params,
+        adam_m: Params,
+        adam_v: Params,
+        adam_t: u64,
+        step: u64,
+        tokens_seen: u64,
+        scale: Option<f32>,
+        needs_data_init: bool,
+        tokens_since_fired: Vec<u64>,
+        lifetime_fires: Vec<u64>,
+    ) -> Result<()> {
+        for (set, new) in [
+            (self.sae.params_mut(), params),
+            (&mut self.adam.m, adam_m),
+            (&mut self.adam.v, adam_v),
+        ] {
+            for p in new.list {
+                set.data_mut(&p.name)?.copy_from_slice(&p.data);
+            }
+        }
+        self.adam.t = adam_t;
+        self.batches_consumed += step - self.step;
+        self.step = step;
+        self.tokens_seen = tokens_seen;
+        self.scale = scale;
+        self.needs_data_init = needs_data_init;
+        self.tokens_since_fired = tokens_since_fired;
+        self.lifetime_fires = lifetime_fires;
+        self.window_fires.iter_mut().for_each(|c| *c = 0);
+        self.window_tokens = 0;
+        Ok(())
+    }
     /// Whether `total_steps` have been taken.
     pub fn is_done(&self) -> bool {
         self.step >= self.cfg.total_steps

@@ -1,0 +1,461 @@
+//! TopK training that stays on a candle device: parameters, Adam's moments, the batch, the codes
+//! and the dead-feature counters are tensors on one [`Device`], and a step is candle tensor ops
+//! from the encoder product to Adam, so that a GPU step moves no `[batch, d_sae]` matrix across
+//! the bus (the host path, [`crate::Trainer`], uploads `W_enc` and downloads the pre-activations
+//! at every step). The host reads back only the scalars it asks for ([`DeviceStep::host`]).
+//!
+//! The step is the host TopK step, operation for operation: the same centring, top-k selection
+//! then ReLU, AuxK on the dead features (SAELens's `calculate_topk_aux_loss`), the same
+//! gradients, the unit-norm projection of the decoder gradient, global-norm clipping, Adam with
+//! bias correction, and renormalised decoder rows. It runs on `Device::Cpu` too, where a test
+//! checks it against the host path step by step.
+//!
+//! This first device path is dense where the host path is sparse: the codes are scattered into a
+//! `[batch, d_sae]` matrix and decoded by a matrix product (as SAELens and sparsify do on GPUs),
+//! and the top-k is candle's `arg_sort_last_dim`, whose CUDA kernel sorts a row in shared memory
+//! (rows up to 12,288 features on default launch limits). A gather/index-add sparse decoder and a
+//! top-k kernel for wider dictionaries are the next step.
+
+use candle_core::{D, DType, Device, Tensor};
+
+use crate::error::{Result, SaeError};
+use crate::params::{Param, Params};
+use crate::trainer::{
+    ActivationNormalization, ArchitectureConfig, BDecInit, Trainer, TrainerConfig,
+};
+use crate::{DecoderNorm, geometric_median, kernels};
+
+/// Parameter order, as the host TopK SAE keeps them.
+const NAMES: [&str; 4] = ["W_enc", "b_enc", "W_dec", "b_dec"];
+
+/// A TopK trainer on a device, started from a host [`Trainer`] (its configuration, weights,
+/// Adam state and counters), so that both start from the same point.
+pub struct DeviceTopK {
+    cfg: TrainerConfig,
+    k: usize,
+    /// AuxK's size as configured: the loss scale is `min(n_dead / aux_k, 1)`.
+    aux_k: usize,
+    aux_coefficient: f64,
+    apply_b_dec: bool,
+    unit_norm: bool,
+    device: Device,
+    /// `W_enc [d_sae, d_in]`, `b_enc [d_sae]`, `W_dec [d_sae, d_in]`, `b_dec [d_in]`.
+    params: Vec<Tensor>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    adam_t: u64,
+    step: u64,
+    tokens_seen: u64,
+    scale: Option<f32>,
+    needs_data_init: bool,
+    /// Tokens since each feature last fired (f64: exact well past 2^24 tokens).
+    tokens_since_fired: Tensor,
+    lifetime_fires: Tensor,
+}
+
+impl std::fmt::Debug for DeviceTopK {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceTopK")
+            .field("d_in", &self.cfg.d_in)
+            .field("d_sae", &self.cfg.d_sae)
+            .field("k", &self.k)
+            .field("step", &self.step)
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+/// One step's scalars, still on the device: reading them is the host's choice (every
+/// `log_every` steps, say), since each read waits for the device.
+#[derive(Debug, Clone)]
+pub struct DeviceStep {
+    pub step: u64,
+    pub lr: f64,
+    /// `mse + aux_loss`, 0-dimensional.
+    pub loss: Tensor,
+    pub mse: Tensor,
+    pub aux_loss: Tensor,
+    /// Mean active features per token.
+    pub l0: Tensor,
+    /// Squared error over the batch's variance about its mean.
+    pub fvu: Tensor,
+    /// Global gradient norm before clipping.
+    pub grad_norm: Tensor,
+}
+
+/// [`DeviceStep`] read back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceStepScalars {
+    pub step: u64,
+    pub lr: f64,
+    pub loss: f64,
+    pub mse: f64,
+    pub aux_loss: f64,
+    pub l0: f64,
+    pub fvu: f64,
+    pub grad_norm: f64,
+}
+
+impl DeviceStep {
+    /// Copies the scalars to the host.
+    ///
+    /// # Errors
+    /// [`SaeError::NonFiniteTraining`] when the loss or the gradient norm is NaN or infinite
+    /// (the host path checks every step; here the check happens when the host looks).
+    pub fn host(&self) -> Result<DeviceStepScalars> {
+        let read = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let s = DeviceStepScalars {
+            step: self.step,
+            lr: self.lr,
+            loss: read(&self.loss)?,
+            mse: read(&self.mse)?,
+            aux_loss: read(&self.aux_loss)?,
+            l0: read(&self.l0)?,
+            fvu: read(&self.fvu)?,
+            grad_norm: read(&self.grad_norm)?,
+        };
+        for (what, value) in [("loss", s.loss), ("gradient norm", s.grad_norm)] {
+            if !value.is_finite() {
+                return Err(SaeError::NonFiniteTraining {
+                    step: self.step,
+                    what: what.into(),
+                    value,
+                });
+            }
+        }
+        Ok(s)
+    }
+}
+
+impl DeviceTopK {
+    /// Copies a host TopK trainer onto `device`.
+    ///
+    /// # Errors
+    /// A configuration error for an architecture other than TopK or with resampling (TopK keeps
+    /// dead features alive through AuxK); candle errors from the copy.
+    pub fn from_trainer(trainer: &Trainer, device: &Device) -> Result<Self> {
+        let cfg = trainer.config().clone();
+        let ArchitectureConfig::TopK(topk) = &cfg.sae else {
+            return Err(SaeError::config(
+                "device training",
+                "only TopK runs on the device path so far",
+            ));
+        };
+        if !cfg.resample_at_steps.is_empty() {
+            return Err(SaeError::config(
+                "device training",
+                "resampling is not on the device path",
+            ));
+        }
+        let upload = |p: &Param| -> Result<Tensor> {
+            Ok(Tensor::from_slice(&p.data, p.shape.as_slice(), device)?)
+        };
+        let pick = |set: &Params| -> Result<Vec<Tensor>> {
+            NAMES
+                .iter()
+                .map(|name| {
+                    let p = set.iter().find(|p| p.name == *name).ok_or_else(|| {
+                        SaeError::config("device training", format!("no parameter {name}"))
+                    })?;
+                    upload(p)
+                })
+                .collect()
+        };
+        let adam = trainer.adam();
+        let u64s = |v: &[u64]| -> Result<Tensor> {
+            let f: Vec<f64> = v.iter().map(|&t| t as f64).collect();
+            Ok(Tensor::from_vec(f, v.len(), device)?)
+        };
+        Ok(DeviceTopK {
+            k: topk.k,
+            aux_k: crate::arch::aux_k_size(topk.aux_k, cfg.d_in),
+            aux_coefficient: f64::from(topk.aux_loss_coefficient),
+            apply_b_dec: topk.apply_b_dec_to_input,
+            unit_norm: topk.decoder_norm == DecoderNorm::Unit,
+            device: device.clone(),
+            params: pick(trainer.sae().params())?,
+            m: pick(&adam.m)?,
+            v: pick(&adam.v)?,
+            adam_t: adam.t,
+            step: trainer.step_count(),
+            tokens_seen: trainer.tokens_seen(),
+            scale: trainer.activation_scale(),
+            needs_data_init: trainer.needs_data_init(),
+            tokens_since_fired: u64s(trainer.tokens_since_fired())?,
+            lifetime_fires: u64s(trainer.lifetime_fires())?,
+            cfg,
+        })
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+    pub fn tokens_seen(&self) -> u64 {
+        self.tokens_seen
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weights, copied to the host in the host trainer's layout (normalised units).
+    ///
+    /// # Errors
+    /// Candle errors from the copy.
+    pub fn params_host(&self) -> Result<Params> {
+        to_host(&self.params)
+    }
+
+    /// Hands the run back to a host trainer (the one it started from, or one of the same
+    /// configuration): its weights, Adam state and counters become this run's, so that
+    /// [`Trainer::save`] and [`Trainer::checkpoint`] write it, and a checkpoint resumed with
+    /// [`Trainer::resume`] and [`DeviceTopK::from_trainer`] continues it exactly.
+    ///
+    /// # Errors
+    /// A configuration error when `trainer` has another configuration; candle errors.
+    pub fn write_to(&self, trainer: &mut Trainer) -> Result<()> {
+        if trainer.config() != &self.cfg {
+            return Err(SaeError::config(
+                "device training",
+                "the trainer to write to has another configuration",
+            ));
+        }
+        let counts = |t: &Tensor| -> Result<Vec<u64>> {
+            Ok(t.to_vec1::<f64>()?.into_iter().map(|v| v as u64).collect())
+        };
+        trainer.set_device_state(
+            to_host(&self.params)?,
+            to_host(&self.m)?,
+            to_host(&self.v)?,
+            self.adam_t,
+            self.step,
+            self.tokens_seen,
+            self.scale,
+            self.needs_data_init,
+            counts(&self.tokens_since_fired)?,
+            counts(&self.lifetime_fires)?,
+        )
+    }
+
+    /// One training step on a `[n, d_in]` batch (any device, any float dtype; it is moved to
+    /// this trainer's device as f32).
+    ///
+    /// # Errors
+    /// [`SaeError::WrongDIn`] for a batch of another width; candle errors.
+    pub fn step(&mut self, batch: &Tensor) -> Result<DeviceStep> {
+        let (d_in, d_sae) = (self.cfg.d_in, self.cfg.d_sae);
+        let (n, got) = batch.dims2()?;
+        if got != d_in {
+            return Err(SaeError::WrongDIn {
+                what: "training batch".into(),
+                expected: d_in,
+                got,
+            });
+        }
+        let mut x = batch.to_device(&self.device)?.to_dtype(DType::F32)?;
+        let scale = match self.scale {
+            Some(s) => s,
+            None => self.first_batch_scale(&x, n)?,
+        };
+        if scale != 1.0 {
+            x = (x * f64::from(scale))?;
+        }
+        if self.needs_data_init {
+            self.init_b_dec(&x, n)?;
+            self.needs_data_init = false;
+        }
+        let (w_enc, b_enc, w_dec, b_dec) = (
+            &self.params[0],
+            &self.params[1],
+            &self.params[2],
+            &self.params[3],
+        );
+        let xc = if self.apply_b_dec {
+            x.broadcast_sub(b_dec)?
+        } else {
+            x.clone()
+        };
+        // Pre-activations with the encoder bias: what both selections rank.
+        let pre = xc.matmul(&w_enc.t()?)?.broadcast_add(b_enc)?.contiguous()?;
+        let zeros = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
+
+        // Main reconstruction from each token's k largest, then ReLU.
+        let idx = top_k_indices(&pre, self.k)?;
+        let codes = zeros.scatter_add(&idx, &pre.gather(&idx, 1)?.relu()?, 1)?;
+        let active = codes.gt(0.0)?.to_dtype(DType::F32)?;
+        let x_hat = codes.matmul(w_dec)?.broadcast_add(b_dec)?;
+        let diff = (&x_hat - &x)?;
+        let sq_err = diff.sqr()?.sum_all()?;
+        let mse = (&sq_err / n as f64)?;
+        let d_xhat = (&diff * (2.0 / n as f64))?;
+        let g_pre_main = (d_xhat.matmul(&w_dec.t()?)? * &active)?;
+
+        // AuxK: the dead features' top `aux_k` pre-activations (no ReLU) reconstruct the residual
+        // without b_dec; scaled by min(n_dead / aux_k, 1). Features that are not dead are masked
+        // out of the ranking, and any of them that still land in the top (fewer than `aux_k`
+        // dead) are multiplied by 0, which is the host's `min(aux_k, n_dead)`.
+        let dead = self
+            .tokens_since_fired
+            .ge(self.cfg.dead_window_tokens as f64)?
+            .to_dtype(DType::F32)?;
+        let n_dead = dead.sum_all()?;
+        let aux_c = ((n_dead / self.aux_k as f64)?.minimum(1.0)? * self.aux_coefficient)?;
+        let dead_rows = dead.unsqueeze(0)?.broadcast_as((n, d_sae))?.contiguous()?;
+        let ranked = dead_rows.gt(0.0)?.where_cond(
+            &pre,
+            &Tensor::full(f32::NEG_INFINITY, (n, d_sae), &self.device)?,
+        )?;
+        let aidx = top_k_indices(&ranked, self.aux_k.min(d_sae))?;
+        let chosen = dead_rows.gather(&aidx, 1)?;
+        let aux_codes = zeros.scatter_add(&aidx, &(pre.gather(&aidx, 1)? * &chosen)?, 1)?;
+        let aux_mask = zeros.scatter_add(&aidx, &chosen, 1)?;
+        let aux_diff = (aux_codes.matmul(w_dec)? + &diff)?; // recon_aux - (x - x̂)
+        let aux_loss = (aux_diff.sqr()?.sum_all()?.broadcast_mul(&aux_c)? / n as f64)?;
+        let d_aux = aux_diff.broadcast_mul(&(&aux_c * (2.0 / n as f64))?)?;
+        let g_pre_aux = (d_aux.matmul(&w_dec.t()?)? * &aux_mask)?;
+        let g_pre = (g_pre_main + g_pre_aux)?;
+
+        // Gradients.
+        let g_b_enc = g_pre.sum(0)?;
+        let g_w_enc = g_pre.t()?.matmul(&xc)?;
+        let mut g_w_dec = (codes.t()?.matmul(&d_xhat)? + aux_codes.t()?.matmul(&d_aux)?)?;
+        let mut g_b_dec = d_xhat.sum(0)?;
+        if self.apply_b_dec {
+            g_b_dec = (g_b_dec - g_b_enc.unsqueeze(0)?.matmul(w_enc)?.squeeze(0)?)?;
+        }
+        if self.unit_norm {
+            // Remove each row's component along its decoder row.
+            let ww = w_dec.sqr()?.sum_keepdim(1)?.maximum(1e-30)?;
+            let c = ((&g_w_dec * w_dec)?.sum_keepdim(1)? / ww)?;
+            g_w_dec = (g_w_dec - w_dec.broadcast_mul(&c)?)?;
+        }
+        let grads = [g_w_enc, g_b_enc, g_w_dec, g_b_dec];
+        let mut norm_sq = Tensor::zeros((), DType::F32, &self.device)?;
+        for g in &grads {
+            norm_sq = (norm_sq + g.sqr()?.sum_all()?)?;
+        }
+        let grad_norm = norm_sq.sqrt()?;
+        let clip = match self.cfg.grad_clip_norm {
+            Some(c) => {
+                let scaled = ((&grad_norm + 1e-6)?.recip()? * c)?;
+                grad_norm.gt(c)?.where_cond(&scaled, &scaled.ones_like()?)?
+            }
+            None => Tensor::ones((), DType::F32, &self.device)?,
+        };
+
+        // Adam, as `optim::Adam::step`.
+        let lr = self.cfg.lr_at(self.step);
+        self.adam_t += 1;
+        let (b1, b2) = (self.cfg.adam_beta1, self.cfg.adam_beta2);
+        let bc1 = 1.0 - b1.powi(self.adam_t as i32);
+        let bc2 = 1.0 - b2.powi(self.adam_t as i32);
+        let step_size = lr / bc1;
+        let inv_sqrt_bc2 = 1.0 / bc2.sqrt();
+        for (i, g) in grads.iter().enumerate() {
+            let g = g.broadcast_mul(&clip)?;
+            let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
+            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let denom = ((v.sqrt()? * inv_sqrt_bc2)? + self.cfg.adam_eps)?;
+            self.params[i] = (&self.params[i] - ((&m / denom)? * step_size)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        if self.unit_norm {
+            let w = &self.params[2];
+            let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
+            let safe = norm.gt(0.0)?.where_cond(&norm, &norm.ones_like()?)?;
+            self.params[2] = w.broadcast_div(&safe)?;
+        }
+
+        // Firing counters.
+        let fires = active.sum(0)?.to_dtype(DType::F64)?;
+        let fired = fires.gt(0.0)?;
+        let later = (&self.tokens_since_fired + n as f64)?;
+        self.tokens_since_fired = fired.where_cond(&later.zeros_like()?, &later)?;
+        self.lifetime_fires = (&self.lifetime_fires + fires)?;
+
+        let var = x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?;
+        let fvu = (&sq_err / var.maximum(f32::MIN_POSITIVE)?)?;
+        let l0 = (active.sum_all()? / n as f64)?;
+        let out = DeviceStep {
+            step: self.step,
+            lr,
+            loss: (&mse + &aux_loss)?,
+            mse,
+            aux_loss,
+            l0,
+            fvu,
+            grad_norm,
+        };
+        self.step += 1;
+        self.tokens_seen += n as u64;
+        Ok(out)
+    }
+
+    /// The input scale from the first batch, as the host trainer fixes it (one read).
+    fn first_batch_scale(&mut self, x: &Tensor, n: usize) -> Result<f32> {
+        let s = match self.cfg.normalize_activations {
+            ActivationNormalization::None => 1.0,
+            ActivationNormalization::ExpectedAverageOnlyIn => {
+                let rows = x.flatten_all()?.to_vec1::<f32>()?;
+                let mean_norm = kernels::row_norms(&rows, self.cfg.d_in)
+                    .iter()
+                    .map(|&v| v as f64)
+                    .sum::<f64>()
+                    / n as f64;
+                if mean_norm > 0.0 {
+                    ((self.cfg.d_in as f64).sqrt() / mean_norm) as f32
+                } else {
+                    1.0
+                }
+            }
+        };
+        if !self.needs_data_init && s != 1.0 {
+            // Loaded weights read raw inputs: express them in normalised units, as the host does.
+            let mut p = self.params_host()?;
+            crate::fold_activation_scale(&mut p, 1.0 / s)?;
+            for (t, q) in self.params.iter_mut().zip(p.iter()) {
+                *t = Tensor::from_slice(&q.data, q.shape.as_slice(), &self.device)?;
+            }
+        }
+        self.scale = Some(s);
+        Ok(s)
+    }
+
+    /// `b_dec` from the first batch (once per run, on the host: the geometric median is an
+    /// iterative solve that is not worth a kernel).
+    fn init_b_dec(&mut self, x: &Tensor, n: usize) -> Result<()> {
+        let d_in = self.cfg.d_in;
+        let rows = || -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
+        let b = match self.cfg.b_dec_init {
+            BDecInit::Zeros => return Ok(()),
+            BDecInit::Mean => kernels::sum_rows(&rows()?, d_in, 1.0 / n as f32),
+            BDecInit::GeometricMedian => geometric_median(&rows()?, n, d_in, 100, 1e-6),
+        };
+        self.params[3] = Tensor::from_vec(b, d_in, &self.device)?;
+        Ok(())
+    }
+}
+
+/// Tensors in [`NAMES`]' order as host parameters (`b_dec` is the one not per feature).
+fn to_host(set: &[Tensor]) -> Result<Params> {
+    let list = NAMES
+        .iter()
+        .zip(set)
+        .map(|(name, t)| {
+            Ok(Param::new(
+                name,
+                t.dims(),
+                *name != "b_dec",
+                t.flatten_all()?.to_vec1::<f32>()?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Params::new(list))
+}
+
+/// Each row's `k` largest entries' column indices, `[rows, k]` u32.
+fn top_k_indices(t: &Tensor, k: usize) -> Result<Tensor> {
+    Ok(t.arg_sort_last_dim(false)?
+        .narrow(D::Minus1, 0, k)?
+        .contiguous()?)
+}
