@@ -6,6 +6,9 @@
 //! regime anyone trains in for long; with `--target-l0 N` (default 32 for those architectures) the
 //! encoder bias (gate bias for gated) is set after one warm-up step so that every feature fires on
 //! N/d_sae of the tokens, i.e. L0 ≈ N, as a trained SAE would. The measured L0 is reported.
+//!
+//! `--path device` times `DeviceTopK` instead: the whole TopK step as tensor ops on `--device`,
+//! with the batches already there.
 
 use std::time::Instant;
 
@@ -14,9 +17,10 @@ use clap::Parser;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use sae_workbench::sae_core::{
-    ArchitectureConfig, BatchTopKTraining, GatedTraining, HostBatch, JumpReluTraining,
+    ArchitectureConfig, BatchTopKTraining, DeviceTopK, GatedTraining, HostBatch, JumpReluTraining,
     StandardTraining, TopKTraining, Trainer, TrainerConfig,
 };
+use sae_workbench::transformer_hooks::candle_core::{Device, Tensor};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -44,6 +48,14 @@ struct Args {
     /// Worker threads (default: all cores).
     #[arg(long, value_parser = sae_workbench::cli::at_least_one)]
     threads: Option<usize>,
+    /// `host`: the trainer's hand-written kernels (the CPU path; with `--device cuda` only the
+    /// encoder product runs on the GPU). `device`: `DeviceTopK`, the whole step as tensor ops on
+    /// `--device` (TopK only).
+    #[arg(long, default_value = "host", value_parser = ["host", "device"])]
+    path: String,
+    /// `cpu` or `cuda` (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 fn main() -> Result<()> {
@@ -74,9 +86,13 @@ fn main() -> Result<()> {
         ),
     };
     let relu_family = matches!(args.arch.as_str(), "standard" | "jumprelu" | "gated");
+    let device = match args.device.as_str() {
+        "cuda" => Device::new_cuda(0).context("--device cuda (built with --features cuda?)")?,
+        _ => Device::Cpu,
+    };
     let mut cfg = TrainerConfig::new(args.d_in, args.d_sae, arch, (args.steps + 1) as u64);
     cfg.log_every = 1;
-    let mut trainer = Trainer::new(cfg)?;
+    let mut trainer = Trainer::new(cfg)?.with_device(device.clone());
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let make_batch = |rng: &mut ChaCha8Rng| -> Result<HostBatch> {
         use rand_distr::{Distribution, StandardNormal};
@@ -88,22 +104,48 @@ fn main() -> Result<()> {
     let batches: Vec<HostBatch> = (0..2)
         .map(|_| make_batch(&mut rng))
         .collect::<Result<_>>()?;
-    let warm = trainer.step_host(&batches[0])?;
-    if relu_family && args.target_l0 > 0 {
-        trainer.set_encoder_bias_for_l0(&batches[1], args.target_l0)?;
-    }
-    let mut l0 = 0.0;
-    let t0 = Instant::now();
-    for s in 0..args.steps {
-        let m = trainer.step_host(&batches[(s + 1) % 2])?;
-        l0 += m.l0;
-    }
-    let secs = t0.elapsed().as_secs_f64();
+    let (warm_l0, l0, secs) = if args.path == "device" {
+        // The batches go to the device once, as a store feeding the device would leave them.
+        let on_device = batches
+            .iter()
+            .map(|b| Ok(Tensor::from_slice(&b.x, (b.n, b.d_in), &device)?))
+            .collect::<Result<Vec<_>>>()?;
+        let mut dev = DeviceTopK::from_trainer(&trainer, &device)?;
+        let warm = dev.step(&on_device[0])?.host()?;
+        let t0 = Instant::now();
+        let mut steps = Vec::with_capacity(args.steps);
+        for s in 0..args.steps {
+            steps.push(dev.step(&on_device[(s + 1) % 2])?);
+        }
+        // Reading the last step's scalars waits for the device to finish.
+        if let Some(last) = steps.last() {
+            last.host()?;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let mut l0 = 0.0;
+        for s in &steps {
+            l0 += s.host()?.l0;
+        }
+        (warm.l0, l0, secs)
+    } else {
+        let warm = trainer.step_host(&batches[0])?;
+        if relu_family && args.target_l0 > 0 {
+            trainer.set_encoder_bias_for_l0(&batches[1], args.target_l0)?;
+        }
+        let mut l0 = 0.0;
+        let t0 = Instant::now();
+        for s in 0..args.steps {
+            let m = trainer.step_host(&batches[(s + 1) % 2])?;
+            l0 += m.l0;
+        }
+        (warm.l0, l0, t0.elapsed().as_secs_f64())
+    };
     let tokens_per_s = (args.batch * args.steps) as f64 / secs;
     let line = serde_json::json!({
         "bench": "sae_train_step",
         "impl": "sae-core",
-        "device": "cpu",
+        "path": args.path,
+        "device": args.device,
         "dtype": "f32",
         "arch": args.arch,
         "d_in": args.d_in,
@@ -117,7 +159,7 @@ fn main() -> Result<()> {
         "tokens_per_s": tokens_per_s,
         "gflops": 12.0 * args.d_in as f64 * args.d_sae as f64 * tokens_per_s / 1e9,
         "l0": l0 / args.steps as f64,
-        "l0_first_step": warm.l0,
+        "l0_first_step": warm_l0,
     });
     println!("{line}");
     Ok(())
