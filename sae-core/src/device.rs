@@ -21,7 +21,8 @@ use candle_core::{D, DType, Device, Tensor};
 use crate::error::{Result, SaeError};
 use crate::params::{Param, Params};
 use crate::trainer::{
-    ActivationNormalization, ArchitectureConfig, BDecInit, Trainer, TrainerConfig,
+    ActivationNormalization, ArchitectureConfig, BDecInit, DensityStats, TrainMetrics, Trainer,
+    TrainerConfig,
 };
 use crate::{DecoderNorm, geometric_median, kernels};
 
@@ -50,6 +51,9 @@ pub struct DeviceTopK {
     needs_data_init: bool,
     /// Tokens since each feature last fired (f64: exact well past 2^24 tokens).
     tokens_since_fired: Tensor,
+    /// Fires per feature in the density window, which restarts every `log_every` steps.
+    window_fires: Tensor,
+    window_tokens: u64,
     lifetime_fires: Tensor,
 }
 
@@ -81,6 +85,11 @@ pub struct DeviceStep {
     pub fvu: Tensor,
     /// Global gradient norm before clipping.
     pub grad_norm: Tensor,
+    pub tokens_seen: u64,
+    /// The counters after this step (tensors are immutable, so these are free snapshots).
+    tokens_since_fired: Tensor,
+    window_fires: Tensor,
+    window_tokens: u64,
 }
 
 /// [`DeviceStep`] read back.
@@ -124,6 +133,41 @@ impl DeviceStep {
             }
         }
         Ok(s)
+    }
+
+    /// The step's full metrics, as the host path reports them (the firing statistics read the
+    /// `d_sae` counters, so this costs more than [`DeviceStep::host`]).
+    ///
+    /// # Errors
+    /// As [`DeviceStep::host`].
+    pub fn metrics(&self, cfg: &TrainerConfig) -> Result<TrainMetrics> {
+        let s = self.host()?;
+        let counts = |t: &Tensor| -> Result<Vec<u64>> {
+            Ok(t.to_vec1::<f64>()?.into_iter().map(|v| v as u64).collect())
+        };
+        let density = DensityStats::new(
+            cfg,
+            &counts(&self.tokens_since_fired)?,
+            &counts(&self.window_fires)?,
+            self.window_tokens,
+        );
+        Ok(TrainMetrics {
+            step: s.step + 1,
+            tokens_seen: self.tokens_seen,
+            lr: s.lr,
+            sparsity_scale: 1.0,
+            loss: s.loss,
+            mse: s.mse,
+            sparsity_loss: 0.0,
+            aux_loss: s.aux_loss,
+            fvu: s.fvu,
+            l0: s.l0,
+            grad_norm: s.grad_norm,
+            dead_fraction: density.dead_fraction,
+            dense_fraction: density.dense_fraction,
+            log10_density_histogram: density.histogram,
+            density_window_tokens: self.window_tokens,
+        })
     }
 }
 
@@ -182,6 +226,8 @@ impl DeviceTopK {
             scale: trainer.activation_scale(),
             needs_data_init: trainer.needs_data_init(),
             tokens_since_fired: u64s(trainer.tokens_since_fired())?,
+            window_fires: u64s(trainer.window_fires())?,
+            window_tokens: trainer.window_tokens(),
             lifetime_fires: u64s(trainer.lifetime_fires())?,
             cfg,
         })
@@ -232,6 +278,8 @@ impl DeviceTopK {
             self.scale,
             self.needs_data_init,
             counts(&self.tokens_since_fired)?,
+            counts(&self.window_fires)?,
+            self.window_tokens,
             counts(&self.lifetime_fires)?,
         )
     }
@@ -371,6 +419,8 @@ impl DeviceTopK {
         let fired = fires.gt(0.0)?;
         let later = (&self.tokens_since_fired + n as f64)?;
         self.tokens_since_fired = fired.where_cond(&later.zeros_like()?, &later)?;
+        self.window_fires = (&self.window_fires + &fires)?;
+        self.window_tokens += n as u64;
         self.lifetime_fires = (&self.lifetime_fires + fires)?;
 
         let var = x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?;
@@ -385,9 +435,17 @@ impl DeviceTopK {
             l0,
             fvu,
             grad_norm,
+            tokens_seen: self.tokens_seen + n as u64,
+            tokens_since_fired: self.tokens_since_fired.clone(),
+            window_fires: self.window_fires.clone(),
+            window_tokens: self.window_tokens,
         };
         self.step += 1;
         self.tokens_seen += n as u64;
+        if self.step.is_multiple_of(self.cfg.log_every) {
+            self.window_fires = self.window_fires.zeros_like()?;
+            self.window_tokens = 0;
+        }
         Ok(out)
     }
 

@@ -480,6 +480,8 @@ pub struct Trainer {
     window_tokens: u64,
     lifetime_fires: Vec<u64>,
     device: Device,
+    /// Whether [`train_many`] keeps this trainer's whole step on `device` ([`crate::DeviceTopK`]).
+    resident: bool,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -591,14 +593,38 @@ impl Trainer {
             window_tokens: 0,
             lifetime_fires: vec![0; d_sae],
             device: Device::Cpu,
+            resident: false,
             cfg,
         }
     }
 
-    /// Runs the dense encoder product on `device` (e.g. a CUDA device); the rest stays on the host.
+    /// Trains on `device`. On a GPU, a TopK SAE without resampling keeps its whole step there
+    /// ([`crate::DeviceTopK`], through [`train_many`] and [`Trainer::train`]); other
+    /// architectures run the dense encoder product there and the rest on the host.
     pub fn with_device(mut self, device: Device) -> Self {
+        self.resident = !device.is_cpu() && self.device_path_applies();
         self.device = device;
         self
+    }
+
+    /// Chooses the device-resident path (on or off) whatever the device, e.g. to run it on
+    /// `Device::Cpu`, where it gives the host path's results to rounding.
+    ///
+    /// # Errors
+    /// A configuration error when turning it on for an architecture it does not cover.
+    pub fn with_device_resident(mut self, on: bool) -> Result<Self> {
+        if on && !self.device_path_applies() {
+            return Err(SaeError::config(
+                "device training",
+                "only TopK without resampling runs on the device path so far",
+            ));
+        }
+        self.resident = on;
+        Ok(self)
+    }
+
+    fn device_path_applies(&self) -> bool {
+        matches!(self.cfg.sae, ArchitectureConfig::TopK(_)) && self.cfg.resample_at_steps.is_empty()
     }
 
     pub fn config(&self) -> &TrainerConfig {
@@ -641,8 +667,14 @@ impl Trainer {
     pub(crate) fn lifetime_fires(&self) -> &[u64] {
         &self.lifetime_fires
     }
+    pub(crate) fn window_fires(&self) -> &[u64] {
+        &self.window_fires
+    }
+    pub(crate) fn window_tokens(&self) -> u64 {
+        self.window_tokens
+    }
     /// Takes over the state of a device run (see `DeviceTopK::write_to`): weights, Adam,
-    /// counters. The density window restarts, since the device path does not keep one.
+    /// counters.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn set_device_state(
         &mut self,
@@ -655,6 +687,8 @@ impl Trainer {
         scale: Option<f32>,
         needs_data_init: bool,
         tokens_since_fired: Vec<u64>,
+        window_fires: Vec<u64>,
+        window_tokens: u64,
         lifetime_fires: Vec<u64>,
     ) -> Result<()> {
         for (set, new) in [
@@ -674,8 +708,8 @@ impl Trainer {
         self.needs_data_init = needs_data_init;
         self.tokens_since_fired = tokens_since_fired;
         self.lifetime_fires = lifetime_fires;
-        self.window_fires.iter_mut().for_each(|c| *c = 0);
-        self.window_tokens = 0;
+        self.window_fires = window_fires;
+        self.window_tokens = window_tokens;
         Ok(())
     }
     /// Whether `total_steps` have been taken.
@@ -922,27 +956,12 @@ impl Trainer {
         fvu: f64,
         gnorm: f64,
     ) -> TrainMetrics {
-        let d_sae = self.cfg.d_sae as f64;
-        let dead = self
-            .tokens_since_fired
-            .iter()
-            .filter(|&&t| t >= self.cfg.dead_window_tokens)
-            .count();
-        let wt = self.window_tokens.max(1) as f64;
-        let mut hist = vec![0u32; 11];
-        let mut dense = 0usize;
-        for &c in &self.window_fires {
-            let rate = c as f64 / wt;
-            if rate > self.cfg.dense_firing_rate {
-                dense += 1;
-            }
-            let bin = if c == 0 {
-                10
-            } else {
-                ((-rate.log10()).floor().max(0.0) as usize).min(10)
-            };
-            hist[bin] += 1;
-        }
+        let density = DensityStats::new(
+            &self.cfg,
+            &self.tokens_since_fired,
+            &self.window_fires,
+            self.window_tokens,
+        );
         TrainMetrics {
             step: self.step,
             tokens_seen: self.tokens_seen,
@@ -955,9 +974,9 @@ impl Trainer {
             fvu,
             l0: out.codes.l0(),
             grad_norm: gnorm,
-            dead_fraction: dead as f64 / d_sae,
-            dense_fraction: dense as f64 / d_sae,
-            log10_density_histogram: hist,
+            dead_fraction: density.dead_fraction,
+            dense_fraction: density.dense_fraction,
+            log10_density_histogram: density.histogram,
             density_window_tokens: self.window_tokens,
         }
     }
@@ -1274,6 +1293,14 @@ pub fn train_many(
             "all trainers must share d_in",
         ));
     }
+    let mut resident = trainers
+        .iter()
+        .map(|t| {
+            (t.resident && !t.is_done())
+                .then(|| crate::DeviceTopK::from_trainer(t, &t.device))
+                .transpose()
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut batch_index = start;
     while trainers.iter().any(|t| !t.is_done()) {
         let Some(batch) = source.next_batch()? else {
@@ -1281,13 +1308,39 @@ pub fn train_many(
             break;
         };
         let hb = HostBatch::from_tensor(&batch, d_in)?;
+        let mut uploaded: Option<Tensor> = None;
         let mut msg = String::new();
         for (i, t) in trainers.iter_mut().enumerate() {
             if t.is_done() || t.step > batch_index {
                 continue;
             }
-            let m = t.step_host(&hb)?;
-            if m.step % t.cfg.log_every == 0 || m.step == t.cfg.total_steps {
+            let (log_every, total) = (t.cfg.log_every, t.cfg.total_steps);
+            let logged = |step: u64| step.is_multiple_of(log_every) || step == total;
+            let m = if let Some(d) = resident[i].as_mut() {
+                let x = match &uploaded {
+                    Some(x) if x.device().same_device(d.device()) => x.clone(),
+                    _ => {
+                        let x = batch.to_device(d.device())?;
+                        uploaded = Some(x.clone());
+                        x
+                    }
+                };
+                let out = d.step(&x)?;
+                t.step = d.step_count();
+                t.tokens_seen = d.tokens_seen();
+                t.batches_consumed += 1;
+                // Only logged steps are read back (and checked for NaN), so the device does not
+                // wait on the host in between.
+                if logged(t.step) {
+                    Some(out.metrics(&t.cfg)?)
+                } else {
+                    None
+                }
+            } else {
+                let m = t.step_host(&hb)?;
+                logged(m.step).then_some(m)
+            };
+            if let Some(m) = m {
                 if msg.is_empty() {
                     msg = format!("L0 {:.1} FVU {:.3}", m.l0, m.fvu);
                 }
@@ -1296,6 +1349,9 @@ pub fn train_many(
             if let (Some(every), Some(dir)) = (t.cfg.checkpoint_every, t.cfg.checkpoint_dir.clone())
                 && t.step % every == 0
             {
+                if let Some(d) = &resident[i] {
+                    d.write_to(t)?;
+                }
                 t.checkpoint(dir)?;
             }
         }
@@ -1306,7 +1362,55 @@ pub fn train_many(
         batch_index += 1;
     }
     pb.finish();
+    // The trainers hold the device runs' results, for saving.
+    for (t, d) in trainers.iter_mut().zip(&resident) {
+        if let Some(d) = d {
+            d.write_to(t)?;
+        }
+    }
     Ok(logs)
+}
+
+/// The firing statistics a step reports, from the counters either training path keeps.
+pub(crate) struct DensityStats {
+    pub dead_fraction: f64,
+    pub dense_fraction: f64,
+    pub histogram: Vec<u32>,
+}
+
+impl DensityStats {
+    pub(crate) fn new(
+        cfg: &TrainerConfig,
+        tokens_since_fired: &[u64],
+        window_fires: &[u64],
+        window_tokens: u64,
+    ) -> Self {
+        let d_sae = cfg.d_sae as f64;
+        let dead = tokens_since_fired
+            .iter()
+            .filter(|&&t| t >= cfg.dead_window_tokens)
+            .count();
+        let wt = window_tokens.max(1) as f64;
+        let mut histogram = vec![0u32; 11];
+        let mut dense = 0usize;
+        for &c in window_fires {
+            let rate = c as f64 / wt;
+            if rate > cfg.dense_firing_rate {
+                dense += 1;
+            }
+            let bin = if c == 0 {
+                10
+            } else {
+                ((-rate.log10()).floor().max(0.0) as usize).min(10)
+            };
+            histogram[bin] += 1;
+        }
+        DensityStats {
+            dead_fraction: dead as f64 / d_sae,
+            dense_fraction: dense as f64 / d_sae,
+            histogram,
+        }
+    }
 }
 
 /// Checkpoints kept under a root: each holds the parameters and both Adam moments (three times

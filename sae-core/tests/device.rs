@@ -6,7 +6,8 @@
 use candle_core::{Device, Tensor};
 use sae_core::testkit::gaussian_batch;
 use sae_core::{
-    ArchitectureConfig, DecoderNorm, DeviceTopK, Params, TopKTraining, Trainer, TrainerConfig,
+    ArchitectureConfig, DecoderNorm, DeviceTopK, IterSource, Params, Progress, TopKTraining,
+    Trainer, TrainerConfig,
 };
 
 const D_IN: usize = 16;
@@ -187,4 +188,94 @@ fn resume_through_a_checkpoint_is_bit_identical() {
     let model = sae_core::SaeModel::load(&out).unwrap();
     let codes = model.encode_sparse(&batch(0)).unwrap();
     assert!(codes.l0() > 0.0 && codes.l0() <= 3.0, "L0 {}", codes.l0());
+}
+
+fn resident_config() -> TrainerConfig {
+    let mut cfg = TrainerConfig::new(
+        D_IN,
+        D_SAE,
+        ArchitectureConfig::TopK(TopKTraining::new(3)),
+        STEPS,
+    );
+    cfg.dead_window_tokens = 2 * N as u64;
+    cfg.log_every = 3;
+    cfg.seed = 21;
+    cfg
+}
+
+fn source(
+    range: std::ops::Range<u64>,
+) -> IterSource<impl Iterator<Item = sae_core::Result<Tensor>>> {
+    IterSource(range.map(|s| Ok(batch(s))))
+}
+
+/// `Trainer::train` with the device path chosen logs what the host path logs (the firing
+/// statistics exactly, the losses to rounding) and leaves the trained weights in the trainer.
+#[test]
+fn training_through_the_trainer_logs_what_the_host_path_logs() {
+    let mut host = Trainer::new(resident_config()).unwrap();
+    let host_log = host.train(&mut source(0..STEPS), Progress::Hidden).unwrap();
+    let mut dev = Trainer::new(resident_config())
+        .unwrap()
+        .with_device_resident(true)
+        .unwrap();
+    let dev_log = dev.train(&mut source(0..STEPS), Progress::Hidden).unwrap();
+    assert_eq!(host_log.len(), dev_log.len());
+    assert!(host_log.len() >= 6, "{} logged steps", host_log.len());
+    for (h, d) in host_log.iter().zip(&dev_log) {
+        assert_eq!(
+            (h.step, h.tokens_seen, h.density_window_tokens),
+            (d.step, d.tokens_seen, d.density_window_tokens)
+        );
+        assert_eq!(h.dead_fraction, d.dead_fraction, "step {}", h.step);
+        assert_eq!(h.dense_fraction, d.dense_fraction, "step {}", h.step);
+        assert_eq!(
+            h.log10_density_histogram, d.log10_density_histogram,
+            "step {}",
+            h.step
+        );
+        close(&format!("step {} loss", h.step), h.loss, d.loss);
+        close(&format!("step {} fvu", h.step), h.fvu, d.fvu);
+    }
+    assert_eq!(dev.step_count(), STEPS);
+    assert_eq!(dev.batches_consumed(), STEPS);
+    assert_same_weights(host.sae().params(), dev.sae().params());
+    assert_eq!(host.log10_feature_density(), dev.log10_feature_density());
+}
+
+/// A device-path run whose stream stops early (a killed job), resumed from its last checkpoint
+/// with the device path chosen again, ends bit for bit where an uninterrupted run ends.
+#[test]
+fn a_device_run_resumed_from_its_checkpoint_is_bit_identical() {
+    let resident = |cfg: TrainerConfig| {
+        Trainer::new(cfg)
+            .unwrap()
+            .with_device_resident(true)
+            .unwrap()
+    };
+    let mut whole = resident(resident_config());
+    whole
+        .train(&mut source(0..STEPS), Progress::Hidden)
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = resident_config();
+    cfg.checkpoint_dir = Some(dir.path().to_path_buf());
+    cfg.checkpoint_every = Some(4);
+    let mut cut = resident(cfg);
+    cut.train(&mut source(0..10), Progress::Hidden).unwrap();
+    drop(cut);
+    let latest = Trainer::latest_checkpoint(dir.path()).unwrap();
+    let resumed = Trainer::resume(&latest).unwrap();
+    assert_eq!(resumed.step_count(), 8);
+    let mut resumed = resumed.with_device_resident(true).unwrap();
+    let from = resumed.batches_consumed();
+    resumed
+        .train(&mut source(from..STEPS), Progress::Hidden)
+        .unwrap();
+    assert_eq!(resumed.step_count(), STEPS);
+    assert!(
+        bits(whole.sae().params()) == bits(resumed.sae().params()),
+        "the resumed run differs"
+    );
 }
