@@ -10,11 +10,14 @@
 //! bias correction, and renormalised decoder rows. It runs on `Device::Cpu` too, where a test
 //! checks it against the host path step by step.
 //!
-//! This first device path is dense where the host path is sparse: the codes are scattered into a
-//! `[batch, d_sae]` matrix and decoded by a matrix product (as SAELens and sparsify do on GPUs),
-//! and the top-k is candle's `arg_sort_last_dim`, whose CUDA kernel sorts a row in shared memory
-//! (rows up to 12,288 features on default launch limits). A gather/index-add sparse decoder and a
-//! top-k kernel for wider dictionaries are the next step.
+//! Like the host path it works on the selected (token, feature) pairs for the main
+//! reconstruction: the decoder rows of each token's k features are gathered (`index_select`)
+//! and their gradients scattered back (`index_add`), `batch x k x d_in` floats. AuxK's
+//! `aux_k` per token (d_in / 2 by default) would make that `batch x aux_k x d_in`, so its codes
+//! are scattered into a `[batch, d_sae]` matrix and go through dense products (docs/gpu.md has
+//! the arithmetic). The top-k is candle's `arg_sort_last_dim`, whose CUDA kernel sorts a row in
+//! shared memory (rows up to 12,288 features on default launch limits); a top-k kernel for wider
+//! dictionaries is the next step.
 
 use candle_core::{D, DType, Device, Tensor};
 
@@ -324,48 +327,72 @@ impl DeviceTopK {
         };
         // Pre-activations with the encoder bias: what both selections rank.
         let pre = xc.matmul(&w_enc.t()?)?.broadcast_add(b_enc)?.contiguous()?;
-        let zeros = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
 
-        // Main reconstruction from each token's k largest, then ReLU.
-        let idx = top_k_indices(&pre, self.k)?;
-        let codes = zeros.scatter_add(&idx, &pre.gather(&idx, 1)?.relu()?, 1)?;
-        let active = codes.gt(0.0)?.to_dtype(DType::F32)?;
-        let x_hat = codes.matmul(w_dec)?.broadcast_add(b_dec)?;
+        // Main reconstruction from each token's k largest, then ReLU, as (token, feature) pairs:
+        // the selected decoder rows are gathered, never a `[n, d_sae]` code matrix.
+        let k = self.k;
+        let idx = top_k_indices(&pre, k)?;
+        let vals = pre.gather(&idx, 1)?.relu()?;
+        let on = vals.gt(0.0)?.to_dtype(DType::F32)?; // a zero after ReLU is not a code
+        let flat = idx.flatten_all()?;
+        let rows = w_dec.index_select(&flat, 0)?.reshape((n, k, d_in))?;
+        let x_hat = rows
+            .broadcast_mul(&vals.unsqueeze(2)?)?
+            .sum(1)?
+            .broadcast_add(b_dec)?;
         let diff = (&x_hat - &x)?;
         let sq_err = diff.sqr()?.sum_all()?;
         let mse = (&sq_err / n as f64)?;
         let d_xhat = (&diff * (2.0 / n as f64))?;
-        let g_pre_main = (d_xhat.matmul(&w_dec.t()?)? * &active)?;
+        let g_pairs = (rows.broadcast_mul(&d_xhat.unsqueeze(1)?)?.sum(2)? * &on)?;
+        let mut grads = PairGrads::new(d_sae, d_in, &self.device)?;
+        grads.add(&flat, &vals, &g_pairs, &d_xhat, &xc)?;
 
         // AuxK: the dead features' top `aux_k` pre-activations (no ReLU) reconstruct the residual
         // without b_dec; scaled by min(n_dead / aux_k, 1). Features that are not dead are masked
         // out of the ranking, and any of them that still land in the top (fewer than `aux_k`
-        // dead) are multiplied by 0, which is the host's `min(aux_k, n_dead)`.
+        // dead) are multiplied by 0, which is the host's `min(aux_k, n_dead)`. With `aux_k` in
+        // the hundreds (d_in / 2 by default) gathered pairs would take `batch x aux_k x d_in`
+        // floats (34 GB at 4,096 x 1,024 x 2,048), so AuxK's codes are scattered into a
+        // `[batch, d_sae]` matrix and go through dense products instead.
         let dead = self
             .tokens_since_fired
             .ge(self.cfg.dead_window_tokens as f64)?
             .to_dtype(DType::F32)?;
         let n_dead = dead.sum_all()?;
         let aux_c = ((n_dead / self.aux_k as f64)?.minimum(1.0)? * self.aux_coefficient)?;
-        let dead_rows = dead.unsqueeze(0)?.broadcast_as((n, d_sae))?.contiguous()?;
-        let ranked = dead_rows.gt(0.0)?.where_cond(
-            &pre,
-            &Tensor::full(f32::NEG_INFINITY, (n, d_sae), &self.device)?,
-        )?;
-        let aidx = top_k_indices(&ranked, self.aux_k.min(d_sae))?;
-        let chosen = dead_rows.gather(&aidx, 1)?;
+        let ranked = dead
+            .gt(0.0)?
+            .unsqueeze(0)?
+            .broadcast_as((n, d_sae))?
+            .contiguous()?
+            .where_cond(
+                &pre,
+                &Tensor::full(f32::NEG_INFINITY, (n, d_sae), &self.device)?,
+            )?;
+        let ak = self.aux_k.min(d_sae);
+        let aidx = top_k_indices(&ranked, ak)?;
+        drop(ranked);
+        let chosen = dead
+            .index_select(&aidx.flatten_all()?, 0)?
+            .reshape((n, ak))?;
+        let zeros = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
         let aux_codes = zeros.scatter_add(&aidx, &(pre.gather(&aidx, 1)? * &chosen)?, 1)?;
         let aux_mask = zeros.scatter_add(&aidx, &chosen, 1)?;
-        let aux_diff = (aux_codes.matmul(w_dec)? + &diff)?; // recon_aux - (x - x̂)
-        let aux_loss = (aux_diff.sqr()?.sum_all()?.broadcast_mul(&aux_c)? / n as f64)?;
-        let d_aux = aux_diff.broadcast_mul(&(&aux_c * (2.0 / n as f64))?)?;
+        let adiff = (aux_codes.matmul(w_dec)? + &diff)?; // recon_aux - (x - x̂)
+        let aux_loss = (adiff.sqr()?.sum_all()?.broadcast_mul(&aux_c)? / n as f64)?;
+        let d_aux = adiff.broadcast_mul(&(&aux_c * (2.0 / n as f64))?)?;
         let g_pre_aux = (d_aux.matmul(&w_dec.t()?)? * &aux_mask)?;
-        let g_pre = (g_pre_main + g_pre_aux)?;
+        grads.w_dec = (grads.w_dec + aux_codes.t()?.matmul(&d_aux)?)?;
+        grads.w_enc = (grads.w_enc + g_pre_aux.t()?.matmul(&xc)?)?;
+        grads.b_enc = (grads.b_enc + g_pre_aux.sum(0)?)?;
 
         // Gradients.
-        let g_b_enc = g_pre.sum(0)?;
-        let g_w_enc = g_pre.t()?.matmul(&xc)?;
-        let mut g_w_dec = (codes.t()?.matmul(&d_xhat)? + aux_codes.t()?.matmul(&d_aux)?)?;
+        let PairGrads {
+            w_enc: g_w_enc,
+            b_enc: g_b_enc,
+            w_dec: mut g_w_dec,
+        } = grads;
         let mut g_b_dec = d_xhat.sum(0)?;
         if self.apply_b_dec {
             g_b_dec = (g_b_dec - g_b_enc.unsqueeze(0)?.matmul(w_enc)?.squeeze(0)?)?;
@@ -415,7 +442,9 @@ impl DeviceTopK {
         }
 
         // Firing counters.
-        let fires = active.sum(0)?.to_dtype(DType::F64)?;
+        let fires = Tensor::zeros(d_sae, DType::F32, &self.device)?
+            .index_add(&flat, &on.flatten_all()?, 0)?
+            .to_dtype(DType::F64)?;
         let fired = fires.gt(0.0)?;
         let later = (&self.tokens_since_fired + n as f64)?;
         self.tokens_since_fired = fired.where_cond(&later.zeros_like()?, &later)?;
@@ -425,7 +454,7 @@ impl DeviceTopK {
 
         let var = x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?;
         let fvu = (&sq_err / var.maximum(f32::MIN_POSITIVE)?)?;
-        let l0 = (active.sum_all()? / n as f64)?;
+        let l0 = (on.sum_all()? / n as f64)?;
         let out = DeviceStep {
             step: self.step,
             lr,
@@ -490,6 +519,48 @@ impl DeviceTopK {
             BDecInit::GeometricMedian => geometric_median(&rows()?, n, d_in, 100, 1e-6),
         };
         self.params[3] = Tensor::from_vec(b, d_in, &self.device)?;
+        Ok(())
+    }
+}
+
+/// The gradients that (token, feature) pairs give: for pairs with activations `a`, gradients
+/// `g` with respect to their pre-activations, the reconstruction gradient `d` of their tokens and
+/// the centred inputs `xc`: `W_dec[f] += Σ a·d`, `W_enc[f] += Σ g·xc`, `b_enc[f] += Σ g`.
+struct PairGrads {
+    w_enc: Tensor,
+    b_enc: Tensor,
+    w_dec: Tensor,
+}
+
+impl PairGrads {
+    fn new(d_sae: usize, d_in: usize, device: &Device) -> Result<Self> {
+        Ok(PairGrads {
+            w_enc: Tensor::zeros((d_sae, d_in), DType::F32, device)?,
+            b_enc: Tensor::zeros(d_sae, DType::F32, device)?,
+            w_dec: Tensor::zeros((d_sae, d_in), DType::F32, device)?,
+        })
+    }
+
+    /// `features`: `[t·k]` u32; `a`, `g`: `[t, k]`; `d`, `xc`: `[t, d_in]`.
+    fn add(
+        &mut self,
+        features: &Tensor,
+        a: &Tensor,
+        g: &Tensor,
+        d: &Tensor,
+        xc: &Tensor,
+    ) -> Result<()> {
+        let (t, k) = a.dims2()?;
+        let d_in = d.dim(1)?;
+        let outer = |coef: &Tensor, rows: &Tensor| -> Result<Tensor> {
+            Ok(coef
+                .unsqueeze(2)?
+                .broadcast_mul(&rows.unsqueeze(1)?)?
+                .reshape((t * k, d_in))?)
+        };
+        self.w_dec = self.w_dec.index_add(features, &outer(a, d)?, 0)?;
+        self.w_enc = self.w_enc.index_add(features, &outer(g, xc)?, 0)?;
+        self.b_enc = self.b_enc.index_add(features, &g.flatten_all()?, 0)?;
         Ok(())
     }
 }

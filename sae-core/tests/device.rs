@@ -60,7 +60,12 @@ fn agree(cfg: TrainerConfig) -> (f64, f64, Vec<usize>) {
         close(&format!("step {s} aux loss"), h.aux_loss, d.aux_loss);
         close(&format!("step {s} fvu"), h.fvu, d.fvu);
         close(&format!("step {s} grad norm"), h.grad_norm, d.grad_norm);
-        assert_eq!(h.l0, d.l0, "step {s} L0");
+        // Active pairs counted exactly (the device's mean is an f32 sum).
+        assert_eq!(
+            (h.l0 * N as f64).round(),
+            (d.l0 * N as f64).round(),
+            "step {s} L0"
+        );
         aux_seen.0 += h.aux_loss;
         dead_counts.push((h.dead_fraction * D_SAE as f64).round() as usize);
         aux_seen.1 = aux_seen.1.max(h.grad_norm);
@@ -111,6 +116,28 @@ fn a_changing_dead_set_and_clipping_match_the_host_path() {
         "the dead set should change and stay under aux_k: {dead:?}"
     );
     assert!(max_grad_norm > 0.05, "clipping never applied");
+}
+
+/// k close to d_sae: many of the k selected pre-activations are negative, and after the ReLU
+/// they are not codes (no decode, no gradient, not counted in L0).
+#[test]
+fn selected_features_below_zero_are_not_codes() {
+    let mut cfg = TrainerConfig::new(
+        D_IN,
+        D_SAE,
+        ArchitectureConfig::TopK(TopKTraining::new(48)),
+        STEPS,
+    );
+    cfg.lr = 5e-3;
+    cfg.seed = 2;
+    let mut host = Trainer::new(cfg.clone()).unwrap();
+    let first = host.step(&batch(0)).unwrap();
+    assert!(
+        first.l0 < 48.0,
+        "L0 {}: no selected pre-activation was negative",
+        first.l0
+    );
+    agree(cfg);
 }
 
 #[test]
