@@ -19,6 +19,8 @@
 //! shared memory (rows up to 12,288 features on default launch limits); a top-k kernel for wider
 //! dictionaries is the next step.
 
+use std::sync::Arc;
+
 use candle_core::{D, DType, Device, Tensor};
 
 use crate::error::{Result, SaeError};
@@ -58,6 +60,8 @@ pub struct DeviceTopK {
     window_fires: Tensor,
     window_tokens: u64,
     lifetime_fires: Tensor,
+    /// The replicas this one trains with (data parallel); `None`: alone.
+    collective: Option<Arc<dyn Collective>>,
 }
 
 impl std::fmt::Debug for DeviceTopK {
@@ -232,8 +236,27 @@ impl DeviceTopK {
             window_fires: u64s(trainer.window_fires())?,
             window_tokens: trainer.window_tokens(),
             lifetime_fires: u64s(trainer.lifetime_fires())?,
+            collective: None,
             cfg,
         })
+    }
+
+    /// Trains as one replica of a data-parallel group: every replica starts from the same
+    /// trainer and steps on its own part of each batch, and the step sums across the group
+    /// what the loss sums over tokens (gradients, squared errors, firing counts, the first
+    /// batch's norms and `b_dec`), so that every replica takes the step one device would take
+    /// on the whole batch and stays identical to the others. World size 1 is the plain step.
+    pub fn with_collective(mut self, collective: Arc<dyn Collective>) -> Self {
+        self.collective = Some(collective);
+        self
+    }
+
+    /// Sums `t` over the group (the identity alone).
+    fn sum_over_group(&self, t: Tensor) -> Result<Tensor> {
+        match &self.collective {
+            Some(c) if c.world_size() > 1 => c.all_reduce_sum(&t),
+            _ => Ok(t),
+        }
     }
 
     pub fn step_count(&self) -> u64 {
@@ -303,15 +326,22 @@ impl DeviceTopK {
             });
         }
         let mut x = batch.to_device(&self.device)?.to_dtype(DType::F32)?;
+        // Tokens in the whole step: every sum over tokens is divided by it.
+        let n_total = match &self.collective {
+            Some(c) if c.world_size() > 1 => c
+                .all_reduce_sum(&Tensor::new(n as f64, &self.device)?)?
+                .to_scalar::<f64>()? as usize,
+            _ => n,
+        };
         let scale = match self.scale {
             Some(s) => s,
-            None => self.first_batch_scale(&x, n)?,
+            None => self.first_batch_scale(&x, n_total)?,
         };
         if scale != 1.0 {
             x = (x * f64::from(scale))?;
         }
         if self.needs_data_init {
-            self.init_b_dec(&x, n)?;
+            self.init_b_dec(&x, n, n_total)?;
             self.needs_data_init = false;
         }
         let (w_enc, b_enc, w_dec, b_dec) = (
@@ -341,9 +371,9 @@ impl DeviceTopK {
             .sum(1)?
             .broadcast_add(b_dec)?;
         let diff = (&x_hat - &x)?;
-        let sq_err = diff.sqr()?.sum_all()?;
-        let mse = (&sq_err / n as f64)?;
-        let d_xhat = (&diff * (2.0 / n as f64))?;
+        let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
+        let mse = (&sq_err / n_total as f64)?;
+        let d_xhat = (&diff * (2.0 / n_total as f64))?;
         let g_pairs = (rows.broadcast_mul(&d_xhat.unsqueeze(1)?)?.sum(2)? * &on)?;
         let mut grads = PairGrads::new(d_sae, d_in, &self.device)?;
         grads.add(&flat, &vals, &g_pairs, &d_xhat, &xc)?;
@@ -380,8 +410,9 @@ impl DeviceTopK {
         let aux_codes = zeros.scatter_add(&aidx, &(pre.gather(&aidx, 1)? * &chosen)?, 1)?;
         let aux_mask = zeros.scatter_add(&aidx, &chosen, 1)?;
         let adiff = (aux_codes.matmul(w_dec)? + &diff)?; // recon_aux - (x - x̂)
-        let aux_loss = (adiff.sqr()?.sum_all()?.broadcast_mul(&aux_c)? / n as f64)?;
-        let d_aux = adiff.broadcast_mul(&(&aux_c * (2.0 / n as f64))?)?;
+        let aux_sq = self.sum_over_group(adiff.sqr()?.sum_all()?)?;
+        let aux_loss = (aux_sq.broadcast_mul(&aux_c)? / n_total as f64)?;
+        let d_aux = adiff.broadcast_mul(&(&aux_c * (2.0 / n_total as f64))?)?;
         let g_pre_aux = (d_aux.matmul(&w_dec.t()?)? * &aux_mask)?;
         grads.w_dec = (grads.w_dec + aux_codes.t()?.matmul(&d_aux)?)?;
         grads.w_enc = (grads.w_enc + g_pre_aux.t()?.matmul(&xc)?)?;
@@ -391,12 +422,17 @@ impl DeviceTopK {
         let PairGrads {
             w_enc: g_w_enc,
             b_enc: g_b_enc,
-            w_dec: mut g_w_dec,
+            w_dec: g_w_dec,
         } = grads;
         let mut g_b_dec = d_xhat.sum(0)?;
         if self.apply_b_dec {
             g_b_dec = (g_b_dec - g_b_enc.unsqueeze(0)?.matmul(w_enc)?.squeeze(0)?)?;
         }
+        // Each replica's gradients are its tokens' share of the whole batch's mean.
+        let g_w_enc = self.sum_over_group(g_w_enc)?;
+        let g_b_enc = self.sum_over_group(g_b_enc)?;
+        let mut g_w_dec = self.sum_over_group(g_w_dec)?;
+        let g_b_dec = self.sum_over_group(g_b_dec)?;
         if self.unit_norm {
             // Remove each row's component along its decoder row.
             let ww = w_dec.sqr()?.sum_keepdim(1)?.maximum(1e-30)?;
@@ -442,19 +478,22 @@ impl DeviceTopK {
         }
 
         // Firing counters.
-        let fires = Tensor::zeros(d_sae, DType::F32, &self.device)?
-            .index_add(&flat, &on.flatten_all()?, 0)?
-            .to_dtype(DType::F64)?;
+        let fires = self.sum_over_group(
+            Tensor::zeros(d_sae, DType::F32, &self.device)?
+                .index_add(&flat, &on.flatten_all()?, 0)?
+                .to_dtype(DType::F64)?,
+        )?;
         let fired = fires.gt(0.0)?;
-        let later = (&self.tokens_since_fired + n as f64)?;
+        let later = (&self.tokens_since_fired + n_total as f64)?;
         self.tokens_since_fired = fired.where_cond(&later.zeros_like()?, &later)?;
         self.window_fires = (&self.window_fires + &fires)?;
-        self.window_tokens += n as u64;
+        self.window_tokens += n_total as u64;
         self.lifetime_fires = (&self.lifetime_fires + fires)?;
 
-        let var = x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?;
+        // With replicas, each one's variance is about its own part's mean.
+        let var = self.sum_over_group(x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?)?;
         let fvu = (&sq_err / var.maximum(f32::MIN_POSITIVE)?)?;
-        let l0 = (on.sum_all()? / n as f64)?;
+        let l0 = (self.sum_over_group(on.sum_all()?)? / n_total as f64)?;
         let out = DeviceStep {
             step: self.step,
             lr,
@@ -464,13 +503,13 @@ impl DeviceTopK {
             l0,
             fvu,
             grad_norm,
-            tokens_seen: self.tokens_seen + n as u64,
+            tokens_seen: self.tokens_seen + n_total as u64,
             tokens_since_fired: self.tokens_since_fired.clone(),
             window_fires: self.window_fires.clone(),
             window_tokens: self.window_tokens,
         };
         self.step += 1;
-        self.tokens_seen += n as u64;
+        self.tokens_seen += n_total as u64;
         if self.step.is_multiple_of(self.cfg.log_every) {
             self.window_fires = self.window_fires.zeros_like()?;
             self.window_tokens = 0;
@@ -479,16 +518,19 @@ impl DeviceTopK {
     }
 
     /// The input scale from the first batch, as the host trainer fixes it (one read).
-    fn first_batch_scale(&mut self, x: &Tensor, n: usize) -> Result<f32> {
+    fn first_batch_scale(&mut self, x: &Tensor, n_total: usize) -> Result<f32> {
         let s = match self.cfg.normalize_activations {
             ActivationNormalization::None => 1.0,
             ActivationNormalization::ExpectedAverageOnlyIn => {
                 let rows = x.flatten_all()?.to_vec1::<f32>()?;
-                let mean_norm = kernels::row_norms(&rows, self.cfg.d_in)
+                let local = kernels::row_norms(&rows, self.cfg.d_in)
                     .iter()
                     .map(|&v| v as f64)
-                    .sum::<f64>()
-                    / n as f64;
+                    .sum::<f64>();
+                let mean_norm = self
+                    .sum_over_group(Tensor::new(local, &self.device)?)?
+                    .to_scalar::<f64>()?
+                    / n_total as f64;
                 if mean_norm > 0.0 {
                     ((self.cfg.d_in as f64).sqrt() / mean_norm) as f32
                 } else {
@@ -509,8 +551,9 @@ impl DeviceTopK {
     }
 
     /// `b_dec` from the first batch (once per run, on the host: the geometric median is an
-    /// iterative solve that is not worth a kernel).
-    fn init_b_dec(&mut self, x: &Tensor, n: usize) -> Result<()> {
+    /// iterative solve that is not worth a kernel). Replicas average theirs, weighted by their
+    /// tokens: the whole batch's mean exactly, the geometric medians' weighted mean otherwise.
+    fn init_b_dec(&mut self, x: &Tensor, n: usize, n_total: usize) -> Result<()> {
         let d_in = self.cfg.d_in;
         let rows = || -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
         let b = match self.cfg.b_dec_init {
@@ -518,8 +561,78 @@ impl DeviceTopK {
             BDecInit::Mean => kernels::sum_rows(&rows()?, d_in, 1.0 / n as f32),
             BDecInit::GeometricMedian => geometric_median(&rows()?, n, d_in, 100, 1e-6),
         };
-        self.params[3] = Tensor::from_vec(b, d_in, &self.device)?;
+        let b = Tensor::from_vec(b, d_in, &self.device)?;
+        self.params[3] = if n == n_total {
+            b
+        } else {
+            (self.sum_over_group((b * n as f64)?)? / n_total as f64)?
+        };
         Ok(())
+    }
+}
+
+/// Sums across the replicas of a data-parallel group. NCCL's all-reduce is the transport on
+/// GPUs (not written yet: `docs/gpu.md`); [`InProcess`] joins replicas that are threads of one
+/// process, which checks the data-parallel step on the CPU.
+pub trait Collective: Send + Sync {
+    fn world_size(&self) -> usize;
+    /// The element-wise sum of `t` over every replica, the same tensor for each of them. Every
+    /// replica must call it the same number of times, in the same order.
+    ///
+    /// # Errors
+    /// Shape or device errors; a replica that left the group.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+}
+
+/// The replicas of a group that are threads of this process: each takes one member
+/// ([`InProcess::group`]) and calls [`Collective::all_reduce_sum`] in step with the others.
+/// Contributions are summed in rank order, so every replica gets the same bits.
+pub struct InProcess {
+    rank: usize,
+    shared: Arc<InProcessShared>,
+}
+
+struct InProcessShared {
+    slots: std::sync::Mutex<Vec<Option<Tensor>>>,
+    barrier: std::sync::Barrier,
+}
+
+impl InProcess {
+    /// The `size` members of a new group, rank 0 first.
+    pub fn group(size: usize) -> Vec<Arc<InProcess>> {
+        let shared = Arc::new(InProcessShared {
+            slots: std::sync::Mutex::new(vec![None; size]),
+            barrier: std::sync::Barrier::new(size),
+        });
+        (0..size)
+            .map(|rank| {
+                Arc::new(InProcess {
+                    rank,
+                    shared: shared.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Collective for InProcess {
+    fn world_size(&self) -> usize {
+        self.shared.slots.lock().map_or(0, |s| s.len())
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let poisoned = || SaeError::config("collective", "a replica panicked");
+        self.shared.slots.lock().map_err(|_| poisoned())?[self.rank] = Some(t.clone());
+        self.shared.barrier.wait();
+        let sum = {
+            let slots = self.shared.slots.lock().map_err(|_| poisoned())?;
+            let mut parts = slots.iter().flatten();
+            let first = parts.next().ok_or_else(poisoned)?.clone();
+            parts.try_fold(first, |acc, p| acc + p)?
+        };
+        // No replica overwrites its slot for the next call before all have read this one.
+        self.shared.barrier.wait();
+        Ok(sum)
     }
 }
 

@@ -85,7 +85,7 @@ pub use config::{
     ARCHITECTURES, CommonConfig, GatedConfig, JumpReluConfig, NormalizeActivations,
     SAELENS_FORMAT_VERSION, SaeConfig, SaeMetadata, StandardConfig, TopKConfig,
 };
-pub use device::{DeviceStep, DeviceStepScalars, DeviceTopK};
+pub use device::{Collective, DeviceStep, DeviceStepScalars, DeviceTopK, InProcess};
 pub use error::{Result, SaeError};
 pub use model::SaeModel;
 pub use optim::{Adam, grad_norm};

@@ -306,3 +306,72 @@ fn a_device_run_resumed_from_its_checkpoint_is_bit_identical() {
         "the resumed run differs"
     );
 }
+
+/// Data parallel on the CPU: two replicas (threads joined by `InProcess`), each stepping on half
+/// of every batch, end where one device ends on the whole batches (to rounding: sums are taken
+/// in another order), with the same losses, and bit-identical to each other. A group of one is
+/// the plain step, bit for bit.
+#[test]
+fn two_replicas_on_half_batches_take_the_whole_batch_step() {
+    let mut cfg = resident_config();
+    cfg.b_dec_init = sae_core::BDecInit::Mean;
+    cfg.lr = 5e-3;
+    let start = Trainer::new(cfg.clone()).unwrap();
+    let mut whole = DeviceTopK::from_trainer(&start, &Device::Cpu).unwrap();
+    let whole_losses: Vec<(f64, f64)> = (0..STEPS)
+        .map(|s| {
+            let h = whole.step(&batch(s)).unwrap().host().unwrap();
+            (h.loss, h.aux_loss)
+        })
+        .collect();
+
+    let group = sae_core::InProcess::group(2);
+    let replicas: Vec<_> = group
+        .into_iter()
+        .enumerate()
+        .map(|(rank, member)| {
+            let mut d = DeviceTopK::from_trainer(&start, &Device::Cpu)
+                .unwrap()
+                .with_collective(member);
+            std::thread::spawn(move || {
+                let losses: Vec<(f64, f64)> = (0..STEPS)
+                    .map(|s| {
+                        let half = batch(s).narrow(0, rank * N / 2, N / 2).unwrap();
+                        let h = d.step(&half).unwrap().host().unwrap();
+                        (h.loss, h.aux_loss)
+                    })
+                    .collect();
+                (d.params_host().unwrap(), d.tokens_seen(), losses)
+            })
+        })
+        .collect();
+    let done: Vec<_> = replicas.into_iter().map(|r| r.join().unwrap()).collect();
+    assert_eq!(
+        done[0].1,
+        STEPS * N as u64,
+        "tokens seen count the whole batches"
+    );
+    assert!(
+        bits(&done[0].0) == bits(&done[1].0),
+        "the replicas drifted apart"
+    );
+    assert_eq!(done[0].2, done[1].2);
+    for (s, (w, r)) in whole_losses.iter().zip(&done[0].2).enumerate() {
+        close(&format!("step {s} loss"), w.0, r.0);
+        close(&format!("step {s} aux loss"), w.1, r.1);
+    }
+    assert!(whole_losses.iter().any(|l| l.1 > 0.0), "AuxK never ran");
+    assert_same_weights(&whole.params_host().unwrap(), &done[0].0);
+
+    let mut alone = DeviceTopK::from_trainer(&start, &Device::Cpu)
+        .unwrap()
+        .with_collective(sae_core::InProcess::group(1).remove(0));
+    for s in 0..STEPS {
+        alone.step(&batch(s)).unwrap();
+    }
+    let mut plain = DeviceTopK::from_trainer(&start, &Device::Cpu).unwrap();
+    for s in 0..STEPS {
+        plain.step(&batch(s)).unwrap();
+    }
+    assert!(bits(&alone.params_host().unwrap()) == bits(&plain.params_host().unwrap()));
+}
