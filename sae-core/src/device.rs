@@ -23,13 +23,13 @@ use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor};
 
+use crate::DecoderNorm;
 use crate::error::{Result, SaeError};
 use crate::params::{Param, Params};
 use crate::trainer::{
-    ActivationNormalization, ArchitectureConfig, BDecInit, DensityStats, TrainMetrics, Trainer,
-    TrainerConfig,
+    ArchitectureConfig, BDecInit, DensityStats, TrainMetrics, Trainer, TrainerConfig,
+    b_dec_from_data, input_scale, row_norm_sum,
 };
-use crate::{DecoderNorm, geometric_median, kernels};
 
 /// Parameter order, as the host TopK SAE keeps them.
 const NAMES: [&str; 4] = ["W_enc", "b_enc", "W_dec", "b_dec"];
@@ -149,9 +149,6 @@ impl DeviceStep {
     /// As [`DeviceStep::host`].
     pub fn metrics(&self, cfg: &TrainerConfig) -> Result<TrainMetrics> {
         let s = self.host()?;
-        let counts = |t: &Tensor| -> Result<Vec<u64>> {
-            Ok(t.to_vec1::<f64>()?.into_iter().map(|v| v as u64).collect())
-        };
         let density = DensityStats::new(
             cfg,
             &counts(&self.tokens_since_fired)?,
@@ -291,9 +288,6 @@ impl DeviceTopK {
                 "the trainer to write to has another configuration",
             ));
         }
-        let counts = |t: &Tensor| -> Result<Vec<u64>> {
-            Ok(t.to_vec1::<f64>()?.into_iter().map(|v| v as u64).collect())
-        };
         trainer.set_device_state(
             to_host(&self.params)?,
             to_host(&self.m)?,
@@ -519,25 +513,17 @@ impl DeviceTopK {
 
     /// The input scale from the first batch, as the host trainer fixes it (one read).
     fn first_batch_scale(&mut self, x: &Tensor, n_total: usize) -> Result<f32> {
-        let s = match self.cfg.normalize_activations {
-            ActivationNormalization::None => 1.0,
-            ActivationNormalization::ExpectedAverageOnlyIn => {
-                let rows = x.flatten_all()?.to_vec1::<f32>()?;
-                let local = kernels::row_norms(&rows, self.cfg.d_in)
-                    .iter()
-                    .map(|&v| v as f64)
-                    .sum::<f64>();
-                let mean_norm = self
+        let s = input_scale(
+            self.cfg.normalize_activations,
+            self.cfg.d_in,
+            n_total,
+            || {
+                let local = row_norm_sum(&x.flatten_all()?.to_vec1::<f32>()?, self.cfg.d_in);
+                Ok(self
                     .sum_over_group(Tensor::new(local, &self.device)?)?
-                    .to_scalar::<f64>()?
-                    / n_total as f64;
-                if mean_norm > 0.0 {
-                    ((self.cfg.d_in as f64).sqrt() / mean_norm) as f32
-                } else {
-                    1.0
-                }
-            }
-        };
+                    .to_scalar::<f64>()?)
+            },
+        )?;
         if !self.needs_data_init && s != 1.0 {
             // Loaded weights read raw inputs: express them in normalised units, as the host does.
             let mut p = self.params_host()?;
@@ -555,11 +541,12 @@ impl DeviceTopK {
     /// tokens: the whole batch's mean exactly, the geometric medians' weighted mean otherwise.
     fn init_b_dec(&mut self, x: &Tensor, n: usize, n_total: usize) -> Result<()> {
         let d_in = self.cfg.d_in;
-        let rows = || -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
-        let b = match self.cfg.b_dec_init {
-            BDecInit::Zeros => return Ok(()),
-            BDecInit::Mean => kernels::sum_rows(&rows()?, d_in, 1.0 / n as f32),
-            BDecInit::GeometricMedian => geometric_median(&rows()?, n, d_in, 100, 1e-6),
+        if self.cfg.b_dec_init == BDecInit::Zeros {
+            return Ok(());
+        }
+        let rows = x.flatten_all()?.to_vec1::<f32>()?;
+        let Some(b) = b_dec_from_data(self.cfg.b_dec_init, &rows, n, d_in) else {
+            return Ok(());
         };
         let b = Tensor::from_vec(b, d_in, &self.device)?;
         self.params[3] = if n == n_total {
@@ -676,6 +663,11 @@ impl PairGrads {
         self.b_enc = self.b_enc.index_add(features, &g.flatten_all()?, 0)?;
         Ok(())
     }
+}
+
+/// A counter tensor (f64 on the device) as host counts.
+fn counts(t: &Tensor) -> Result<Vec<u64>> {
+    Ok(t.to_vec1::<f64>()?.into_iter().map(|v| v as u64).collect())
 }
 
 /// Tensors in [`NAMES`]' order as host parameters (`b_dec` is the one not per feature).

@@ -742,21 +742,9 @@ impl Trainer {
         let scale = match self.scale {
             Some(s) => s,
             None => {
-                let s = match self.cfg.normalize_activations {
-                    ActivationNormalization::None => 1.0,
-                    ActivationNormalization::ExpectedAverageOnlyIn => {
-                        let mean_norm = kernels::row_norms(&batch.x, d_in)
-                            .iter()
-                            .map(|&v| v as f64)
-                            .sum::<f64>()
-                            / n as f64;
-                        if mean_norm > 0.0 {
-                            ((d_in as f64).sqrt() / mean_norm) as f32
-                        } else {
-                            1.0
-                        }
-                    }
-                };
+                let s = input_scale(self.cfg.normalize_activations, d_in, n, || {
+                    Ok(row_norm_sum(&batch.x, d_in))
+                })?;
                 if !self.needs_data_init && s != 1.0 {
                     // A loaded SAE reads raw inputs: express it in normalised units.
                     crate::fold_activation_scale(self.sae.params_mut(), 1.0 / s)?;
@@ -832,10 +820,8 @@ impl Trainer {
 
     fn init_b_dec(&mut self, x: &[f32], n: usize) -> Result<()> {
         let d_in = self.cfg.d_in;
-        let b = match self.cfg.b_dec_init {
-            BDecInit::Zeros => return Ok(()),
-            BDecInit::Mean => kernels::sum_rows(x, d_in, 1.0 / n as f32),
-            BDecInit::GeometricMedian => geometric_median(x, n, d_in, 100, 1e-6),
+        let Some(b) = b_dec_from_data(self.cfg.b_dec_init, x, n, d_in) else {
+            return Ok(());
         };
         if let Ok(p) = self.sae.params_mut().data_mut("b_dec") {
             p.copy_from_slice(&b);
@@ -1369,6 +1355,47 @@ pub fn train_many(
         }
     }
     Ok(logs)
+}
+
+/// The input scale the first batch fixes: 1 without normalisation, else `sqrt(d_in)` over the
+/// mean row norm, where `norm_sum` gives the sum of the `n` rows' norms (only asked for when
+/// needed: on a device it is a read back).
+pub(crate) fn input_scale(
+    normalization: ActivationNormalization,
+    d_in: usize,
+    n: usize,
+    norm_sum: impl FnOnce() -> Result<f64>,
+) -> Result<f32> {
+    Ok(match normalization {
+        ActivationNormalization::None => 1.0,
+        ActivationNormalization::ExpectedAverageOnlyIn => {
+            let mean_norm = norm_sum()? / n as f64;
+            if mean_norm > 0.0 {
+                ((d_in as f64).sqrt() / mean_norm) as f32
+            } else {
+                1.0
+            }
+        }
+    })
+}
+
+/// The sum of the row norms of a row-major `[n, d_in]` batch, in f64.
+pub(crate) fn row_norm_sum(x: &[f32], d_in: usize) -> f64 {
+    kernels::row_norms(x, d_in).iter().map(|&v| v as f64).sum()
+}
+
+/// `b_dec`'s initial value from a batch (already scaled), or `None` where it starts at zero.
+pub(crate) fn b_dec_from_data(
+    init: BDecInit,
+    x: &[f32],
+    n: usize,
+    d_in: usize,
+) -> Option<Vec<f32>> {
+    match init {
+        BDecInit::Zeros => None,
+        BDecInit::Mean => Some(kernels::sum_rows(x, d_in, 1.0 / n as f32)),
+        BDecInit::GeometricMedian => Some(geometric_median(x, n, d_in, 100, 1e-6)),
+    }
 }
 
 /// The firing statistics a step reports, from the counters either training path keeps.
