@@ -7,7 +7,7 @@
 //! encoder bias (gate bias for gated) is set after one warm-up step so that every feature fires on
 //! N/d_sae of the tokens, i.e. L0 ≈ N, as a trained SAE would. The measured L0 is reported.
 //!
-//! `--path device` times `DeviceTopK` instead: the whole TopK step as tensor ops on `--device`,
+//! `--path device` times `DeviceTrainer` instead: the whole TopK step as tensor ops on `--device`,
 //! with the batches already there.
 
 use std::time::Instant;
@@ -17,8 +17,8 @@ use clap::Parser;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use sae_workbench::sae_core::{
-    ArchitectureConfig, BatchTopKTraining, DeviceTopK, GatedTraining, HostBatch, JumpReluTraining,
-    StandardTraining, TopKTraining, Trainer, TrainerConfig,
+    ArchitectureConfig, BatchTopKTraining, DeviceTrainer, GatedTraining, HostBatch,
+    JumpReluTraining, StandardTraining, TopKTraining, Trainer, TrainerConfig,
 };
 use sae_workbench::transformer_hooks::candle_core::{Device, Tensor};
 
@@ -49,7 +49,7 @@ struct Args {
     #[arg(long, value_parser = sae_workbench::cli::at_least_one)]
     threads: Option<usize>,
     /// `host`: the trainer's hand-written kernels (the CPU path; with `--device cuda` only the
-    /// encoder product runs on the GPU). `device`: `DeviceTopK`, the whole step as tensor ops on
+    /// encoder product runs on the GPU). `device`: `DeviceTrainer`, the whole step as tensor ops on
     /// `--device` (TopK only).
     #[arg(long, default_value = "host", value_parser = ["host", "device"])]
     path: String,
@@ -110,7 +110,7 @@ fn main() -> Result<()> {
             .iter()
             .map(|b| Ok(Tensor::from_slice(&b.x, (b.n, b.d_in), &device)?))
             .collect::<Result<Vec<_>>>()?;
-        let mut dev = DeviceTopK::from_trainer(&trainer, &device)?;
+        let mut dev = DeviceTrainer::from_trainer(&trainer, &device)?;
         let warm = dev.step(&on_device[0])?.host()?;
         let t0 = Instant::now();
         let mut steps = Vec::with_capacity(args.steps);

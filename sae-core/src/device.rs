@@ -1,23 +1,26 @@
-//! TopK training that stays on a candle device: parameters, Adam's moments, the batch, the codes
+//! SAE training that stays on a candle device: parameters, Adam's moments, the batch, the codes
 //! and the dead-feature counters are tensors on one [`Device`], and a step is candle tensor ops
 //! from the encoder product to Adam, so that a GPU step moves no `[batch, d_sae]` matrix across
 //! the bus (the host path, [`crate::Trainer`], uploads `W_enc` and downloads the pre-activations
 //! at every step). The host reads back only the scalars it asks for ([`DeviceStep::host`]).
 //!
-//! The step is the host TopK step, operation for operation: the same centring, top-k selection
-//! then ReLU, AuxK on the dead features (SAELens's `calculate_topk_aux_loss`), the same
-//! gradients, the unit-norm projection of the decoder gradient, global-norm clipping, Adam with
-//! bias correction, and renormalised decoder rows. It runs on `Device::Cpu` too, where a test
-//! checks it against the host path step by step.
+//! Two architectures run here, each the host step operation for operation: TopK (the same
+//! centring, top-k selection then ReLU, AuxK on the dead features as SAELens's
+//! `calculate_topk_aux_loss`) and the standard ReLU SAE with its L1 penalty weighted by decoder
+//! norms (SAELens's `standard`, with the trainer's L1 warm-up). Both share the rest: the
+//! unit-norm projection of the decoder gradient, global-norm clipping, Adam with bias
+//! correction, renormalised decoder rows and the firing counters. It runs on `Device::Cpu` too,
+//! where tests check it against the host path step by step.
 //!
-//! Like the host path it works on the selected (token, feature) pairs for the main
-//! reconstruction: the decoder rows of each token's k features are gathered (`index_select`)
-//! and their gradients scattered back (`index_add`), `batch x k x d_in` floats. AuxK's
-//! `aux_k` per token (d_in / 2 by default) would make that `batch x aux_k x d_in`, so its codes
-//! are scattered into a `[batch, d_sae]` matrix and go through dense products (docs/gpu.md has
-//! the arithmetic). The top-k is candle's `arg_sort_last_dim`, whose CUDA kernel sorts a row in
-//! shared memory (rows up to 12,288 features on default launch limits); a top-k kernel for wider
-//! dictionaries is the next step.
+//! TopK works on the selected (token, feature) pairs for the main reconstruction: the decoder
+//! rows of each token's k features are gathered (`index_select`) and their gradients scattered
+//! back (`index_add`), `batch x k x d_in` floats. AuxK's `aux_k` per token (d_in / 2 by default)
+//! would make that `batch x aux_k x d_in`, so its codes are scattered into a `[batch, d_sae]`
+//! matrix and go through dense products (docs/gpu.md has the arithmetic), as the standard SAE's
+//! codes do (a ReLU SAE early in training fires on half its features). The top-k is candle's
+//! `arg_sort_last_dim`, whose CUDA kernel sorts a row in shared memory, 4 bytes a column padded to
+//! a power of two, so rows wider than [`TOP_K_CHUNK`] are ranked in chunks of that width and the
+//! chunks' winners ranked again ([`top_k_indices`]).
 
 use std::sync::Arc;
 
@@ -34,14 +37,29 @@ use crate::trainer::{
 /// Parameter order, as the host TopK SAE keeps them.
 const NAMES: [&str; 4] = ["W_enc", "b_enc", "W_dec", "b_dec"];
 
-/// A TopK trainer on a device, started from a host [`Trainer`] (its configuration, weights,
-/// Adam state and counters), so that both start from the same point.
-pub struct DeviceTopK {
+/// Rows wider than this are ranked in chunks by [`top_k_indices`]: candle's CUDA arg-sort keeps
+/// a row's indices in shared memory padded to a power of two, and 4,096 columns (16 KiB) leave
+/// room for several blocks per multiprocessor; 16,384 would already pass the default 48 KiB.
+pub const TOP_K_CHUNK: usize = 4096;
+
+/// What sets an architecture's codes and penalty; the rest of the step is shared.
+#[derive(Debug, Clone, Copy)]
+enum Rule {
+    TopK {
+        k: usize,
+        /// AuxK's size as configured: the loss scale is `min(n_dead / aux_k, 1)`.
+        aux_k: usize,
+        aux_coefficient: f64,
+    },
+    /// ReLU codes, penalty `l1 · Σ_f a_f ||W_dec[f]||` per token (before the warm-up factor).
+    Standard { l1: f64 },
+}
+
+/// An SAE trainer on a device (TopK or standard ReLU-L1), started from a host [`Trainer`] (its
+/// configuration, weights, Adam state and counters), so that both start from the same point.
+pub struct DeviceTrainer {
     cfg: TrainerConfig,
-    k: usize,
-    /// AuxK's size as configured: the loss scale is `min(n_dead / aux_k, 1)`.
-    aux_k: usize,
-    aux_coefficient: f64,
+    rule: Rule,
     apply_b_dec: bool,
     unit_norm: bool,
     device: Device,
@@ -64,12 +82,12 @@ pub struct DeviceTopK {
     collective: Option<Arc<dyn Collective>>,
 }
 
-impl std::fmt::Debug for DeviceTopK {
+impl std::fmt::Debug for DeviceTrainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceTopK")
+        f.debug_struct("DeviceTrainer")
             .field("d_in", &self.cfg.d_in)
             .field("d_sae", &self.cfg.d_sae)
-            .field("k", &self.k)
+            .field("rule", &self.rule)
             .field("step", &self.step)
             .field("device", &self.device)
             .finish()
@@ -82,9 +100,13 @@ impl std::fmt::Debug for DeviceTopK {
 pub struct DeviceStep {
     pub step: u64,
     pub lr: f64,
-    /// `mse + aux_loss`, 0-dimensional.
+    /// The L1 warm-up factor this step used (1 for TopK).
+    pub sparsity_scale: f32,
+    /// `mse + sparsity_loss + aux_loss`, 0-dimensional.
     pub loss: Tensor,
     pub mse: Tensor,
+    /// The L1 penalty (0 for TopK).
+    pub sparsity_loss: Tensor,
     pub aux_loss: Tensor,
     /// Mean active features per token.
     pub l0: Tensor,
@@ -106,6 +128,7 @@ pub struct DeviceStepScalars {
     pub lr: f64,
     pub loss: f64,
     pub mse: f64,
+    pub sparsity_loss: f64,
     pub aux_loss: f64,
     pub l0: f64,
     pub fvu: f64,
@@ -125,6 +148,7 @@ impl DeviceStep {
             lr: self.lr,
             loss: read(&self.loss)?,
             mse: read(&self.mse)?,
+            sparsity_loss: read(&self.sparsity_loss)?,
             aux_loss: read(&self.aux_loss)?,
             l0: read(&self.l0)?,
             fvu: read(&self.fvu)?,
@@ -159,10 +183,10 @@ impl DeviceStep {
             step: s.step + 1,
             tokens_seen: self.tokens_seen,
             lr: s.lr,
-            sparsity_scale: 1.0,
+            sparsity_scale: self.sparsity_scale,
             loss: s.loss,
             mse: s.mse,
-            sparsity_loss: 0.0,
+            sparsity_loss: s.sparsity_loss,
             aux_loss: s.aux_loss,
             fvu: s.fvu,
             l0: s.l0,
@@ -175,26 +199,59 @@ impl DeviceStep {
     }
 }
 
-impl DeviceTopK {
-    /// Copies a host TopK trainer onto `device`.
+/// Why `trainer` cannot train on the device path, or `None` when it can.
+pub(crate) fn device_path_refusal(trainer: &Trainer) -> Option<&'static str> {
+    let cfg = trainer.config();
+    if !matches!(
+        cfg.sae,
+        ArchitectureConfig::TopK(_) | ArchitectureConfig::Standard(_)
+    ) {
+        return Some("only TopK and standard (ReLU-L1) SAEs run on the device path so far");
+    }
+    if !cfg.resample_at_steps.is_empty() {
+        return Some("resampling is not on the device path");
+    }
+    if cfg.encoder_bias_init_l0.is_some() && trainer.needs_data_init() {
+        return Some("the encoder-bias init for a target L0 is not on the device path");
+    }
+    None
+}
+
+impl DeviceTrainer {
+    /// Copies a host trainer onto `device`.
     ///
     /// # Errors
-    /// A configuration error for an architecture other than TopK or with resampling (TopK keeps
-    /// dead features alive through AuxK); candle errors from the copy.
+    /// A configuration error for an architecture other than TopK or standard, with resampling,
+    /// or with an encoder-bias init still to do; candle errors from the copy.
     pub fn from_trainer(trainer: &Trainer, device: &Device) -> Result<Self> {
-        let cfg = trainer.config().clone();
-        let ArchitectureConfig::TopK(topk) = &cfg.sae else {
-            return Err(SaeError::config(
-                "device training",
-                "only TopK runs on the device path so far",
-            ));
-        };
-        if !cfg.resample_at_steps.is_empty() {
-            return Err(SaeError::config(
-                "device training",
-                "resampling is not on the device path",
-            ));
+        if let Some(why) = device_path_refusal(trainer) {
+            return Err(SaeError::config("device training", why));
         }
+        let cfg = trainer.config().clone();
+        let (rule, apply_b_dec, decoder_norm) = match &cfg.sae {
+            ArchitectureConfig::TopK(t) => (
+                Rule::TopK {
+                    k: t.k,
+                    aux_k: crate::arch::aux_k_size(t.aux_k, cfg.d_in),
+                    aux_coefficient: f64::from(t.aux_loss_coefficient),
+                },
+                t.apply_b_dec_to_input,
+                t.decoder_norm,
+            ),
+            ArchitectureConfig::Standard(t) => (
+                Rule::Standard {
+                    l1: f64::from(t.l1_coefficient),
+                },
+                t.apply_b_dec_to_input,
+                t.decoder_norm,
+            ),
+            _ => {
+                return Err(SaeError::config(
+                    "device training",
+                    "only TopK and standard SAEs run on the device path so far",
+                ));
+            }
+        };
         let upload = |p: &Param| -> Result<Tensor> {
             Ok(Tensor::from_slice(&p.data, p.shape.as_slice(), device)?)
         };
@@ -214,12 +271,10 @@ impl DeviceTopK {
             let f: Vec<f64> = v.iter().map(|&t| t as f64).collect();
             Ok(Tensor::from_vec(f, v.len(), device)?)
         };
-        Ok(DeviceTopK {
-            k: topk.k,
-            aux_k: crate::arch::aux_k_size(topk.aux_k, cfg.d_in),
-            aux_coefficient: f64::from(topk.aux_loss_coefficient),
-            apply_b_dec: topk.apply_b_dec_to_input,
-            unit_norm: topk.decoder_norm == DecoderNorm::Unit,
+        Ok(DeviceTrainer {
+            rule,
+            apply_b_dec,
+            unit_norm: decoder_norm == DecoderNorm::Unit,
             device: device.clone(),
             params: pick(trainer.sae().params())?,
             m: pick(&adam.m)?,
@@ -277,7 +332,7 @@ impl DeviceTopK {
     /// Hands the run back to a host trainer (the one it started from, or one of the same
     /// configuration): its weights, Adam state and counters become this run's, so that
     /// [`Trainer::save`] and [`Trainer::checkpoint`] write it, and a checkpoint resumed with
-    /// [`Trainer::resume`] and [`DeviceTopK::from_trainer`] continues it exactly.
+    /// [`Trainer::resume`] and [`DeviceTrainer::from_trainer`] continues it exactly.
     ///
     /// # Errors
     /// A configuration error when `trainer` has another configuration; candle errors.
@@ -310,7 +365,7 @@ impl DeviceTopK {
     /// # Errors
     /// [`SaeError::WrongDIn`] for a batch of another width; candle errors.
     pub fn step(&mut self, batch: &Tensor) -> Result<DeviceStep> {
-        let (d_in, d_sae) = (self.cfg.d_in, self.cfg.d_sae);
+        let d_in = self.cfg.d_in;
         let (n, got) = batch.dims2()?;
         if got != d_in {
             return Err(SaeError::WrongDIn {
@@ -338,95 +393,50 @@ impl DeviceTopK {
             self.init_b_dec(&x, n, n_total)?;
             self.needs_data_init = false;
         }
-        let (w_enc, b_enc, w_dec, b_dec) = (
-            &self.params[0],
-            &self.params[1],
-            &self.params[2],
-            &self.params[3],
-        );
         let xc = if self.apply_b_dec {
-            x.broadcast_sub(b_dec)?
+            x.broadcast_sub(&self.params[3])?
         } else {
             x.clone()
         };
-        // Pre-activations with the encoder bias: what both selections rank.
-        let pre = xc.matmul(&w_enc.t()?)?.broadcast_add(b_enc)?.contiguous()?;
-
-        // Main reconstruction from each token's k largest, then ReLU, as (token, feature) pairs:
-        // the selected decoder rows are gathered, never a `[n, d_sae]` code matrix.
-        let k = self.k;
-        let idx = top_k_indices(&pre, k)?;
-        let vals = pre.gather(&idx, 1)?.relu()?;
-        let on = vals.gt(0.0)?.to_dtype(DType::F32)?; // a zero after ReLU is not a code
-        let flat = idx.flatten_all()?;
-        let rows = w_dec.index_select(&flat, 0)?.reshape((n, k, d_in))?;
-        let x_hat = rows
-            .broadcast_mul(&vals.unsqueeze(2)?)?
-            .sum(1)?
-            .broadcast_add(b_dec)?;
-        let diff = (&x_hat - &x)?;
-        let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
+        // Pre-activations with the encoder bias: what every rule's codes come from.
+        let pre = xc
+            .matmul(&self.params[0].t()?)?
+            .broadcast_add(&self.params[1])?
+            .contiguous()?;
+        let sparsity_scale = self.cfg.sparsity_scale_at(self.step);
+        let pass = match self.rule {
+            Rule::TopK {
+                k,
+                aux_k,
+                aux_coefficient,
+            } => self.topk_pass(&x, &xc, &pre, n_total, k, aux_k, aux_coefficient)?,
+            Rule::Standard { l1 } => {
+                self.standard_pass(&x, &xc, &pre, n_total, l1 * f64::from(sparsity_scale))?
+            }
+        };
+        drop(pre);
+        let Pass {
+            g_w_enc,
+            g_b_enc,
+            g_w_dec,
+            g_b_dec,
+            sq_err,
+            sparsity_loss,
+            aux_loss,
+            fires,
+            active,
+        } = pass;
         let mse = (&sq_err / n_total as f64)?;
-        let d_xhat = (&diff * (2.0 / n_total as f64))?;
-        let g_pairs = (rows.broadcast_mul(&d_xhat.unsqueeze(1)?)?.sum(2)? * &on)?;
-        let mut grads = PairGrads::new(d_sae, d_in, &self.device)?;
-        grads.add(&flat, &vals, &g_pairs, &d_xhat, &xc)?;
-
-        // AuxK: the dead features' top `aux_k` pre-activations (no ReLU) reconstruct the residual
-        // without b_dec; scaled by min(n_dead / aux_k, 1). Features that are not dead are masked
-        // out of the ranking, and any of them that still land in the top (fewer than `aux_k`
-        // dead) are multiplied by 0, which is the host's `min(aux_k, n_dead)`. With `aux_k` in
-        // the hundreds (d_in / 2 by default) gathered pairs would take `batch x aux_k x d_in`
-        // floats (34 GB at 4,096 x 1,024 x 2,048), so AuxK's codes are scattered into a
-        // `[batch, d_sae]` matrix and go through dense products instead.
-        let dead = self
-            .tokens_since_fired
-            .ge(self.cfg.dead_window_tokens as f64)?
-            .to_dtype(DType::F32)?;
-        let n_dead = dead.sum_all()?;
-        let aux_c = ((n_dead / self.aux_k as f64)?.minimum(1.0)? * self.aux_coefficient)?;
-        let ranked = dead
-            .gt(0.0)?
-            .unsqueeze(0)?
-            .broadcast_as((n, d_sae))?
-            .contiguous()?
-            .where_cond(
-                &pre,
-                &Tensor::full(f32::NEG_INFINITY, (n, d_sae), &self.device)?,
-            )?;
-        let ak = self.aux_k.min(d_sae);
-        let aidx = top_k_indices(&ranked, ak)?;
-        drop(ranked);
-        let chosen = dead
-            .index_select(&aidx.flatten_all()?, 0)?
-            .reshape((n, ak))?;
-        let zeros = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
-        let aux_codes = zeros.scatter_add(&aidx, &(pre.gather(&aidx, 1)? * &chosen)?, 1)?;
-        let aux_mask = zeros.scatter_add(&aidx, &chosen, 1)?;
-        let adiff = (aux_codes.matmul(w_dec)? + &diff)?; // recon_aux - (x - x̂)
-        let aux_sq = self.sum_over_group(adiff.sqr()?.sum_all()?)?;
-        let aux_loss = (aux_sq.broadcast_mul(&aux_c)? / n_total as f64)?;
-        let d_aux = adiff.broadcast_mul(&(&aux_c * (2.0 / n_total as f64))?)?;
-        let g_pre_aux = (d_aux.matmul(&w_dec.t()?)? * &aux_mask)?;
-        grads.w_dec = (grads.w_dec + aux_codes.t()?.matmul(&d_aux)?)?;
-        grads.w_enc = (grads.w_enc + g_pre_aux.t()?.matmul(&xc)?)?;
-        grads.b_enc = (grads.b_enc + g_pre_aux.sum(0)?)?;
-
-        // Gradients.
-        let PairGrads {
-            w_enc: g_w_enc,
-            b_enc: g_b_enc,
-            w_dec: g_w_dec,
-        } = grads;
-        let mut g_b_dec = d_xhat.sum(0)?;
+        let mut g_b_dec = g_b_dec;
         if self.apply_b_dec {
-            g_b_dec = (g_b_dec - g_b_enc.unsqueeze(0)?.matmul(w_enc)?.squeeze(0)?)?;
+            g_b_dec = (g_b_dec - g_b_enc.unsqueeze(0)?.matmul(&self.params[0])?.squeeze(0)?)?;
         }
         // Each replica's gradients are its tokens' share of the whole batch's mean.
         let g_w_enc = self.sum_over_group(g_w_enc)?;
         let g_b_enc = self.sum_over_group(g_b_enc)?;
         let mut g_w_dec = self.sum_over_group(g_w_dec)?;
         let g_b_dec = self.sum_over_group(g_b_dec)?;
+        let w_dec = &self.params[2];
         if self.unit_norm {
             // Remove each row's component along its decoder row.
             let ww = w_dec.sqr()?.sum_keepdim(1)?.maximum(1e-30)?;
@@ -472,11 +482,7 @@ impl DeviceTopK {
         }
 
         // Firing counters.
-        let fires = self.sum_over_group(
-            Tensor::zeros(d_sae, DType::F32, &self.device)?
-                .index_add(&flat, &on.flatten_all()?, 0)?
-                .to_dtype(DType::F64)?,
-        )?;
+        let fires = self.sum_over_group(fires.to_dtype(DType::F64)?)?;
         let fired = fires.gt(0.0)?;
         let later = (&self.tokens_since_fired + n_total as f64)?;
         self.tokens_since_fired = fired.where_cond(&later.zeros_like()?, &later)?;
@@ -487,12 +493,14 @@ impl DeviceTopK {
         // With replicas, each one's variance is about its own part's mean.
         let var = self.sum_over_group(x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?)?;
         let fvu = (&sq_err / var.maximum(f32::MIN_POSITIVE)?)?;
-        let l0 = (self.sum_over_group(on.sum_all()?)? / n_total as f64)?;
+        let l0 = (self.sum_over_group(active)? / n_total as f64)?;
         let out = DeviceStep {
             step: self.step,
             lr,
-            loss: (&mse + &aux_loss)?,
+            sparsity_scale,
+            loss: ((&mse + &sparsity_loss)? + &aux_loss)?,
             mse,
+            sparsity_loss,
             aux_loss,
             l0,
             fvu,
@@ -509,6 +517,139 @@ impl DeviceTopK {
             self.window_tokens = 0;
         }
         Ok(out)
+    }
+
+    /// TopK's codes, reconstruction and gradients: the main decode on (token, feature) pairs,
+    /// AuxK on the dead features through dense products.
+    #[allow(clippy::too_many_arguments)]
+    fn topk_pass(
+        &self,
+        x: &Tensor,
+        xc: &Tensor,
+        pre: &Tensor,
+        n_total: usize,
+        k: usize,
+        aux_k: usize,
+        aux_coefficient: f64,
+    ) -> Result<Pass> {
+        let (d_in, d_sae) = (self.cfg.d_in, self.cfg.d_sae);
+        let n = x.dim(0)?;
+        let (w_dec, b_dec) = (&self.params[2], &self.params[3]);
+        // Main reconstruction from each token's k largest, then ReLU, as (token, feature) pairs:
+        // the selected decoder rows are gathered, never a `[n, d_sae]` code matrix.
+        let k = k.min(d_sae);
+        let idx = top_k_indices(pre, k)?;
+        let vals = pre.gather(&idx, 1)?.relu()?;
+        let on = vals.gt(0.0)?.to_dtype(DType::F32)?; // a zero after ReLU is not a code
+        let flat = idx.flatten_all()?;
+        let rows = w_dec.index_select(&flat, 0)?.reshape((n, k, d_in))?;
+        let x_hat = rows
+            .broadcast_mul(&vals.unsqueeze(2)?)?
+            .sum(1)?
+            .broadcast_add(b_dec)?;
+        let diff = (&x_hat - x)?;
+        let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
+        let d_xhat = (&diff * (2.0 / n_total as f64))?;
+        let g_pairs = (rows.broadcast_mul(&d_xhat.unsqueeze(1)?)?.sum(2)? * &on)?;
+        drop(rows);
+        let mut grads = PairGrads::new(d_sae, d_in, &self.device)?;
+        grads.add(&flat, &vals, &g_pairs, &d_xhat, xc)?;
+
+        // AuxK: the dead features' top `aux_k` pre-activations (no ReLU) reconstruct the residual
+        // without b_dec; scaled by min(n_dead / aux_k, 1). Features that are not dead are masked
+        // out of the ranking, and any of them that still land in the top (fewer than `aux_k`
+        // dead) are multiplied by 0, which is the host's `min(aux_k, n_dead)`. With `aux_k` in
+        // the hundreds (d_in / 2 by default) gathered pairs would take `batch x aux_k x d_in`
+        // floats (34 GB at 4,096 x 1,024 x 2,048), so AuxK's codes are scattered into a
+        // `[batch, d_sae]` matrix and go through dense products instead.
+        let dead = self
+            .tokens_since_fired
+            .ge(self.cfg.dead_window_tokens as f64)?
+            .to_dtype(DType::F32)?;
+        let n_dead = dead.sum_all()?;
+        let aux_c = ((n_dead / aux_k as f64)?.minimum(1.0)? * aux_coefficient)?;
+        let ranked = dead
+            .gt(0.0)?
+            .unsqueeze(0)?
+            .broadcast_as((n, d_sae))?
+            .contiguous()?
+            .where_cond(
+                pre,
+                &Tensor::full(f32::NEG_INFINITY, (n, d_sae), &self.device)?,
+            )?;
+        let ak = aux_k.min(d_sae);
+        let aidx = top_k_indices(&ranked, ak)?;
+        drop(ranked);
+        let chosen = dead
+            .index_select(&aidx.flatten_all()?, 0)?
+            .reshape((n, ak))?;
+        let zeros = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
+        let aux_codes = zeros.scatter_add(&aidx, &(pre.gather(&aidx, 1)? * &chosen)?, 1)?;
+        let aux_mask = zeros.scatter_add(&aidx, &chosen, 1)?;
+        let adiff = (aux_codes.matmul(w_dec)? + &diff)?; // recon_aux - (x - x̂)
+        let aux_sq = self.sum_over_group(adiff.sqr()?.sum_all()?)?;
+        let aux_loss = (aux_sq.broadcast_mul(&aux_c)? / n_total as f64)?;
+        let d_aux = adiff.broadcast_mul(&(&aux_c * (2.0 / n_total as f64))?)?;
+        let g_pre_aux = (d_aux.matmul(&w_dec.t()?)? * &aux_mask)?;
+        let fires = Tensor::zeros(d_sae, DType::F32, &self.device)?.index_add(
+            &flat,
+            &on.flatten_all()?,
+            0,
+        )?;
+        Ok(Pass {
+            g_w_enc: (grads.w_enc + g_pre_aux.t()?.matmul(xc)?)?,
+            g_b_enc: (grads.b_enc + g_pre_aux.sum(0)?)?,
+            g_w_dec: (grads.w_dec + aux_codes.t()?.matmul(&d_aux)?)?,
+            g_b_dec: d_xhat.sum(0)?,
+            sq_err,
+            sparsity_loss: Tensor::zeros((), DType::F32, &self.device)?,
+            aux_loss,
+            fires,
+            active: on.sum_all()?,
+        })
+    }
+
+    /// The standard SAE's ReLU codes, reconstruction and L1 penalty `lambda · Σ_f a_f
+    /// ||W_dec[f]||` per token, all dense: codes `[n, d_sae]` and products through them.
+    fn standard_pass(
+        &self,
+        x: &Tensor,
+        xc: &Tensor,
+        pre: &Tensor,
+        n_total: usize,
+        lambda: f64,
+    ) -> Result<Pass> {
+        let (w_dec, b_dec) = (&self.params[2], &self.params[3]);
+        let a = pre.relu()?;
+        let on = pre.gt(0.0)?.to_dtype(DType::F32)?;
+        let x_hat = a.matmul(w_dec)?.broadcast_add(b_dec)?;
+        let diff = (&x_hat - x)?;
+        let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
+        let d_xhat = (&diff * (2.0 / n_total as f64))?;
+        let per_tok = lambda / n_total as f64;
+        let norms = w_dec.sqr()?.sum(1)?.sqrt()?; // [d_sae]
+        let penalty = a.broadcast_mul(&norms.unsqueeze(0)?)?.sum_all()?;
+        let sparsity_loss = (self.sum_over_group(penalty)? * per_tok)?;
+        // d/da of the penalty is λ/n ||W_dec[f]||; d/dW_dec[f] is λ/n Σ_t a_tf W_dec[f] / ||W_dec[f]||.
+        let g_pre = (d_xhat
+            .matmul(&w_dec.t()?)?
+            .broadcast_add(&(&norms * per_tok)?.unsqueeze(0)?)?
+            * &on)?;
+        let safe = norms.gt(0.0)?.where_cond(&norms, &norms.ones_like()?)?;
+        let coef = ((a.sum(0)? * per_tok)? / safe)?
+            .broadcast_mul(&norms.gt(0.0)?.to_dtype(DType::F32)?)?;
+        let g_w_dec = (a.t()?.matmul(&d_xhat)? + w_dec.broadcast_mul(&coef.unsqueeze(1)?)?)?;
+        Ok(Pass {
+            g_w_enc: g_pre.t()?.matmul(xc)?,
+            g_b_enc: g_pre.sum(0)?,
+            g_w_dec,
+            g_b_dec: d_xhat.sum(0)?,
+            sq_err,
+            sparsity_loss,
+            aux_loss: Tensor::zeros((), DType::F32, &self.device)?,
+            fires: on.sum(0)?,
+            active: on.sum_all()?,
+        })
     }
 
     /// The input scale from the first batch, as the host trainer fixes it (one read).
@@ -623,6 +764,23 @@ impl Collective for InProcess {
     }
 }
 
+/// One rule's forward and backward on this replica's tokens: the gradients (`g_b_dec` is the
+/// reconstruction's part only; the encoder's part through the centring is added after), the
+/// squared error and the penalties summed over the group, and this replica's firing counts.
+struct Pass {
+    g_w_enc: Tensor,
+    g_b_enc: Tensor,
+    g_w_dec: Tensor,
+    g_b_dec: Tensor,
+    sq_err: Tensor,
+    sparsity_loss: Tensor,
+    aux_loss: Tensor,
+    /// Tokens each feature fired on, `[d_sae]` f32.
+    fires: Tensor,
+    /// Active (token, feature) pairs, 0-dimensional.
+    active: Tensor,
+}
+
 /// The gradients that (token, feature) pairs give: for pairs with activations `a`, gradients
 /// `g` with respect to their pre-activations, the reconstruction gradient `d` of their tokens and
 /// the centred inputs `xc`: `W_dec[f] += Σ a·d`, `W_enc[f] += Σ g·xc`, `b_enc[f] += Σ g`.
@@ -687,9 +845,92 @@ fn to_host(set: &[Tensor]) -> Result<Params> {
     Ok(Params::new(list))
 }
 
-/// Each row's `k` largest entries' column indices, `[rows, k]` u32.
-fn top_k_indices(t: &Tensor, k: usize) -> Result<Tensor> {
-    Ok(t.arg_sort_last_dim(false)?
-        .narrow(D::Minus1, 0, k)?
-        .contiguous()?)
+/// Each row's `k` largest entries' column indices, `[rows, k]` u32, largest first. Rows wider
+/// than [`TOP_K_CHUNK`] (or `2k`) are cut into chunks ranked on their own; each chunk's `k`
+/// winners (all its columns for a short last chunk) are ranked again, which halves the width
+/// at least, until one sort is narrow enough. Ties may pick different columns than a full sort.
+pub(crate) fn top_k_indices(t: &Tensor, k: usize) -> Result<Tensor> {
+    top_k_chunked(t, k, TOP_K_CHUNK.max((2 * k).next_power_of_two()))
+}
+
+fn top_k_chunked(t: &Tensor, k: usize, chunk: usize) -> Result<Tensor> {
+    let (rows, cols) = t.dims2()?;
+    if cols <= chunk {
+        return Ok(t
+            .contiguous()?
+            .arg_sort_last_dim(false)?
+            .narrow(D::Minus1, 0, k)?
+            .contiguous()?);
+    }
+    let full = cols / chunk;
+    let body = t
+        .narrow(1, 0, full * chunk)?
+        .contiguous()?
+        .reshape((rows * full, chunk))?;
+    let local = body
+        .arg_sort_last_dim(false)?
+        .narrow(1, 0, k)?
+        .reshape((rows, full, k))?;
+    let starts = Tensor::arange_step(0u32, (full * chunk) as u32, chunk as u32, t.device())?
+        .reshape((1, full, 1))?;
+    let mut candidates = vec![local.broadcast_add(&starts)?.reshape((rows, full * k))?];
+    let tail = cols - full * chunk;
+    if tail > 0 {
+        let last = t.narrow(1, full * chunk, tail)?.contiguous()?;
+        let kept = last.arg_sort_last_dim(false)?.narrow(1, 0, k.min(tail))?;
+        let start = Tensor::new(&[(full * chunk) as u32], t.device())?;
+        candidates.push(kept.broadcast_add(&start)?);
+    }
+    let idx = Tensor::cat(&candidates, 1)?.contiguous()?;
+    let best = top_k_chunked(&t.gather(&idx, 1)?, k, chunk)?;
+    Ok(idx.gather(&best, 1)?.contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn full_sort(t: &Tensor, k: usize) -> Vec<Vec<u32>> {
+        t.arg_sort_last_dim(false)
+            .unwrap()
+            .narrow(1, 0, k)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    }
+
+    /// Chunked ranking picks each row's k largest in order, for widths that are and are not a
+    /// multiple of the chunk, several levels deep, k up to half the chunk.
+    #[test]
+    fn chunked_top_k_is_the_full_sort() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for cols in [9, 16, 17, 40, 64, 100, 257] {
+            for k in [1, 2, 3, 4] {
+                let v: Vec<f32> = (0..5 * cols).map(|_| rng.random::<f32>()).collect();
+                let t = Tensor::from_vec(v, (5, cols), &Device::Cpu).unwrap();
+                let got: Vec<Vec<u32>> = top_k_chunked(&t, k, 8).unwrap().to_vec2().unwrap();
+                assert_eq!(got, full_sort(&t, k), "{cols} columns, k {k}");
+            }
+        }
+    }
+
+    /// Rows mostly -inf (AuxK's ranking with few dead features): the finite entries come first
+    /// and every index stays inside the row.
+    #[test]
+    fn chunked_top_k_with_masked_rows_stays_in_range() {
+        let cols = 70;
+        let mut v = vec![f32::NEG_INFINITY; 2 * cols];
+        v[3] = 1.0;
+        v[cols + 69] = 2.0;
+        v[cols + 20] = 0.5;
+        let t = Tensor::from_vec(v, (2, cols), &Device::Cpu).unwrap();
+        let got: Vec<Vec<u32>> = top_k_chunked(&t, 4, 8).unwrap().to_vec2().unwrap();
+        assert_eq!(got[0][0], 3);
+        assert_eq!(&got[1][..2], &[69, 20]);
+        assert!(
+            got.iter().flatten().all(|&i| (i as usize) < cols),
+            "{got:?}"
+        );
+    }
 }

@@ -85,7 +85,9 @@ pub use config::{
     ARCHITECTURES, CommonConfig, GatedConfig, JumpReluConfig, NormalizeActivations,
     SAELENS_FORMAT_VERSION, SaeConfig, SaeMetadata, StandardConfig, TopKConfig,
 };
-pub use device::{Collective, DeviceStep, DeviceStepScalars, DeviceTopK, InProcess};
+pub use device::{
+    Collective, DeviceStep, DeviceStepScalars, DeviceTrainer, InProcess, TOP_K_CHUNK,
+};
 pub use error::{Result, SaeError};
 pub use model::SaeModel;
 pub use optim::{Adam, grad_norm};

@@ -480,7 +480,7 @@ pub struct Trainer {
     window_tokens: u64,
     lifetime_fires: Vec<u64>,
     device: Device,
-    /// Whether [`train_many`] keeps this trainer's whole step on `device` ([`crate::DeviceTopK`]).
+    /// Whether [`train_many`] keeps this trainer's whole step on `device` ([`crate::DeviceTrainer`]).
     resident: bool,
 }
 
@@ -598,9 +598,9 @@ impl Trainer {
         }
     }
 
-    /// Trains on `device`. On a GPU, a TopK SAE without resampling keeps its whole step there
-    /// ([`crate::DeviceTopK`], through [`train_many`] and [`Trainer::train`]); other
-    /// architectures run the dense encoder product there and the rest on the host.
+    /// Trains on `device`. On a GPU, a TopK or standard SAE without resampling keeps its whole
+    /// step there ([`crate::DeviceTrainer`], through [`train_many`] and [`Trainer::train`]);
+    /// other architectures run the dense encoder product there and the rest on the host.
     pub fn with_device(mut self, device: Device) -> Self {
         self.resident = !device.is_cpu() && self.device_path_applies();
         self.device = device;
@@ -613,18 +613,15 @@ impl Trainer {
     /// # Errors
     /// A configuration error when turning it on for an architecture it does not cover.
     pub fn with_device_resident(mut self, on: bool) -> Result<Self> {
-        if on && !self.device_path_applies() {
-            return Err(SaeError::config(
-                "device training",
-                "only TopK without resampling runs on the device path so far",
-            ));
+        if on && let Some(why) = crate::device::device_path_refusal(&self) {
+            return Err(SaeError::config("device training", why));
         }
         self.resident = on;
         Ok(self)
     }
 
     fn device_path_applies(&self) -> bool {
-        matches!(self.cfg.sae, ArchitectureConfig::TopK(_)) && self.cfg.resample_at_steps.is_empty()
+        crate::device::device_path_refusal(self).is_none()
     }
 
     pub fn config(&self) -> &TrainerConfig {
@@ -673,7 +670,7 @@ impl Trainer {
     pub(crate) fn window_tokens(&self) -> u64 {
         self.window_tokens
     }
-    /// Takes over the state of a device run (see `DeviceTopK::write_to`): weights, Adam,
+    /// Takes over the state of a device run (see `DeviceTrainer::write_to`): weights, Adam,
     /// counters.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn set_device_state(
@@ -1283,7 +1280,7 @@ pub fn train_many(
         .iter()
         .map(|t| {
             (t.resident && !t.is_done())
-                .then(|| crate::DeviceTopK::from_trainer(t, &t.device))
+                .then(|| crate::DeviceTrainer::from_trainer(t, &t.device))
                 .transpose()
         })
         .collect::<Result<Vec<_>>>()?;

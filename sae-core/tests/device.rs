@@ -1,13 +1,14 @@
-//! The device TopK path against the host path on `Device::Cpu`: the same start, the same batches,
-//! 20 steps, and every step's losses and the final weights within 1e-4 relative. The two compute
+//! The device path (TopK and standard ReLU-L1) against the host path on `Device::Cpu`: the same
+//! start, the same batches, 20 steps, and every step's losses and the final weights within 1e-4
+//! relative. The two compute
 //! the same step with different kernels (dense tensor products against sparse host loops), so
 //! they agree to rounding, not bit for bit.
 
 use candle_core::{Device, Tensor};
 use sae_core::testkit::gaussian_batch;
 use sae_core::{
-    ArchitectureConfig, DecoderNorm, DeviceTopK, IterSource, Params, Progress, TopKTraining,
-    Trainer, TrainerConfig,
+    ArchitectureConfig, DecoderNorm, DeviceTrainer, IterSource, Params, Progress, StandardTraining,
+    TopKTraining, Trainer, TrainerConfig,
 };
 
 const D_IN: usize = 16;
@@ -48,7 +49,8 @@ fn assert_same_weights(host: &Params, device: &Params) {
 /// Steps both paths through the same batches and compares them.
 fn agree(cfg: TrainerConfig) -> (f64, f64, Vec<usize>) {
     let mut host = Trainer::new(cfg.clone()).unwrap();
-    let mut device = DeviceTopK::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap();
+    let mut device =
+        DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap();
     let mut aux_seen = (0.0f64, 0.0f64);
     let mut dead_counts = Vec::new();
     for s in 0..STEPS {
@@ -57,6 +59,11 @@ fn agree(cfg: TrainerConfig) -> (f64, f64, Vec<usize>) {
         let d = device.step(&x).unwrap().host().unwrap();
         close(&format!("step {s} loss"), h.loss, d.loss);
         close(&format!("step {s} mse"), h.mse, d.mse);
+        close(
+            &format!("step {s} sparsity loss"),
+            h.sparsity_loss,
+            d.sparsity_loss,
+        );
         close(&format!("step {s} aux loss"), h.aux_loss, d.aux_loss);
         close(&format!("step {s} fvu"), h.fvu, d.fvu);
         close(&format!("step {s} grad norm"), h.grad_norm, d.grad_norm);
@@ -140,24 +147,88 @@ fn selected_features_below_zero_are_not_codes() {
     agree(cfg);
 }
 
+/// The standard ReLU-L1 SAE: a fresh SAE fires on about half its features, the L1 coefficient
+/// warms up over the first 8 steps (each step's warm-up factor must reach the penalty), unit-norm
+/// decoder, b_dec subtracted, b_dec from the geometric median, inputs normalised.
+#[test]
+fn standard_relu_l1_matches_the_host_path() {
+    let mut cfg = TrainerConfig::new(
+        D_IN,
+        D_SAE,
+        ArchitectureConfig::Standard(StandardTraining {
+            l1_coefficient: 2.0,
+            ..StandardTraining::default()
+        }),
+        STEPS,
+    );
+    cfg.lr = 5e-3;
+    cfg.sparsity_warm_up_steps = 8;
+    cfg.seed = 4;
+    let mut host = Trainer::new(cfg.clone()).unwrap();
+    let first = host.step(&batch(0)).unwrap();
+    assert!(
+        first.l0 > 10.0,
+        "L0 {}: the codes should be dense",
+        first.l0
+    );
+    assert_eq!(first.sparsity_loss, 0.0, "warm-up starts at zero");
+    agree(cfg);
+}
+
+/// Standard with a free decoder norm (the penalty's decoder-norm gradient matters), no b_dec
+/// subtracted, clipping at most steps, and an L1 strong enough that features die.
+#[test]
+fn standard_with_a_free_decoder_and_clipping_matches_the_host_path() {
+    let mut cfg = TrainerConfig::new(
+        D_IN,
+        D_SAE,
+        ArchitectureConfig::Standard(StandardTraining {
+            l1_coefficient: 5.0,
+            decoder_norm: DecoderNorm::Free,
+            apply_b_dec_to_input: false,
+            ..StandardTraining::default()
+        }),
+        STEPS,
+    );
+    cfg.lr = 5e-3;
+    cfg.grad_clip_norm = Some(0.5);
+    cfg.dead_window_tokens = 2 * N as u64;
+    cfg.seed = 9;
+    let (_, max_grad_norm, dead) = agree(cfg);
+    assert!(max_grad_norm > 0.5, "clipping never applied");
+    assert!(dead.iter().any(|&d| d > 0), "no feature died: {dead:?}");
+}
+
 #[test]
 fn other_architectures_and_widths_are_refused() {
-    use sae_core::StandardTraining;
+    use sae_core::GatedTraining;
     let cfg = TrainerConfig::new(
         D_IN,
         D_SAE,
-        ArchitectureConfig::Standard(StandardTraining::default()),
+        ArchitectureConfig::Gated(GatedTraining::default()),
         1,
     );
-    let e = DeviceTopK::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap_err();
-    assert!(e.to_string().contains("only TopK"), "{e}");
+    let e = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap_err();
+    assert!(e.to_string().contains("only TopK and standard"), "{e}");
+    let mut cfg = TrainerConfig::new(
+        D_IN,
+        D_SAE,
+        ArchitectureConfig::Standard(StandardTraining::default()),
+        10,
+    );
+    cfg.resample_at_steps = vec![5];
+    let e = Trainer::new(cfg)
+        .unwrap()
+        .with_device_resident(true)
+        .unwrap_err();
+    assert!(e.to_string().contains("resampling"), "{e}");
     let cfg = TrainerConfig::new(
         D_IN,
         D_SAE,
         ArchitectureConfig::TopK(TopKTraining::new(4)),
         1,
     );
-    let mut d = DeviceTopK::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap();
+    let mut d = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap();
     let wrong = Tensor::zeros((4, D_IN + 1), candle_core::DType::F32, &Device::Cpu).unwrap();
     let e = d.step(&wrong).unwrap_err();
     assert!(e.to_string().contains(&format!("{}", D_IN + 1)), "{e}");
@@ -184,13 +255,13 @@ fn resume_through_a_checkpoint_is_bit_identical() {
     cfg.dead_window_tokens = 2 * N as u64;
     cfg.seed = 8;
     let mut whole =
-        DeviceTopK::from_trainer(&Trainer::new(cfg.clone()).unwrap(), &Device::Cpu).unwrap();
+        DeviceTrainer::from_trainer(&Trainer::new(cfg.clone()).unwrap(), &Device::Cpu).unwrap();
     for s in 0..STEPS {
         whole.step(&batch(s)).unwrap();
     }
 
     let mut host = Trainer::new(cfg).unwrap();
-    let mut first = DeviceTopK::from_trainer(&host, &Device::Cpu).unwrap();
+    let mut first = DeviceTrainer::from_trainer(&host, &Device::Cpu).unwrap();
     for s in 0..7 {
         first.step(&batch(s)).unwrap();
     }
@@ -201,7 +272,7 @@ fn resume_through_a_checkpoint_is_bit_identical() {
     let ck = host.checkpoint(dir.path()).unwrap();
     drop((first, host));
     let resumed = Trainer::resume(&ck).unwrap();
-    let mut second = DeviceTopK::from_trainer(&resumed, &Device::Cpu).unwrap();
+    let mut second = DeviceTrainer::from_trainer(&resumed, &Device::Cpu).unwrap();
     for s in resumed.batches_consumed()..STEPS {
         second.step(&batch(s)).unwrap();
     }
@@ -218,12 +289,20 @@ fn resume_through_a_checkpoint_is_bit_identical() {
 }
 
 fn resident_config() -> TrainerConfig {
-    let mut cfg = TrainerConfig::new(
-        D_IN,
-        D_SAE,
-        ArchitectureConfig::TopK(TopKTraining::new(3)),
-        STEPS,
-    );
+    config_for(ArchitectureConfig::TopK(TopKTraining::new(3)))
+}
+
+fn standard_config() -> TrainerConfig {
+    let mut cfg = config_for(ArchitectureConfig::Standard(StandardTraining {
+        l1_coefficient: 10.0,
+        ..StandardTraining::default()
+    }));
+    cfg.sparsity_warm_up_steps = 6;
+    cfg
+}
+
+fn config_for(sae: ArchitectureConfig) -> TrainerConfig {
+    let mut cfg = TrainerConfig::new(D_IN, D_SAE, sae, STEPS);
     cfg.dead_window_tokens = 2 * N as u64;
     cfg.log_every = 3;
     cfg.seed = 21;
@@ -240,9 +319,19 @@ fn source(
 /// statistics exactly, the losses to rounding) and leaves the trained weights in the trainer.
 #[test]
 fn training_through_the_trainer_logs_what_the_host_path_logs() {
-    let mut host = Trainer::new(resident_config()).unwrap();
+    logs_match(resident_config());
+}
+
+/// The same for the standard SAE, with the L1 warm-up logged.
+#[test]
+fn standard_training_through_the_trainer_logs_what_the_host_path_logs() {
+    logs_match(standard_config());
+}
+
+fn logs_match(cfg: TrainerConfig) {
+    let mut host = Trainer::new(cfg.clone()).unwrap();
     let host_log = host.train(&mut source(0..STEPS), Progress::Hidden).unwrap();
-    let mut dev = Trainer::new(resident_config())
+    let mut dev = Trainer::new(cfg)
         .unwrap()
         .with_device_resident(true)
         .unwrap();
@@ -261,7 +350,13 @@ fn training_through_the_trainer_logs_what_the_host_path_logs() {
             "step {}",
             h.step
         );
+        assert_eq!(h.sparsity_scale, d.sparsity_scale, "step {}", h.step);
         close(&format!("step {} loss", h.step), h.loss, d.loss);
+        close(
+            &format!("step {} sparsity loss", h.step),
+            h.sparsity_loss,
+            d.sparsity_loss,
+        );
         close(&format!("step {} fvu", h.step), h.fvu, d.fvu);
     }
     assert_eq!(dev.step_count(), STEPS);
@@ -313,15 +408,26 @@ fn a_device_run_resumed_from_its_checkpoint_is_bit_identical() {
 /// the plain step, bit for bit.
 #[test]
 fn two_replicas_on_half_batches_take_the_whole_batch_step() {
-    let mut cfg = resident_config();
+    let aux = replicas_agree(resident_config());
+    assert!(aux.iter().any(|&l| l > 0.0), "AuxK never ran");
+}
+
+/// The same for the standard SAE, whose penalty sums over the group's tokens.
+#[test]
+fn two_standard_replicas_take_the_whole_batch_step() {
+    replicas_agree(standard_config());
+}
+
+/// Runs one device and two replicas from the same start; returns the AuxK losses.
+fn replicas_agree(mut cfg: TrainerConfig) -> Vec<f64> {
     cfg.b_dec_init = sae_core::BDecInit::Mean;
     cfg.lr = 5e-3;
     let start = Trainer::new(cfg.clone()).unwrap();
-    let mut whole = DeviceTopK::from_trainer(&start, &Device::Cpu).unwrap();
-    let whole_losses: Vec<(f64, f64)> = (0..STEPS)
+    let mut whole = DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap();
+    let whole_losses: Vec<(f64, f64, f64)> = (0..STEPS)
         .map(|s| {
             let h = whole.step(&batch(s)).unwrap().host().unwrap();
-            (h.loss, h.aux_loss)
+            (h.loss, h.aux_loss, h.sparsity_loss)
         })
         .collect();
 
@@ -330,15 +436,15 @@ fn two_replicas_on_half_batches_take_the_whole_batch_step() {
         .into_iter()
         .enumerate()
         .map(|(rank, member)| {
-            let mut d = DeviceTopK::from_trainer(&start, &Device::Cpu)
+            let mut d = DeviceTrainer::from_trainer(&start, &Device::Cpu)
                 .unwrap()
                 .with_collective(member);
             std::thread::spawn(move || {
-                let losses: Vec<(f64, f64)> = (0..STEPS)
+                let losses: Vec<(f64, f64, f64)> = (0..STEPS)
                     .map(|s| {
                         let half = batch(s).narrow(0, rank * N / 2, N / 2).unwrap();
                         let h = d.step(&half).unwrap().host().unwrap();
-                        (h.loss, h.aux_loss)
+                        (h.loss, h.aux_loss, h.sparsity_loss)
                     })
                     .collect();
                 (d.params_host().unwrap(), d.tokens_seen(), losses)
@@ -359,19 +465,20 @@ fn two_replicas_on_half_batches_take_the_whole_batch_step() {
     for (s, (w, r)) in whole_losses.iter().zip(&done[0].2).enumerate() {
         close(&format!("step {s} loss"), w.0, r.0);
         close(&format!("step {s} aux loss"), w.1, r.1);
+        close(&format!("step {s} sparsity loss"), w.2, r.2);
     }
-    assert!(whole_losses.iter().any(|l| l.1 > 0.0), "AuxK never ran");
     assert_same_weights(&whole.params_host().unwrap(), &done[0].0);
 
-    let mut alone = DeviceTopK::from_trainer(&start, &Device::Cpu)
+    let mut alone = DeviceTrainer::from_trainer(&start, &Device::Cpu)
         .unwrap()
         .with_collective(sae_core::InProcess::group(1).remove(0));
     for s in 0..STEPS {
         alone.step(&batch(s)).unwrap();
     }
-    let mut plain = DeviceTopK::from_trainer(&start, &Device::Cpu).unwrap();
+    let mut plain = DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap();
     for s in 0..STEPS {
         plain.step(&batch(s)).unwrap();
     }
     assert!(bits(&alone.params_host().unwrap()) == bits(&plain.params_host().unwrap()));
+    whole_losses.iter().map(|l| l.1).collect()
 }
