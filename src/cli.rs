@@ -92,3 +92,15 @@ mod tests {
         }
     }
 }
+
+/// `cpu` or `cuda` (the first GPU) as a candle device; `cuda` needs a build with
+/// `--features cuda`, and says so when the build has none.
+pub fn device(name: &str) -> candle_core::Result<candle_core::Device> {
+    match name {
+        "cuda" => candle_core::Device::new_cuda(0),
+        "cpu" => Ok(candle_core::Device::Cpu),
+        other => Err(candle_core::Error::Msg(format!(
+            "device {other}: expected cpu or cuda"
+        ))),
+    }
+}

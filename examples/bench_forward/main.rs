@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sae_workbench::transformer_hooks::candle_core::{DType, Device, Tensor};
+use sae_workbench::transformer_hooks::candle_core::{DType, Tensor};
 use sae_workbench::transformer_hooks::{
     self as transformer_hooks, HookPoint, Hooks, LoadOptions, Model, assets,
 };
@@ -34,6 +34,9 @@ struct Args {
     /// Weights and activations dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// `cpu` or `cuda` (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -55,7 +58,8 @@ fn main() -> Result<()> {
         "f16" => DType::F16,
         other => anyhow::bail!("--dtype {other}: expected f32, bf16 or f16"),
     };
-    let device = Device::Cpu;
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {}", args.device))?;
     let t0 = Instant::now();
     let model = Model::load_with(&path, &device, &LoadOptions::default().with_dtype(dtype))
         .with_context(|| format!("loading {}", path.display()))?;
@@ -94,6 +98,8 @@ fn main() -> Result<()> {
                 None => out.logits.context("no logits")?.dims().len(),
                 Some(h) => out.cache.require(h)?.dims().len(),
             };
+            // Kernels are queued on a GPU: the time is the work's only once it is done.
+            device.synchronize()?;
             Ok(())
         };
         run()?;
@@ -109,11 +115,15 @@ fn main() -> Result<()> {
             serde_json::json!({
                 "bench": bench,
                 "impl": "transformer-hooks (candle)",
-                "matmul": transformer_hooks::blas_library().unwrap_or("candle gemm"),
+                "matmul": if device.is_cuda() {
+                    "cuBLAS"
+                } else {
+                    transformer_hooks::blas_library().unwrap_or("candle gemm")
+                },
                 "model": name,
                 "arch": model.config().arch.as_str(),
                 "hook": stop.map(|h| h.to_string()),
-                "device": "cpu",
+                "device": args.device,
                 "threads": threads,
                 "dtype": args.dtype,
                 "batch": args.batch,

@@ -7,8 +7,9 @@
 //! encoder bias (gate bias for gated) is set after one warm-up step so that every feature fires on
 //! N/d_sae of the tokens, i.e. L0 ≈ N, as a trained SAE would. The measured L0 is reported.
 //!
-//! `--path device` times `DeviceTrainer` instead: the whole TopK step as tensor ops on `--device`,
-//! with the batches already there.
+//! `--path device` times `DeviceTrainer` instead (TopK or standard): the whole step as tensor ops
+//! on `--device`, with the batches already there. `peak_device_bytes` is CUDA's own figure where
+//! the build can read it, else null.
 
 use std::time::Instant;
 
@@ -20,7 +21,7 @@ use sae_workbench::sae_core::{
     ArchitectureConfig, BatchTopKTraining, DeviceTrainer, GatedTraining, HostBatch,
     JumpReluTraining, StandardTraining, TopKTraining, Trainer, TrainerConfig,
 };
-use sae_workbench::transformer_hooks::candle_core::{Device, Tensor};
+use sae_workbench::transformer_hooks::candle_core::{DType, Tensor};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -50,12 +51,23 @@ struct Args {
     threads: Option<usize>,
     /// `host`: the trainer's hand-written kernels (the CPU path; with `--device cuda` only the
     /// encoder product runs on the GPU). `device`: `DeviceTrainer`, the whole step as tensor ops on
-    /// `--device` (TopK only).
-    #[arg(long, default_value = "host", value_parser = ["host", "device"])]
+    /// `--device` (topk and standard).
+    /// `encoder`: only the dense encoder product `x W_encᵀ + b_enc` on `--device`, the largest
+    /// matrix product of a step, whose FLOP rate is the one to hold against the chip's peak.
+    #[arg(long, default_value = "host", value_parser = ["host", "device", "encoder"])]
     path: String,
     /// `cpu` or `cuda` (a build with `--features cuda`).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
+    /// Tokens without firing before a feature counts as dead (TopK's AuxK trains the dead ones);
+    /// 0 makes every feature dead, so AuxK runs at every step, the costliest case. Default: the
+    /// trainer's.
+    #[arg(long)]
+    dead_tokens: Option<u64>,
+    /// Let f32 matrix products on CUDA use TF32 tensor cores (off by default in candle, as in
+    /// PyTorch).
+    #[arg(long)]
+    tf32: bool,
 }
 
 fn main() -> Result<()> {
@@ -86,12 +98,15 @@ fn main() -> Result<()> {
         ),
     };
     let relu_family = matches!(args.arch.as_str(), "standard" | "jumprelu" | "gated");
-    let device = match args.device.as_str() {
-        "cuda" => Device::new_cuda(0).context("--device cuda (built with --features cuda?)")?,
-        _ => Device::Cpu,
-    };
+    sae_workbench::transformer_hooks::candle_core::cuda::set_gemm_reduced_precision_f32(args.tf32);
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {} (a build with --features cuda?)", args.device))?;
     let mut cfg = TrainerConfig::new(args.d_in, args.d_sae, arch, (args.steps + 1) as u64);
     cfg.log_every = 1;
+    if let Some(t) = args.dead_tokens {
+        cfg.dead_window_tokens = t;
+    }
+    let cfg_dead_tokens = cfg.dead_window_tokens;
     let mut trainer = Trainer::new(cfg)?.with_device(device.clone());
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let make_batch = |rng: &mut ChaCha8Rng| -> Result<HostBatch> {
@@ -104,12 +119,32 @@ fn main() -> Result<()> {
     let batches: Vec<HostBatch> = (0..2)
         .map(|_| make_batch(&mut rng))
         .collect::<Result<_>>()?;
-    let (warm_l0, l0, secs) = if args.path == "device" {
+    let (warm_l0, l0, secs) = if args.path == "encoder" {
+        let w = Tensor::randn(0f32, 0.02, (args.d_sae, args.d_in), &device)?;
+        let b = Tensor::zeros(args.d_sae, DType::F32, &device)?;
+        let on_device = batches
+            .iter()
+            .map(|b| Ok(Tensor::from_slice(&b.x, (b.n, b.d_in), &device)?))
+            .collect::<Result<Vec<_>>>()?;
+        let product = |x: &Tensor| -> Result<Tensor> { Ok(x.matmul(&w.t()?)?.broadcast_add(&b)?) };
+        product(&on_device[0])?;
+        device.synchronize()?;
+        let t0 = Instant::now();
+        for s in 0..args.steps {
+            product(&on_device[(s + 1) % 2])?;
+        }
+        device.synchronize()?;
+        (0.0, 0.0, t0.elapsed().as_secs_f64())
+    } else if args.path == "device" {
         // The batches go to the device once, as a store feeding the device would leave them.
         let on_device = batches
             .iter()
             .map(|b| Ok(Tensor::from_slice(&b.x, (b.n, b.d_in), &device)?))
             .collect::<Result<Vec<_>>>()?;
+        if relu_family && args.target_l0 > 0 {
+            trainer.step_host(&batches[0])?;
+            trainer.set_encoder_bias_for_l0(&batches[1], args.target_l0)?;
+        }
         let mut dev = DeviceTrainer::from_trainer(&trainer, &device)?;
         let warm = dev.step(&on_device[0])?.host()?;
         let t0 = Instant::now();
@@ -146,7 +181,7 @@ fn main() -> Result<()> {
         "impl": "sae-core",
         "path": args.path,
         "device": args.device,
-        "dtype": "f32",
+        "dtype": if args.tf32 { "f32 (tf32 products)" } else { "f32" },
         "arch": args.arch,
         "d_in": args.d_in,
         "d_sae": args.d_sae,
@@ -155,9 +190,12 @@ fn main() -> Result<()> {
         "target_l0": if relu_family { args.target_l0.into() } else { serde_json::Value::Null },
         "threads": rayon::current_num_threads(),
         "steps": args.steps,
+        "dead_tokens": cfg_dead_tokens,
         "seconds_per_step": secs / args.steps as f64,
         "tokens_per_s": tokens_per_s,
-        "gflops": 12.0 * args.d_in as f64 * args.d_sae as f64 * tokens_per_s / 1e9,
+        // The encoder product alone is 2·d_in·d_sae a token; a step's dense equivalent 12·d_in·d_sae
+        // (encoder and decoder, forward and backward), whatever the path does.
+        "gflops": if args.path == "encoder" { 2.0 } else { 12.0 } * args.d_in as f64 * args.d_sae as f64 * tokens_per_s / 1e9,
         "l0": l0 / args.steps as f64,
         "l0_first_step": warm_l0,
     });

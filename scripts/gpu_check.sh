@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# The GPU proof of issue 13, in two halves, because the GPU machine has no Rust and takes at most
+# 64 MiB:
+#
+#   bash scripts/gpu_check.sh build     # here, no GPU needed: the CUDA build (nvcc from PyPI, code
+#                                       # for sm_90), stripped, into target/gpu-carry/bin
+#   bash scripts/gpu_check.sh run       # on the GPU machine: every check, one JSON line each, into
+#                                       # $OUT/gpu_check.jsonl (or runs/gpu_check), then a summary
+#   bash scripts/gpu_check.sh dry-run   # here: the same sequence on the CPU at toy sizes, with
+#                                       # target/release's binaries, to check the script itself
+#
+# What travels to the GPU machine: this checkout's tracked files (scripts, bench/) and
+# target/gpu-carry (the `carry` of the device tool): parity, bench_forward and bench_sae_train
+# built with --features cuda. What the run needs there and finds there: nvidia-smi, Python with
+# PyTorch and HF transformers, and cuBLAS/cuRAND/NVRTC from PyTorch's wheels (put on
+# LD_LIBRARY_PATH below; candle's cudarc opens them at run time). Models are made there with
+# random weights (scripts/gpu_models.py); SAE inputs are Gaussian.
+#
+# The run: forward parity GPU against CPU on SmolLM2-135M's and Gemma-3-270M's shapes (f32,
+# logprobs within 1e-3; bf16 reported); bench_forward; the dense encoder product's FLOP rate;
+# bench_sae_train's device path at d_in 2,048, d_sae 65,536 and 262,144, batch 4,096, TopK and
+# ReLU-L1, every feature dead (AuxK at every step); the same steps in PyTorch written as SAELens
+# trains (bench/torch_sae_step.py). Each command has its own time limit, and a failure is recorded
+# and the run goes on. Peak device memory is nvidia-smi's largest reading during each command.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-}
+case "$mode" in
+build)
+  set -e
+  venv=${CUDA_VENV:-/tmp/cuda-venv}
+  if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
+  "$venv/bin/pip" install --quiet "nvidia-cuda-nvcc==13.0.88" "nvidia-nvvm==13.0.88" \
+    "nvidia-cuda-crt==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*"
+  root=$("$venv/bin/python" -c 'import os, nvidia; print(os.path.join(nvidia.__path__[0], "cu13"))')
+  export PATH="$root/bin:$PATH" CUDA_ROOT="$root" CUDA_PATH="$root" CUDA_HOME="$root"
+  export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+  target=${CUDA_TARGET:-target/cuda-release}
+  cargo build --release --features cuda --target-dir "$target" \
+    --example parity --example bench_forward --example bench_sae_train
+  mkdir -p target/gpu-carry/bin
+  for b in parity bench_forward bench_sae_train; do
+    strip -o "target/gpu-carry/bin/$b" "$target/release/examples/$b"
+  done
+  du -sh target/gpu-carry
+  exit 0 ;;
+run) dev=cuda; bin=${GPU_BIN:-target/gpu-carry/bin}; out=${OUT:-runs/gpu_check}
+  d_in=2048; widths="65536 262144"; batch=4096; steps=5; py=${PYTHON:-python3} ;;
+dry-run) dev=cpu; bin=target/release/examples; out=${OUT:-runs/gpu_check_dry}
+  d_in=64; widths="512 1024"; batch=128; steps=2; py=${PYTHON:-.venv/bin/python} ;;
+*) echo "usage: $0 build|run|dry-run" >&2; exit 2 ;;
+esac
+
+mkdir -p "$out"
+log="$out/gpu_check.jsonl"
+: > "$log"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+if [ "$dev" = cuda ]; then
+  # PyTorch's CUDA libraries, for candle's dynamic loading.
+  libs=$("$py" - <<'PY'
+import glob, os
+try:
+    import nvidia
+    roots = list(nvidia.__path__)
+except ImportError:
+    roots = []
+dirs = [d for r in roots for d in glob.glob(os.path.join(r, "*", "lib")) + glob.glob(os.path.join(r, "*", "*", "lib"))]
+try:
+    import torch
+    dirs.append(os.path.join(os.path.dirname(torch.__file__), "lib"))
+except ImportError:
+    pass
+print(":".join(dirs))
+PY
+)
+  export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
+    | "$py" -c 'import json,sys; n,d,m=[s.strip() for s in sys.stdin.read().split(",")]; print(json.dumps({"check":"machine","gpu":n,"driver":d,"memory":m}))' >> "$log"
+fi
+
+# record NAME LIMIT_S CMD...: runs CMD, appends its JSON lines (stdout) with the peak device
+# memory it used, or a failure line with the end of its stderr.
+record() {
+  local name=$1 limit=$2; shift 2
+  local mon=""
+  if [ "$dev" = cuda ]; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$work/mem" 2>/dev/null &
+    mon=$!
+  fi
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$work/stdout" 2> "$work/stderr"
+  local rc=$?
+  local peak=null
+  if [ -n "$mon" ]; then
+    kill "$mon" 2>/dev/null; wait "$mon" 2>/dev/null
+    peak=$(sort -n "$work/mem" | tail -1)
+    [ -n "$peak" ] || peak=null
+  fi
+  NAME=$name RC=$rc SECS=$((SECONDS - t0)) PEAK_MIB=$peak "$py" - "$work/stdout" "$work/stderr" >> "$log" <<'PY'
+import json, os, sys
+out, err = (open(p, errors="replace").read() for p in sys.argv[1:3])
+rc, name = int(os.environ["RC"]), os.environ["NAME"]
+peak = os.environ["PEAK_MIB"]
+extra = {"name": name, "rc": rc, "wall_s": int(os.environ["SECS"]),
+         "nvidia_smi_peak_mib": None if peak == "null" else int(peak)}
+lines = [l for l in out.splitlines() if l.startswith("{")]
+for l in lines:
+    print(json.dumps({**json.loads(l), **extra}))
+if rc != 0 and not lines or rc not in (0, 1):
+    print(json.dumps({**extra, "failed": True, "stderr_tail": err[-1500:]}))
+PY
+  echo "== $name: rc $rc, $((SECONDS - t0)) s" >&2
+}
+
+# Models with random weights, of the real shapes (the dry run uses the tiny test fixtures).
+if [ "$dev" = cuda ]; then
+  record models 240 "$py" scripts/gpu_models.py --out "$work/models"
+  smollm2="$work/models/smollm2"; gemma3="$work/models/gemma3"
+else
+  smollm2=transformer-hooks/tests/fixtures/tiny/llama; gemma3=transformer-hooks/tests/fixtures/tiny/gemma3
+fi
+for m in "$smollm2" "$gemma3"; do
+  record "parity $(basename "$m") f32" 120 "$bin/parity" --model "$m" --device "$dev" --ctx 128
+  record "parity $(basename "$m") bf16" 120 "$bin/parity" --model "$m" --device "$dev" --ctx 128 \
+    --dtype bf16 --tolerance 100
+done
+record "forward smollm2 f32" 120 "$bin/bench_forward" --model "$smollm2" --device "$dev" \
+  --layer 1 --batch 8 --ctx 256
+record "forward smollm2 bf16" 120 "$bin/bench_forward" --model "$smollm2" --device "$dev" \
+  --layer 1 --batch 8 --ctx 256 --dtype bf16
+
+for n in $widths; do
+  for tf in "" --tf32; do
+    record "encoder $n${tf:+ tf32}" 60 "$bin/bench_sae_train" --path encoder --device "$dev" \
+      --d-in $d_in --d-sae "$n" --batch $batch --steps 10 $tf
+  done
+  for arch in topk standard; do
+    for tf in "" --tf32; do
+      record "ours $arch $n${tf:+ tf32}" 150 "$bin/bench_sae_train" --path device --device "$dev" \
+        --arch $arch --d-in $d_in --d-sae "$n" --batch $batch --steps $steps --dead-tokens 0 $tf
+      record "torch $arch $n${tf:+ tf32}" 150 "$py" bench/torch_sae_step.py --device "$dev" \
+        --arch $arch --d-in $d_in --d-sae "$n" --batch $batch --steps $steps --dead-tokens 0 $tf
+    done
+  done
+done
+
+"$py" - "$log" "$dev" <<'PY' | tee "$out/summary.txt"
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+# Dense peaks of an H100 SXM / H200 (NVIDIA's datasheets, without sparsity): FP32 67, TF32 495.
+peak = {"f32": 67e12, "f32 (tf32 products)": 495e12}
+for r in rows:
+    if r.get("failed"):
+        print(f"FAILED {r['name']} (rc {r['rc']}): {r['stderr_tail'][-300:]!r}")
+    elif r.get("check") == "forward_parity":
+        print(f"{r['name']}: max |Δ logprob| {r['max_abs_diff']:.2e} "
+              f"({'pass' if r['pass'] else 'FAIL'} at {r['tolerance']})")
+    elif r.get("bench", "").startswith("forward"):
+        print(f"{r['name']} {r['bench']}: {r['tokens_per_s']:.0f} tokens/s")
+    elif r.get("bench") == "sae_train_step":
+        mfu = ""
+        if sys.argv[2] == "cuda" and r.get("dtype") in peak:
+            mfu = f", {100 * r['gflops'] * 1e9 / peak[r['dtype']]:.1f}% of the {r['dtype']} peak"
+        mem = r.get("nvidia_smi_peak_mib")
+        print(f"{r['name']}: {r['tokens_per_s']:.0f} tokens/s, {r['gflops']:.0f} GFLOP/s{mfu}"
+              + (f", peak {mem} MiB" if mem is not None else ""))
+by = {r["name"]: r for r in rows if r.get("bench") == "sae_train_step"}
+for name, r in by.items():
+    if name.startswith("ours "):
+        t = by.get("torch " + name[5:])
+        if t:
+            print(f"ratio ours/torch {name[5:]}: {r['tokens_per_s'] / t['tokens_per_s']:.2f}x")
+PY
+echo "results: $log" >&2
