@@ -33,7 +33,6 @@ use sae_workbench::steering::cue::{
     parse_synonyms, sense_similarity, text_nll, token_nlls,
 };
 use sae_workbench::steering::{FeatureStats, activations, sae_hook};
-use sae_workbench::transformer_hooks::candle_core::Device;
 use sae_workbench::transformer_hooks::{
     self as transformer_hooks, ChatMessage, GenerateOptions, Hooks, Model, assets,
 };
@@ -123,6 +122,9 @@ struct Args {
     /// Output folder (`cases.jsonl`, `summary.json`).
     #[arg(long, default_value = "runs/adjust_cue")]
     out: PathBuf,
+    /// `cpu` or `cuda` (a build with `--features cuda`): where the model runs.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 #[derive(Serialize)]
@@ -135,6 +137,8 @@ struct CaseResult {
 fn main() -> Result<()> {
     transformer_hooks::retain_freed_memory();
     let args = Args::parse();
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {} (a build with --features cuda?)", args.device))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let path = args
@@ -142,7 +146,7 @@ fn main() -> Result<()> {
         .clone()
         .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
     let model =
-        Model::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
+        Model::load(&path, &device).with_context(|| format!("loading {}", path.display()))?;
     let sae =
         SaeModel::load(&args.sae).with_context(|| format!("loading SAE {}", args.sae.display()))?;
     let hook = sae_hook(&sae)?;
@@ -562,7 +566,11 @@ mod tests {
     fn bad_numbers_are_refused_naming_the_flag() {
         sae_workbench::cli::assert_refused::<Args>(
             &["adjust_cue", "--sae", "x"],
-            &[("--answer-tokens", "0"), ("--threshold", "nan")],
+            &[
+                ("--device", "tpu"),
+                ("--answer-tokens", "0"),
+                ("--threshold", "nan"),
+            ],
         );
     }
 }

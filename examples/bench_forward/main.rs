@@ -149,7 +149,7 @@ mod tests {
     fn bad_numbers_are_refused_naming_the_flag() {
         sae_workbench::cli::assert_refused::<Args>(
             &["bench_forward"],
-            &[("--batch", "0"), ("--reps", "0")],
+            &[("--device", "tpu"), ("--batch", "0"), ("--reps", "0")],
         );
     }
 }

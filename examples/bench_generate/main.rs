@@ -66,16 +66,20 @@ struct Args {
     /// Timed repetitions (after a short warm-up); the median is reported.
     #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 1)]
     reps: usize,
+    /// `cpu` or `cuda` (a build with `--features cuda`): where the model runs.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 fn main() -> Result<()> {
     transformer_hooks::retain_freed_memory();
     let args = Args::parse();
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {} (a build with --features cuda?)", args.device))?;
     let path = args
         .model
         .clone()
         .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
-    let device = transformer_hooks::candle_core::Device::Cpu;
     let mut model = Model::load_with(&path, &device, &LoadOptions::default())
         .with_context(|| format!("loading {}", path.display()))?;
     let quant_report = match &args.quantized {
@@ -224,6 +228,7 @@ mod tests {
         sae_workbench::cli::assert_refused::<Args>(
             &["bench_generate"],
             &[
+                ("--device", "tpu"),
                 ("--batch", "0"),
                 ("--prompt", "0"),
                 ("--new", "0"),

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use sae_workbench::activation_store::{self as store, CorpusName};
 use sae_workbench::sft::{Example, SftConfig, Trainer};
-use sae_workbench::transformer_hooks::candle_core::{Device, Var};
+use sae_workbench::transformer_hooks::candle_core::Var;
 use sae_workbench::transformer_hooks::{Model, assets};
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -48,17 +48,22 @@ struct Args {
     /// Write the model, dequantized, as an HF folder here first (what the Python side loads).
     #[arg(long)]
     save_hf: Option<PathBuf>,
+    /// `cpu` or `cuda` (a build with `--features cuda`): where the model runs.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {} (a build with --features cuda?)", args.device))?;
     sae_workbench::transformer_hooks::retain_freed_memory();
     let path = args
         .model
         .clone()
         .unwrap_or_else(|| assets::asset_path("models/gemma-3-270m-q4_k_m.gguf"));
     let mut model =
-        Model::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
+        Model::load(&path, &device).with_context(|| format!("loading {}", path.display()))?;
     if let Some(dir) = &args.save_hf {
         model.save_hf(dir)?;
     }
@@ -202,7 +207,7 @@ mod tests {
     fn bad_numbers_are_refused_naming_the_flag() {
         sae_workbench::cli::assert_refused::<Args>(
             &["bench_sft"],
-            &[("--batch", "0"), ("--steps", "0")],
+            &[("--device", "tpu"), ("--batch", "0"), ("--steps", "0")],
         );
     }
 }

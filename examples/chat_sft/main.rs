@@ -25,7 +25,6 @@ use sae_workbench::metrics::plots::{Mark, Scatter, plot_scatter};
 use sae_workbench::sft::checkpoint_dir;
 use sae_workbench::sft::conversations::{self, Conversation, Material, Sources, Split};
 use sae_workbench::sft::{Example, SftConfig, Trainer, chat_loss, encode_conversation};
-use sae_workbench::transformer_hooks::candle_core::Device;
 use sae_workbench::transformer_hooks::{
     self as transformer_hooks, ChatTemplate, GenerateOptions, Hooks, Model, StopReason, assets,
 };
@@ -78,6 +77,9 @@ struct Args {
     stop_after: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// `cpu` or `cuda` (a build with `--features cuda`): where the model runs.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 /// The measurements of one model (base or fine-tuned).
@@ -101,6 +103,8 @@ struct Answer {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {} (a build with --features cuda?)", args.device))?;
     transformer_hooks::retain_freed_memory();
     let quick = args.quick;
     let steps = args.steps.unwrap_or(if quick { 24 } else { 160 });
@@ -117,7 +121,7 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(args.out.join("data"))?;
 
     eprintln!("== loading {}", path.display());
-    let mut model = Model::load(&path, &Device::Cpu)
+    let mut model = Model::load(&path, &device)
         .with_context(|| format!("loading the base model {}", path.display()))?;
     let mut tok = model.tokenizer()?.clone();
     if tok.chat_template().is_none() {
@@ -390,6 +394,7 @@ mod tests {
         sae_workbench::cli::assert_refused::<Args>(
             &["chat_sft"],
             &[
+                ("--device", "tpu"),
                 ("--micro-batch", "0"),
                 ("--grad-accum", "0"),
                 ("--max-new-tokens", "0"),

@@ -20,7 +20,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sae_workbench::activation_store::ActivationStore;
 use sae_workbench::sae_core::SaeModel;
 use sae_workbench::steering::{ContrastText, FeatureStats, contrast, features_in, sae_hook};
-use sae_workbench::transformer_hooks::candle_core::Device;
 use sae_workbench::transformer_hooks::{
     self as transformer_hooks, ChatMessage, Model, Tokenizer, assets,
 };
@@ -64,11 +63,16 @@ struct Args {
     /// Hits shown per query.
     #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 12)]
     top: usize,
+    /// `cpu` or `cuda` (a build with `--features cuda`): where the model runs.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 fn main() -> Result<()> {
     transformer_hooks::retain_freed_memory();
     let args = Args::parse();
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {} (a build with --features cuda?)", args.device))?;
     let sae =
         SaeModel::load(&args.sae).with_context(|| format!("loading SAE {}", args.sae.display()))?;
     let hook = sae_hook(&sae)?;
@@ -135,7 +139,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let model =
-        Model::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
+        Model::load(&path, &device).with_context(|| format!("loading {}", path.display()))?;
 
     if let (Some(a), Some(b)) = (&args.contrast_a, &args.contrast_b) {
         let (ta, tb) = (read_texts(&model, a)?, read_texts(&model, b)?);
@@ -274,7 +278,11 @@ mod tests {
     fn bad_numbers_are_refused_naming_the_flag() {
         sae_workbench::cli::assert_refused::<Args>(
             &["find_features", "--sae", "x"],
-            &[("--max-firing-rate", "0"), ("--top", "0")],
+            &[
+                ("--device", "tpu"),
+                ("--max-firing-rate", "0"),
+                ("--top", "0"),
+            ],
         );
     }
 }

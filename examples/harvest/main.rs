@@ -13,7 +13,6 @@ use sae_workbench::activation_store::{
     self as store, ActivationStore, CorpusName, HarvestConfig, HookedModel, Split, SplitSpec,
     StoreDtype, WindowPlan,
 };
-use sae_workbench::transformer_hooks::candle_core::Device;
 use sae_workbench::transformer_hooks::{LoadOptions, Model, assets};
 
 #[derive(Parser)]
@@ -64,12 +63,17 @@ struct Args {
     /// Only verify the cache in --out against its manifest.
     #[arg(long)]
     verify: bool,
+    /// `cpu` or `cuda` (a build with `--features cuda`): where the model runs.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 fn main() -> Result<()> {
     // Freed tensors stay in the process for the next operation (transformer-hooks' alloc.rs).
     sae_workbench::transformer_hooks::retain_freed_memory();
     let args = Args::parse();
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {} (a build with --features cuda?)", args.device))?;
     if args.verify {
         let cache = ActivationStore::open(&args.out)?;
         let pb = ProgressBar::new(0).with_style(ProgressStyle::with_template(
@@ -94,7 +98,6 @@ fn main() -> Result<()> {
         .model
         .clone()
         .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
-    let device = Device::Cpu;
     let mut opts = LoadOptions::default();
     if let Some(t) = &args.tokenizer {
         opts = opts.with_tokenizer(t);
@@ -155,6 +158,9 @@ mod tests {
     /// flag, before any file is read.
     #[test]
     fn bad_numbers_are_refused_naming_the_flag() {
-        sae_workbench::cli::assert_refused::<Args>(&["harvest", "--out", "x"], &[("--batch", "0")]);
+        sae_workbench::cli::assert_refused::<Args>(
+            &["harvest", "--out", "x"],
+            &[("--device", "tpu"), ("--batch", "0")],
+        );
     }
 }

@@ -3,7 +3,6 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use sae_workbench::transformer_hooks::candle_core::Device;
 use sae_workbench::transformer_hooks::{HookPoint, Hooks, Intervention, Model};
 
 #[derive(Parser)]
@@ -21,13 +20,18 @@ struct Args {
     /// Zero the MLP output (`blocks.L.hook_mlp_out`) of this layer.
     #[arg(long)]
     zero_ablate_mlp: Option<usize>,
+    /// `cpu` or `cuda` (a build with `--features cuda`): where the model runs.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 fn main() -> Result<()> {
     // Freed tensors stay in the process for the next operation (transformer-hooks' alloc.rs).
     sae_workbench::transformer_hooks::retain_freed_memory();
     let args = Args::parse();
-    let model = Model::load(&args.model, &Device::Cpu)
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {} (a build with --features cuda?)", args.device))?;
+    let model = Model::load(&args.model, &device)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let text = std::fs::read_to_string(&args.text_file)
         .with_context(|| format!("reading {}", args.text_file.display()))?;
@@ -79,7 +83,7 @@ mod tests {
     fn bad_numbers_are_refused_naming_the_flag() {
         sae_workbench::cli::assert_refused::<Args>(
             &["logprobs", "--model", "x", "--text-file", "x"],
-            &[("--max-tokens", "0")],
+            &[("--device", "tpu"), ("--max-tokens", "0")],
         );
     }
 }

@@ -115,6 +115,9 @@ struct Args {
     /// copied from another machine). The rest of `fits.json` is kept.
     #[arg(long)]
     refit: bool,
+    /// `cpu` or `cuda` (a build with `--features cuda`): where the model runs.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 /// One SAE of the sweep.
@@ -313,6 +316,8 @@ struct RunResult {
 fn main() -> Result<()> {
     sae_workbench::transformer_hooks::retain_freed_memory();
     let args = Args::parse();
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {} (a build with --features cuda?)", args.device))?;
     if args.batch == 0 || args.context < 2 || !(args.lr.is_finite() && args.lr > 0.0) {
         bail!("--batch must be at least 1, --context at least 2, --lr positive");
     }
@@ -357,7 +362,7 @@ fn main() -> Result<()> {
         .model
         .clone()
         .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
-    let model = Model::load_with(&model_path, &Device::Cpu, &LoadOptions::default())
+    let model = Model::load_with(&model_path, &device, &LoadOptions::default())
         .with_context(|| format!("loading {}", model_path.display()))?;
     // Runs train in groups that fit in memory, each group on its own pass over the same
     // stream: say now, before an hour of harvesting, if one run alone cannot fit.
@@ -459,7 +464,15 @@ fn main() -> Result<()> {
         let mut source = IterSource(stream);
         source.skip_batches(plan.step)?;
         let make = |s: &RunSpec| trainer_config(s, d_in, &hook, args.seed);
-        train_group(&members, &plan, &make, &mut source, &out, &progress_path)?;
+        train_group(
+            &members,
+            &plan,
+            &make,
+            &mut source,
+            &out,
+            &progress_path,
+            &device,
+        )?;
         plan.group += 1;
         plan.step = 0;
         write_atomic(&progress_path, &serde_json::to_vec(&plan)?)?;
@@ -713,6 +726,7 @@ fn train_group(
     source: &mut dyn BatchSource,
     out: &Path,
     progress_path: &Path,
+    device: &Device,
 ) -> Result<()> {
     let sae_dir = |s: &RunSpec| out.join("saes").join(&s.name);
     let ck_dir = |s: &RunSpec| out.join("checkpoints").join(&s.name);
@@ -732,7 +746,7 @@ fn train_group(
         } else {
             Trainer::new(config(s))?
         };
-        trainers.push(t);
+        trainers.push(t.with_device(device.clone()));
     }
     let mut final_train: Vec<Option<TrainMetrics>> = vec![None; trainers.len()];
     let ends: BTreeSet<u64> = members
@@ -1399,7 +1413,15 @@ mod tests {
                 .filter_map(|n| pending.iter().find(|s| &s.name == n).copied())
                 .collect();
             let mut source = batches(plan.step, fail_at);
-            train_group(&members, &plan, &make, &mut source, dir, &progress)
+            train_group(
+                &members,
+                &plan,
+                &make,
+                &mut source,
+                dir,
+                &progress,
+                &Device::Cpu,
+            )
         };
         let whole = root.join("whole");
         sweep(&whole, u64::MAX).unwrap();

@@ -93,6 +93,9 @@ struct Args {
     /// Only redraw the plots from `OUT/results.jsonl` of an earlier run (same `--feature`).
     #[arg(long)]
     replot: bool,
+    /// `cpu` or `cuda` (a build with `--features cuda`): where the model runs.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 /// Per value, what was measured.
@@ -173,6 +176,8 @@ struct Prompt {
 fn main() -> Result<()> {
     transformer_hooks::retain_freed_memory();
     let args = Args::parse();
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {} (a build with --features cuda?)", args.device))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     if args.replot {
@@ -195,7 +200,7 @@ fn main() -> Result<()> {
         .clone()
         .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
     let model =
-        Model::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
+        Model::load(&path, &device).with_context(|| format!("loading {}", path.display()))?;
     let tok = model.tokenizer()?;
     let sae =
         SaeModel::load(&args.sae).with_context(|| format!("loading SAE {}", args.sae.display()))?;
@@ -791,6 +796,7 @@ mod tests {
                 "0",
             ],
             &[
+                ("--device", "tpu"),
                 ("--max-new-tokens", "0"),
                 ("--samples", "0"),
                 ("--batch", "0"),

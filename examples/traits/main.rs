@@ -23,7 +23,6 @@ use sae_workbench::sae_core::SaeModel;
 use sae_workbench::steering::{
     FeatureEdit, FeatureStats, Steering, Trait, TraitOptions, sae_hook, traits,
 };
-use sae_workbench::transformer_hooks::candle_core::Device;
 use sae_workbench::transformer_hooks::{
     self as transformer_hooks, ChatMessage, GenerateOptions, Hooks, Model, Sampling, assets,
 };
@@ -74,6 +73,9 @@ struct Args {
     /// Output folder.
     #[arg(long, default_value = "runs/traits")]
     out: PathBuf,
+    /// `cpu` or `cuda` (a build with `--features cuda`): where the model runs.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 fn parse_clamp(s: &str) -> Result<(usize, f32), String> {
@@ -105,6 +107,8 @@ struct Row {
 fn main() -> Result<()> {
     transformer_hooks::retain_freed_memory();
     let args = Args::parse();
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {} (a build with --features cuda?)", args.device))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let path = args
@@ -112,7 +116,7 @@ fn main() -> Result<()> {
         .clone()
         .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
     let model =
-        Model::load(&path, &Device::Cpu).with_context(|| format!("loading {}", path.display()))?;
+        Model::load(&path, &device).with_context(|| format!("loading {}", path.display()))?;
     let tok = model.tokenizer()?;
     let sae =
         SaeModel::load(&args.sae).with_context(|| format!("loading SAE {}", args.sae.display()))?;
@@ -346,6 +350,7 @@ mod tests {
         sae_workbench::cli::assert_refused::<Args>(
             &["traits", "--sae", "x", "--prompts-file", "x"],
             &[
+                ("--device", "tpu"),
                 ("--max-new-tokens", "0"),
                 ("--samples", "0"),
                 ("--batch", "0"),

@@ -105,6 +105,9 @@ struct Args {
     out: PathBuf,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// `cpu` or `cuda` (a build with `--features cuda`): where the model runs.
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
 }
 
 struct Texts {
@@ -117,6 +120,8 @@ struct Texts {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {} (a build with --features cuda?)", args.device))?;
     transformer_hooks::retain_freed_memory();
     let t_start = Instant::now();
     let train_tokens = args
@@ -136,9 +141,9 @@ fn main() -> Result<()> {
         base_path.display(),
         args.chat.display()
     );
-    let base = Model::load(&base_path, &Device::Cpu)
+    let base = Model::load(&base_path, &device)
         .with_context(|| format!("loading the base model {}", base_path.display()))?;
-    let chat = Model::load(&args.chat, &Device::Cpu).with_context(|| {
+    let chat = Model::load(&args.chat, &device).with_context(|| {
         format!(
             "loading the chat model {} (make one with `cargo run --release --example chat_sft`)",
             args.chat.display()
@@ -887,6 +892,7 @@ mod tests {
         sae_workbench::cli::assert_refused::<Args>(
             &["transfer"],
             &[
+                ("--device", "tpu"),
                 ("--expansion", "0"),
                 ("--k", "0"),
                 ("--epochs", "0"),
