@@ -17,3 +17,5 @@ export PATH="$root/bin:$PATH" CUDA_ROOT="$root" CUDA_PATH="$root" CUDA_HOME="$ro
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 nvcc --version | tail -1
 cargo check --workspace --all-targets --features cuda --target-dir "${CUDA_TARGET:-target/cuda-check}"
+# The NCCL collective (sae-core's `nccl` feature), with its test.
+cargo check -p sae-core --all-targets --features nccl --target-dir "${CUDA_TARGET:-target/cuda-check}"

@@ -5,7 +5,9 @@
 For machines where no model of ours can travel (the GPU machine takes at most 64 MiB): the
 forward-parity check (`examples/parity`) loads them on the CPU and on the GPU and compares. The
 shapes are the real models' (layers, widths, heads, vocabularies, Gemma's sliding window and its
-five-local-one-global layer pattern); the weights are HF's own initialisation, seeded.
+five-local-one-global layer pattern); the weights are HF's own initialisation, seeded, with the
+(tied) embedding redrawn at std 0.05 instead of 0.02, so that the logits are far from uniform and a
+wrong kernel shows in the log-probabilities.
 
     python scripts/gpu_models.py --out /tmp/models      # writes /tmp/models/{smollm2,gemma3}
 """
@@ -50,6 +52,8 @@ def main():
             continue
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, 0.05)
         path = os.path.join(args.out, name)
         model.save_pretrained(path, safe_serialization=True)
         n = sum(p.numel() for p in model.parameters())

@@ -69,6 +69,8 @@ mod error;
 pub mod io;
 pub mod kernels;
 mod model;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod optim;
 mod params;
 #[cfg(feature = "testkit")]
@@ -90,6 +92,8 @@ pub use device::{
 };
 pub use error::{Result, SaeError};
 pub use model::SaeModel;
+#[cfg(feature = "nccl")]
+pub use nccl::Nccl;
 pub use optim::{Adam, grad_norm};
 pub use params::{Param, Params};
 pub use trainer::{

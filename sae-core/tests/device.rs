@@ -482,3 +482,37 @@ fn replicas_agree(mut cfg: TrainerConfig) -> Vec<f64> {
     assert!(bits(&alone.params_host().unwrap()) == bits(&plain.params_host().unwrap()));
     whole_losses.iter().map(|l| l.1).collect()
 }
+
+/// On a GPU with NCCL (a build with `--features nccl`, run by `scripts/gpu_check.sh`): a group
+/// of one joined through NCCL takes the plain step bit for bit, and its all-reduce returns its
+/// input.
+#[cfg(feature = "nccl")]
+#[test]
+fn an_nccl_group_of_one_is_the_plain_step() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let dir = tempfile::tempdir().unwrap();
+    let member = sae_core::Nccl::join(
+        &gpu,
+        0,
+        1,
+        &dir.path().join("nccl_id"),
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap();
+    let t = Tensor::new(&[1.5f32, -2.0, 3.25], &gpu).unwrap();
+    let sum = sae_core::Collective::all_reduce_sum(&member, &t).unwrap();
+    assert_eq!(sum.to_vec1::<f32>().unwrap(), vec![1.5, -2.0, 3.25]);
+    let counts = Tensor::new(&[7f64, 0.0, 1e12], &gpu).unwrap();
+    let sum = sae_core::Collective::all_reduce_sum(&member, &counts).unwrap();
+    assert_eq!(sum.to_vec1::<f64>().unwrap(), vec![7.0, 0.0, 1e12]);
+    let start = Trainer::new(resident_config()).unwrap();
+    let mut alone = DeviceTrainer::from_trainer(&start, &gpu)
+        .unwrap()
+        .with_collective(std::sync::Arc::new(member));
+    let mut plain = DeviceTrainer::from_trainer(&start, &gpu).unwrap();
+    for s in 0..STEPS {
+        alone.step(&batch(s)).unwrap();
+        plain.step(&batch(s)).unwrap();
+    }
+    assert!(bits(&alone.params_host().unwrap()) == bits(&plain.params_host().unwrap()));
+}
