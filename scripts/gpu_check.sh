@@ -11,7 +11,7 @@
 #
 # What travels to the GPU machine: this checkout's tracked files (scripts, bench/) and
 # target/gpu-carry (the `carry` of the device tool): parity, bench_forward and bench_sae_train
-# built with --features cuda. What the run needs there and finds there: nvidia-smi, Python with
+# built with --features cuda, and sae-core's device tests built with --features nccl. What the run needs there and finds there: nvidia-smi, Python with
 # PyTorch and HF transformers, and cuBLAS/cuRAND/NVRTC from PyTorch's wheels (put on
 # LD_LIBRARY_PATH below; candle's cudarc opens them at run time). Models are made there with
 # random weights (scripts/gpu_models.py); SAE inputs are Gaussian.
@@ -38,10 +38,19 @@ build)
   target=${CUDA_TARGET:-target/cuda-release}
   cargo build --release --features cuda --target-dir "$target" \
     --example parity --example bench_forward --example bench_sae_train
+  # sae-core's device tests with the GPU ones in (CUDA against the host path, NCCL's group of one).
+  test_bin=$(cargo test --release --features nccl -p sae-core --test device --no-run \
+    --target-dir "$target" --message-format=json 2>/dev/null \
+    | "$venv/bin/python" -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "device":
+        print(m["executable"])')
   mkdir -p target/gpu-carry/bin
   for b in parity bench_forward bench_sae_train; do
     strip -o "target/gpu-carry/bin/$b" "$target/release/examples/$b"
   done
+  strip -o target/gpu-carry/bin/sae_core_device_tests "$test_bin"
   du -sh target/gpu-carry
   exit 0 ;;
 run) dev=cuda; bin=${GPU_BIN:-target/gpu-carry/bin}; out=${OUT:-runs/gpu_check}
@@ -74,7 +83,12 @@ except ImportError:
 print(":".join(dirs))
 PY
 )
-  export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
+  # cudarc looks for libnccl.so (or .so.<CUDA major>); the wheels ship NCCL's own soname, .so.2.
+  mkdir -p "$work/lib"
+  for d in ${libs//:/ }; do
+    [ -e "$d/libnccl.so.2" ] && ln -sf "$d/libnccl.so.2" "$work/lib/libnccl.so" && break
+  done
+  export LD_LIBRARY_PATH="$work/lib:$libs:${LD_LIBRARY_PATH:-}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
     | "$py" -c 'import json,sys; n,d,m=[s.strip() for s in sys.stdin.read().split(",")]; print(json.dumps({"check":"machine","gpu":n,"driver":d,"memory":m}))' >> "$log"
 fi
@@ -108,10 +122,18 @@ lines = [l for l in out.splitlines() if l.startswith("{")]
 for l in lines:
     print(json.dumps({**json.loads(l), **extra}))
 if rc != 0 and not lines or rc not in (0, 1):
-    print(json.dumps({**extra, "failed": True, "stderr_tail": err[-1500:]}))
+    print(json.dumps({**extra, "failed": True, "stderr_tail": err[-1500:], "stdout_tail": out[-1500:]}))
+elif not lines:
+    print(json.dumps({**extra, "check": "command", "stdout_tail": out[-1500:]}))
 PY
   echo "== $name: rc $rc, $((SECONDS - t0)) s" >&2
 }
+
+# sae-core's device tests: on CUDA, the device path against the host path and NCCL's group of
+# one (the dry run has no such binary: `cargo test -p sae-core --test device` runs them here).
+if [ "$dev" = cuda ]; then
+  record "sae-core device tests" 180 "$bin/sae_core_device_tests" --test-threads 4
+fi
 
 # Models with random weights, of the real shapes (the dry run uses the tiny test fixtures).
 if [ "$dev" = cuda ]; then
@@ -153,6 +175,8 @@ peak = {"f32": 67e12, "f32 (tf32 products)": 495e12}
 for r in rows:
     if r.get("failed"):
         print(f"FAILED {r['name']} (rc {r['rc']}): {r['stderr_tail'][-300:]!r}")
+    elif r.get("check") == "command":
+        print(f"{r['name']}: rc {r['rc']}, {r['stdout_tail'].strip().splitlines()[-1:]}")
     elif r.get("check") == "forward_parity":
         print(f"{r['name']}: max |Δ logprob| {r['max_abs_diff']:.2e} "
               f"({'pass' if r['pass'] else 'FAIL'} at {r['tolerance']})")

@@ -48,9 +48,13 @@ fn assert_same_weights(host: &Params, device: &Params) {
 
 /// Steps both paths through the same batches and compares them.
 fn agree(cfg: TrainerConfig) -> (f64, f64, Vec<usize>) {
+    agree_on(cfg, &Device::Cpu)
+}
+
+/// [`agree`] with the device path on `on` (the host path runs on the CPU).
+fn agree_on(cfg: TrainerConfig, on: &Device) -> (f64, f64, Vec<usize>) {
     let mut host = Trainer::new(cfg.clone()).unwrap();
-    let mut device =
-        DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap();
+    let mut device = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), on).unwrap();
     let mut aux_seen = (0.0f64, 0.0f64);
     let mut dead_counts = Vec::new();
     for s in 0..STEPS {
@@ -152,6 +156,19 @@ fn selected_features_below_zero_are_not_codes() {
 /// decoder, b_dec subtracted, b_dec from the geometric median, inputs normalised.
 #[test]
 fn standard_relu_l1_matches_the_host_path() {
+    let cfg = standard_l1_config();
+    let mut host = Trainer::new(cfg.clone()).unwrap();
+    let first = host.step(&batch(0)).unwrap();
+    assert!(
+        first.l0 > 10.0,
+        "L0 {}: the codes should be dense",
+        first.l0
+    );
+    assert_eq!(first.sparsity_loss, 0.0, "warm-up starts at zero");
+    agree(cfg);
+}
+
+fn standard_l1_config() -> TrainerConfig {
     let mut cfg = TrainerConfig::new(
         D_IN,
         D_SAE,
@@ -164,15 +181,7 @@ fn standard_relu_l1_matches_the_host_path() {
     cfg.lr = 5e-3;
     cfg.sparsity_warm_up_steps = 8;
     cfg.seed = 4;
-    let mut host = Trainer::new(cfg.clone()).unwrap();
-    let first = host.step(&batch(0)).unwrap();
-    assert!(
-        first.l0 > 10.0,
-        "L0 {}: the codes should be dense",
-        first.l0
-    );
-    assert_eq!(first.sparsity_loss, 0.0, "warm-up starts at zero");
-    agree(cfg);
+    cfg
 }
 
 /// Standard with a free decoder norm (the penalty's decoder-norm gradient matters), no b_dec
@@ -481,6 +490,49 @@ fn replicas_agree(mut cfg: TrainerConfig) -> Vec<f64> {
     }
     assert!(bits(&alone.params_host().unwrap()) == bits(&plain.params_host().unwrap()));
     whole_losses.iter().map(|l| l.1).collect()
+}
+
+/// The checks [`on_the_gpu_the_device_path_matches_the_host_path`] runs on CUDA, here on the CPU,
+/// so that the sequence itself is known to pass.
+#[test]
+fn the_gpu_checks_pass_on_the_cpu() {
+    device_path_matches_on(&Device::Cpu);
+}
+
+/// On a GPU (a build with `--features cuda`, run by `scripts/gpu_check.sh` on the GPU machine):
+/// TopK with AuxK at every step and the standard SAE with its L1 warm-up, the device path on
+/// CUDA against the host path on the CPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn on_the_gpu_the_device_path_matches_the_host_path() {
+    device_path_matches_on(&Device::new_cuda(0).expect("a CUDA device"));
+}
+
+fn device_path_matches_on(dev: &Device) {
+    let mut topk = TrainerConfig::new(
+        D_IN,
+        D_SAE,
+        ArchitectureConfig::TopK(TopKTraining::new(4)),
+        STEPS,
+    );
+    topk.lr = 5e-3;
+    topk.dead_window_tokens = 0;
+    topk.seed = 11;
+    let (aux, _, _) = agree_on(topk, dev);
+    assert!(aux > 0.0, "AuxK never ran");
+    agree_on(standard_l1_config(), dev);
+    // Through the trainer, batches coming from the host.
+    let mut host = Trainer::new(resident_config()).unwrap();
+    host.train(&mut source(0..STEPS), Progress::Hidden).unwrap();
+    let mut on_dev = Trainer::new(resident_config())
+        .unwrap()
+        .with_device(dev.clone())
+        .with_device_resident(true)
+        .unwrap();
+    on_dev
+        .train(&mut source(0..STEPS), Progress::Hidden)
+        .unwrap();
+    assert_same_weights(host.sae().params(), on_dev.sae().params());
 }
 
 /// On a GPU with NCCL (a build with `--features nccl`, run by `scripts/gpu_check.sh`): a group
