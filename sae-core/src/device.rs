@@ -78,6 +78,8 @@ pub struct DeviceTrainer {
     window_fires: Tensor,
     window_tokens: u64,
     lifetime_fires: Tensor,
+    /// NaN or infinite values seen in the batches so far (f64, 0-dimensional), read with a step.
+    bad_values: Tensor,
     /// The replicas this one trains with (data parallel); `None`: alone.
     collective: Option<Arc<dyn Collective>>,
 }
@@ -119,6 +121,7 @@ pub struct DeviceStep {
     tokens_since_fired: Tensor,
     window_fires: Tensor,
     window_tokens: u64,
+    bad_values: Tensor,
 }
 
 /// [`DeviceStep`] read back.
@@ -139,10 +142,18 @@ impl DeviceStep {
     /// Copies the scalars to the host.
     ///
     /// # Errors
+    /// [`SaeError::NonFiniteBatches`] when a batch so far held NaN or infinity;
     /// [`SaeError::NonFiniteTraining`] when the loss or the gradient norm is NaN or infinite
     /// (the host path checks every step; here the check happens when the host looks).
     pub fn host(&self) -> Result<DeviceStepScalars> {
         let read = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+        let bad = read(&self.bad_values)?;
+        if bad > 0.0 {
+            return Err(SaeError::NonFiniteBatches {
+                step: self.step,
+                count: bad as u64,
+            });
+        }
         let s = DeviceStepScalars {
             step: self.step,
             lr: self.lr,
@@ -288,6 +299,7 @@ impl DeviceTrainer {
             window_fires: u64s(trainer.window_fires())?,
             window_tokens: trainer.window_tokens(),
             lifetime_fires: u64s(trainer.lifetime_fires())?,
+            bad_values: Tensor::zeros((), DType::F64, device)?,
             collective: None,
             cfg,
         })
@@ -329,14 +341,31 @@ impl DeviceTrainer {
         to_host(&self.params)
     }
 
+    /// Fails if any batch so far held NaN or infinity (one read from the device).
+    ///
+    /// # Errors
+    /// [`SaeError::NonFiniteBatches`]; candle errors from the read.
+    pub fn check_inputs(&self) -> Result<()> {
+        let bad = self.bad_values.to_scalar::<f64>()?;
+        if bad > 0.0 {
+            return Err(SaeError::NonFiniteBatches {
+                step: self.step,
+                count: bad as u64,
+            });
+        }
+        Ok(())
+    }
+
     /// Hands the run back to a host trainer (the one it started from, or one of the same
     /// configuration): its weights, Adam state and counters become this run's, so that
     /// [`Trainer::save`] and [`Trainer::checkpoint`] write it, and a checkpoint resumed with
     /// [`Trainer::resume`] and [`DeviceTrainer::from_trainer`] continues it exactly.
     ///
     /// # Errors
-    /// A configuration error when `trainer` has another configuration; candle errors.
+    /// [`SaeError::NonFiniteBatches`] when a batch held NaN or infinity (nothing is written); a
+    /// configuration error when `trainer` has another configuration; candle errors.
     pub fn write_to(&self, trainer: &mut Trainer) -> Result<()> {
+        self.check_inputs()?;
         if trainer.config() != &self.cfg {
             return Err(SaeError::config(
                 "device training",
@@ -375,6 +404,9 @@ impl DeviceTrainer {
             });
         }
         let mut x = batch.to_device(&self.device)?.to_dtype(DType::F32)?;
+        // `x - x` is NaN exactly where x is NaN or infinite.
+        let bad = (&x - &x)?.ne(0f32)?.to_dtype(DType::F64)?.sum_all()?;
+        self.bad_values = (&self.bad_values + bad)?;
         // Tokens in the whole step: every sum over tokens is divided by it.
         let n_total = match &self.collective {
             Some(c) if c.world_size() > 1 => c
@@ -509,6 +541,7 @@ impl DeviceTrainer {
             tokens_since_fired: self.tokens_since_fired.clone(),
             window_fires: self.window_fires.clone(),
             window_tokens: self.window_tokens,
+            bad_values: self.bad_values.clone(),
         };
         self.step += 1;
         self.tokens_seen += n_total as u64;

@@ -31,6 +31,13 @@ pub enum SaeError {
     /// Training produced NaN or infinity in the loss or the weights.
     #[error("training step {step}: {what} became non-finite ({value})")]
     NonFiniteTraining { step: u64, what: String, value: f64 },
+    /// Batches on the device path held NaN or infinity (counted on the device, and reported when
+    /// the host reads a step back, since a check at every step would make the device wait).
+    #[error(
+        "training batches up to step {step} held {count} NaN or infinite values: the activations \
+         fed to the trainer are broken"
+    )]
+    NonFiniteBatches { step: u64, count: u64 },
     /// A file lacked a tensor that the architecture needs.
     #[error("{file}: missing tensor `{name}` (this {architecture} SAE needs {expected:?})")]
     MissingTensor {

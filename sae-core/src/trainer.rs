@@ -1290,7 +1290,15 @@ pub fn train_many(
             tracing::warn!("batch source ended before total_steps");
             break;
         };
-        let hb = HostBatch::from_tensor(&batch, d_in)?;
+        // The host copy (checked for NaN) only when a trainer on the host path needs it: the
+        // device path counts non-finite values on the device, so a GPU batch stays there.
+        let needs_host = trainers
+            .iter()
+            .zip(&resident)
+            .any(|(t, d)| d.is_none() && !t.is_done() && t.step <= batch_index);
+        let hb = needs_host
+            .then(|| HostBatch::from_tensor(&batch, d_in))
+            .transpose()?;
         let mut uploaded: Option<Tensor> = None;
         let mut msg = String::new();
         for (i, t) in trainers.iter_mut().enumerate() {
@@ -1320,7 +1328,10 @@ pub fn train_many(
                     None
                 }
             } else {
-                let m = t.step_host(&hb)?;
+                let hb = hb.as_ref().ok_or_else(|| {
+                    SaeError::config("train_many", "no host copy of the batch for a host trainer")
+                })?;
+                let m = t.step_host(hb)?;
                 logged(m.step).then_some(m)
             };
             if let Some(m) = m {

@@ -568,3 +568,47 @@ fn an_nccl_group_of_one_is_the_plain_step() {
     }
     assert!(bits(&alone.params_host().unwrap()) == bits(&plain.params_host().unwrap()));
 }
+
+/// NaN or infinity in a batch is reported as broken input, not as a diverged loss: when the step
+/// is read back, at the trainer's next logged step, and before a device run is handed over.
+#[test]
+fn non_finite_batches_are_reported_as_broken_input() {
+    let mut d =
+        DeviceTrainer::from_trainer(&Trainer::new(resident_config()).unwrap(), &Device::Cpu)
+            .unwrap();
+    d.step(&batch(0)).unwrap().host().unwrap();
+    let mut x: Vec<f32> = batch(1).flatten_all().unwrap().to_vec1().unwrap();
+    x[5] = f32::INFINITY;
+    x[17] = f32::NAN;
+    let broken = Tensor::from_vec(x, (N, D_IN), &Device::Cpu).unwrap();
+    let e = d.step(&broken).unwrap().host().unwrap_err();
+    assert!(
+        matches!(e, sae_core::SaeError::NonFiniteBatches { count: 2, .. }),
+        "{e}"
+    );
+    // Later steps still say so, and nothing is handed to the host trainer.
+    let later = d.step(&batch(2)).unwrap().host().unwrap_err();
+    assert!(
+        matches!(later, sae_core::SaeError::NonFiniteBatches { .. }),
+        "{later}"
+    );
+    let mut host = Trainer::new(resident_config()).unwrap();
+    assert!(d.write_to(&mut host).is_err());
+    assert_eq!(host.step_count(), 0);
+
+    // Through the trainer: batch 4 is broken, step 4 is not logged (every 3rd is), step 6 is.
+    let mut t = Trainer::new(resident_config())
+        .unwrap()
+        .with_device_resident(true)
+        .unwrap();
+    let mut src = IterSource((0..STEPS).map(|s| -> sae_core::Result<Tensor> {
+        let mut x: Vec<f32> = batch(s).flatten_all().unwrap().to_vec1().unwrap();
+        if s == 4 {
+            x[0] = f32::NAN;
+        }
+        Ok(Tensor::from_vec(x, (N, D_IN), &Device::Cpu).unwrap())
+    }));
+    let e = t.train(&mut src, Progress::Hidden).unwrap_err();
+    assert!(e.to_string().contains("NaN or infinite"), "{e}");
+    assert!(t.step_count() <= 6, "stopped at step {}", t.step_count());
+}
