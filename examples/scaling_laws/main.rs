@@ -458,7 +458,8 @@ fn main() -> Result<()> {
         let stream = acts.batches(StreamConfig {
             seed: args.seed,
             epochs: None,
-            device: Device::Cpu,
+            // On a GPU the prefetch thread makes each batch there while the trainers step.
+            device: device.clone(),
             ..StreamConfig::new(args.batch)
         })?;
         let mut source = IterSource(stream);

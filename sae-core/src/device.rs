@@ -42,8 +42,12 @@ const NAMES: [&str; 4] = ["W_enc", "b_enc", "W_dec", "b_dec"];
 /// room for several blocks per multiprocessor; 16,384 would already pass the default 48 KiB.
 pub const TOP_K_CHUNK: usize = 4096;
 
+/// Halvings of the interval that holds BatchTopK's batch threshold: from `[0, max]` to well under
+/// one f32 step at any threshold above `max / 2^16`.
+const THRESHOLD_BISECTIONS: usize = 40;
+
 /// What sets an architecture's codes and penalty; the rest of the step is shared.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Rule {
     TopK {
         k: usize,
@@ -53,6 +57,15 @@ enum Rule {
     },
     /// ReLU codes, penalty `l1 · Σ_f a_f ||W_dec[f]||` per token (before the warm-up factor).
     Standard { l1: f64 },
+    /// The batch's `k · n` largest ReLU'd pre-activations, AuxK as TopK, and for Matryoshka the
+    /// reconstructions from each prefix of `inner_widths` features added to the loss.
+    BatchTopK {
+        k: f64,
+        threshold_lr: f64,
+        aux_k: usize,
+        aux_coefficient: f64,
+        inner_widths: Vec<usize>,
+    },
 }
 
 /// An SAE trainer on a device (TopK or standard ReLU-L1), started from a host [`Trainer`] (its
@@ -80,6 +93,8 @@ pub struct DeviceTrainer {
     lifetime_fires: Tensor,
     /// NaN or infinite values seen in the batches so far (f64, 0-dimensional), read with a step.
     bad_values: Tensor,
+    /// BatchTopK's inference threshold θ (f64, 0-dimensional; zero for the other rules).
+    topk_threshold: Tensor,
     /// The replicas this one trains with (data parallel); `None`: alone.
     collective: Option<Arc<dyn Collective>>,
 }
@@ -215,9 +230,14 @@ pub(crate) fn device_path_refusal(trainer: &Trainer) -> Option<&'static str> {
     let cfg = trainer.config();
     if !matches!(
         cfg.sae,
-        ArchitectureConfig::TopK(_) | ArchitectureConfig::Standard(_)
+        ArchitectureConfig::TopK(_)
+            | ArchitectureConfig::Standard(_)
+            | ArchitectureConfig::BatchTopK(_)
+            | ArchitectureConfig::Matryoshka(_)
     ) {
-        return Some("only TopK and standard (ReLU-L1) SAEs run on the device path so far");
+        return Some(
+            "only TopK, BatchTopK, Matryoshka and standard (ReLU-L1) SAEs run on the device path so far",
+        );
     }
     if !cfg.resample_at_steps.is_empty() {
         return Some("resampling is not on the device path");
@@ -256,13 +276,45 @@ impl DeviceTrainer {
                 t.apply_b_dec_to_input,
                 t.decoder_norm,
             ),
+            ArchitectureConfig::BatchTopK(t) => (
+                Rule::BatchTopK {
+                    k: f64::from(t.k),
+                    threshold_lr: t.topk_threshold_lr,
+                    aux_k: crate::arch::aux_k_size(t.aux_k, cfg.d_in),
+                    aux_coefficient: f64::from(t.aux_loss_coefficient),
+                    inner_widths: Vec::new(),
+                },
+                t.apply_b_dec_to_input,
+                t.decoder_norm,
+            ),
+            ArchitectureConfig::Matryoshka(t) => {
+                let mut widths = t.widths(cfg.d_sae)?;
+                widths.pop(); // the last is d_sae, the main reconstruction
+                (
+                    Rule::BatchTopK {
+                        k: f64::from(t.k),
+                        threshold_lr: t.topk_threshold_lr,
+                        aux_k: crate::arch::aux_k_size(t.aux_k, cfg.d_in),
+                        aux_coefficient: f64::from(t.aux_loss_coefficient),
+                        inner_widths: widths,
+                    },
+                    t.apply_b_dec_to_input,
+                    t.decoder_norm,
+                )
+            }
             _ => {
                 return Err(SaeError::config(
                     "device training",
-                    "only TopK and standard SAEs run on the device path so far",
+                    "this architecture does not run on the device path yet",
                 ));
             }
         };
+        let threshold = trainer
+            .sae()
+            .state_json()
+            .get("topk_threshold")
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.0);
         let upload = |p: &Param| -> Result<Tensor> {
             Ok(Tensor::from_slice(&p.data, p.shape.as_slice(), device)?)
         };
@@ -300,6 +352,7 @@ impl DeviceTrainer {
             window_tokens: trainer.window_tokens(),
             lifetime_fires: u64s(trainer.lifetime_fires())?,
             bad_values: Tensor::zeros((), DType::F64, device)?,
+            topk_threshold: Tensor::new(threshold, device)?,
             collective: None,
             cfg,
         })
@@ -313,6 +366,19 @@ impl DeviceTrainer {
     pub fn with_collective(mut self, collective: Arc<dyn Collective>) -> Self {
         self.collective = Some(collective);
         self
+    }
+
+    /// The element-wise minimum of `t` over the group (the identity alone).
+    fn min_over_group(&self, t: Tensor) -> Result<Tensor> {
+        match &self.collective {
+            Some(c) if c.world_size() > 1 => c.all_reduce_min(&t),
+            _ => Ok(t),
+        }
+    }
+
+    /// The element-wise maximum of `t` over the group.
+    fn max_over_group(&self, t: Tensor) -> Result<Tensor> {
+        Ok(self.min_over_group(t.neg()?)?.neg()?)
     }
 
     /// Sums `t` over the group (the identity alone).
@@ -385,7 +451,22 @@ impl DeviceTrainer {
             counts(&self.window_fires)?,
             self.window_tokens,
             counts(&self.lifetime_fires)?,
-        )
+        )?;
+        if matches!(self.rule, Rule::BatchTopK { .. }) {
+            let theta = self.topk_threshold.to_scalar::<f64>()?;
+            trainer
+                .sae_mut()
+                .load_state_json(&serde_json::json!({ "topk_threshold": theta }))?;
+        }
+        Ok(())
+    }
+
+    /// BatchTopK's inference threshold θ so far (0 for the other architectures).
+    ///
+    /// # Errors
+    /// Candle errors from the read.
+    pub fn topk_threshold(&self) -> Result<f64> {
+        Ok(self.topk_threshold.to_scalar::<f64>()?)
     }
 
     /// One training step on a `[n, d_in]` batch (any device, any float dtype; it is moved to
@@ -436,14 +517,35 @@ impl DeviceTrainer {
             .broadcast_add(&self.params[1])?
             .contiguous()?;
         let sparsity_scale = self.cfg.sparsity_scale_at(self.step);
-        let pass = match self.rule {
-            Rule::TopK {
+        let mut min_kept = None;
+        let pass = match &self.rule {
+            &Rule::TopK {
                 k,
                 aux_k,
                 aux_coefficient,
             } => self.topk_pass(&x, &xc, &pre, n_total, k, aux_k, aux_coefficient)?,
-            Rule::Standard { l1 } => {
+            &Rule::Standard { l1 } => {
                 self.standard_pass(&x, &xc, &pre, n_total, l1 * f64::from(sparsity_scale))?
+            }
+            Rule::BatchTopK {
+                k,
+                aux_k,
+                aux_coefficient,
+                inner_widths,
+                ..
+            } => {
+                let (pass, min) = self.batchtopk_pass(
+                    &x,
+                    &xc,
+                    &pre,
+                    n_total,
+                    *k,
+                    inner_widths,
+                    *aux_k,
+                    *aux_coefficient,
+                )?;
+                min_kept = Some(min);
+                pass
             }
         };
         drop(pre);
@@ -511,6 +613,15 @@ impl DeviceTrainer {
             let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
             let safe = norm.gt(0.0)?.where_cond(&norm, &norm.ones_like()?)?;
             self.params[2] = w.broadcast_div(&safe)?;
+        }
+
+        // θ moves toward the smallest activation kept, when one was (BatchTopK).
+        if let (Some(min), Rule::BatchTopK { threshold_lr, .. }) = (min_kept, &self.rule) {
+            let min = min.to_dtype(DType::F64)?;
+            let moved = ((&self.topk_threshold * (1.0 - threshold_lr))? + (&min * *threshold_lr)?)?;
+            self.topk_threshold = min
+                .lt(f64::INFINITY)?
+                .where_cond(&moved, &self.topk_threshold)?;
         }
 
         // Firing counters.
@@ -588,6 +699,37 @@ impl DeviceTrainer {
         let mut grads = PairGrads::new(d_sae, d_in, &self.device)?;
         grads.add(&flat, &vals, &g_pairs, &d_xhat, xc)?;
 
+        let aux = self.aux_pass(xc, pre, &diff, n_total, aux_k, aux_coefficient)?;
+        let fires = Tensor::zeros(d_sae, DType::F32, &self.device)?.index_add(
+            &flat,
+            &on.flatten_all()?,
+            0,
+        )?;
+        Ok(Pass {
+            g_w_enc: (grads.w_enc + aux.g_w_enc)?,
+            g_b_enc: (grads.b_enc + aux.g_b_enc)?,
+            g_w_dec: (grads.w_dec + aux.g_w_dec)?,
+            g_b_dec: d_xhat.sum(0)?,
+            sq_err,
+            sparsity_loss: Tensor::zeros((), DType::F32, &self.device)?,
+            aux_loss: aux.loss,
+            fires,
+            active: on.sum_all()?,
+        })
+    }
+
+    /// AuxK on the dead features, given the main reconstruction's error `diff = x̂ - x`.
+    fn aux_pass(
+        &self,
+        xc: &Tensor,
+        pre: &Tensor,
+        diff: &Tensor,
+        n_total: usize,
+        aux_k: usize,
+        aux_coefficient: f64,
+    ) -> Result<AuxOut> {
+        let (n, d_sae) = pre.dims2()?;
+        let w_dec = &self.params[2];
         // AuxK: the dead features' top `aux_k` pre-activations (no ReLU) reconstruct the residual
         // without b_dec; scaled by min(n_dead / aux_k, 1). Features that are not dead are masked
         // out of the ranking, and any of them that still land in the top (fewer than `aux_k`
@@ -619,27 +761,103 @@ impl DeviceTrainer {
         let zeros = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
         let aux_codes = zeros.scatter_add(&aidx, &(pre.gather(&aidx, 1)? * &chosen)?, 1)?;
         let aux_mask = zeros.scatter_add(&aidx, &chosen, 1)?;
-        let adiff = (aux_codes.matmul(w_dec)? + &diff)?; // recon_aux - (x - x̂)
+        let adiff = (aux_codes.matmul(w_dec)? + diff)?; // recon_aux - (x - x̂)
         let aux_sq = self.sum_over_group(adiff.sqr()?.sum_all()?)?;
         let aux_loss = (aux_sq.broadcast_mul(&aux_c)? / n_total as f64)?;
         let d_aux = adiff.broadcast_mul(&(&aux_c * (2.0 / n_total as f64))?)?;
         let g_pre_aux = (d_aux.matmul(&w_dec.t()?)? * &aux_mask)?;
-        let fires = Tensor::zeros(d_sae, DType::F32, &self.device)?.index_add(
-            &flat,
-            &on.flatten_all()?,
-            0,
+        Ok(AuxOut {
+            loss: aux_loss,
+            g_w_enc: g_pre_aux.t()?.matmul(xc)?,
+            g_b_enc: g_pre_aux.sum(0)?,
+            g_w_dec: aux_codes.t()?.matmul(&d_aux)?,
+        })
+    }
+
+    /// BatchTopK's codes: the `k · n` largest ReLU'd pre-activations of the batch (of the whole
+    /// group's batch with replicas), found as the threshold that leaves that many above it by
+    /// bisection on the device (every halving one pass over `[n, d_sae]` and, with replicas, one
+    /// scalar all-reduce). Codes are dense, as the standard SAE's. Ties at the threshold all pass
+    /// (the host keeps exactly `k · n`); with fewer positive values than that, all of them pass.
+    /// Returns the pass and the smallest kept activation (infinite when none was kept).
+    #[allow(clippy::too_many_arguments)]
+    fn batchtopk_pass(
+        &self,
+        x: &Tensor,
+        xc: &Tensor,
+        pre: &Tensor,
+        n_total: usize,
+        k: f64,
+        inner_widths: &[usize],
+        aux_k: usize,
+        aux_coefficient: f64,
+    ) -> Result<(Pass, Tensor)> {
+        let d_sae = self.cfg.d_sae;
+        let (w_dec, b_dec) = (&self.params[2], &self.params[3]);
+        let r = pre.relu()?;
+        let m = ((k * n_total as f64) as usize).max(1) as f64;
+        let local_max = r.flatten_all()?.max(0)?;
+        let mut hi = self.max_over_group(local_max)?;
+        let mut lo = hi.zeros_like()?;
+        for _ in 0..THRESHOLD_BISECTIONS {
+            let mid = ((&lo + &hi)? * 0.5)?;
+            // Per row in f32 (exact below 2^24 features), over rows in f64.
+            let above = r
+                .broadcast_gt(&mid)?
+                .to_dtype(DType::F32)?
+                .sum(1)?
+                .to_dtype(DType::F64)?
+                .sum_all()?;
+            let enough = self.sum_over_group(above)?.ge(m)?;
+            lo = enough.where_cond(&mid, &lo)?;
+            hi = enough.where_cond(&hi, &mid)?;
+        }
+        let on = r.broadcast_gt(&lo)?.to_dtype(DType::F32)?;
+        let a = (&r * &on)?;
+        let min_kept = self.min_over_group(
+            on.gt(0.0)?
+                .where_cond(&r, &Tensor::full(f32::INFINITY, r.dims(), &self.device)?)?
+                .flatten_all()?
+                .min(0)?,
         )?;
-        Ok(Pass {
-            g_w_enc: (grads.w_enc + g_pre_aux.t()?.matmul(xc)?)?,
-            g_b_enc: (grads.b_enc + g_pre_aux.sum(0)?)?,
-            g_w_dec: (grads.w_dec + aux_codes.t()?.matmul(&d_aux)?)?,
-            g_b_dec: d_xhat.sum(0)?,
+        drop(r);
+        let x_hat = a.matmul(w_dec)?.broadcast_add(b_dec)?;
+        let diff = (&x_hat - x)?;
+        let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
+        let d_xhat = (&diff * (2.0 / n_total as f64))?;
+        let mut g_a = d_xhat.matmul(&w_dec.t()?)?;
+        let mut g_w_dec = a.t()?.matmul(&d_xhat)?;
+        let mut g_b_dec = d_xhat.sum(0)?;
+        // Matryoshka: each prefix's own reconstruction (b_dec included) joins the loss.
+        let mut inner_loss = Tensor::zeros((), DType::F32, &self.device)?;
+        for &w in inner_widths {
+            let keep = Tensor::arange(0u32, d_sae as u32, &self.device)?
+                .lt(w as u32)?
+                .to_dtype(DType::F32)?
+                .unsqueeze(0)?;
+            let a_w = a.broadcast_mul(&keep)?;
+            let diff_w = (a_w.matmul(w_dec)?.broadcast_add(b_dec)? - x)?;
+            let sq_w = self.sum_over_group(diff_w.sqr()?.sum_all()?)?;
+            inner_loss = (inner_loss + (sq_w / n_total as f64)?)?;
+            let d_w = (diff_w * (2.0 / n_total as f64))?;
+            g_a = (g_a + d_w.matmul(&w_dec.t()?)?.broadcast_mul(&keep)?)?;
+            g_w_dec = (g_w_dec + a_w.t()?.matmul(&d_w)?)?;
+            g_b_dec = (g_b_dec + d_w.sum(0)?)?;
+        }
+        let g_pre = (g_a * &on)?;
+        let aux = self.aux_pass(xc, pre, &diff, n_total, aux_k, aux_coefficient)?;
+        let pass = Pass {
+            g_w_enc: (g_pre.t()?.matmul(xc)? + aux.g_w_enc)?,
+            g_b_enc: (g_pre.sum(0)? + aux.g_b_enc)?,
+            g_w_dec: (g_w_dec + aux.g_w_dec)?,
+            g_b_dec,
             sq_err,
             sparsity_loss: Tensor::zeros((), DType::F32, &self.device)?,
-            aux_loss,
-            fires,
+            aux_loss: (aux.loss + inner_loss)?,
+            fires: on.sum(0)?,
             active: on.sum_all()?,
-        })
+        };
+        Ok((pass, min_kept))
     }
 
     /// The standard SAE's ReLU codes, reconstruction and L1 penalty `lambda · Σ_f a_f
@@ -743,6 +961,12 @@ pub trait Collective: Send + Sync {
     /// # Errors
     /// Shape or device errors; a replica that left the group.
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+    /// The element-wise minimum of `t` over every replica (BatchTopK's smallest kept value),
+    /// called in step as [`Collective::all_reduce_sum`] is.
+    ///
+    /// # Errors
+    /// As [`Collective::all_reduce_sum`].
+    fn all_reduce_min(&self, t: &Tensor) -> Result<Tensor>;
 }
 
 /// The replicas of a group that are threads of this process: each takes one member
@@ -782,6 +1006,20 @@ impl Collective for InProcess {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.reduce(t, |acc, p| Ok((acc + p)?))
+    }
+
+    fn all_reduce_min(&self, t: &Tensor) -> Result<Tensor> {
+        self.reduce(t, |acc, p| Ok(acc.minimum(p)?))
+    }
+}
+
+impl InProcess {
+    fn reduce(
+        &self,
+        t: &Tensor,
+        fold: impl Fn(Tensor, &Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let poisoned = || SaeError::config("collective", "a replica panicked");
         self.shared.slots.lock().map_err(|_| poisoned())?[self.rank] = Some(t.clone());
         self.shared.barrier.wait();
@@ -789,12 +1027,20 @@ impl Collective for InProcess {
             let slots = self.shared.slots.lock().map_err(|_| poisoned())?;
             let mut parts = slots.iter().flatten();
             let first = parts.next().ok_or_else(poisoned)?.clone();
-            parts.try_fold(first, |acc, p| acc + p)?
+            parts.try_fold(first, |acc, p| fold(acc, p))?
         };
         // No replica overwrites its slot for the next call before all have read this one.
         self.shared.barrier.wait();
         Ok(sum)
     }
+}
+
+/// AuxK's loss and gradients.
+struct AuxOut {
+    loss: Tensor,
+    g_w_enc: Tensor,
+    g_b_enc: Tensor,
+    g_w_dec: Tensor,
 }
 
 /// One rule's forward and backward on this replica's tokens: the gradients (`g_b_dec` is the

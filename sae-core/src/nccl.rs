@@ -118,6 +118,16 @@ impl Collective for Nccl {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.reduce(t, false)
+    }
+
+    fn all_reduce_min(&self, t: &Tensor) -> Result<Tensor> {
+        self.reduce(t, true)
+    }
+}
+
+impl Nccl {
+    fn reduce(&self, t: &Tensor, min: bool) -> Result<Tensor> {
         if !t.device().is_cuda() {
             return Err(SaeError::config(
                 "nccl",
@@ -126,18 +136,21 @@ impl Collective for Nccl {
         }
         Ok(t.contiguous()?.apply_op1_no_bwd(&AllReduce {
             comm: self.comm.clone(),
+            min,
         })?)
     }
 }
 
-/// The sum over the group as a custom op, so that it runs on the tensor's own buffer and stream.
+/// The sum (or minimum) over the group as a custom op, so that it runs on the tensor's own buffer
+/// and stream.
 struct AllReduce {
     comm: Arc<Mutex<Comm>>,
+    min: bool,
 }
 
 impl candle_core::CustomOp1 for AllReduce {
     fn name(&self) -> &'static str {
-        "nccl-all-reduce-sum"
+        "nccl-all-reduce"
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -151,6 +164,11 @@ impl candle_core::CustomOp1 for AllReduce {
             candle_core::bail!("the NCCL all-reduce needs a contiguous tensor from offset 0");
         }
         let dev = s.device().clone();
+        let op = if self.min {
+            ReduceOp::Min
+        } else {
+            ReduceOp::Sum
+        };
         let comm = self.comm.lock().map_err(|_| {
             candle_core::Error::Msg("the NCCL communicator's lock is poisoned".into())
         })?;
@@ -159,7 +177,7 @@ impl candle_core::CustomOp1 for AllReduce {
                 let src = s.as_cuda_slice::<f32>()?;
                 // SAFETY: every element is written by the all-reduce before it is read.
                 let mut dst = unsafe { dev.alloc::<f32>(n) }?;
-                comm.all_reduce(src, &mut dst, &ReduceOp::Sum)
+                comm.all_reduce(src, &mut dst, &op)
                     .map_err(candle_core::Error::debug)?;
                 CudaStorage::wrap_cuda_slice(dst, dev)
             }
@@ -167,7 +185,7 @@ impl candle_core::CustomOp1 for AllReduce {
                 let src = s.as_cuda_slice::<f64>()?;
                 // SAFETY: as above.
                 let mut dst = unsafe { dev.alloc::<f64>(n) }?;
-                comm.all_reduce(src, &mut dst, &ReduceOp::Sum)
+                comm.all_reduce(src, &mut dst, &op)
                     .map_err(candle_core::Error::debug)?;
                 CudaStorage::wrap_cuda_slice(dst, dev)
             }

@@ -83,6 +83,14 @@ fn agree_on(cfg: TrainerConfig, on: &Device) -> (f64, f64, Vec<usize>) {
     }
     assert_eq!(device.step_count(), STEPS);
     assert_same_weights(host.sae().params(), &device.params_host().unwrap());
+    let theta = host.sae().state_json()["topk_threshold"]
+        .as_f64()
+        .unwrap_or(0.0);
+    close(
+        "BatchTopK threshold",
+        theta,
+        device.topk_threshold().unwrap(),
+    );
     eprintln!("dead features after each step: {dead_counts:?}");
     (aux_seen.0, aux_seen.1, dead_counts)
 }
@@ -208,6 +216,63 @@ fn standard_with_a_free_decoder_and_clipping_matches_the_host_path() {
     assert!(dead.iter().any(|&d| d > 0), "no feature died: {dead:?}");
 }
 
+fn batchtopk_config() -> TrainerConfig {
+    let mut cfg = TrainerConfig::new(
+        D_IN,
+        D_SAE,
+        ArchitectureConfig::BatchTopK(sae_core::BatchTopKTraining::new(4.0)),
+        STEPS,
+    );
+    cfg.lr = 5e-3;
+    cfg.dead_window_tokens = 2 * N as u64;
+    cfg.log_every = 3;
+    cfg.seed = 13;
+    // Centred inputs make some features' encoder gradients sums that cancel to rounding noise,
+    // which Adam's first steps blow up to a sizeable fraction of the learning rate: b_dec starts
+    // at zero here, so that the comparison measures the step, not the noise (the TopK tests
+    // cover the b_dec inits, which the architectures share).
+    cfg.b_dec_init = sae_core::BDecInit::Zeros;
+    cfg
+}
+
+fn matryoshka_config() -> TrainerConfig {
+    let mut cfg = batchtopk_config();
+    cfg.sae = ArchitectureConfig::Matryoshka(sae_core::MatryoshkaTraining::new(4.0, vec![8, 24]));
+    cfg.seed = 14;
+    cfg
+}
+
+/// BatchTopK: the batch's k·n largest codes (tokens get different numbers), AuxK on a dead set
+/// that changes, and the threshold's moving average.
+#[test]
+fn batchtopk_matches_the_host_path() {
+    let mut host = Trainer::new(batchtopk_config()).unwrap();
+    let first = host.step(&batch(0)).unwrap();
+    assert_eq!((first.l0 * N as f64).round(), 4.0 * N as f64);
+    let (aux, _, dead) = agree(batchtopk_config());
+    assert!(aux > 0.0, "AuxK never ran");
+    assert!(dead.windows(2).any(|w| w[0] != w[1]), "{dead:?}");
+}
+
+/// Matryoshka BatchTopK: the prefixes' reconstructions of 8 and 24 of 64 features join the loss.
+#[test]
+fn matryoshka_matches_the_host_path() {
+    agree(matryoshka_config());
+}
+
+/// Through the trainer, with a checkpoint: the threshold reaches the host trainer's SAE.
+#[test]
+fn matryoshka_through_the_trainer_logs_what_the_host_path_logs() {
+    logs_match(matryoshka_config());
+}
+
+/// Replicas agree on one batch threshold (counts summed, the largest value and the smallest
+/// kept shared), so two halves take the whole batch's BatchTopK step.
+#[test]
+fn two_batchtopk_replicas_take_the_whole_batch_step() {
+    replicas_agree(batchtopk_config());
+}
+
 #[test]
 fn other_architectures_and_widths_are_refused() {
     use sae_core::GatedTraining;
@@ -218,7 +283,7 @@ fn other_architectures_and_widths_are_refused() {
         1,
     );
     let e = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap_err();
-    assert!(e.to_string().contains("only TopK and standard"), "{e}");
+    assert!(e.to_string().contains("only TopK, BatchTopK"), "{e}");
     let mut cfg = TrainerConfig::new(
         D_IN,
         D_SAE,
@@ -371,6 +436,15 @@ fn logs_match(cfg: TrainerConfig) {
     assert_eq!(dev.step_count(), STEPS);
     assert_eq!(dev.batches_consumed(), STEPS);
     assert_same_weights(host.sae().params(), dev.sae().params());
+    assert_eq!(
+        host.sae().state_json()["topk_threshold"].as_f64().is_some(),
+        dev.sae().state_json()["topk_threshold"].as_f64().is_some()
+    );
+    if let Some(h) = host.sae().state_json()["topk_threshold"].as_f64() {
+        let d = dev.sae().state_json()["topk_threshold"].as_f64().unwrap();
+        close("threshold after training", h, d);
+        assert!(h > 0.0);
+    }
     assert_eq!(host.log10_feature_density(), dev.log10_feature_density());
 }
 
@@ -429,7 +503,9 @@ fn two_standard_replicas_take_the_whole_batch_step() {
 
 /// Runs one device and two replicas from the same start; returns the AuxK losses.
 fn replicas_agree(mut cfg: TrainerConfig) -> Vec<f64> {
-    cfg.b_dec_init = sae_core::BDecInit::Mean;
+    if cfg.b_dec_init != sae_core::BDecInit::Zeros {
+        cfg.b_dec_init = sae_core::BDecInit::Mean;
+    }
     cfg.lr = 5e-3;
     let start = Trainer::new(cfg.clone()).unwrap();
     let mut whole = DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap();
@@ -456,7 +532,12 @@ fn replicas_agree(mut cfg: TrainerConfig) -> Vec<f64> {
                         (h.loss, h.aux_loss, h.sparsity_loss)
                     })
                     .collect();
-                (d.params_host().unwrap(), d.tokens_seen(), losses)
+                (
+                    d.params_host().unwrap(),
+                    d.tokens_seen(),
+                    losses,
+                    d.topk_threshold().unwrap(),
+                )
             })
         })
         .collect();
@@ -477,6 +558,12 @@ fn replicas_agree(mut cfg: TrainerConfig) -> Vec<f64> {
         close(&format!("step {s} sparsity loss"), w.2, r.2);
     }
     assert_same_weights(&whole.params_host().unwrap(), &done[0].0);
+    close(
+        "BatchTopK threshold",
+        whole.topk_threshold().unwrap(),
+        done[0].3,
+    );
+    assert_eq!(done[0].3, done[1].3);
 
     let mut alone = DeviceTrainer::from_trainer(&start, &Device::Cpu)
         .unwrap()

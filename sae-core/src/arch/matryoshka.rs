@@ -89,7 +89,7 @@ impl MatryoshkaTraining {
     }
 
     /// The widths with `d_sae` last, checked.
-    fn widths(&self, d_sae: usize) -> Result<Vec<usize>> {
+    pub(crate) fn widths(&self, d_sae: usize) -> Result<Vec<usize>> {
         let mut w = self.matryoshka_widths.clone();
         if w.last() != Some(&d_sae) {
             w.push(d_sae);
