@@ -4,10 +4,11 @@
 //! the bus (the host path, [`crate::Trainer`], uploads `W_enc` and downloads the pre-activations
 //! at every step). The host reads back only the scalars it asks for ([`DeviceStep::host`]).
 //!
-//! Two architectures run here, each the host step operation for operation: TopK (the same
-//! centring, top-k selection then ReLU, AuxK on the dead features as SAELens's
-//! `calculate_topk_aux_loss`) and the standard ReLU SAE with its L1 penalty weighted by decoder
-//! norms (SAELens's `standard`, with the trainer's L1 warm-up). Both share the rest: the
+//! Four architectures run here, each the host step operation for operation: TopK (top-k then
+//! ReLU, AuxK on the dead features as SAELens's `calculate_topk_aux_loss`), BatchTopK (the
+//! batch's `k · n` largest, AuxK, the inference threshold's moving average), Matryoshka
+//! BatchTopK (BatchTopK plus each prefix's reconstruction) and the standard ReLU SAE with its
+//! L1 penalty weighted by decoder norms (with the trainer's L1 warm-up). All share the rest: the
 //! unit-norm projection of the decoder gradient, global-norm clipping, Adam with bias
 //! correction, renormalised decoder rows and the firing counters. It runs on `Device::Cpu` too,
 //! where tests check it against the host path step by step.
@@ -17,7 +18,8 @@
 //! back (`index_add`), `batch x k x d_in` floats. AuxK's `aux_k` per token (d_in / 2 by default)
 //! would make that `batch x aux_k x d_in`, so its codes are scattered into a `[batch, d_sae]`
 //! matrix and go through dense products (docs/gpu.md has the arithmetic), as the standard SAE's
-//! codes do (a ReLU SAE early in training fires on half its features). The top-k is candle's
+//! codes do (a ReLU SAE early in training fires on half its features) and BatchTopK's (a token
+//! may take any number of the batch's codes). The top-k is candle's
 //! `arg_sort_last_dim`, whose CUDA kernel sorts a row in shared memory, 4 bytes a column padded to
 //! a power of two, so rows wider than [`TOP_K_CHUNK`] are ranked in chunks of that width and the
 //! chunks' winners ranked again ([`top_k_indices`]).
@@ -34,7 +36,7 @@ use crate::trainer::{
     b_dec_from_data, input_scale, row_norm_sum,
 };
 
-/// Parameter order, as the host TopK SAE keeps them.
+/// Parameter order, as the host SAEs of these architectures keep them.
 const NAMES: [&str; 4] = ["W_enc", "b_enc", "W_dec", "b_dec"];
 
 /// Rows wider than this are ranked in chunks by [`top_k_indices`]: candle's CUDA arg-sort keeps
