@@ -36,8 +36,10 @@ use crate::trainer::{
     b_dec_from_data, input_scale, row_norm_sum,
 };
 
-/// Parameter order, as the host SAEs of these architectures keep them.
+/// Parameter order, as the host SAEs of these architectures keep them; JumpReLU adds its
+/// per-feature `threshold` after them.
 const NAMES: [&str; 4] = ["W_enc", "b_enc", "W_dec", "b_dec"];
+const JUMPRELU_NAMES: [&str; 5] = ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"];
 
 /// Rows wider than this are ranked in chunks by [`top_k_indices`]: candle's CUDA arg-sort keeps
 /// a row's indices in shared memory padded to a power of two, and 4,096 columns (16 KiB) leave
@@ -59,6 +61,9 @@ enum Rule {
     },
     /// ReLU codes, penalty `l1 · Σ_f a_f ||W_dec[f]||` per token (before the warm-up factor).
     Standard { l1: f64 },
+    /// `a = v · H(v - θ)` with a learned θ per feature (parameter 4), penalty `l0 · Σ_f H(v_f -
+    /// θ_f)` per token, θ trained by the straight-through estimate of bandwidth `bandwidth`.
+    JumpRelu { l0: f64, bandwidth: f64 },
     /// The batch's `k · n` largest ReLU'd pre-activations, AuxK as TopK, and for Matryoshka the
     /// reconstructions from each prefix of `inner_widths` features added to the loss.
     BatchTopK {
@@ -74,6 +79,8 @@ enum Rule {
 /// configuration, weights, Adam state and counters), so that both start from the same point.
 pub struct DeviceTrainer {
     cfg: TrainerConfig,
+    /// Parameter names, in the order of `params`, `m` and `v`.
+    names: &'static [&'static str],
     rule: Rule,
     apply_b_dec: bool,
     unit_norm: bool,
@@ -236,9 +243,11 @@ pub(crate) fn device_path_refusal(trainer: &Trainer) -> Option<&'static str> {
             | ArchitectureConfig::Standard(_)
             | ArchitectureConfig::BatchTopK(_)
             | ArchitectureConfig::Matryoshka(_)
+            | ArchitectureConfig::JumpRelu(_)
     ) {
         return Some(
-            "only TopK, BatchTopK, Matryoshka and standard (ReLU-L1) SAEs run on the device path so far",
+            "only TopK, BatchTopK, Matryoshka, JumpReLU and standard (ReLU-L1) SAEs run on the \
+             device path so far",
         );
     }
     if !cfg.resample_at_steps.is_empty() {
@@ -274,6 +283,14 @@ impl DeviceTrainer {
             ArchitectureConfig::Standard(t) => (
                 Rule::Standard {
                     l1: f64::from(t.l1_coefficient),
+                },
+                t.apply_b_dec_to_input,
+                t.decoder_norm,
+            ),
+            ArchitectureConfig::JumpRelu(t) => (
+                Rule::JumpRelu {
+                    l0: f64::from(t.l0_coefficient),
+                    bandwidth: f64::from(t.bandwidth),
                 },
                 t.apply_b_dec_to_input,
                 t.decoder_norm,
@@ -320,8 +337,13 @@ impl DeviceTrainer {
         let upload = |p: &Param| -> Result<Tensor> {
             Ok(Tensor::from_slice(&p.data, p.shape.as_slice(), device)?)
         };
+        let names: &'static [&'static str] = if matches!(rule, Rule::JumpRelu { .. }) {
+            &JUMPRELU_NAMES
+        } else {
+            &NAMES
+        };
         let pick = |set: &Params| -> Result<Vec<Tensor>> {
-            NAMES
+            names
                 .iter()
                 .map(|name| {
                     let p = set.iter().find(|p| p.name == *name).ok_or_else(|| {
@@ -337,6 +359,7 @@ impl DeviceTrainer {
             Ok(Tensor::from_vec(f, v.len(), device)?)
         };
         Ok(DeviceTrainer {
+            names,
             rule,
             apply_b_dec,
             unit_norm: decoder_norm == DecoderNorm::Unit,
@@ -406,7 +429,7 @@ impl DeviceTrainer {
     /// # Errors
     /// Candle errors from the copy.
     pub fn params_host(&self) -> Result<Params> {
-        to_host(&self.params)
+        to_host(self.names, &self.params)
     }
 
     /// Fails if any batch so far held NaN or infinity (one read from the device).
@@ -441,9 +464,9 @@ impl DeviceTrainer {
             ));
         }
         trainer.set_device_state(
-            to_host(&self.params)?,
-            to_host(&self.m)?,
-            to_host(&self.v)?,
+            to_host(self.names, &self.params)?,
+            to_host(self.names, &self.m)?,
+            to_host(self.names, &self.v)?,
             self.adam_t,
             self.step,
             self.tokens_seen,
@@ -529,6 +552,14 @@ impl DeviceTrainer {
             &Rule::Standard { l1 } => {
                 self.standard_pass(&x, &xc, &pre, n_total, l1 * f64::from(sparsity_scale))?
             }
+            &Rule::JumpRelu { l0, bandwidth } => self.jumprelu_pass(
+                &x,
+                &xc,
+                &pre,
+                n_total,
+                l0 * f64::from(sparsity_scale),
+                bandwidth,
+            )?,
             Rule::BatchTopK {
                 k,
                 aux_k,
@@ -556,6 +587,7 @@ impl DeviceTrainer {
             g_b_enc,
             g_w_dec,
             g_b_dec,
+            g_threshold,
             sq_err,
             sparsity_loss,
             aux_loss,
@@ -579,7 +611,10 @@ impl DeviceTrainer {
             let c = ((&g_w_dec * w_dec)?.sum_keepdim(1)? / ww)?;
             g_w_dec = (g_w_dec - w_dec.broadcast_mul(&c)?)?;
         }
-        let grads = [g_w_enc, g_b_enc, g_w_dec, g_b_dec];
+        let mut grads = vec![g_w_enc, g_b_enc, g_w_dec, g_b_dec];
+        if let Some(g) = g_threshold {
+            grads.push(self.sum_over_group(g)?);
+        }
         let mut norm_sq = Tensor::zeros((), DType::F32, &self.device)?;
         for g in &grads {
             norm_sq = (norm_sq + g.sqr()?.sum_all()?)?;
@@ -615,6 +650,10 @@ impl DeviceTrainer {
             let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
             let safe = norm.gt(0.0)?.where_cond(&norm, &norm.ones_like()?)?;
             self.params[2] = w.broadcast_div(&safe)?;
+        }
+        if matches!(self.rule, Rule::JumpRelu { .. }) {
+            // Thresholds stay at or above zero, as SAELens clamps them.
+            self.params[4] = self.params[4].relu()?;
         }
 
         // θ moves toward the smallest activation kept, when one was (BatchTopK).
@@ -712,11 +751,56 @@ impl DeviceTrainer {
             g_b_enc: (grads.b_enc + aux.g_b_enc)?,
             g_w_dec: (grads.w_dec + aux.g_w_dec)?,
             g_b_dec: d_xhat.sum(0)?,
+            g_threshold: None,
             sq_err,
             sparsity_loss: Tensor::zeros((), DType::F32, &self.device)?,
             aux_loss: aux.loss,
             fires,
             active: on.sum_all()?,
+        })
+    }
+
+    /// JumpReLU: `a = v · H(v - θ)`, dense. The straight-through estimate with a rectangle kernel
+    /// of width `bandwidth` gives θ the gradient `-(θ/ε) ∂L/∂a - λ/(n ε)` from every pair within
+    /// `ε/2` of it (SAELens's `JumpReLU` and `Step`).
+    fn jumprelu_pass(
+        &self,
+        x: &Tensor,
+        xc: &Tensor,
+        pre: &Tensor,
+        n_total: usize,
+        lambda: f64,
+        bandwidth: f64,
+    ) -> Result<Pass> {
+        let (w_dec, b_dec, theta) = (&self.params[2], &self.params[3], &self.params[4]);
+        let theta_row = theta.unsqueeze(0)?;
+        let on = pre.broadcast_gt(&theta_row)?.to_dtype(DType::F32)?;
+        let a = (pre * &on)?;
+        let x_hat = a.matmul(w_dec)?.broadcast_add(b_dec)?;
+        let diff = (&x_hat - x)?;
+        let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
+        let d_xhat = (&diff * (2.0 / n_total as f64))?;
+        let g_a = d_xhat.matmul(&w_dec.t()?)?;
+        let per_tok = lambda / n_total as f64;
+        let active = on.sum_all()?;
+        let sparsity_loss = (self.sum_over_group(active.clone())? * per_tok)?;
+        let window = (pre.broadcast_sub(&theta_row)?.abs()? / bandwidth)?
+            .lt(0.5)?
+            .to_dtype(DType::F32)?;
+        let through_a = g_a.broadcast_mul(&(theta_row.neg()? / bandwidth)?)?;
+        let g_threshold = ((through_a - per_tok / bandwidth)? * window)?.sum(0)?;
+        let g_pre = (g_a * &on)?;
+        Ok(Pass {
+            g_w_enc: g_pre.t()?.matmul(xc)?,
+            g_b_enc: g_pre.sum(0)?,
+            g_w_dec: a.t()?.matmul(&d_xhat)?,
+            g_b_dec: d_xhat.sum(0)?,
+            g_threshold: Some(g_threshold),
+            sq_err,
+            sparsity_loss,
+            aux_loss: Tensor::zeros((), DType::F32, &self.device)?,
+            fires: on.sum(0)?,
+            active,
         })
     }
 
@@ -853,6 +937,7 @@ impl DeviceTrainer {
             g_b_enc: (g_pre.sum(0)? + aux.g_b_enc)?,
             g_w_dec: (g_w_dec + aux.g_w_dec)?,
             g_b_dec,
+            g_threshold: None,
             sq_err,
             sparsity_loss: Tensor::zeros((), DType::F32, &self.device)?,
             aux_loss: (aux.loss + inner_loss)?,
@@ -897,6 +982,7 @@ impl DeviceTrainer {
             g_b_enc: g_pre.sum(0)?,
             g_w_dec,
             g_b_dec: d_xhat.sum(0)?,
+            g_threshold: None,
             sq_err,
             sparsity_loss,
             aux_loss: Tensor::zeros((), DType::F32, &self.device)?,
@@ -1053,6 +1139,8 @@ struct Pass {
     g_b_enc: Tensor,
     g_w_dec: Tensor,
     g_b_dec: Tensor,
+    /// JumpReLU's threshold gradient (this replica's part).
+    g_threshold: Option<Tensor>,
     sq_err: Tensor,
     sparsity_loss: Tensor,
     aux_loss: Tensor,
@@ -1109,9 +1197,9 @@ fn counts(t: &Tensor) -> Result<Vec<u64>> {
     Ok(t.to_vec1::<f64>()?.into_iter().map(|v| v as u64).collect())
 }
 
-/// Tensors in [`NAMES`]' order as host parameters (`b_dec` is the one not per feature).
-fn to_host(set: &[Tensor]) -> Result<Params> {
-    let list = NAMES
+/// Tensors in `names`' order as host parameters (`b_dec` is the one not per feature).
+fn to_host(names: &[&str], set: &[Tensor]) -> Result<Params> {
+    let list = names
         .iter()
         .zip(set)
         .map(|(name, t)| {

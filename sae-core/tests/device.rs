@@ -34,8 +34,11 @@ fn close(what: &str, host: f64, device: f64) {
 }
 
 fn assert_same_weights(host: &Params, device: &Params) {
-    for name in ["W_enc", "b_enc", "W_dec", "b_dec"] {
-        let h = host.data(name).unwrap();
+    for name in ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"] {
+        let Ok(h) = host.data(name) else {
+            assert!(device.data(name).is_err(), "{name} only on the device");
+            continue;
+        };
         let d = device.data(name).unwrap();
         let scale = h.iter().fold(0f32, |m, v| m.max(v.abs()));
         let worst = h.iter().zip(d).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
@@ -273,6 +276,41 @@ fn two_batchtopk_replicas_take_the_whole_batch_step() {
     replicas_agree(batchtopk_config());
 }
 
+fn jumprelu_config() -> TrainerConfig {
+    let mut cfg = config_for(ArchitectureConfig::JumpRelu(sae_core::JumpReluTraining {
+        l0_coefficient: 0.5,
+        bandwidth: 0.5,
+        init_threshold: 0.3,
+        ..sae_core::JumpReluTraining::default()
+    }));
+    cfg.lr = 5e-3;
+    cfg.sparsity_warm_up_steps = 5;
+    cfg.b_dec_init = sae_core::BDecInit::Zeros;
+    cfg.seed = 17;
+    cfg
+}
+
+/// JumpReLU: a wide estimator window, so that many pairs move the thresholds every step, the
+/// L0 penalty warming up, thresholds clamped at zero.
+#[test]
+fn jumprelu_matches_the_host_path() {
+    let mut host = Trainer::new(jumprelu_config()).unwrap();
+    host.step(&batch(0)).unwrap();
+    let theta = host.sae().params().data("threshold").unwrap();
+    assert!(
+        theta.iter().filter(|&&t| (t - 0.3).abs() > 1e-4).count() > D_SAE / 2,
+        "the thresholds should move in the first step"
+    );
+    agree(jumprelu_config());
+    logs_match(jumprelu_config());
+}
+
+/// JumpReLU replicas: the threshold gradient and the L0 penalty sum over the group.
+#[test]
+fn two_jumprelu_replicas_take_the_whole_batch_step() {
+    replicas_agree(jumprelu_config());
+}
+
 #[test]
 fn other_architectures_and_widths_are_refused() {
     use sae_core::GatedTraining;
@@ -283,7 +321,11 @@ fn other_architectures_and_widths_are_refused() {
         1,
     );
     let e = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap_err();
-    assert!(e.to_string().contains("only TopK, BatchTopK"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("only TopK, BatchTopK, Matryoshka, JumpReLU"),
+        "{e}"
+    );
     let mut cfg = TrainerConfig::new(
         D_IN,
         D_SAE,
