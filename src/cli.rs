@@ -70,6 +70,18 @@ pub fn assert_refused<P: clap::Parser>(base: &[&str], cases: &[(&str, &str)]) {
     }
 }
 
+/// `cpu` or `cuda` (the first GPU) as a candle device; `cuda` needs a build with
+/// `--features cuda`, and says so when the build has none.
+pub fn device(name: &str) -> candle_core::Result<candle_core::Device> {
+    match name {
+        "cuda" => candle_core::Device::new_cuda(0),
+        "cpu" => Ok(candle_core::Device::Cpu),
+        other => Err(candle_core::Error::Msg(format!(
+            "device {other}: expected cpu or cuda"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,17 +102,5 @@ mod tests {
         for bad in ["0", "1.5", "nan", "-0.2"] {
             assert!(fraction(bad).is_err(), "{bad}");
         }
-    }
-}
-
-/// `cpu` or `cuda` (the first GPU) as a candle device; `cuda` needs a build with
-/// `--features cuda`, and says so when the build has none.
-pub fn device(name: &str) -> candle_core::Result<candle_core::Device> {
-    match name {
-        "cuda" => candle_core::Device::new_cuda(0),
-        "cpu" => Ok(candle_core::Device::Cpu),
-        other => Err(candle_core::Error::Msg(format!(
-            "device {other}: expected cpu or cuda"
-        ))),
     }
 }

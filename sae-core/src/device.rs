@@ -510,7 +510,8 @@ impl DeviceTrainer {
             });
         }
         let mut x = batch.to_device(&self.device)?.to_dtype(DType::F32)?;
-        // `x - x` is NaN exactly where x is NaN or infinite.
+        // `x - x` is NaN exactly where x is NaN or infinite (one pass for both).
+        #[allow(clippy::eq_op)]
         let bad = (&x - &x)?.ne(0f32)?.to_dtype(DType::F64)?.sum_all()?;
         self.bad_values = (&self.bad_values + bad)?;
         // Tokens in the whole step: every sum over tokens is divided by it.
@@ -1115,7 +1116,7 @@ impl InProcess {
             let slots = self.shared.slots.lock().map_err(|_| poisoned())?;
             let mut parts = slots.iter().flatten();
             let first = parts.next().ok_or_else(poisoned)?.clone();
-            parts.try_fold(first, |acc, p| fold(acc, p))?
+            parts.try_fold(first, &fold)?
         };
         // No replica overwrites its slot for the next call before all have read this one.
         self.shared.barrier.wait();
