@@ -172,8 +172,24 @@ impl DeviceStep {
     /// [`SaeError::NonFiniteTraining`] when the loss or the gradient norm is NaN or infinite
     /// (the host path checks every step; here the check happens when the host looks).
     pub fn host(&self) -> Result<DeviceStepScalars> {
-        let read = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-        let bad = read(&self.bad_values)?;
+        // One copy from the device for all eight scalars (each read waits for the device).
+        let parts = [
+            &self.bad_values,
+            &self.loss,
+            &self.mse,
+            &self.sparsity_loss,
+            &self.aux_loss,
+            &self.l0,
+            &self.fvu,
+            &self.grad_norm,
+        ]
+        .iter()
+        .map(|t| t.to_dtype(DType::F64)?.reshape(1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+        let v = Tensor::cat(&parts, 0)?.to_vec1::<f64>()?;
+        let [bad, loss, mse, sparsity_loss, aux_loss, l0, fvu, grad_norm] = v[..] else {
+            return Err(SaeError::config("device step", "expected eight scalars"));
+        };
         if bad > 0.0 {
             return Err(SaeError::NonFiniteBatches {
                 step: self.step,
@@ -183,13 +199,13 @@ impl DeviceStep {
         let s = DeviceStepScalars {
             step: self.step,
             lr: self.lr,
-            loss: read(&self.loss)?,
-            mse: read(&self.mse)?,
-            sparsity_loss: read(&self.sparsity_loss)?,
-            aux_loss: read(&self.aux_loss)?,
-            l0: read(&self.l0)?,
-            fvu: read(&self.fvu)?,
-            grad_norm: read(&self.grad_norm)?,
+            loss,
+            mse,
+            sparsity_loss,
+            aux_loss,
+            l0,
+            fvu,
+            grad_norm,
         };
         for (what, value) in [("loss", s.loss), ("gradient norm", s.grad_norm)] {
             if !value.is_finite() {
@@ -465,20 +481,20 @@ impl DeviceTrainer {
                 "the trainer to write to has another configuration",
             ));
         }
-        trainer.set_device_state(
-            to_host(self.names, &self.params)?,
-            to_host(self.names, &self.m)?,
-            to_host(self.names, &self.v)?,
-            self.adam_t,
-            self.step,
-            self.tokens_seen,
-            self.scale,
-            self.needs_data_init,
-            counts(&self.tokens_since_fired)?,
-            counts(&self.window_fires)?,
-            self.window_tokens,
-            counts(&self.lifetime_fires)?,
-        )?;
+        trainer.set_device_state(crate::trainer::DeviceState {
+            params: to_host(self.names, &self.params)?,
+            adam_m: to_host(self.names, &self.m)?,
+            adam_v: to_host(self.names, &self.v)?,
+            adam_t: self.adam_t,
+            step: self.step,
+            tokens_seen: self.tokens_seen,
+            scale: self.scale,
+            needs_data_init: self.needs_data_init,
+            tokens_since_fired: counts(&self.tokens_since_fired)?,
+            window_fires: counts(&self.window_fires)?,
+            window_tokens: self.window_tokens,
+            lifetime_fires: counts(&self.lifetime_fires)?,
+        })?;
         if matches!(self.rule, Rule::BatchTopK { .. }) {
             let theta = self.topk_threshold.to_scalar::<f64>()?;
             trainer

@@ -494,6 +494,22 @@ impl std::fmt::Debug for Trainer {
     }
 }
 
+/// What a device run hands back to its host trainer ([`Trainer::set_device_state`]).
+pub(crate) struct DeviceState {
+    pub params: Params,
+    pub adam_m: Params,
+    pub adam_v: Params,
+    pub adam_t: u64,
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub scale: Option<f32>,
+    pub needs_data_init: bool,
+    pub tokens_since_fired: Vec<u64>,
+    pub window_fires: Vec<u64>,
+    pub window_tokens: u64,
+    pub lifetime_fires: Vec<u64>,
+}
+
 /// A validated host batch that several trainers can share.
 #[derive(Debug, Clone)]
 pub struct HostBatch {
@@ -672,41 +688,26 @@ impl Trainer {
     }
     /// Takes over the state of a device run (see `DeviceTrainer::write_to`): weights, Adam,
     /// counters.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn set_device_state(
-        &mut self,
-        params: Params,
-        adam_m: Params,
-        adam_v: Params,
-        adam_t: u64,
-        step: u64,
-        tokens_seen: u64,
-        scale: Option<f32>,
-        needs_data_init: bool,
-        tokens_since_fired: Vec<u64>,
-        window_fires: Vec<u64>,
-        window_tokens: u64,
-        lifetime_fires: Vec<u64>,
-    ) -> Result<()> {
+    pub(crate) fn set_device_state(&mut self, state: DeviceState) -> Result<()> {
         for (set, new) in [
-            (self.sae.params_mut(), params),
-            (&mut self.adam.m, adam_m),
-            (&mut self.adam.v, adam_v),
+            (self.sae.params_mut(), state.params),
+            (&mut self.adam.m, state.adam_m),
+            (&mut self.adam.v, state.adam_v),
         ] {
             for p in new.list {
                 set.data_mut(&p.name)?.copy_from_slice(&p.data);
             }
         }
-        self.adam.t = adam_t;
-        self.batches_consumed += step - self.step;
-        self.step = step;
-        self.tokens_seen = tokens_seen;
-        self.scale = scale;
-        self.needs_data_init = needs_data_init;
-        self.tokens_since_fired = tokens_since_fired;
-        self.lifetime_fires = lifetime_fires;
-        self.window_fires = window_fires;
-        self.window_tokens = window_tokens;
+        self.adam.t = state.adam_t;
+        self.batches_consumed += state.step - self.step;
+        self.step = state.step;
+        self.tokens_seen = state.tokens_seen;
+        self.scale = state.scale;
+        self.needs_data_init = state.needs_data_init;
+        self.tokens_since_fired = state.tokens_since_fired;
+        self.lifetime_fires = state.lifetime_fires;
+        self.window_fires = state.window_fires;
+        self.window_tokens = state.window_tokens;
         Ok(())
     }
     /// Whether `total_steps` have been taken.
