@@ -325,7 +325,7 @@ fn jumprelu_matches_the_host_path() {
     }
     let theta = host.sae().params().data("threshold").unwrap();
     assert!(
-        theta.iter().any(|&t| t == 0.0),
+        theta.contains(&0.0),
         "no threshold reached the clamp"
     );
     // θ's gradient is proportional to θ, so near zero Adam's normalisation turns rounding into
