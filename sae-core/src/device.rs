@@ -42,6 +42,8 @@ use crate::trainer::{
 /// per-feature `threshold` after them.
 const NAMES: [&str; 4] = ["W_enc", "b_enc", "W_dec", "b_dec"];
 const JUMPRELU_NAMES: [&str; 5] = ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"];
+/// Gated: the gate's bias takes the encoder bias's place, the magnitude path's two after.
+const GATED_NAMES: [&str; 6] = ["W_enc", "b_gate", "W_dec", "b_dec", "r_mag", "b_mag"];
 
 /// Rows wider than this are ranked in chunks by [`top_k_indices`]: candle's CUDA arg-sort keeps
 /// a row's indices in shared memory padded to a power of two, and 4,096 columns (16 KiB) leave
@@ -66,6 +68,9 @@ enum Rule {
     /// `a = v · H(v - θ)` with a learned θ per feature (parameter 4), penalty `l0 · Σ_f H(v_f -
     /// θ_f)` per token, θ trained by the straight-through estimate of bandwidth `bandwidth`.
     JumpRelu { l0: f64, bandwidth: f64 },
+    /// Gated: `h + b_gate > 0` decides, `ReLU(h · exp(r_mag) + b_mag)` is the code; L1 of the
+    /// gate path weighted by decoder norms, and the gate path's own reconstruction in the loss.
+    Gated { l1: f64 },
     /// The batch's `k · n` largest ReLU'd pre-activations, AuxK as TopK, and for Matryoshka the
     /// reconstructions from each prefix of `inner_widths` features added to the loss.
     BatchTopK {
@@ -255,19 +260,6 @@ impl DeviceStep {
 /// Why `trainer` cannot train on the device path, or `None` when it can.
 pub(crate) fn device_path_refusal(trainer: &Trainer) -> Option<&'static str> {
     let cfg = trainer.config();
-    if !matches!(
-        cfg.sae,
-        ArchitectureConfig::TopK(_)
-            | ArchitectureConfig::Standard(_)
-            | ArchitectureConfig::BatchTopK(_)
-            | ArchitectureConfig::Matryoshka(_)
-            | ArchitectureConfig::JumpRelu(_)
-    ) {
-        return Some(
-            "only TopK, BatchTopK, Matryoshka, JumpReLU and standard (ReLU-L1) SAEs run on the \
-             device path so far",
-        );
-    }
     if !cfg.resample_at_steps.is_empty() {
         return Some("resampling is not on the device path");
     }
@@ -313,6 +305,13 @@ impl DeviceTrainer {
                 t.apply_b_dec_to_input,
                 t.decoder_norm,
             ),
+            ArchitectureConfig::Gated(t) => (
+                Rule::Gated {
+                    l1: f64::from(t.l1_coefficient),
+                },
+                t.apply_b_dec_to_input,
+                t.decoder_norm,
+            ),
             ArchitectureConfig::BatchTopK(t) => (
                 Rule::BatchTopK {
                     k: f64::from(t.k),
@@ -339,12 +338,6 @@ impl DeviceTrainer {
                     t.decoder_norm,
                 )
             }
-            _ => {
-                return Err(SaeError::config(
-                    "device training",
-                    "this architecture does not run on the device path yet",
-                ));
-            }
         };
         let threshold = trainer
             .sae()
@@ -355,10 +348,10 @@ impl DeviceTrainer {
         let upload = |p: &Param| -> Result<Tensor> {
             Ok(Tensor::from_slice(&p.data, p.shape.as_slice(), device)?)
         };
-        let names: &'static [&'static str] = if matches!(rule, Rule::JumpRelu { .. }) {
-            &JUMPRELU_NAMES
-        } else {
-            &NAMES
+        let names: &'static [&'static str] = match rule {
+            Rule::JumpRelu { .. } => &JUMPRELU_NAMES,
+            Rule::Gated { .. } => &GATED_NAMES,
+            _ => &NAMES,
         };
         let pick = |set: &Params| -> Result<Vec<Tensor>> {
             names
@@ -556,10 +549,10 @@ impl DeviceTrainer {
             x.clone()
         };
         // Pre-activations with the encoder bias: what every rule's codes come from.
-        let pre = xc
-            .matmul(&self.params[0].t()?)?
-            .broadcast_add(&self.params[1])?
-            .contiguous()?;
+        let h = xc.matmul(&self.params[0].t()?)?;
+        // Pre-activations with the encoder bias (the gate's bias for gated).
+        let pre = h.broadcast_add(&self.params[1])?.contiguous()?;
+        let h = matches!(self.rule, Rule::Gated { .. }).then_some(h);
         let sparsity_scale = self.cfg.sparsity_scale_at(self.step);
         let mut min_kept = None;
         let pass = match &self.rule {
@@ -571,6 +564,14 @@ impl DeviceTrainer {
             &Rule::Standard { l1 } => {
                 self.standard_pass(&x, &xc, &pre, n_total, l1 * f64::from(sparsity_scale))?
             }
+            &Rule::Gated { l1 } => self.gated_pass(
+                &x,
+                &xc,
+                &pre,
+                h.as_ref(),
+                n_total,
+                l1 * f64::from(sparsity_scale),
+            )?,
             &Rule::JumpRelu { l0, bandwidth } => self.jumprelu_pass(
                 &x,
                 &xc,
@@ -606,7 +607,8 @@ impl DeviceTrainer {
             g_b_enc,
             g_w_dec,
             g_b_dec,
-            g_threshold,
+            g_h_sum,
+            extra,
             sq_err,
             sparsity_loss,
             aux_loss,
@@ -616,7 +618,8 @@ impl DeviceTrainer {
         let mse = (&sq_err / n_total as f64)?;
         let mut g_b_dec = g_b_dec;
         if self.apply_b_dec {
-            g_b_dec = (g_b_dec - g_b_enc.unsqueeze(0)?.matmul(&self.params[0])?.squeeze(0)?)?;
+            let through = g_h_sum.as_ref().unwrap_or(&g_b_enc);
+            g_b_dec = (g_b_dec - through.unsqueeze(0)?.matmul(&self.params[0])?.squeeze(0)?)?;
         }
         // Each replica's gradients are its tokens' share of the whole batch's mean.
         let g_w_enc = self.sum_over_group(g_w_enc)?;
@@ -631,7 +634,7 @@ impl DeviceTrainer {
             g_w_dec = (g_w_dec - w_dec.broadcast_mul(&c)?)?;
         }
         let mut grads = vec![g_w_enc, g_b_enc, g_w_dec, g_b_dec];
-        if let Some(g) = g_threshold {
+        for g in extra {
             grads.push(self.sum_over_group(g)?);
         }
         let mut norm_sq = Tensor::zeros((), DType::F32, &self.device)?;
@@ -770,7 +773,8 @@ impl DeviceTrainer {
             g_b_enc: (grads.b_enc + aux.g_b_enc)?,
             g_w_dec: (grads.w_dec + aux.g_w_dec)?,
             g_b_dec: d_xhat.sum(0)?,
-            g_threshold: None,
+            g_h_sum: None,
+            extra: Vec::new(),
             sq_err,
             sparsity_loss: Tensor::zeros((), DType::F32, &self.device)?,
             aux_loss: aux.loss,
@@ -814,12 +818,75 @@ impl DeviceTrainer {
             g_b_enc: g_pre.sum(0)?,
             g_w_dec: a.t()?.matmul(&d_xhat)?,
             g_b_dec: d_xhat.sum(0)?,
-            g_threshold: Some(g_threshold),
+            g_h_sum: None,
+            extra: vec![g_threshold],
             sq_err,
             sparsity_loss,
             aux_loss: Tensor::zeros((), DType::F32, &self.device)?,
             fires: on.sum(0)?,
             active,
+        })
+    }
+
+    /// Gated: `π = h + b_gate` (`pre`) decides which features fire, `ReLU(h · exp(r_mag) + b_mag)`
+    /// is the code; the loss adds the L1 of `ReLU(π)` weighted by decoder norms and the error of
+    /// reconstructing from `ReLU(π)` alone (with the live `W_dec` and `b_dec`, as SAELens). Dense.
+    fn gated_pass(
+        &self,
+        x: &Tensor,
+        xc: &Tensor,
+        pre: &Tensor,
+        h: Option<&Tensor>,
+        n_total: usize,
+        lambda: f64,
+    ) -> Result<Pass> {
+        let h = h.ok_or_else(|| SaeError::config("device training", "gated needs h"))?;
+        let (w_dec, b_dec) = (&self.params[2], &self.params[3]);
+        let (r_mag, b_mag) = (&self.params[4], &self.params[5]);
+        let gate_on = pre.gt(0.0)?.to_dtype(DType::F32)?;
+        let scale = r_mag.exp()?.unsqueeze(0)?;
+        let mag_pre = h
+            .broadcast_mul(&scale)?
+            .broadcast_add(&b_mag.unsqueeze(0)?)?;
+        let mag_on = (mag_pre.gt(0.0)?.to_dtype(DType::F32)? * &gate_on)?;
+        let a = (mag_pre.relu()? * &gate_on)?;
+        let gate_codes = pre.relu()?;
+        // The main reconstruction and the gate path's.
+        let diff = (a.matmul(w_dec)?.broadcast_add(b_dec)? - x)?;
+        let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
+        let d_xhat = (&diff * (2.0 / n_total as f64))?;
+        let adiff = (gate_codes.matmul(w_dec)?.broadcast_add(b_dec)? - x)?;
+        let aux_sq = self.sum_over_group(adiff.sqr()?.sum_all()?)?;
+        let aux_loss = (aux_sq / n_total as f64)?;
+        let d_aux = (&adiff * (2.0 / n_total as f64))?;
+        let per_tok = lambda / n_total as f64;
+        let norms = w_dec.sqr()?.sum(1)?.sqrt()?;
+        let penalty = gate_codes.broadcast_mul(&norms.unsqueeze(0)?)?.sum_all()?;
+        let sparsity_loss = (self.sum_over_group(penalty)? * per_tok)?;
+        let g_mag = (d_xhat.matmul(&w_dec.t()?)? * &mag_on)?;
+        let g_gate = (d_aux
+            .matmul(&w_dec.t()?)?
+            .broadcast_add(&(&norms * per_tok)?.unsqueeze(0)?)?
+            * &gate_on)?;
+        let enc_coef = (&g_gate + g_mag.broadcast_mul(&scale)?)?;
+        let safe = norms.gt(0.0)?.where_cond(&norms, &norms.ones_like()?)?;
+        let coef = ((gate_codes.sum(0)? * per_tok)? / safe)?
+            .broadcast_mul(&norms.gt(0.0)?.to_dtype(DType::F32)?)?;
+        let g_w_dec = ((a.t()?.matmul(&d_xhat)? + gate_codes.t()?.matmul(&d_aux)?)?
+            + w_dec.broadcast_mul(&coef.unsqueeze(1)?)?)?;
+        let g_r_mag = (&g_mag * h.broadcast_mul(&scale)?)?.sum(0)?;
+        Ok(Pass {
+            g_w_enc: enc_coef.t()?.matmul(xc)?,
+            g_b_enc: g_gate.sum(0)?,
+            g_w_dec,
+            g_b_dec: (d_xhat.sum(0)? + d_aux.sum(0)?)?,
+            g_h_sum: Some(enc_coef.sum(0)?),
+            extra: vec![g_r_mag, g_mag.sum(0)?],
+            sq_err,
+            sparsity_loss,
+            aux_loss,
+            fires: mag_on.sum(0)?,
+            active: mag_on.sum_all()?,
         })
     }
 
@@ -956,7 +1023,8 @@ impl DeviceTrainer {
             g_b_enc: (g_pre.sum(0)? + aux.g_b_enc)?,
             g_w_dec: (g_w_dec + aux.g_w_dec)?,
             g_b_dec,
-            g_threshold: None,
+            g_h_sum: None,
+            extra: Vec::new(),
             sq_err,
             sparsity_loss: Tensor::zeros((), DType::F32, &self.device)?,
             aux_loss: (aux.loss + inner_loss)?,
@@ -1001,7 +1069,8 @@ impl DeviceTrainer {
             g_b_enc: g_pre.sum(0)?,
             g_w_dec,
             g_b_dec: d_xhat.sum(0)?,
-            g_threshold: None,
+            g_h_sum: None,
+            extra: Vec::new(),
             sq_err,
             sparsity_loss,
             aux_loss: Tensor::zeros((), DType::F32, &self.device)?,
@@ -1158,8 +1227,11 @@ struct Pass {
     g_b_enc: Tensor,
     g_w_dec: Tensor,
     g_b_dec: Tensor,
-    /// JumpReLU's threshold gradient (this replica's part).
-    g_threshold: Option<Tensor>,
+    /// The gradient of the encoder product `h = xc W_encᵀ` summed over tokens, which reaches
+    /// `b_dec` through the centring; `None` when it is `g_b_enc` (every rule but gated).
+    g_h_sum: Option<Tensor>,
+    /// Gradients of the parameters after the first four, in order (this replica's part).
+    extra: Vec<Tensor>,
     sq_err: Tensor,
     sparsity_loss: Tensor,
     aux_loss: Tensor,

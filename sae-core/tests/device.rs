@@ -34,7 +34,16 @@ fn close(what: &str, host: f64, device: f64) {
 }
 
 fn assert_same_weights(host: &Params, device: &Params) {
-    for name in ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"] {
+    for name in [
+        "W_enc",
+        "b_enc",
+        "W_dec",
+        "b_dec",
+        "threshold",
+        "b_gate",
+        "r_mag",
+        "b_mag",
+    ] {
         let Ok(h) = host.data(name) else {
             assert!(device.data(name).is_err(), "{name} only on the device");
             continue;
@@ -274,6 +283,44 @@ fn matryoshka_through_the_trainer_logs_what_the_host_path_logs() {
     logs_match(matryoshka_config());
 }
 
+fn gated_config() -> TrainerConfig {
+    let mut cfg = config_for(ArchitectureConfig::Gated(sae_core::GatedTraining {
+        l1_coefficient: 2.0,
+        ..sae_core::GatedTraining::default()
+    }));
+    cfg.lr = 5e-3;
+    cfg.sparsity_warm_up_steps = 5;
+    cfg.b_dec_init = sae_core::BDecInit::Zeros;
+    cfg.seed = 19;
+    cfg
+}
+
+/// Gated: the gate decides, the magnitude path (r_mag, b_mag) scales, the gate path's own
+/// reconstruction and L1 join the loss, b_dec's gradient reaches the encoder through the
+/// centring by the gate and magnitude paths together.
+#[test]
+fn gated_matches_the_host_path() {
+    let mut host = Trainer::new(gated_config()).unwrap();
+    let first = host.step(&batch(0)).unwrap();
+    assert!(first.aux_loss > 0.0 && first.l0 > 1.0, "{first:?}");
+    agree(gated_config());
+    logs_match(gated_config());
+    replicas_agree(gated_config());
+    // The magnitude path's own parameters moved.
+    let mut dev =
+        DeviceTrainer::from_trainer(&Trainer::new(gated_config()).unwrap(), &Device::Cpu).unwrap();
+    for s in 0..3 {
+        dev.step(&batch(s)).unwrap();
+    }
+    let p = dev.params_host().unwrap();
+    for name in ["r_mag", "b_mag", "b_gate"] {
+        assert!(
+            p.data(name).unwrap().iter().any(|&v| v != 0.0),
+            "{name} never moved"
+        );
+    }
+}
+
 /// Replicas agree on one batch threshold (counts summed, the largest value and the smallest
 /// kept shared), so two halves take the whole batch's BatchTopK step.
 #[test]
@@ -324,10 +371,7 @@ fn jumprelu_matches_the_host_path() {
         host.step(&batch(s)).unwrap();
     }
     let theta = host.sae().params().data("threshold").unwrap();
-    assert!(
-        theta.contains(&0.0),
-        "no threshold reached the clamp"
-    );
+    assert!(theta.contains(&0.0), "no threshold reached the clamp");
     // θ's gradient is proportional to θ, so near zero Adam's normalisation turns rounding into
     // visible differences: the losses agree as everywhere, the clamped set exactly, θ to 1e-3.
     let mut host = Trainer::new(cfg.clone()).unwrap();
@@ -359,20 +403,11 @@ fn two_jumprelu_replicas_take_the_whole_batch_step() {
 }
 
 #[test]
-fn other_architectures_and_widths_are_refused() {
-    use sae_core::GatedTraining;
-    let cfg = TrainerConfig::new(
-        D_IN,
-        D_SAE,
-        ArchitectureConfig::Gated(GatedTraining::default()),
-        1,
-    );
+fn resampling_the_bias_init_and_other_widths_are_refused() {
+    let mut cfg = standard_config();
+    cfg.encoder_bias_init_l0 = Some(8);
     let e = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap_err();
-    assert!(
-        e.to_string()
-            .contains("only TopK, BatchTopK, Matryoshka, JumpReLU"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("encoder-bias init"), "{e}");
     let mut cfg = TrainerConfig::new(
         D_IN,
         D_SAE,
