@@ -7,9 +7,10 @@
 //! encoder bias (gate bias for gated) is set after one warm-up step so that every feature fires on
 //! N/d_sae of the tokens, i.e. L0 ≈ N, as a trained SAE would. The measured L0 is reported.
 //!
-//! `--path device` times `DeviceTrainer` instead (TopK or standard): the whole step as tensor ops
-//! on `--device`, with the batches already there. `peak_device_bytes` is CUDA's own figure where
-//! the build can read it, else null.
+//! `--path device` times `DeviceTrainer` instead (any architecture): the whole step as tensor
+//! ops on `--device`, with the batches already there (`scripts/gpu_check.sh` reads the peak
+//! device memory from nvidia-smi while this runs). `--path encoder` times the dense encoder
+//! product alone.
 
 use std::time::Instant;
 
@@ -51,7 +52,7 @@ struct Args {
     threads: Option<usize>,
     /// `host`: the trainer's hand-written kernels (the CPU path; with `--device cuda` only the
     /// encoder product runs on the GPU). `device`: `DeviceTrainer`, the whole step as tensor ops on
-    /// `--device` (topk and standard).
+    /// `--device`.
     /// `encoder`: only the dense encoder product `x W_encᵀ + b_enc` on `--device`, the largest
     /// matrix product of a step, whose FLOP rate is the one to hold against the chip's peak.
     #[arg(long, default_value = "host", value_parser = ["host", "device", "encoder"])]

@@ -4,13 +4,13 @@
 //! the bus (the host path, [`crate::Trainer`], uploads `W_enc` and downloads the pre-activations
 //! at every step). The host reads back only the scalars it asks for ([`DeviceStep::host`]).
 //!
-//! Five architectures run here, each the host step operation for operation: TopK (top-k then
+//! Every architecture runs here, each the host step operation for operation: TopK (top-k then
 //! ReLU, AuxK on the dead features as SAELens's `calculate_topk_aux_loss`), BatchTopK (the
 //! batch's `k · n` largest, AuxK, the inference threshold's moving average), Matryoshka
 //! BatchTopK (BatchTopK plus each prefix's reconstruction), JumpReLU (per-feature thresholds
 //! trained by the straight-through estimate, L0 penalty) and the standard ReLU SAE with its L1
-//! penalty weighted by decoder norms (both with the trainer's penalty warm-up). Gated is not here
-//! yet. All share the rest: the
+//! penalty weighted by decoder norms (both with the trainer's penalty warm-up), and gated (the
+//! gate deciding, the magnitude path scaling, the gate path's own reconstruction and L1). All share the rest: the
 //! unit-norm projection of the decoder gradient, global-norm clipping, Adam with bias
 //! correction, renormalised decoder rows and the firing counters. It runs on `Device::Cpu` too,
 //! where tests check it against the host path step by step.
@@ -82,7 +82,7 @@ enum Rule {
     },
 }
 
-/// An SAE trainer on a device (TopK or standard ReLU-L1), started from a host [`Trainer`] (its
+/// An SAE trainer on a device (any architecture, without resampling), started from a host [`Trainer`] (its
 /// configuration, weights, Adam state and counters), so that both start from the same point.
 pub struct DeviceTrainer {
     cfg: TrainerConfig,

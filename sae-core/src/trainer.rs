@@ -614,9 +614,10 @@ impl Trainer {
         }
     }
 
-    /// Trains on `device`. On a GPU, every architecture but gated, without resampling, keeps its
-    /// whole step there ([`crate::DeviceTrainer`], through [`train_many`] and
-    /// [`Trainer::train`]); gated runs the dense encoder product there and the rest on the host.
+    /// Trains on `device`. On a GPU, an SAE without resampling keeps its whole step there
+    /// ([`crate::DeviceTrainer`], through [`train_many`] and [`Trainer::train`]); with
+    /// resampling (or an encoder-bias init still to do) the dense encoder product runs there and
+    /// the rest on the host.
     pub fn with_device(mut self, device: Device) -> Self {
         self.resident = !device.is_cpu() && self.device_path_applies();
         self.device = device;

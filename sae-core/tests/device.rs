@@ -711,8 +711,7 @@ fn the_gpu_checks_pass_on_the_cpu() {
 }
 
 /// On a GPU (a build with `--features cuda`, run by `scripts/gpu_check.sh` on the GPU machine):
-/// TopK with AuxK at every step and the standard SAE with its L1 warm-up, the device path on
-/// CUDA against the host path on the CPU.
+/// every architecture, the device path on CUDA against the host path on the CPU.
 #[cfg(feature = "cuda")]
 #[test]
 fn on_the_gpu_the_device_path_matches_the_host_path() {
@@ -732,6 +731,14 @@ fn device_path_matches_on(dev: &Device) {
     let (aux, _, _) = agree_on(topk, dev);
     assert!(aux > 0.0, "AuxK never ran");
     agree_on(standard_l1_config(), dev);
+    for cfg in [
+        batchtopk_config(),
+        matryoshka_config(),
+        jumprelu_config(),
+        gated_config(),
+    ] {
+        agree_on(cfg, dev);
+    }
     // Through the trainer, batches coming from the host.
     let mut host = Trainer::new(resident_config()).unwrap();
     host.train(&mut source(0..STEPS), Progress::Hidden).unwrap();
