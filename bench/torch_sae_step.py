@@ -41,6 +41,8 @@ def main():
                          "so AuxK runs every step, the costliest case)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tf32", action="store_true", help="TF32 tensor cores for f32 products")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast for the products (f32 weights and Adam), as SAELens's autocast option")
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
@@ -63,6 +65,10 @@ def main():
     aux_k = d_in // 2
 
     def step(x):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16):
+            return step_inner(x)
+
+    def step_inner(x):
         p = params
         hidden_pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
         if args.arch == "topk":
@@ -119,7 +125,7 @@ def main():
         "impl": f"torch {torch.__version__} (SAELens-style dense step)",
         "path": "dense",
         "device": args.device,
-        "dtype": "f32 (tf32 products)" if args.tf32 else "f32",
+        "dtype": "f32 (bf16 products)" if args.bf16 else "f32 (tf32 products)" if args.tf32 else "f32",
         "arch": args.arch,
         "d_in": d_in,
         "d_sae": d_sae,

@@ -19,8 +19,8 @@
 # The run: forward parity GPU against CPU on SmolLM2-135M's and Gemma-3-270M's shapes (f32,
 # logprobs within 1e-3; bf16 reported); bench_forward; the dense encoder product's FLOP rate;
 # bench_sae_train's device path at d_in 2,048, d_sae 65,536 and 262,144, batch 4,096, TopK and
-# ReLU-L1, every feature dead (AuxK at every step); the same steps in PyTorch written as SAELens
-# trains (bench/torch_sae_step.py). Each command has its own time limit, and a failure is recorded
+# ReLU-L1, every feature dead (AuxK at every step), f32, TF32 and bf16 products; the same steps in
+# PyTorch written as SAELens trains (bench/torch_sae_step.py). Each command has its own time limit, and a failure is recorded
 # and the run goes on. Peak device memory is nvidia-smi's largest reading during each command.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -152,26 +152,33 @@ record "forward smollm2 f32" 120 "$bin/bench_forward" --model "$smollm2" --devic
 record "forward smollm2 bf16" 120 "$bin/bench_forward" --model "$smollm2" --device "$dev" \
   --layer 1 --batch 8 --ctx 256 --dtype bf16
 
+# Per width: the encoder product alone in f32, TF32 and bf16; TopK in the three against
+# PyTorch in the same; ReLU-L1 in TF32 against PyTorch.
 for n in $widths; do
-  for tf in "" --tf32; do
-    record "encoder $n${tf:+ tf32}" 60 "$bin/bench_sae_train" --path encoder --device "$dev" \
-      --d-in $d_in --d-sae "$n" --batch $batch --steps 10 $tf
+  common=(--device "$dev" --d-in $d_in --d-sae "$n" --batch $batch)
+  record "encoder $n f32" 60 "$bin/bench_sae_train" --path encoder "${common[@]}" --steps 10
+  record "encoder $n tf32" 60 "$bin/bench_sae_train" --path encoder "${common[@]}" --steps 10 --tf32
+  record "encoder $n bf16" 60 "$bin/bench_sae_train" --path encoder "${common[@]}" --steps 10 --compute bf16
+  for prec in f32 tf32 bf16; do
+    ours=(); theirs=()
+    case $prec in tf32) ours=(--tf32); theirs=(--tf32) ;; bf16) ours=(--compute bf16); theirs=(--bf16) ;; esac
+    record "ours topk $n $prec" 150 "$bin/bench_sae_train" --path device --arch topk "${common[@]}" \
+      --steps $steps --dead-tokens 0 "${ours[@]}"
+    record "torch topk $n $prec" 150 "$py" bench/torch_sae_step.py --arch topk "${common[@]}" \
+      --steps $steps --dead-tokens 0 "${theirs[@]}"
   done
-  for arch in topk standard; do
-    for tf in "" --tf32; do
-      record "ours $arch $n${tf:+ tf32}" 150 "$bin/bench_sae_train" --path device --device "$dev" \
-        --arch $arch --d-in $d_in --d-sae "$n" --batch $batch --steps $steps --dead-tokens 0 $tf
-      record "torch $arch $n${tf:+ tf32}" 150 "$py" bench/torch_sae_step.py --device "$dev" \
-        --arch $arch --d-in $d_in --d-sae "$n" --batch $batch --steps $steps --dead-tokens 0 $tf
-    done
-  done
+  record "ours standard $n tf32" 150 "$bin/bench_sae_train" --path device --arch standard \
+    "${common[@]}" --steps $steps --tf32
+  record "torch standard $n tf32" 150 "$py" bench/torch_sae_step.py --arch standard "${common[@]}" \
+    --steps $steps --tf32
 done
 
 "$py" - "$log" "$dev" <<'PY' | tee "$out/summary.txt"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-# Dense peaks of an H100 SXM / H200 (NVIDIA's datasheets, without sparsity): FP32 67, TF32 495.
-peak = {"f32": 67e12, "f32 (tf32 products)": 495e12}
+# Dense peaks of an H100 SXM / H200 (NVIDIA's datasheets, without sparsity): FP32 67, TF32 495,
+# BF16 989 TFLOP/s.
+peak = {"f32": 67e12, "f32 (tf32 products)": 495e12, "f32 (bf16 products)": 989e12}
 for r in rows:
     if r.get("failed"):
         print(f"FAILED {r['name']} (rc {r['rc']}): {r['stderr_tail'][-300:]!r}")

@@ -69,6 +69,10 @@ struct Args {
     /// PyTorch).
     #[arg(long)]
     tf32: bool,
+    /// Operands of the matrix products on the device and encoder paths: f32, or bf16 / f16 with
+    /// f32 accumulation (weights stay f32).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    compute: String,
 }
 
 fn main() -> Result<()> {
@@ -120,12 +124,17 @@ fn main() -> Result<()> {
     let batches: Vec<HostBatch> = (0..2)
         .map(|_| make_batch(&mut rng))
         .collect::<Result<_>>()?;
+    let compute = match args.compute.as_str() {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => DType::F32,
+    };
     let (warm_l0, l0, secs) = if args.path == "encoder" {
-        let w = Tensor::randn(0f32, 0.02, (args.d_sae, args.d_in), &device)?;
-        let b = Tensor::zeros(args.d_sae, DType::F32, &device)?;
+        let w = Tensor::randn(0f32, 0.02, (args.d_sae, args.d_in), &device)?.to_dtype(compute)?;
+        let b = Tensor::zeros(args.d_sae, compute, &device)?;
         let on_device = batches
             .iter()
-            .map(|b| Ok(Tensor::from_slice(&b.x, (b.n, b.d_in), &device)?))
+            .map(|b| Ok(Tensor::from_slice(&b.x, (b.n, b.d_in), &device)?.to_dtype(compute)?))
             .collect::<Result<Vec<_>>>()?;
         let product = |x: &Tensor| -> Result<Tensor> { Ok(x.matmul(&w.t()?)?.broadcast_add(&b)?) };
         product(&on_device[0])?;
@@ -146,7 +155,8 @@ fn main() -> Result<()> {
             trainer.step_host(&batches[0])?;
             trainer.set_encoder_bias_for_l0(&batches[1], args.target_l0)?;
         }
-        let mut dev = DeviceTrainer::from_trainer(&trainer, &device)?;
+        let mut dev =
+            DeviceTrainer::from_trainer(&trainer, &device)?.with_compute_dtype(compute)?;
         let warm = dev.step(&on_device[0])?.host()?;
         let t0 = Instant::now();
         let mut steps = Vec::with_capacity(args.steps);
@@ -182,7 +192,12 @@ fn main() -> Result<()> {
         "impl": "sae-core",
         "path": args.path,
         "device": args.device,
-        "dtype": if args.tf32 { "f32 (tf32 products)" } else { "f32" },
+        "dtype": match (args.compute.as_str(), args.tf32) {
+            ("f32", true) => "f32 (tf32 products)",
+            ("f32", false) => "f32",
+            ("bf16", _) => "f32 (bf16 products)",
+            _ => "f32 (f16 products)",
+        },
         "arch": args.arch,
         "d_in": args.d_in,
         "d_sae": args.d_sae,

@@ -111,6 +111,10 @@ pub struct DeviceTrainer {
     bad_values: Tensor,
     /// BatchTopK's inference threshold θ (f64, 0-dimensional; zero for the other rules).
     topk_threshold: Tensor,
+    /// The dtype of the matrix products' operands (f32 by default; bf16 or f16 run them on a
+    /// GPU's tensor cores, accumulating in f32). Weights, Adam's state and everything else stay
+    /// f32.
+    compute: DType,
     /// The replicas this one trains with (data parallel); `None`: alone.
     collective: Option<Arc<dyn Collective>>,
 }
@@ -389,6 +393,7 @@ impl DeviceTrainer {
             lifetime_fires: u64s(trainer.lifetime_fires())?,
             bad_values: Tensor::zeros((), DType::F64, device)?,
             topk_threshold: Tensor::new(threshold, device)?,
+            compute: DType::F32,
             collective: None,
             cfg,
         })
@@ -402,6 +407,34 @@ impl DeviceTrainer {
     pub fn with_collective(mut self, collective: Arc<dyn Collective>) -> Self {
         self.collective = Some(collective);
         self
+    }
+
+    /// Runs the matrix products with operands in `dtype` (f32, bf16 or f16), results and
+    /// accumulation in f32: on a GPU, bf16 products take the tensor cores' bf16 rate (twice
+    /// TF32's on an H100) and half the memory traffic. The weights stay f32 (master weights),
+    /// so updates smaller than bf16's resolution are not lost.
+    ///
+    /// # Errors
+    /// A configuration error for any other dtype.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(SaeError::config(
+                "compute dtype",
+                format!("{dtype:?}: expected f32, bf16 or f16"),
+            ));
+        }
+        self.compute = dtype;
+        Ok(self)
+    }
+
+    /// `a b` with the operands in the compute dtype, the result in f32.
+    fn mm(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.compute == DType::F32 {
+            return Ok(a.matmul(b)?);
+        }
+        Ok(a.to_dtype(self.compute)?
+            .matmul(&b.to_dtype(self.compute)?)?
+            .to_dtype(DType::F32)?)
     }
 
     /// The element-wise minimum of `t` over the group (the identity alone).
@@ -549,7 +582,7 @@ impl DeviceTrainer {
             x.clone()
         };
         // Pre-activations with the encoder bias: what every rule's codes come from.
-        let h = xc.matmul(&self.params[0].t()?)?;
+        let h = self.mm(&xc, &self.params[0].t()?)?;
         // Pre-activations with the encoder bias (the gate's bias for gated).
         let pre = h.broadcast_add(&self.params[1])?.contiguous()?;
         let h = matches!(self.rule, Rule::Gated { .. }).then_some(h);
@@ -799,11 +832,11 @@ impl DeviceTrainer {
         let theta_row = theta.unsqueeze(0)?;
         let on = pre.broadcast_gt(&theta_row)?.to_dtype(DType::F32)?;
         let a = (pre * &on)?;
-        let x_hat = a.matmul(w_dec)?.broadcast_add(b_dec)?;
+        let x_hat = self.mm(&a, w_dec)?.broadcast_add(b_dec)?;
         let diff = (&x_hat - x)?;
         let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
-        let g_a = d_xhat.matmul(&w_dec.t()?)?;
+        let g_a = self.mm(&d_xhat, &w_dec.t()?)?;
         let per_tok = lambda / n_total as f64;
         let active = on.sum_all()?;
         let sparsity_loss = (self.sum_over_group(active.clone())? * per_tok)?;
@@ -814,9 +847,9 @@ impl DeviceTrainer {
         let g_threshold = ((through_a - per_tok / bandwidth)? * window)?.sum(0)?;
         let g_pre = (g_a * &on)?;
         Ok(Pass {
-            g_w_enc: g_pre.t()?.matmul(xc)?,
+            g_w_enc: self.mm(&g_pre.t()?, xc)?,
             g_b_enc: g_pre.sum(0)?,
-            g_w_dec: a.t()?.matmul(&d_xhat)?,
+            g_w_dec: self.mm(&a.t()?, &d_xhat)?,
             g_b_dec: d_xhat.sum(0)?,
             g_h_sum: None,
             extra: vec![g_threshold],
@@ -852,10 +885,10 @@ impl DeviceTrainer {
         let a = (mag_pre.relu()? * &gate_on)?;
         let gate_codes = pre.relu()?;
         // The main reconstruction and the gate path's.
-        let diff = (a.matmul(w_dec)?.broadcast_add(b_dec)? - x)?;
+        let diff = (self.mm(&a, w_dec)?.broadcast_add(b_dec)? - x)?;
         let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
-        let adiff = (gate_codes.matmul(w_dec)?.broadcast_add(b_dec)? - x)?;
+        let adiff = (self.mm(&gate_codes, w_dec)?.broadcast_add(b_dec)? - x)?;
         let aux_sq = self.sum_over_group(adiff.sqr()?.sum_all()?)?;
         let aux_loss = (aux_sq / n_total as f64)?;
         let d_aux = (&adiff * (2.0 / n_total as f64))?;
@@ -863,20 +896,20 @@ impl DeviceTrainer {
         let norms = w_dec.sqr()?.sum(1)?.sqrt()?;
         let penalty = gate_codes.broadcast_mul(&norms.unsqueeze(0)?)?.sum_all()?;
         let sparsity_loss = (self.sum_over_group(penalty)? * per_tok)?;
-        let g_mag = (d_xhat.matmul(&w_dec.t()?)? * &mag_on)?;
-        let g_gate = (d_aux
-            .matmul(&w_dec.t()?)?
+        let g_mag = (self.mm(&d_xhat, &w_dec.t()?)? * &mag_on)?;
+        let g_gate = (self
+            .mm(&d_aux, &w_dec.t()?)?
             .broadcast_add(&(&norms * per_tok)?.unsqueeze(0)?)?
             * &gate_on)?;
         let enc_coef = (&g_gate + g_mag.broadcast_mul(&scale)?)?;
         let safe = norms.gt(0.0)?.where_cond(&norms, &norms.ones_like()?)?;
         let coef = ((gate_codes.sum(0)? * per_tok)? / safe)?
             .broadcast_mul(&norms.gt(0.0)?.to_dtype(DType::F32)?)?;
-        let g_w_dec = ((a.t()?.matmul(&d_xhat)? + gate_codes.t()?.matmul(&d_aux)?)?
+        let g_w_dec = ((self.mm(&a.t()?, &d_xhat)? + self.mm(&gate_codes.t()?, &d_aux)?)?
             + w_dec.broadcast_mul(&coef.unsqueeze(1)?)?)?;
         let g_r_mag = (&g_mag * h.broadcast_mul(&scale)?)?.sum(0)?;
         Ok(Pass {
-            g_w_enc: enc_coef.t()?.matmul(xc)?,
+            g_w_enc: self.mm(&enc_coef.t()?, xc)?,
             g_b_enc: g_gate.sum(0)?,
             g_w_dec,
             g_b_dec: (d_xhat.sum(0)? + d_aux.sum(0)?)?,
@@ -933,16 +966,16 @@ impl DeviceTrainer {
         let zeros = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
         let aux_codes = zeros.scatter_add(&aidx, &(pre.gather(&aidx, 1)? * &chosen)?, 1)?;
         let aux_mask = zeros.scatter_add(&aidx, &chosen, 1)?;
-        let adiff = (aux_codes.matmul(w_dec)? + diff)?; // recon_aux - (x - x̂)
+        let adiff = (self.mm(&aux_codes, w_dec)? + diff)?; // recon_aux - (x - x̂)
         let aux_sq = self.sum_over_group(adiff.sqr()?.sum_all()?)?;
         let aux_loss = (aux_sq.broadcast_mul(&aux_c)? / n_total as f64)?;
         let d_aux = adiff.broadcast_mul(&(&aux_c * (2.0 / n_total as f64))?)?;
-        let g_pre_aux = (d_aux.matmul(&w_dec.t()?)? * &aux_mask)?;
+        let g_pre_aux = (self.mm(&d_aux, &w_dec.t()?)? * &aux_mask)?;
         Ok(AuxOut {
             loss: aux_loss,
-            g_w_enc: g_pre_aux.t()?.matmul(xc)?,
+            g_w_enc: self.mm(&g_pre_aux.t()?, xc)?,
             g_b_enc: g_pre_aux.sum(0)?,
-            g_w_dec: aux_codes.t()?.matmul(&d_aux)?,
+            g_w_dec: self.mm(&aux_codes.t()?, &d_aux)?,
         })
     }
 
@@ -993,12 +1026,12 @@ impl DeviceTrainer {
                 .min(0)?,
         )?;
         drop(r);
-        let x_hat = a.matmul(w_dec)?.broadcast_add(b_dec)?;
+        let x_hat = self.mm(&a, w_dec)?.broadcast_add(b_dec)?;
         let diff = (&x_hat - x)?;
         let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
-        let mut g_a = d_xhat.matmul(&w_dec.t()?)?;
-        let mut g_w_dec = a.t()?.matmul(&d_xhat)?;
+        let mut g_a = self.mm(&d_xhat, &w_dec.t()?)?;
+        let mut g_w_dec = self.mm(&a.t()?, &d_xhat)?;
         let mut g_b_dec = d_xhat.sum(0)?;
         // Matryoshka: each prefix's own reconstruction (b_dec included) joins the loss.
         let mut inner_loss = Tensor::zeros((), DType::F32, &self.device)?;
@@ -1008,18 +1041,18 @@ impl DeviceTrainer {
                 .to_dtype(DType::F32)?
                 .unsqueeze(0)?;
             let a_w = a.broadcast_mul(&keep)?;
-            let diff_w = (a_w.matmul(w_dec)?.broadcast_add(b_dec)? - x)?;
+            let diff_w = (self.mm(&a_w, w_dec)?.broadcast_add(b_dec)? - x)?;
             let sq_w = self.sum_over_group(diff_w.sqr()?.sum_all()?)?;
             inner_loss = (inner_loss + (sq_w / n_total as f64)?)?;
             let d_w = (diff_w * (2.0 / n_total as f64))?;
-            g_a = (g_a + d_w.matmul(&w_dec.t()?)?.broadcast_mul(&keep)?)?;
-            g_w_dec = (g_w_dec + a_w.t()?.matmul(&d_w)?)?;
+            g_a = (g_a + self.mm(&d_w, &w_dec.t()?)?.broadcast_mul(&keep)?)?;
+            g_w_dec = (g_w_dec + self.mm(&a_w.t()?, &d_w)?)?;
             g_b_dec = (g_b_dec + d_w.sum(0)?)?;
         }
         let g_pre = (g_a * &on)?;
         let aux = self.aux_pass(xc, pre, &diff, n_total, aux_k, aux_coefficient)?;
         let pass = Pass {
-            g_w_enc: (g_pre.t()?.matmul(xc)? + aux.g_w_enc)?,
+            g_w_enc: (self.mm(&g_pre.t()?, xc)? + aux.g_w_enc)?,
             g_b_enc: (g_pre.sum(0)? + aux.g_b_enc)?,
             g_w_dec: (g_w_dec + aux.g_w_dec)?,
             g_b_dec,
@@ -1047,7 +1080,7 @@ impl DeviceTrainer {
         let (w_dec, b_dec) = (&self.params[2], &self.params[3]);
         let a = pre.relu()?;
         let on = pre.gt(0.0)?.to_dtype(DType::F32)?;
-        let x_hat = a.matmul(w_dec)?.broadcast_add(b_dec)?;
+        let x_hat = self.mm(&a, w_dec)?.broadcast_add(b_dec)?;
         let diff = (&x_hat - x)?;
         let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
@@ -1056,16 +1089,16 @@ impl DeviceTrainer {
         let penalty = a.broadcast_mul(&norms.unsqueeze(0)?)?.sum_all()?;
         let sparsity_loss = (self.sum_over_group(penalty)? * per_tok)?;
         // d/da of the penalty is λ/n ||W_dec[f]||; d/dW_dec[f] is λ/n Σ_t a_tf W_dec[f] / ||W_dec[f]||.
-        let g_pre = (d_xhat
-            .matmul(&w_dec.t()?)?
+        let g_pre = (self
+            .mm(&d_xhat, &w_dec.t()?)?
             .broadcast_add(&(&norms * per_tok)?.unsqueeze(0)?)?
             * &on)?;
         let safe = norms.gt(0.0)?.where_cond(&norms, &norms.ones_like()?)?;
         let coef = ((a.sum(0)? * per_tok)? / safe)?
             .broadcast_mul(&norms.gt(0.0)?.to_dtype(DType::F32)?)?;
-        let g_w_dec = (a.t()?.matmul(&d_xhat)? + w_dec.broadcast_mul(&coef.unsqueeze(1)?)?)?;
+        let g_w_dec = (self.mm(&a.t()?, &d_xhat)? + w_dec.broadcast_mul(&coef.unsqueeze(1)?)?)?;
         Ok(Pass {
-            g_w_enc: g_pre.t()?.matmul(xc)?,
+            g_w_enc: self.mm(&g_pre.t()?, xc)?,
             g_b_enc: g_pre.sum(0)?,
             g_w_dec,
             g_b_dec: d_xhat.sum(0)?,
