@@ -13,8 +13,9 @@
 # target/gpu-carry (the `carry` of the device tool): parity, bench_forward and bench_sae_train
 # built with --features cuda, and sae-core's device tests built with --features nccl. What the run needs there and finds there: nvidia-smi, Python with
 # PyTorch and HF transformers, and cuBLAS/cuRAND/NVRTC from PyTorch's wheels (put on
-# LD_LIBRARY_PATH below; candle's cudarc opens them at run time). Models are made there with
-# random weights (scripts/gpu_models.py); SAE inputs are Gaussian.
+# LD_LIBRARY_PATH below). The binaries are linked here against stand-ins with the libraries'
+# sonames (scripts/cuda_link_stubs.py), so the build needs no CUDA libraries. Models are made there
+# with random weights (scripts/gpu_models.py); SAE inputs are Gaussian.
 #
 # The run: forward parity GPU against CPU on SmolLM2-135M's and Gemma-3-270M's shapes (f32,
 # logprobs within 1e-3; bf16 reported); bench_forward; the dense encoder product's FLOP rate;
@@ -35,6 +36,12 @@ build)
   root=$("$venv/bin/python" -c 'import os, nvidia; print(os.path.join(nvidia.__path__[0], "cu13"))')
   export PATH="$root/bin:$PATH" CUDA_ROOT="$root" CUDA_PATH="$root" CUDA_HOME="$root"
   export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+  # Stand-ins for the CUDA libraries to link against (none run: scripts/cuda_link_stubs.py), in
+  # the folder the CUDA crates already search.
+  cudarc_src=$(cargo metadata --format-version 1 --all-features 2>/dev/null | "$venv/bin/python" -c 'import json,sys,os
+m = json.load(sys.stdin)
+print(next(os.path.join(os.path.dirname(p["manifest_path"]), "src") for p in m["packages"] if p["name"] == "cudarc"))')
+  "$venv/bin/python" scripts/cuda_link_stubs.py "$cudarc_src" "$root/lib" "$root/lib/libcudart.so.13"
   target=${CUDA_TARGET:-target/cuda-release}
   cargo build --release --features cuda --target-dir "$target" \
     --example parity --example bench_forward --example bench_sae_train
@@ -83,14 +90,26 @@ except ImportError:
 print(":".join(dirs))
 PY
 )
-  # cudarc looks for libnccl.so (or .so.<CUDA major>); the wheels ship NCCL's own soname, .so.2.
+  # The binaries need CUDA 13's sonames (they were linked against them, scripts/cuda_link_stubs.py).
+  # Where PyTorch's wheels carry another major version of a library, its file stands in under the
+  # expected name, and the machine line below says so.
   mkdir -p "$work/lib"
-  for d in ${libs//:/ }; do
-    [ -e "$d/libnccl.so.2" ] && ln -sf "$d/libnccl.so.2" "$work/lib/libnccl.so" && break
+  nvcc_lib=$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")")
+  libs="$libs:$nvcc_lib/lib64:$nvcc_lib/lib"
+  stand_ins=""
+  for want in libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13 libcudart.so.13 libcurand.so.10 libnccl.so.2; do
+    found=""; other=""
+    for d in ${libs//:/ }; do
+      [ -e "$d/$want" ] && found=1 && break
+      [ -z "$other" ] && other=$(ls "$d/${want%.so.*}.so."[0-9]* 2>/dev/null | head -1)
+    done
+    if [ -z "$found" ] && [ -n "$other" ]; then
+      ln -sf "$other" "$work/lib/$want"; stand_ins="$stand_ins $want=$(basename "$other")"
+    fi
   done
   export LD_LIBRARY_PATH="$work/lib:$libs:${LD_LIBRARY_PATH:-}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader \
-    | "$py" -c 'import json,sys; n,d,m=[s.strip() for s in sys.stdin.read().split(",")]; print(json.dumps({"check":"machine","gpu":n,"driver":d,"memory":m}))' >> "$log"
+    | STAND_INS="$stand_ins" "$py" -c 'import json,os,sys; n,d,m=[s.strip() for s in sys.stdin.read().split(",")[:3]]; print(json.dumps({"check":"machine","gpu":n,"driver":d,"memory":m,"library_stand_ins":os.environ["STAND_INS"].split()}))' >> "$log"
 fi
 
 # record NAME LIMIT_S CMD...: runs CMD, appends its JSON lines (stdout) with the peak device
