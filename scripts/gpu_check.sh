@@ -58,9 +58,12 @@ for l in sys.stdin:
     strip -o "target/gpu-carry/bin/$b" "$target/release/examples/$b"
   done
   strip -o target/gpu-carry/bin/sae_core_device_tests "$test_bin"
+  # Each binary holds candle's kernels (about 55 MB stripped); xz makes it about 7 MB, so the four
+  # fit in what travels (64 MiB). The run unpacks them there.
+  xz -T0 -9 -f target/gpu-carry/bin/*
   du -sh target/gpu-carry
   exit 0 ;;
-run) dev=cuda; bin=${GPU_BIN:-target/gpu-carry/bin}; out=${OUT:-runs/gpu_check}
+run) dev=cuda; bin=""; out=${OUT:-runs/gpu_check}
   d_in=2048; widths="65536 262144"; batch=4096; steps=5; py=${PYTHON:-python3} ;;
 dry-run) dev=cpu; bin=target/release/examples; out=${OUT:-runs/gpu_check_dry}
   d_in=64; widths="512 1024"; batch=128; steps=2; py=${PYTHON:-.venv/bin/python} ;;
@@ -73,7 +76,14 @@ log="$out/gpu_check.jsonl"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 if [ "$dev" = cuda ]; then
-  # PyTorch's CUDA libraries, for candle's dynamic loading.
+  # The carried binaries, unpacked (Python's lzma: no xz needed there).
+  bin=$work/bin; mkdir -p "$bin"
+  for f in target/gpu-carry/bin/*.xz; do
+    b=$bin/$(basename "$f" .xz)
+    "$py" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$f" "$b"
+    chmod +x "$b"
+  done
+  # PyTorch's CUDA libraries and the toolkit's, for the binaries' needed libraries.
   libs=$("$py" - <<'PY'
 import glob, os
 try:
