@@ -277,12 +277,20 @@ impl DeviceTrainer {
     /// Copies a host trainer onto `device`.
     ///
     /// # Errors
-    /// A configuration error for an architecture other than TopK or standard, with resampling,
-    /// or with an encoder-bias init still to do; candle errors from the copy.
+    /// A configuration error with resampling or with an encoder-bias init still to do (those
+    /// steps are the host trainer's: [`crate::train_many`] hands them over); candle errors from
+    /// the copy.
     pub fn from_trainer(trainer: &Trainer, device: &Device) -> Result<Self> {
         if let Some(why) = device_path_refusal(trainer) {
             return Err(SaeError::config("device training", why));
         }
+        Self::between_host_steps(trainer, device)
+    }
+
+    /// [`DeviceTrainer::from_trainer`] for a trainer whose resampling and encoder-bias init the
+    /// caller runs on the host ([`crate::train_many`] takes those steps on the host path and the
+    /// others here).
+    pub(crate) fn between_host_steps(trainer: &Trainer, device: &Device) -> Result<Self> {
         let cfg = trainer.config().clone();
         let (rule, apply_b_dec, decoder_norm) = match &cfg.sae {
             ArchitectureConfig::TopK(t) => (

@@ -614,12 +614,12 @@ impl Trainer {
         }
     }
 
-    /// Trains on `device`. On a GPU, an SAE without resampling keeps its whole step there
-    /// ([`crate::DeviceTrainer`], through [`train_many`] and [`Trainer::train`]); with
-    /// resampling (or an encoder-bias init still to do) the dense encoder product runs there and
-    /// the rest on the host.
+    /// Trains on `device`. On a GPU the whole step stays there ([`crate::DeviceTrainer`], through
+    /// [`train_many`] and [`Trainer::train`]), except the steps that resample dead features or
+    /// set the encoder bias for a target L0: those run on the host path (its encoder product on
+    /// the GPU), with the state handed over before and taken back after.
     pub fn with_device(mut self, device: Device) -> Self {
-        self.resident = !device.is_cpu() && self.device_path_applies();
+        self.resident = !device.is_cpu();
         self.device = device;
         self
     }
@@ -628,17 +628,17 @@ impl Trainer {
     /// `Device::Cpu`, where it gives the host path's results to rounding.
     ///
     /// # Errors
-    /// A configuration error when turning it on for an architecture it does not cover.
+    /// None today (every architecture runs there); kept fallible for paths that may not.
     pub fn with_device_resident(mut self, on: bool) -> Result<Self> {
-        if on && let Some(why) = crate::device::device_path_refusal(&self) {
-            return Err(SaeError::config("device training", why));
-        }
         self.resident = on;
         Ok(self)
     }
 
-    fn device_path_applies(&self) -> bool {
-        crate::device::device_path_refusal(self).is_none()
+    /// Whether the next step must run on the host path: it resamples dead features, or it is the
+    /// first and sets the encoder bias for a target L0.
+    fn next_step_on_host(&self) -> bool {
+        (self.needs_data_init && self.cfg.encoder_bias_init_l0.is_some())
+            || self.cfg.resample_at_steps.contains(&(self.step + 1))
     }
 
     pub fn config(&self) -> &TrainerConfig {
@@ -1278,14 +1278,9 @@ pub fn train_many(
             "all trainers must share d_in",
         ));
     }
-    let mut resident = trainers
-        .iter()
-        .map(|t| {
-            (t.resident && !t.is_done())
-                .then(|| crate::DeviceTrainer::from_trainer(t, &t.device))
-                .transpose()
-        })
-        .collect::<Result<Vec<_>>>()?;
+    // A resident trainer's device run, made when its next step is one for the device and
+    // handed back before a step for the host (resampling, the encoder-bias init).
+    let mut resident: Vec<Option<crate::DeviceTrainer>> = trainers.iter().map(|_| None).collect();
     let mut batch_index = start;
     while trainers.iter().any(|t| !t.is_done()) {
         let Some(batch) = source.next_batch()? else {
@@ -1294,10 +1289,9 @@ pub fn train_many(
         };
         // The host copy (checked for NaN) only when a trainer on the host path needs it: the
         // device path counts non-finite values on the device, so a GPU batch stays there.
-        let needs_host = trainers
-            .iter()
-            .zip(&resident)
-            .any(|(t, d)| d.is_none() && !t.is_done() && t.step <= batch_index);
+        let needs_host = trainers.iter().any(|t| {
+            (!t.resident || t.next_step_on_host()) && !t.is_done() && t.step <= batch_index
+        });
         let hb = needs_host
             .then(|| HostBatch::from_tensor(&batch, d_in))
             .transpose()?;
@@ -1309,6 +1303,15 @@ pub fn train_many(
             }
             let (log_every, total) = (t.cfg.log_every, t.cfg.total_steps);
             let logged = |step: u64| step.is_multiple_of(log_every) || step == total;
+            if t.resident {
+                if t.next_step_on_host() {
+                    if let Some(d) = resident[i].take() {
+                        d.write_to(t)?;
+                    }
+                } else if resident[i].is_none() {
+                    resident[i] = Some(crate::DeviceTrainer::between_host_steps(t, &t.device)?);
+                }
+            }
             let m = if let Some(d) = resident[i].as_mut() {
                 let x = match &uploaded {
                     Some(x) if x.device().same_device(d.device()) => x.clone(),

@@ -415,10 +415,7 @@ fn resampling_the_bias_init_and_other_widths_are_refused() {
         10,
     );
     cfg.resample_at_steps = vec![5];
-    let e = Trainer::new(cfg)
-        .unwrap()
-        .with_device_resident(true)
-        .unwrap_err();
+    let e = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap_err();
     assert!(e.to_string().contains("resampling"), "{e}");
     let cfg = TrainerConfig::new(
         D_IN,
@@ -518,6 +515,23 @@ fn source(
 #[test]
 fn training_through_the_trainer_logs_what_the_host_path_logs() {
     logs_match(resident_config());
+}
+
+/// The main job's standard SAE: the encoder bias set for a target L0 on the first batch and dead
+/// features resampled twice. Those steps run on the host path inside `Trainer::train` (the state
+/// handed over and taken back), the others on the device path, and the run ends where the host
+/// path ends.
+#[test]
+fn resampling_and_the_bias_init_run_on_the_host_between_device_steps() {
+    let mut cfg = standard_config();
+    cfg.encoder_bias_init_l0 = Some(8);
+    cfg.resample_at_steps = vec![7, 14];
+    cfg.dead_window_tokens = N as u64;
+    let mut host = Trainer::new(cfg.clone()).unwrap();
+    let log = host.train(&mut source(0..6), Progress::Hidden).unwrap();
+    let dead = log.last().unwrap().dead_fraction;
+    assert!(dead > 0.0, "no feature is dead before the first resampling");
+    logs_match(cfg);
 }
 
 /// The same for the standard SAE, with the L1 warm-up logged.
