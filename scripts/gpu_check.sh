@@ -29,13 +29,7 @@ mode=${1:-}
 case "$mode" in
 build)
   set -e
-  venv=${CUDA_VENV:-/tmp/cuda-venv}
-  if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
-  "$venv/bin/pip" install --quiet "nvidia-cuda-nvcc==13.0.88" "nvidia-nvvm==13.0.88" \
-    "nvidia-cuda-crt==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*"
-  root=$("$venv/bin/python" -c 'import os, nvidia; print(os.path.join(nvidia.__path__[0], "cu13"))')
-  export PATH="$root/bin:$PATH" CUDA_ROOT="$root" CUDA_PATH="$root" CUDA_HOME="$root"
-  export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+  source scripts/cuda_env.sh
   # Stand-ins for the CUDA libraries to link against (none run: scripts/cuda_link_stubs.py), in
   # the folder the CUDA crates already search.
   cudarc_src=$(cargo metadata --format-version 1 --all-features 2>/dev/null | "$venv/bin/python" -c 'import json,sys,os

@@ -900,21 +900,13 @@ impl DeviceTrainer {
         let aux_sq = self.sum_over_group(adiff.sqr()?.sum_all()?)?;
         let aux_loss = (aux_sq / n_total as f64)?;
         let d_aux = (&adiff * (2.0 / n_total as f64))?;
-        let per_tok = lambda / n_total as f64;
-        let norms = w_dec.sqr()?.sum(1)?.sqrt()?;
-        let penalty = gate_codes.broadcast_mul(&norms.unsqueeze(0)?)?.sum_all()?;
-        let sparsity_loss = (self.sum_over_group(penalty)? * per_tok)?;
+        let l1 = self.decoder_norm_l1(&gate_codes, lambda / n_total as f64)?;
+        let sparsity_loss = l1.loss;
         let g_mag = (self.mm(&d_xhat, &w_dec.t()?)? * &mag_on)?;
-        let g_gate = (self
-            .mm(&d_aux, &w_dec.t()?)?
-            .broadcast_add(&(&norms * per_tok)?.unsqueeze(0)?)?
-            * &gate_on)?;
+        let g_gate = (self.mm(&d_aux, &w_dec.t()?)?.broadcast_add(&l1.g_codes)? * &gate_on)?;
         let enc_coef = (&g_gate + g_mag.broadcast_mul(&scale)?)?;
-        let safe = norms.gt(0.0)?.where_cond(&norms, &norms.ones_like()?)?;
-        let coef = ((gate_codes.sum(0)? * per_tok)? / safe)?
-            .broadcast_mul(&norms.gt(0.0)?.to_dtype(DType::F32)?)?;
-        let g_w_dec = ((self.mm(&a.t()?, &d_xhat)? + self.mm(&gate_codes.t()?, &d_aux)?)?
-            + w_dec.broadcast_mul(&coef.unsqueeze(1)?)?)?;
+        let g_w_dec =
+            ((self.mm(&a.t()?, &d_xhat)? + self.mm(&gate_codes.t()?, &d_aux)?)? + l1.g_w_dec)?;
         let g_r_mag = (&g_mag * h.broadcast_mul(&scale)?)?.sum(0)?;
         Ok(Pass {
             g_w_enc: self.mm(&enc_coef.t()?, xc)?,
@@ -928,6 +920,25 @@ impl DeviceTrainer {
             aux_loss,
             fires: mag_on.sum(0)?,
             active: mag_on.sum_all()?,
+        })
+    }
+
+    /// The L1 penalty weighted by decoder norms that the standard and gated SAEs put on their
+    /// codes `acts` (`[n, d_sae]`), `per_tok · Σ_t Σ_f a_tf ||W_dec[f]||`: the loss summed over the
+    /// group, its gradient on each code, `per_tok · ||W_dec[f]||` (`[1, d_sae]`), and on `W_dec`,
+    /// `per_tok · Σ_t a_tf · W_dec[f] / ||W_dec[f]||` (zero for a zero row).
+    fn decoder_norm_l1(&self, acts: &Tensor, per_tok: f64) -> Result<DecoderNormL1> {
+        let w_dec = &self.params[2];
+        let norms = w_dec.sqr()?.sum(1)?.sqrt()?; // [d_sae]
+        let penalty = acts.broadcast_mul(&norms.unsqueeze(0)?)?.sum_all()?;
+        let nonzero = norms.gt(0.0)?;
+        let safe = nonzero.where_cond(&norms, &norms.ones_like()?)?;
+        let coef =
+            ((acts.sum(0)? * per_tok)? / safe)?.broadcast_mul(&nonzero.to_dtype(DType::F32)?)?;
+        Ok(DecoderNormL1 {
+            loss: (self.sum_over_group(penalty)? * per_tok)?,
+            g_codes: (&norms * per_tok)?.unsqueeze(0)?,
+            g_w_dec: w_dec.broadcast_mul(&coef.unsqueeze(1)?)?,
         })
     }
 
@@ -1092,19 +1103,10 @@ impl DeviceTrainer {
         let diff = (&x_hat - x)?;
         let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
-        let per_tok = lambda / n_total as f64;
-        let norms = w_dec.sqr()?.sum(1)?.sqrt()?; // [d_sae]
-        let penalty = a.broadcast_mul(&norms.unsqueeze(0)?)?.sum_all()?;
-        let sparsity_loss = (self.sum_over_group(penalty)? * per_tok)?;
-        // d/da of the penalty is λ/n ||W_dec[f]||; d/dW_dec[f] is λ/n Σ_t a_tf W_dec[f] / ||W_dec[f]||.
-        let g_pre = (self
-            .mm(&d_xhat, &w_dec.t()?)?
-            .broadcast_add(&(&norms * per_tok)?.unsqueeze(0)?)?
-            * &on)?;
-        let safe = norms.gt(0.0)?.where_cond(&norms, &norms.ones_like()?)?;
-        let coef = ((a.sum(0)? * per_tok)? / safe)?
-            .broadcast_mul(&norms.gt(0.0)?.to_dtype(DType::F32)?)?;
-        let g_w_dec = (self.mm(&a.t()?, &d_xhat)? + w_dec.broadcast_mul(&coef.unsqueeze(1)?)?)?;
+        let l1 = self.decoder_norm_l1(&a, lambda / n_total as f64)?;
+        let g_pre = (self.mm(&d_xhat, &w_dec.t()?)?.broadcast_add(&l1.g_codes)? * &on)?;
+        let g_w_dec = (self.mm(&a.t()?, &d_xhat)? + l1.g_w_dec)?;
+        let sparsity_loss = l1.loss;
         Ok(Pass {
             g_w_enc: self.mm(&g_pre.t()?, xc)?,
             g_b_enc: g_pre.sum(0)?,
@@ -1250,6 +1252,13 @@ impl InProcess {
         self.shared.barrier.wait();
         Ok(sum)
     }
+}
+
+/// See [`DeviceTrainer::decoder_norm_l1`].
+struct DecoderNormL1 {
+    loss: Tensor,
+    g_codes: Tensor,
+    g_w_dec: Tensor,
 }
 
 /// AuxK's loss and gradients.
