@@ -82,6 +82,24 @@ pub fn device(name: &str) -> candle_core::Result<candle_core::Device> {
     }
 }
 
+/// Peak resident memory of this process in MiB (Linux's VmHWM; NaN elsewhere). On the CPU it is
+/// what a step's tensors took at their largest, which is how a device step's footprint is
+/// measured without the device.
+pub fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Resets the peak resident memory to the current one (Linux `clear_refs` value 5), so that
+/// [`peak_rss_mb`] measures what follows.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

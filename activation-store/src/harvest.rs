@@ -7,6 +7,8 @@
 use std::collections::HashSet;
 use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -161,6 +163,11 @@ pub struct HarvestSummary {
     pub seconds: f64,
     /// `forward_tokens / seconds`, writes included.
     pub tokens_per_s: f64,
+    /// Time in the forward passes and their copies to the host.
+    pub forward_seconds: f64,
+    /// Time in checking and writing the rows, which overlaps the forward passes: `seconds` is
+    /// about the larger of the two, not their sum.
+    pub write_seconds: f64,
     /// Bytes of all shard files (activations and provenance).
     pub bytes: u64,
     pub shards: u64,
@@ -199,7 +206,7 @@ pub fn harvest(
         plan_sha256: plan.sha256(),
     };
     let settings = cfg.settings();
-    let mut writer = CacheWriter::resume(dir, &source_info, &settings)?;
+    let writer = CacheWriter::resume(dir, &source_info, &settings)?;
     let resumed = writer.is_some();
     if let Some(w) = &writer {
         let names: Vec<&str> = w.manifest().hooks.iter().map(|h| h.name.as_str()).collect();
@@ -223,12 +230,102 @@ pub fn harvest(
         pb.set_position(rows_at_start.min(target));
     }
 
-    let mut rows_total = rows_at_start;
-    let mut forward_tokens = 0u64;
-    let mut shard: Option<ShardBuilder> = None;
-    let mut dropped_in_shard = 0u64;
-    let mut batch = start;
-    while batch < n_batches && rows_total < cfg.max_rows {
+    // Two stages: this thread runs the forward passes and copies each batch's activations to
+    // the host; a second thread checks them, picks the rows and writes and commits the shards,
+    // one batch behind. On a GPU the next forward pass runs while the last batch is written; on
+    // the CPU the disk writes overlap the model. The copy stays on this thread, in the device's
+    // stream order right after its forward pass.
+    // A cache already at the row limit takes no forward pass.
+    let stop = AtomicBool::new(rows_at_start >= cfg.max_rows);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<HostBatch>(1);
+    let mut store = Store {
+        dir,
+        plan,
+        cfg,
+        source_info: &source_info,
+        settings: &settings,
+        excluded: &excluded,
+        writer,
+        shard: None,
+        dropped_in_shard: 0,
+        rows_total: rows_at_start,
+        forward_tokens: 0,
+        busy: 0.0,
+        n_batches,
+        target,
+        progress,
+    };
+    let (forwarded, stored) = std::thread::scope(|scope| {
+        let writing = scope.spawn(|| {
+            let r = store.take_all(&rx);
+            // Whatever ended the writing (the row limit, an error) ends the forward passes.
+            stop.store(true, Ordering::Relaxed);
+            drop(rx);
+            r
+        });
+        let forwarded = forward_batches(plan, source, cfg, start, n_batches, &stop, &tx);
+        drop(tx);
+        let stored = writing
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (forwarded, stored)
+    });
+    // A writing error is the first thing that went wrong (the forward passes stop after it).
+    stored?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let forward_tokens = store.forward_tokens;
+    let m = store.writer.as_ref().map(|w| w.manifest());
+    let bytes = m.map_or(0, |m| {
+        m.shards
+            .iter()
+            .map(|s| s.provenance.bytes + s.hooks.iter().map(|h| h.file.bytes).sum::<u64>())
+            .sum()
+    });
+    Ok(HarvestSummary {
+        tokens: m.map_or(0, |m| m.rows),
+        tokens_added: m.map_or(0, |m| m.rows) - rows_at_start,
+        forward_tokens,
+        seconds,
+        tokens_per_s: forward_tokens as f64 / seconds.max(1e-9),
+        forward_seconds: forwarded?,
+        write_seconds: store.busy,
+        bytes,
+        shards: m.map_or(0, |m| m.shards.len() as u64),
+        dropped_outliers: m.map_or(0, |m| m.dropped_outliers),
+        resumed,
+        plan_exhausted: m.is_some_and(|m| m.batches_done >= n_batches),
+    })
+}
+
+/// One forward batch's activations on the host: windows `w0..w1` right-padded to `seq`, and per
+/// hook its width and `[windows, seq, width]` values.
+struct HostBatch {
+    batch: u64,
+    w0: usize,
+    w1: usize,
+    seq: usize,
+    acts: Vec<(usize, Vec<f32>)>,
+}
+
+/// The forward stage: batches `start..n_batches` through the model, each copied to the host and
+/// sent on, until the plan ends, `stop` is set or the writing stage hangs up. Returns the
+/// seconds spent in the passes and copies (not waiting to send).
+fn forward_batches(
+    plan: &WindowPlan,
+    source: &mut dyn ActivationSource,
+    cfg: &HarvestConfig,
+    start: u64,
+    n_batches: u64,
+    stop: &AtomicBool,
+    tx: &SyncSender<HostBatch>,
+) -> Result<f64> {
+    let b = cfg.batch_windows;
+    let mut busy = 0.0;
+    for batch in start..n_batches {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let t0 = Instant::now();
         let w0 = batch as usize * b;
         let w1 = (w0 + b).min(plan.len());
         let seq = (w0..w1).map(|w| plan.tokens(w).len()).max().unwrap_or(0);
@@ -236,7 +333,6 @@ pub fn harvest(
         for (i, w) in (w0..w1).enumerate() {
             let t = plan.tokens(w);
             ids[i * seq..i * seq + t.len()].copy_from_slice(t);
-            forward_tokens += t.len() as u64;
         }
         let tokens = Tensor::from_vec(ids, (w1 - w0, seq), &cfg.device)?;
         let outs = source.forward(&tokens, &cfg.hooks)?;
@@ -264,6 +360,74 @@ pub fn harvest(
                 .to_vec1::<f32>()?;
             acts.push((dims[2], v));
         }
+        busy += t0.elapsed().as_secs_f64();
+        let sent = HostBatch {
+            batch,
+            w0,
+            w1,
+            seq,
+            acts,
+        };
+        if tx.send(sent).is_err() {
+            break; // the writing stage stopped; it says why
+        }
+    }
+    Ok(busy)
+}
+
+/// The writing stage's state: the cache (created at the first batch of a fresh run), the open
+/// shard and the counts.
+struct Store<'a> {
+    dir: &'a Path,
+    plan: &'a WindowPlan,
+    cfg: &'a HarvestConfig,
+    source_info: &'a SourceInfo,
+    settings: &'a CacheSettings,
+    excluded: &'a HashSet<u32>,
+    writer: Option<CacheWriter>,
+    shard: Option<ShardBuilder>,
+    dropped_in_shard: u64,
+    rows_total: u64,
+    /// Positions of the batches taken (BOS included, padding not).
+    forward_tokens: u64,
+    /// Seconds spent on the batches taken.
+    busy: f64,
+    n_batches: u64,
+    target: u64,
+    progress: Option<&'a ProgressBar>,
+}
+
+impl Store<'_> {
+    /// Takes batches in order until the plan or the row limit ends. A shard still open when
+    /// the forward stage hangs up early (it failed) is not committed, as in a crash: the
+    /// next run redoes it.
+    fn take_all(&mut self, rx: &Receiver<HostBatch>) -> Result<()> {
+        while self.rows_total < self.cfg.max_rows {
+            let Ok(hb) = rx.recv() else {
+                break;
+            };
+            let t0 = Instant::now();
+            let last = self.take(hb)?;
+            self.busy += t0.elapsed().as_secs_f64();
+            if last {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks one batch, writes its rows and commits the shard when it is full or the run ends;
+    /// true when this was the run's last batch.
+    fn take(&mut self, hb: HostBatch) -> Result<bool> {
+        let HostBatch {
+            batch,
+            w0,
+            w1,
+            seq,
+            acts,
+        } = hb;
+        let (plan, cfg, dir) = (self.plan, self.cfg, self.dir);
+        self.forward_tokens += (w0..w1).map(|w| plan.tokens(w).len() as u64).sum::<u64>();
 
         // Which positions become rows, and their norms.
         let mut keep: Vec<(usize, usize)> = Vec::new();
@@ -280,7 +444,7 @@ pub fn harvest(
                         });
                     }
                 }
-                if (p == 0 && cfg.exclude_bos) || excluded.contains(&tok) {
+                if (p == 0 && cfg.exclude_bos) || self.excluded.contains(&tok) {
                     continue;
                 }
                 keep.push((i, p));
@@ -296,7 +460,7 @@ pub fn harvest(
                 .sqrt()
         };
 
-        if writer.is_none() {
+        if self.writer.is_none() {
             let hooks = cfg
                 .hooks
                 .iter()
@@ -320,14 +484,14 @@ pub fn harvest(
             })?;
             std::fs::create_dir_all(dir).at("create folder", dir)?;
             write_atomic(&dir.join(PLAN), &plan_json)?;
-            writer = Some(CacheWriter::create(
+            self.writer = Some(CacheWriter::create(
                 dir,
-                source_info.clone(),
-                settings.clone(),
+                self.source_info.clone(),
+                self.settings.clone(),
                 hooks,
             )?);
         }
-        let Some(w) = writer.as_mut() else {
+        let Some(w) = self.writer.as_mut() else {
             unreachable!("created above")
         };
         for (h, info) in w.manifest().hooks.iter().enumerate() {
@@ -346,11 +510,11 @@ pub fn harvest(
             .iter()
             .map(|h| h.outlier_threshold)
             .collect();
-        if shard.is_none() {
-            shard = Some(w.begin_shard()?);
-            dropped_in_shard = 0;
+        if self.shard.is_none() {
+            self.shard = Some(w.begin_shard()?);
+            self.dropped_in_shard = 0;
         }
-        let Some(s) = shard.as_mut() else {
+        let Some(s) = self.shard.as_mut() else {
             unreachable!("opened above")
         };
         let mut rows: Vec<&[f32]> = Vec::with_capacity(acts.len());
@@ -360,7 +524,7 @@ pub fn harvest(
                 .enumerate()
                 .any(|(h, t)| t.is_some_and(|t| norm(h, i, p) > t));
             if outlier {
-                dropped_in_shard += 1;
+                self.dropped_in_shard += 1;
                 continue;
             }
             rows.clear();
@@ -377,40 +541,21 @@ pub fn harvest(
                 },
                 &rows,
             )?;
-            rows_total += 1;
+            self.rows_total += 1;
         }
-        batch += 1;
-        if let Some(pb) = progress {
-            pb.set_position(rows_total.min(target));
+        let done = batch + 1;
+        if let Some(pb) = self.progress {
+            pb.set_position(self.rows_total.min(self.target));
         }
-        let last = batch == n_batches || rows_total >= cfg.max_rows;
+        let last = done == self.n_batches || self.rows_total >= cfg.max_rows;
         if (s.rows() >= cfg.shard_rows || (last && s.rows() > 0))
-            && let Some(s) = shard.take()
+            && let Some(s) = self.shard.take()
         {
-            let windows_end = (batch as usize * b).min(plan.len()) as u64;
-            w.commit(s, batch, windows_end, dropped_in_shard)?;
+            let windows_end = (done as usize * cfg.batch_windows).min(plan.len()) as u64;
+            w.commit(s, done, windows_end, self.dropped_in_shard)?;
         }
+        Ok(last)
     }
-    let seconds = t0.elapsed().as_secs_f64();
-    let m = writer.as_ref().map(|w| w.manifest());
-    let bytes = m.map_or(0, |m| {
-        m.shards
-            .iter()
-            .map(|s| s.provenance.bytes + s.hooks.iter().map(|h| h.file.bytes).sum::<u64>())
-            .sum()
-    });
-    Ok(HarvestSummary {
-        tokens: m.map_or(0, |m| m.rows),
-        tokens_added: m.map_or(0, |m| m.rows) - rows_at_start,
-        forward_tokens,
-        seconds,
-        tokens_per_s: forward_tokens as f64 / seconds.max(1e-9),
-        bytes,
-        shards: m.map_or(0, |m| m.shards.len() as u64),
-        dropped_outliers: m.map_or(0, |m| m.dropped_outliers),
-        resumed,
-        plan_exhausted: m.is_some_and(|m| m.batches_done >= n_batches),
-    })
 }
 
 /// A stand-in model for tests and benchmarks: the activation at each position is a fixed

@@ -429,3 +429,78 @@ fn absurd_manifests_are_refused_at_open() {
         }
     }
 }
+
+/// A synthetic model that fails at one forward batch, or puts a NaN into it, counting the
+/// batches it was asked for.
+struct FailsAt {
+    inner: SyntheticSource,
+    batch: usize,
+    nan: bool,
+    calls: usize,
+}
+
+impl ActivationSource for FailsAt {
+    fn forward(&mut self, tokens: &Tensor, hooks: &[String]) -> Result<Vec<Tensor>> {
+        let call = self.calls;
+        self.calls += 1;
+        if call == self.batch && !self.nan {
+            return Err(Error::Config {
+                field: "model",
+                message: "the model failed".into(),
+            });
+        }
+        let outs = self.inner.forward(tokens, hooks)?;
+        if call != self.batch {
+            return Ok(outs);
+        }
+        let (b, s, w) = outs[0].dims3()?;
+        let mut v = outs[0].flatten_all()?.to_vec1::<f32>()?;
+        v[w] = f32::NAN; // window 0 of the batch, position 1
+        let mut outs = outs;
+        outs[0] = Tensor::from_vec(v, (b, s, w), &Device::Cpu)?;
+        Ok(outs)
+    }
+}
+
+/// The forward passes run one batch ahead of the writes: a model that fails mid-run leaves no
+/// half-written shard (the next run redoes it and the cache is the uninterrupted one's), and a
+/// batch that fails its checks stops the forward passes within the pipeline's depth.
+#[test]
+fn a_failure_on_either_side_of_the_pipeline_stops_the_run_and_loses_nothing() {
+    let plan = plan(40, 16);
+    let cfg = config(30);
+    let n_batches = plan.len().div_ceil(cfg.batch_windows);
+    assert!(n_batches > 12, "{n_batches} batches");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut failing = FailsAt {
+        inner: source(Duration::ZERO),
+        batch: 7,
+        nan: false,
+        calls: 0,
+    };
+    let e = harvest(tmp.path(), &plan, &model(), &mut failing, &cfg, None).unwrap_err();
+    assert!(e.to_string().contains("the model failed"), "{e}");
+    let again = run(tmp.path(), &plan, &cfg);
+    assert!(again.resumed && again.plan_exhausted);
+    let fresh = tempfile::tempdir().unwrap();
+    run(fresh.path(), &plan, &cfg);
+    assert_eq!(snapshot(tmp.path()), snapshot(fresh.path()));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let mut nan = FailsAt {
+        inner: source(Duration::ZERO),
+        batch: 5,
+        nan: true,
+        calls: 0,
+    };
+    match harvest(tmp.path(), &plan, &model(), &mut nan, &cfg, None).unwrap_err() {
+        Error::NonFinite {
+            window, position, ..
+        } => assert_eq!((window, position), (5 * cfg.batch_windows as u64, 1)),
+        e => panic!("{e}"),
+    }
+    // Batch 5 failed on the writing side; at most the one waiting in the channel and the one
+    // being sent were computed after it.
+    assert!(nan.calls <= 5 + 3, "{} forward passes", nan.calls);
+}

@@ -73,6 +73,10 @@ struct Args {
     /// f32 accumulation (weights stay f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     compute: String,
+    /// The device path's tokens per pass (`DeviceTrainer::with_token_chunk`): the step's
+    /// `[batch, d_sae]` temporaries become `[rows, d_sae]`. Default: the whole batch.
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one)]
+    token_chunk: Option<usize>,
 }
 
 fn main() -> Result<()> {
@@ -129,6 +133,7 @@ fn main() -> Result<()> {
         "f16" => DType::F16,
         _ => DType::F32,
     };
+    let mut rss_before = f64::NAN;
     let (warm_l0, l0, secs) = if args.path == "encoder" {
         let w = Tensor::randn(0f32, 0.02, (args.d_sae, args.d_in), &device)?.to_dtype(compute)?;
         let b = Tensor::zeros(args.d_sae, compute, &device)?;
@@ -155,8 +160,16 @@ fn main() -> Result<()> {
             trainer.step_host(&batches[0])?;
             trainer.set_encoder_bias_for_l0(&batches[1], args.target_l0)?;
         }
+        // What the device trainer adds to the process's memory at its peak (on the CPU: its
+        // training state and a step's largest set of temporaries) is the peak from here on less
+        // what is resident now.
+        sae_workbench::cli::reset_peak_rss();
+        rss_before = sae_workbench::cli::peak_rss_mb();
         let mut dev =
             DeviceTrainer::from_trainer(&trainer, &device)?.with_compute_dtype(compute)?;
+        if let Some(rows) = args.token_chunk {
+            dev = dev.with_token_chunk(rows)?;
+        }
         let warm = dev.step(&on_device[0])?.host()?;
         let t0 = Instant::now();
         let mut steps = Vec::with_capacity(args.steps);
@@ -214,6 +227,13 @@ fn main() -> Result<()> {
         "gflops": if args.path == "encoder" { 2.0 } else { 12.0 } * args.d_in as f64 * args.d_sae as f64 * tokens_per_s / 1e9,
         "l0": l0 / args.steps as f64,
         "l0_first_step": warm_l0,
+        "token_chunk": args.token_chunk,
+        // The device path on the CPU: the memory its state and steps took at their peak.
+        "device_peak_mib": if args.path == "device" && args.device == "cpu" {
+            (sae_workbench::cli::peak_rss_mb() - rss_before).into()
+        } else {
+            serde_json::Value::Null
+        },
     });
     println!("{line}");
     Ok(())
@@ -236,6 +256,7 @@ mod tests {
                 ("--steps", "0"),
                 ("--k", "0"),
                 ("--threads", "0"),
+                ("--token-chunk", "0"),
             ],
         );
     }

@@ -5,6 +5,10 @@
 //!   files (`--mode plain`, the disk's ceiling) or as batches from a stream (`sequential`,
 //!   `buffer`, `external`), reporting GB/s of stored activations and the process's peak resident
 //!   memory (VmHWM, reset before the measurement), which must not grow with the cache.
+//! * `harvest`: harvest a synthetic model into a fresh cache twice, once with forward passes
+//!   that take no time and once with each pass held for `--forward-ms` (a GPU's forward pass,
+//!   which leaves the host idle), and report whether the writes hid behind the passes: without
+//!   overlap the second run's batch would take the first's plus the hold.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -42,6 +46,25 @@ enum Cmd {
         #[arg(long, default_value_t = 256)]
         shard_mb: usize,
     },
+    /// Time a harvest from a synthetic model, with and without a held forward pass.
+    Harvest {
+        /// Where the two caches go (emptied first).
+        #[arg(long)]
+        out: PathBuf,
+        /// Activation width (2048: a 1-2B model's residual stream).
+        #[arg(long, default_value_t = 2048, value_parser = sae_workbench::cli::at_least_one)]
+        width: usize,
+        /// Windows per forward pass, each `--context` tokens.
+        #[arg(long, default_value_t = 8, value_parser = sae_workbench::cli::at_least_one)]
+        batch_windows: usize,
+        #[arg(long, default_value_t = 1024, value_parser = sae_workbench::cli::at_least_one)]
+        context: usize,
+        #[arg(long, default_value_t = 12, value_parser = sae_workbench::cli::at_least_one)]
+        batches: usize,
+        /// How long each held forward pass takes, ms.
+        #[arg(long, default_value_t = 100)]
+        forward_ms: u64,
+    },
     /// Read one epoch of the cache's first hook.
     Read {
         #[arg(long)]
@@ -66,23 +89,16 @@ enum Cmd {
     },
 }
 
-/// Peak resident memory of this process, MiB.
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// Resets VmHWM to the current RSS (Linux `clear_refs` value 5).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 fn main() -> Result<()> {
     match Args::parse().cmd {
+        Cmd::Harvest {
+            out,
+            width,
+            batch_windows,
+            context,
+            batches,
+            forward_ms,
+        } => bench_harvest(&out, width, batch_windows, context, batches, forward_ms),
         Cmd::Make {
             out,
             gb,
@@ -133,7 +149,7 @@ fn make(out: PathBuf, gb: f64, width: usize, dtype: StoreDtype, shard_mb: usize)
     let pb = ProgressBar::new(rows).with_style(ProgressStyle::with_template(
         "make {wide_bar} {human_pos}/{human_len} rows eta {eta}",
     )?);
-    reset_peak_rss();
+    sae_workbench::cli::reset_peak_rss();
     let t0 = Instant::now();
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut row = vec![0f32; width];
@@ -168,7 +184,7 @@ fn make(out: PathBuf, gb: f64, width: usize, dtype: StoreDtype, shard_mb: usize)
         serde_json::json!({
             "bench": "make_synthetic_cache", "rows": rows, "width": width, "dtype": dtype.as_str(),
             "bytes": bytes, "shards": w.manifest().shards.len(), "seconds": s,
-            "gb_per_s": bytes as f64 / s / 1e9, "peak_rss_mb": peak_rss_mb(),
+            "gb_per_s": bytes as f64 / s / 1e9, "peak_rss_mb": sae_workbench::cli::peak_rss_mb(),
         })
     );
     Ok(())
@@ -192,7 +208,7 @@ fn read(
         .iter()
         .map(|s| s.hooks[0].file.bytes)
         .sum();
-    reset_peak_rss();
+    sae_workbench::cli::reset_peak_rss();
     let t0 = Instant::now();
     let mut rows = 0u64;
     let mut checksum = 0f64;
@@ -247,10 +263,73 @@ fn read(
         "{}",
         serde_json::json!({
             "bench": "read_epoch", "mode": mode, "rows": rows, "bytes": bytes, "seconds": s,
-            "gb_per_s": bytes as f64 / s / 1e9, "peak_rss_mb": peak_rss_mb(),
+            "gb_per_s": bytes as f64 / s / 1e9, "peak_rss_mb": sae_workbench::cli::peak_rss_mb(),
             "batch": batch, "buffer_mb": buffer_mb, "chunk_rows": chunk_rows, "memory_mb": memory_mb, "verify": verify,
             "checksum": checksum,
         })
     );
+    Ok(())
+}
+
+/// See `Cmd::Harvest`. Documents are exactly one window long, so every batch holds
+/// `batch_windows x context` positions.
+fn bench_harvest(
+    out: &std::path::Path,
+    width: usize,
+    batch_windows: usize,
+    context: usize,
+    batches: usize,
+    forward_ms: u64,
+) -> Result<()> {
+    use sae_workbench::activation_store::{
+        HarvestConfig, ModelIdentity, Split, SyntheticSource, TokenizedDocument, WindowPlan,
+        harvest,
+    };
+    let docs: Vec<TokenizedDocument> = (0..batches * batch_windows)
+        .map(|i| TokenizedDocument {
+            id: format!("bench/{i}"),
+            split: Split::Train,
+            tokens: (0..context - 1)
+                .map(|j| 2 + ((i * 7919 + j * 104_729) % 30_000) as u32)
+                .collect(),
+        })
+        .collect();
+    let plan = WindowPlan::build(&docs, Split::Train, context, 1, 0)?;
+    let hook = "blocks.12.hook_resid_post".to_string();
+    let mut cfg = HarvestConfig::new(vec![hook.clone()]);
+    cfg.batch_windows = batch_windows;
+    let model = ModelIdentity {
+        model: "synthetic".into(),
+        model_sha256: "00".repeat(32),
+        tokenizer: "synthetic".into(),
+    };
+    for (name, hold) in [("instant", 0), ("held", forward_ms)] {
+        let dir = out.join(name);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("emptying {}", dir.display()))?;
+        }
+        let mut source = SyntheticSource {
+            widths: vec![(hook.clone(), width)],
+            delay: std::time::Duration::from_millis(hold),
+        };
+        let s = harvest(&dir, &plan, &model, &mut source, &cfg, None)?;
+        let n = plan.len().div_ceil(batch_windows) as f64;
+        let ms = |secs: f64| secs / n * 1e3;
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "harvest", "forward": name, "forward_hold_ms": hold,
+                "width": width, "batch_rows": batch_windows * context, "batches": n,
+                "rows": s.tokens, "bytes": s.bytes, "seconds": s.seconds,
+                "tokens_per_s": s.tokens_per_s,
+                // Per batch: the forward stage (synthetic activations, the hold, the copy) and
+                // the writing stage (checks, rows, shard writes); serial would be their sum.
+                "ms_per_batch": ms(s.seconds),
+                "forward_ms_per_batch": ms(s.forward_seconds),
+                "write_ms_per_batch": ms(s.write_seconds),
+                "overlap": (s.forward_seconds + s.write_seconds) / s.seconds,
+            })
+        );
+    }
     Ok(())
 }

@@ -115,6 +115,8 @@ pub struct DeviceTrainer {
     /// GPU's tensor cores, accumulating in f32). Weights, Adam's state and everything else stay
     /// f32.
     compute: DType,
+    /// Rows of the batch per pass (`None`: the whole batch), see [`DeviceTrainer::with_token_chunk`].
+    token_chunk: Option<usize>,
     /// The replicas this one trains with (data parallel); `None`: alone.
     collective: Option<Arc<dyn Collective>>,
 }
@@ -402,6 +404,7 @@ impl DeviceTrainer {
             bad_values: Tensor::zeros((), DType::F64, device)?,
             topk_threshold: Tensor::new(threshold, device)?,
             compute: DType::F32,
+            token_chunk: None,
             collective: None,
             cfg,
         })
@@ -432,6 +435,34 @@ impl DeviceTrainer {
             ));
         }
         self.compute = dtype;
+        Ok(self)
+    }
+
+    /// Runs each step's forward and backward on `rows` tokens of the batch at a time, adding up
+    /// the gradients, so that the `[batch, d_sae]` temporaries (pre-activations, AuxK's ranking
+    /// and codes, their gradients: about eight) become `[rows, d_sae]`: at a million features a
+    /// batch of 4,096 needs 16 GiB for each, a chunk of 512 needs 2 GiB. The step is the same
+    /// up to the order of the sums; each chunk costs a pass over `W_enc` and `W_dec` (memory
+    /// traffic, not FLOPs).
+    ///
+    /// # Errors
+    /// A configuration error for 0 rows, and for BatchTopK and Matryoshka, whose threshold is
+    /// the `k · batch` largest pre-activations of the whole batch.
+    pub fn with_token_chunk(mut self, rows: usize) -> Result<Self> {
+        if rows == 0 {
+            return Err(SaeError::config(
+                "token chunk",
+                "0 rows: expected at least one token per pass",
+            ));
+        }
+        if matches!(self.rule, Rule::BatchTopK { .. }) {
+            return Err(SaeError::config(
+                "token chunk",
+                "BatchTopK and Matryoshka rank the whole batch's pre-activations at once, so \
+                 their batch cannot be split into chunks; use a smaller batch",
+            ));
+        }
+        self.token_chunk = Some(rows);
         Ok(self)
     }
 
@@ -589,60 +620,31 @@ impl DeviceTrainer {
         } else {
             x.clone()
         };
-        // Pre-activations with the encoder bias: what every rule's codes come from.
-        let h = self.mm(&xc, &self.params[0].t()?)?;
-        // Pre-activations with the encoder bias (the gate's bias for gated).
-        let pre = h.broadcast_add(&self.params[1])?.contiguous()?;
-        let h = matches!(self.rule, Rule::Gated { .. }).then_some(h);
         let sparsity_scale = self.cfg.sparsity_scale_at(self.step);
+        // The tokens go through the passes in chunks of `token_chunk` rows (all at once by
+        // default): every `[rows, d_sae]` temporary shrinks with the chunk, and the passes' sums
+        // over tokens add up across chunks. BatchTopK's threshold is the whole batch's, so it
+        // takes the batch in one pass (`with_token_chunk` refuses it).
+        let rows = self.token_chunk.map_or(n, |c| c.min(n)).max(1);
+        let mut acc: Option<Pass> = None;
         let mut min_kept = None;
-        let pass = match &self.rule {
-            &Rule::TopK {
-                k,
-                aux_k,
-                aux_coefficient,
-            } => self.topk_pass(&x, &xc, &pre, n_total, k, aux_k, aux_coefficient)?,
-            &Rule::Standard { l1 } => {
-                self.standard_pass(&x, &xc, &pre, n_total, l1 * f64::from(sparsity_scale))?
-            }
-            &Rule::Gated { l1 } => self.gated_pass(
-                &x,
-                &xc,
-                &pre,
-                h.as_ref(),
-                n_total,
-                l1 * f64::from(sparsity_scale),
-            )?,
-            &Rule::JumpRelu { l0, bandwidth } => self.jumprelu_pass(
-                &x,
-                &xc,
-                &pre,
-                n_total,
-                l0 * f64::from(sparsity_scale),
-                bandwidth,
-            )?,
-            Rule::BatchTopK {
-                k,
-                aux_k,
-                aux_coefficient,
-                inner_widths,
-                ..
-            } => {
-                let (pass, min) = self.batchtopk_pass(
-                    &x,
-                    &xc,
-                    &pre,
-                    n_total,
-                    *k,
-                    inner_widths,
-                    *aux_k,
-                    *aux_coefficient,
-                )?;
-                min_kept = Some(min);
-                pass
-            }
+        // An empty batch still takes one (empty) pass, so that replicas stay in step.
+        for start in (0..n.max(1)).step_by(rows) {
+            let len = rows.min(n - start);
+            let (x, xc) = if len == n {
+                (x.clone(), xc.clone())
+            } else {
+                (x.narrow(0, start, len)?, xc.narrow(0, start, len)?)
+            };
+            let pass = self.chunk_pass(&x, &xc, n_total, sparsity_scale, &mut min_kept)?;
+            acc = Some(match acc {
+                None => pass,
+                Some(a) => a.add(pass)?,
+            });
+        }
+        let Some(pass) = acc else {
+            unreachable!("at least one pass ran")
         };
-        drop(pre);
         let Pass {
             g_w_enc,
             g_b_enc,
@@ -656,6 +658,10 @@ impl DeviceTrainer {
             fires,
             active,
         } = pass;
+        // The passes sum over this replica's tokens; the losses are the group's.
+        let sq_err = self.sum_over_group(sq_err)?;
+        let sparsity_loss = self.sum_over_group(sparsity_loss)?;
+        let aux_loss = self.sum_over_group(aux_loss)?;
         let mse = (&sq_err / n_total as f64)?;
         let mut g_b_dec = g_b_dec;
         if self.apply_b_dec {
@@ -767,6 +773,59 @@ impl DeviceTrainer {
         Ok(out)
     }
 
+    /// The encoder product and the rule's pass on `x` (a chunk of the batch, `xc` its centred
+    /// rows); BatchTopK sets `min_kept` to the smallest activation it kept.
+    fn chunk_pass(
+        &self,
+        x: &Tensor,
+        xc: &Tensor,
+        n_total: usize,
+        sparsity_scale: f32,
+        min_kept: &mut Option<Tensor>,
+    ) -> Result<Pass> {
+        let h = self.mm(xc, &self.params[0].t()?)?;
+        // Pre-activations with the encoder bias (the gate's bias for gated).
+        let pre = h.broadcast_add(&self.params[1])?.contiguous()?;
+        let h = matches!(self.rule, Rule::Gated { .. }).then_some(h);
+        let penalty_scale = f64::from(sparsity_scale);
+        Ok(match &self.rule {
+            &Rule::TopK {
+                k,
+                aux_k,
+                aux_coefficient,
+            } => self.topk_pass(x, xc, &pre, n_total, k, aux_k, aux_coefficient)?,
+            &Rule::Standard { l1 } => {
+                self.standard_pass(x, xc, &pre, n_total, l1 * penalty_scale)?
+            }
+            &Rule::Gated { l1 } => {
+                self.gated_pass(x, xc, &pre, h.as_ref(), n_total, l1 * penalty_scale)?
+            }
+            &Rule::JumpRelu { l0, bandwidth } => {
+                self.jumprelu_pass(x, xc, &pre, n_total, l0 * penalty_scale, bandwidth)?
+            }
+            Rule::BatchTopK {
+                k,
+                aux_k,
+                aux_coefficient,
+                inner_widths,
+                ..
+            } => {
+                let (pass, min) = self.batchtopk_pass(
+                    x,
+                    xc,
+                    &pre,
+                    n_total,
+                    *k,
+                    inner_widths,
+                    *aux_k,
+                    *aux_coefficient,
+                )?;
+                *min_kept = Some(min);
+                pass
+            }
+        })
+    }
+
     /// TopK's codes, reconstruction and gradients: the main decode on (token, feature) pairs,
     /// AuxK on the dead features through dense products.
     #[allow(clippy::too_many_arguments)]
@@ -796,7 +855,7 @@ impl DeviceTrainer {
             .sum(1)?
             .broadcast_add(b_dec)?;
         let diff = (&x_hat - x)?;
-        let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
+        let sq_err = diff.sqr()?.sum_all()?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
         let g_pairs = (rows.broadcast_mul(&d_xhat.unsqueeze(1)?)?.sum(2)? * &on)?;
         drop(rows);
@@ -842,12 +901,12 @@ impl DeviceTrainer {
         let a = (pre * &on)?;
         let x_hat = self.mm(&a, w_dec)?.broadcast_add(b_dec)?;
         let diff = (&x_hat - x)?;
-        let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
+        let sq_err = diff.sqr()?.sum_all()?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
         let g_a = self.mm(&d_xhat, &w_dec.t()?)?;
         let per_tok = lambda / n_total as f64;
         let active = on.sum_all()?;
-        let sparsity_loss = (self.sum_over_group(active.clone())? * per_tok)?;
+        let sparsity_loss = (&active * per_tok)?;
         let window = (pre.broadcast_sub(&theta_row)?.abs()? / bandwidth)?
             .lt(0.5)?
             .to_dtype(DType::F32)?;
@@ -894,10 +953,10 @@ impl DeviceTrainer {
         let gate_codes = pre.relu()?;
         // The main reconstruction and the gate path's.
         let diff = (self.mm(&a, w_dec)?.broadcast_add(b_dec)? - x)?;
-        let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
+        let sq_err = diff.sqr()?.sum_all()?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
         let adiff = (self.mm(&gate_codes, w_dec)?.broadcast_add(b_dec)? - x)?;
-        let aux_sq = self.sum_over_group(adiff.sqr()?.sum_all()?)?;
+        let aux_sq = adiff.sqr()?.sum_all()?;
         let aux_loss = (aux_sq / n_total as f64)?;
         let d_aux = (&adiff * (2.0 / n_total as f64))?;
         let l1 = self.decoder_norm_l1(&gate_codes, lambda / n_total as f64)?;
@@ -936,7 +995,7 @@ impl DeviceTrainer {
         let coef =
             ((acts.sum(0)? * per_tok)? / safe)?.broadcast_mul(&nonzero.to_dtype(DType::F32)?)?;
         Ok(DecoderNormL1 {
-            loss: (self.sum_over_group(penalty)? * per_tok)?,
+            loss: (penalty * per_tok)?,
             g_codes: (&norms * per_tok)?.unsqueeze(0)?,
             g_w_dec: w_dec.broadcast_mul(&coef.unsqueeze(1)?)?,
         })
@@ -986,7 +1045,7 @@ impl DeviceTrainer {
         let aux_codes = zeros.scatter_add(&aidx, &(pre.gather(&aidx, 1)? * &chosen)?, 1)?;
         let aux_mask = zeros.scatter_add(&aidx, &chosen, 1)?;
         let adiff = (self.mm(&aux_codes, w_dec)? + diff)?; // recon_aux - (x - x̂)
-        let aux_sq = self.sum_over_group(adiff.sqr()?.sum_all()?)?;
+        let aux_sq = adiff.sqr()?.sum_all()?;
         let aux_loss = (aux_sq.broadcast_mul(&aux_c)? / n_total as f64)?;
         let d_aux = adiff.broadcast_mul(&(&aux_c * (2.0 / n_total as f64))?)?;
         let g_pre_aux = (self.mm(&d_aux, &w_dec.t()?)? * &aux_mask)?;
@@ -1047,7 +1106,7 @@ impl DeviceTrainer {
         drop(r);
         let x_hat = self.mm(&a, w_dec)?.broadcast_add(b_dec)?;
         let diff = (&x_hat - x)?;
-        let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
+        let sq_err = diff.sqr()?.sum_all()?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
         let mut g_a = self.mm(&d_xhat, &w_dec.t()?)?;
         let mut g_w_dec = self.mm(&a.t()?, &d_xhat)?;
@@ -1061,7 +1120,7 @@ impl DeviceTrainer {
                 .unsqueeze(0)?;
             let a_w = a.broadcast_mul(&keep)?;
             let diff_w = (self.mm(&a_w, w_dec)?.broadcast_add(b_dec)? - x)?;
-            let sq_w = self.sum_over_group(diff_w.sqr()?.sum_all()?)?;
+            let sq_w = diff_w.sqr()?.sum_all()?;
             inner_loss = (inner_loss + (sq_w / n_total as f64)?)?;
             let d_w = (diff_w * (2.0 / n_total as f64))?;
             g_a = (g_a + self.mm(&d_w, &w_dec.t()?)?.broadcast_mul(&keep)?)?;
@@ -1101,7 +1160,7 @@ impl DeviceTrainer {
         let on = pre.gt(0.0)?.to_dtype(DType::F32)?;
         let x_hat = self.mm(&a, w_dec)?.broadcast_add(b_dec)?;
         let diff = (&x_hat - x)?;
-        let sq_err = self.sum_over_group(diff.sqr()?.sum_all()?)?;
+        let sq_err = diff.sqr()?.sum_all()?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
         let l1 = self.decoder_norm_l1(&a, lambda / n_total as f64)?;
         let g_pre = (self.mm(&d_xhat, &w_dec.t()?)?.broadcast_add(&l1.g_codes)? * &on)?;
@@ -1269,9 +1328,10 @@ struct AuxOut {
     g_w_dec: Tensor,
 }
 
-/// One rule's forward and backward on this replica's tokens: the gradients (`g_b_dec` is the
-/// reconstruction's part only; the encoder's part through the centring is added after), the
-/// squared error and the penalties summed over the group, and this replica's firing counts.
+/// One rule's forward and backward on this replica's tokens (or a chunk of them): the gradients
+/// (`g_b_dec` is the reconstruction's part only; the encoder's part through the centring is
+/// added after), the squared error, the penalties and the firing counts, all summed over those
+/// tokens (the step sums them over the group).
 struct Pass {
     g_w_enc: Tensor,
     g_b_enc: Tensor,
@@ -1289,6 +1349,36 @@ struct Pass {
     fires: Tensor,
     /// Active (token, feature) pairs, 0-dimensional.
     active: Tensor,
+}
+
+impl Pass {
+    /// The sum of two chunks' passes (every field is a sum over their tokens).
+    fn add(self, o: Pass) -> Result<Pass> {
+        let g_h_sum = match (self.g_h_sum, o.g_h_sum) {
+            (Some(a), Some(b)) => Some((a + b)?),
+            (None, None) => None,
+            _ => unreachable!("one rule for every chunk"),
+        };
+        let extra = self
+            .extra
+            .into_iter()
+            .zip(o.extra)
+            .map(|(a, b)| Ok((a + b)?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Pass {
+            g_w_enc: (self.g_w_enc + o.g_w_enc)?,
+            g_b_enc: (self.g_b_enc + o.g_b_enc)?,
+            g_w_dec: (self.g_w_dec + o.g_w_dec)?,
+            g_b_dec: (self.g_b_dec + o.g_b_dec)?,
+            g_h_sum,
+            extra,
+            sq_err: (self.sq_err + o.sq_err)?,
+            sparsity_loss: (self.sparsity_loss + o.sparsity_loss)?,
+            aux_loss: (self.aux_loss + o.aux_loss)?,
+            fires: (self.fires + o.fires)?,
+            active: (self.active + o.active)?,
+        })
+    }
 }
 
 /// The gradients that (token, feature) pairs give: for pairs with activations `a`, gradients

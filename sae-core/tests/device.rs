@@ -879,3 +879,97 @@ fn bf16_products_follow_the_f32_run() {
     let e = d.with_compute_dtype(candle_core::DType::U32).unwrap_err();
     assert!(e.to_string().contains("bf16"), "{e}");
 }
+
+/// Token chunks: the batch through the passes 7 rows at a time (40 = 5 x 7 + 5, so the last
+/// chunk is short) takes the whole batch's step, for every architecture that allows chunks, and
+/// so do two replicas that each chunk their half.
+#[test]
+fn token_chunks_take_the_whole_batch_step() {
+    for cfg in [
+        resident_config(),
+        standard_config(),
+        gated_config(),
+        jumprelu_config(),
+    ] {
+        let mut cfg = cfg;
+        if cfg.b_dec_init != sae_core::BDecInit::Zeros {
+            // Replicas average their halves' b_dec: the whole batch's only for the mean.
+            cfg.b_dec_init = sae_core::BDecInit::Mean;
+        }
+        let start = Trainer::new(cfg.clone()).unwrap();
+        let mut whole = DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap();
+        let mut chunked = DeviceTrainer::from_trainer(&start, &Device::Cpu)
+            .unwrap()
+            .with_token_chunk(7)
+            .unwrap();
+        let group = sae_core::InProcess::group(2);
+        let mut replicas: Vec<DeviceTrainer> = group
+            .into_iter()
+            .map(|member| {
+                DeviceTrainer::from_trainer(&start, &Device::Cpu)
+                    .unwrap()
+                    .with_collective(member)
+                    .with_token_chunk(6)
+                    .unwrap()
+            })
+            .collect();
+        let mut aux_seen = 0.0;
+        for s in 0..STEPS {
+            let x = batch(s);
+            let w = whole.step(&x).unwrap().host().unwrap();
+            let c = chunked.step(&x).unwrap().host().unwrap();
+            for (what, a, b) in [
+                ("loss", w.loss, c.loss),
+                ("mse", w.mse, c.mse),
+                ("sparsity loss", w.sparsity_loss, c.sparsity_loss),
+                ("aux loss", w.aux_loss, c.aux_loss),
+                ("grad norm", w.grad_norm, c.grad_norm),
+            ] {
+                close(&format!("step {s} {what}"), a, b);
+            }
+            assert_eq!(
+                (w.l0 * N as f64).round(),
+                (c.l0 * N as f64).round(),
+                "step {s} L0"
+            );
+            aux_seen += w.aux_loss + w.sparsity_loss;
+            // Two replicas, each on half the batch in chunks of 6 (20 = 3 x 6 + 2).
+            let halves: Vec<_> = std::mem::take(&mut replicas)
+                .into_iter()
+                .enumerate()
+                .map(|(rank, mut d)| {
+                    let half = x.narrow(0, rank * N / 2, N / 2).unwrap();
+                    std::thread::spawn(move || {
+                        let h = d.step(&half).unwrap().host().unwrap();
+                        (d, h.loss)
+                    })
+                })
+                .collect();
+            for h in halves {
+                let (d, loss) = h.join().unwrap();
+                close(&format!("step {s} replica loss"), w.loss, loss);
+                replicas.push(d);
+            }
+        }
+        assert!(aux_seen > 0.0, "no penalty or AuxK term was exercised");
+        let w = whole.params_host().unwrap();
+        assert_same_weights(&w, &chunked.params_host().unwrap());
+        assert_same_weights(&w, &replicas[0].params_host().unwrap());
+        assert!(
+            bits(&replicas[0].params_host().unwrap()) == bits(&replicas[1].params_host().unwrap())
+        );
+    }
+}
+
+#[test]
+fn batch_wide_thresholds_and_empty_chunks_are_refused() {
+    for cfg in [batchtopk_config(), matryoshka_config()] {
+        let d = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap();
+        let e = d.with_token_chunk(8).unwrap_err().to_string();
+        assert!(e.contains("whole batch"), "{e}");
+    }
+    let d = DeviceTrainer::from_trainer(&Trainer::new(resident_config()).unwrap(), &Device::Cpu)
+        .unwrap();
+    let e = d.with_token_chunk(0).unwrap_err().to_string();
+    assert!(e.contains("at least one token"), "{e}");
+}
