@@ -20,7 +20,8 @@
 # The run: forward parity GPU against CPU on SmolLM2-135M's and Gemma-3-270M's shapes (f32,
 # logprobs within 1e-3; bf16 reported); bench_forward; the dense encoder product's FLOP rate;
 # bench_sae_train's device path at d_in 2,048, d_sae 65,536 and 262,144, batch 4,096, TopK and
-# ReLU-L1, every feature dead (AuxK at every step), f32, TF32 and bf16 products; the same steps in
+# ReLU-L1, every feature dead (AuxK at every step), f32, TF32 and bf16 products; TopK at a million
+# features in token chunks with bf16 moments; the same steps in
 # PyTorch written as SAELens trains (bench/torch_sae_step.py). Each command has its own time limit, and a failure is recorded
 # and the run goes on. Peak device memory is nvidia-smi's largest reading during each command.
 set -uo pipefail
@@ -58,9 +59,11 @@ for l in sys.stdin:
   du -sh target/gpu-carry
   exit 0 ;;
 run) dev=cuda; bin=""; out=${OUT:-runs/gpu_check}
-  d_in=2048; widths="65536 262144"; batch=4096; steps=5; py=${PYTHON:-python3} ;;
+  d_in=2048; widths="65536 262144"; batch=4096; steps=5; py=${PYTHON:-python3}
+  big=1048576; chunk=512 ;;
 dry-run) dev=cpu; bin=target/release/examples; out=${OUT:-runs/gpu_check_dry}
-  d_in=64; widths="512 1024"; batch=128; steps=2; py=${PYTHON:-.venv/bin/python} ;;
+  d_in=64; widths="512 1024"; batch=128; steps=2; py=${PYTHON:-.venv/bin/python}
+  big=8192; chunk=32 ;;
 *) echo "usage: $0 build|run|dry-run" >&2; exit 2 ;;
 esac
 
@@ -183,6 +186,14 @@ record "forward smollm2 f32" 120 "$bin/bench_forward" --model "$smollm2" --devic
   --layer 1 --batch 8 --ctx 256
 record "forward smollm2 bf16" 120 "$bin/bench_forward" --model "$smollm2" --device "$dev" \
   --layer 1 --batch 8 --ctx 256 --dtype bf16
+
+# The target size: a million features at d_in 2,048, TopK with AuxK at every step, in token
+# chunks of 512, bf16 products and bf16 moments. From the memory measured on the CPU
+# (docs/gpu.md): 48 GiB of state and about 11 GiB of chunk temporaries. No PyTorch run: its
+# dense step would hold several [4096, 1M] f32 matrices, 16 GiB each.
+record "ours topk $big bf16 chunked" 300 "$bin/bench_sae_train" --path device --arch topk \
+  --device "$dev" --d-in $d_in --d-sae $big --batch $batch --steps 2 --dead-tokens 0 \
+  --compute bf16 --moments bf16 --token-chunk $chunk
 
 # Per width: the encoder product alone in f32, TF32 and bf16; TopK against PyTorch with TF32 and
 # with bf16 products (and in plain f32 at the first width); ReLU-L1 in TF32, from its dense

@@ -19,7 +19,7 @@ use clap::Parser;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use sae_workbench::sae_core::{
-    ArchitectureConfig, BatchTopKTraining, DeviceTrainer, GatedTraining, HostBatch,
+    ArchitectureConfig, BatchTopKTraining, DeviceOptions, DeviceTrainer, GatedTraining, HostBatch,
     JumpReluTraining, StandardTraining, TopKTraining, Trainer, TrainerConfig,
 };
 use sae_workbench::transformer_hooks::candle_core::{DType, Tensor};
@@ -77,6 +77,9 @@ struct Args {
     /// `[batch, d_sae]` temporaries become `[rows, d_sae]`. Default: the whole batch.
     #[arg(long, value_parser = sae_workbench::cli::at_least_one)]
     token_chunk: Option<usize>,
+    /// Adam's moments on the device path: f32, or bf16 (`DeviceTrainer::with_moment_dtype`).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    moments: String,
 }
 
 fn main() -> Result<()> {
@@ -165,11 +168,16 @@ fn main() -> Result<()> {
         // what is resident now.
         sae_workbench::cli::reset_peak_rss();
         rss_before = sae_workbench::cli::peak_rss_mb();
-        let mut dev =
-            DeviceTrainer::from_trainer(&trainer, &device)?.with_compute_dtype(compute)?;
-        if let Some(rows) = args.token_chunk {
-            dev = dev.with_token_chunk(rows)?;
-        }
+        let opts = DeviceOptions {
+            compute,
+            token_chunk: args.token_chunk,
+            moments: if args.moments == "bf16" {
+                DType::BF16
+            } else {
+                DType::F32
+            },
+        };
+        let mut dev = DeviceTrainer::from_trainer(&trainer, &device)?.with_options(&opts)?;
         let warm = dev.step(&on_device[0])?.host()?;
         let t0 = Instant::now();
         let mut steps = Vec::with_capacity(args.steps);
@@ -228,6 +236,7 @@ fn main() -> Result<()> {
         "l0": l0 / args.steps as f64,
         "l0_first_step": warm_l0,
         "token_chunk": args.token_chunk,
+        "moments": args.moments,
         // The device path on the CPU: the memory its state and steps took at their peak.
         "device_peak_mib": if args.path == "device" && args.device == "cpu" {
             (sae_workbench::cli::peak_rss_mb() - rss_before).into()

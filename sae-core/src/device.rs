@@ -50,6 +50,10 @@ const GATED_NAMES: [&str; 6] = ["W_enc", "b_gate", "W_dec", "b_dec", "r_mag", "b
 /// room for several blocks per multiprocessor; 16,384 would already pass the default 48 KiB.
 pub const TOP_K_CHUNK: usize = 4096;
 
+/// Elements (64 MiB of f32) per row block of the in-place gradient sums and Adam's update: large
+/// enough that a block's kernels run at full rate, small beside a million-feature matrix (2^31).
+pub const UPDATE_BLOCK: usize = 1 << 24;
+
 /// Halvings of the interval that holds BatchTopK's batch threshold: from `[0, max]` to well under
 /// one f32 step at any threshold above `max / 2^16`.
 const THRESHOLD_BISECTIONS: usize = 40;
@@ -80,6 +84,88 @@ enum Rule {
         aux_coefficient: f64,
         inner_widths: Vec<usize>,
     },
+}
+
+/// How a device trainer spends memory and precision; the defaults are f32 everywhere and the
+/// whole batch in one pass. At a million features (d_in 2,048) the training state alone is
+/// 48 GiB of weights and moments in f32: `moments: BF16` takes 16 GiB off, and `token_chunk`
+/// bounds the `[batch, d_sae]` temporaries (16 GiB each at a batch of 4,096).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceOptions {
+    /// Operands of the matrix products ([`DeviceTrainer::with_compute_dtype`]).
+    pub compute: DType,
+    /// Tokens per pass ([`DeviceTrainer::with_token_chunk`]); `None`: the whole batch.
+    pub token_chunk: Option<usize>,
+    /// Adam's moments' dtype ([`DeviceTrainer::with_moment_dtype`]).
+    pub moments: DType,
+}
+
+impl DeviceOptions {
+    /// Whether the device path takes these options for architecture `sae`.
+    ///
+    /// # Errors
+    /// A configuration error naming the option: a compute dtype other than f32, bf16 or f16;
+    /// moments other than f32 or bf16; a token chunk of 0 rows, or any for BatchTopK and
+    /// Matryoshka.
+    pub fn check(&self, sae: &ArchitectureConfig) -> Result<()> {
+        check_compute(self.compute)?;
+        check_moments(self.moments)?;
+        if let Some(rows) = self.token_chunk {
+            let batch_wide = matches!(
+                sae,
+                ArchitectureConfig::BatchTopK(_) | ArchitectureConfig::Matryoshka(_)
+            );
+            check_token_chunk(rows, batch_wide)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_compute(dtype: DType) -> Result<()> {
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return Err(SaeError::config(
+            "compute dtype",
+            format!("{dtype:?}: expected f32, bf16 or f16"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_moments(dtype: DType) -> Result<()> {
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        return Err(SaeError::config(
+            "moment dtype",
+            format!("{dtype:?}: expected f32 or bf16"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_token_chunk(rows: usize, batch_wide: bool) -> Result<()> {
+    if rows == 0 {
+        return Err(SaeError::config(
+            "token chunk",
+            "0 rows: expected at least one token per pass",
+        ));
+    }
+    if batch_wide {
+        return Err(SaeError::config(
+            "token chunk",
+            "BatchTopK and Matryoshka rank the whole batch's pre-activations at once, so \
+             their batch cannot be split into chunks; use a smaller batch",
+        ));
+    }
+    Ok(())
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            compute: DType::F32,
+            token_chunk: None,
+            moments: DType::F32,
+        }
+    }
 }
 
 /// An SAE trainer on a device (any architecture, without resampling), started from a host [`Trainer`] (its
@@ -117,6 +203,11 @@ pub struct DeviceTrainer {
     compute: DType,
     /// Rows of the batch per pass (`None`: the whole batch), see [`DeviceTrainer::with_token_chunk`].
     token_chunk: Option<usize>,
+    /// Elements per row block of the in-place gradient sums and updates.
+    update_block: usize,
+    /// The dtype Adam's moments are kept in (f32, or bf16 to halve them; the update itself is
+    /// computed in f32).
+    moments: DType,
     /// The replicas this one trains with (data parallel); `None`: alone.
     collective: Option<Arc<dyn Collective>>,
 }
@@ -405,6 +496,8 @@ impl DeviceTrainer {
             topk_threshold: Tensor::new(threshold, device)?,
             compute: DType::F32,
             token_chunk: None,
+            update_block: UPDATE_BLOCK,
+            moments: DType::F32,
             collective: None,
             cfg,
         })
@@ -428,14 +521,24 @@ impl DeviceTrainer {
     /// # Errors
     /// A configuration error for any other dtype.
     pub fn with_compute_dtype(mut self, dtype: DType) -> Result<Self> {
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(SaeError::config(
-                "compute dtype",
-                format!("{dtype:?}: expected f32, bf16 or f16"),
-            ));
-        }
+        check_compute(dtype)?;
         self.compute = dtype;
         Ok(self)
+    }
+
+    /// Applies every option of `opts`.
+    ///
+    /// # Errors
+    /// Those of [`DeviceTrainer::with_compute_dtype`], [`DeviceTrainer::with_token_chunk`] and
+    /// [`DeviceTrainer::with_moment_dtype`].
+    pub fn with_options(self, opts: &DeviceOptions) -> Result<Self> {
+        let mut d = self
+            .with_compute_dtype(opts.compute)?
+            .with_moment_dtype(opts.moments)?;
+        if let Some(rows) = opts.token_chunk {
+            d = d.with_token_chunk(rows)?;
+        }
+        Ok(d)
     }
 
     /// Runs each step's forward and backward on `rows` tokens of the batch at a time, adding up
@@ -449,25 +552,55 @@ impl DeviceTrainer {
     /// A configuration error for 0 rows, and for BatchTopK and Matryoshka, whose threshold is
     /// the `k · batch` largest pre-activations of the whole batch.
     pub fn with_token_chunk(mut self, rows: usize) -> Result<Self> {
-        if rows == 0 {
-            return Err(SaeError::config(
-                "token chunk",
-                "0 rows: expected at least one token per pass",
-            ));
-        }
-        if matches!(self.rule, Rule::BatchTopK { .. }) {
-            return Err(SaeError::config(
-                "token chunk",
-                "BatchTopK and Matryoshka rank the whole batch's pre-activations at once, so \
-                 their batch cannot be split into chunks; use a smaller batch",
-            ));
-        }
+        check_token_chunk(rows, matches!(self.rule, Rule::BatchTopK { .. }))?;
         self.token_chunk = Some(rows);
         Ok(self)
     }
 
+    /// Row ranges of `t` (`[rows, ...]`) of at most `update_block` elements (one row at least),
+    /// over which the gradient sums, projections and Adam's update go in place.
+    fn row_blocks(&self, t: &Tensor) -> Result<Vec<(usize, usize)>> {
+        let rows = t.dim(0)?;
+        let per_row = (t.elem_count() / rows.max(1)).max(1);
+        let block = (self.update_block / per_row).max(1);
+        Ok((0..rows)
+            .step_by(block)
+            .map(|s| (s, block.min(rows - s)))
+            .collect())
+    }
+
+    /// Sets the element count of the row blocks that gradients and updates go through in place
+    /// (default [`UPDATE_BLOCK`]); tests use small blocks to cross many block edges.
+    #[doc(hidden)]
+    pub fn with_update_block(mut self, elements: usize) -> Self {
+        self.update_block = elements.max(1);
+        self
+    }
+
+    /// Keeps Adam's two moments in `dtype`: bf16 halves them (at a million features and
+    /// d_in 2,048, from 32 to 16 GiB), with the update computed in f32 from them and rounded
+    /// back; the weights stay f32, where updates far below bf16's resolution (1/256 of a
+    /// weight) still count. Checkpoints hold the moments as f32 (exactly the bf16 values), so a
+    /// resumed run continues bit for bit.
+    ///
+    /// # Errors
+    /// A configuration error for a dtype other than f32 or bf16 (f16's range would flush the
+    /// second moment of small gradients to zero); candle errors from the conversion.
+    pub fn with_moment_dtype(mut self, dtype: DType) -> Result<Self> {
+        check_moments(dtype)?;
+        for t in self.m.iter_mut().chain(self.v.iter_mut()) {
+            *t = t.to_dtype(dtype)?;
+        }
+        self.moments = dtype;
+        Ok(self)
+    }
+
     /// `a b` with the operands in the compute dtype, the result in f32.
+    /// Operands in a layout cuBLAS cannot take (a column block of a wider matrix, transposed)
+    /// are copied first, on every device, so that the CPU runs what the GPU will.
     fn mm(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (a, b) = (gemm_operand(a)?, gemm_operand(b)?);
+        let (a, b) = (&a, &b);
         if self.compute == DType::F32 {
             return Ok(a.matmul(b)?);
         }
@@ -626,7 +759,9 @@ impl DeviceTrainer {
         // over tokens add up across chunks. BatchTopK's threshold is the whole batch's, so it
         // takes the batch in one pass (`with_token_chunk` refuses it).
         let rows = self.token_chunk.map_or(n, |c| c.min(n)).max(1);
-        let mut acc: Option<Pass> = None;
+        // `W_enc`'s and `W_dec`'s gradients are summed in place into one pair of matrices.
+        let acc = MatrixGrads::zeros(self.cfg.d_sae, self.cfg.d_in, &self.device)?;
+        let mut sums: Option<Pass> = None;
         let mut min_kept = None;
         // An empty batch still takes one (empty) pass, so that replicas stay in step.
         for start in (0..n.max(1)).step_by(rows) {
@@ -636,19 +771,17 @@ impl DeviceTrainer {
             } else {
                 (x.narrow(0, start, len)?, xc.narrow(0, start, len)?)
             };
-            let pass = self.chunk_pass(&x, &xc, n_total, sparsity_scale, &mut min_kept)?;
-            acc = Some(match acc {
+            let pass = self.chunk_pass(&x, &xc, n_total, sparsity_scale, &acc, &mut min_kept)?;
+            sums = Some(match sums {
                 None => pass,
                 Some(a) => a.add(pass)?,
             });
         }
-        let Some(pass) = acc else {
+        let Some(pass) = sums else {
             unreachable!("at least one pass ran")
         };
         let Pass {
-            g_w_enc,
             g_b_enc,
-            g_w_dec,
             g_b_dec,
             g_h_sum,
             extra,
@@ -669,16 +802,23 @@ impl DeviceTrainer {
             g_b_dec = (g_b_dec - through.unsqueeze(0)?.matmul(&self.params[0])?.squeeze(0)?)?;
         }
         // Each replica's gradients are its tokens' share of the whole batch's mean.
-        let g_w_enc = self.sum_over_group(g_w_enc)?;
+        let MatrixGrads {
+            w_enc: g_w_enc,
+            w_dec: g_w_dec,
+        } = acc;
+        let g_w_enc = self.sum_over_group(g_w_enc)?.contiguous()?;
         let g_b_enc = self.sum_over_group(g_b_enc)?;
-        let mut g_w_dec = self.sum_over_group(g_w_dec)?;
+        let g_w_dec = self.sum_over_group(g_w_dec)?.contiguous()?;
         let g_b_dec = self.sum_over_group(g_b_dec)?;
-        let w_dec = &self.params[2];
         if self.unit_norm {
-            // Remove each row's component along its decoder row.
-            let ww = w_dec.sqr()?.sum_keepdim(1)?.maximum(1e-30)?;
-            let c = ((&g_w_dec * w_dec)?.sum_keepdim(1)? / ww)?;
-            g_w_dec = (g_w_dec - w_dec.broadcast_mul(&c)?)?;
+            // Remove each row's component along its decoder row (in place, by row blocks).
+            let w_dec = &self.params[2];
+            for (start, len) in self.row_blocks(&g_w_dec)? {
+                let (g, w) = (g_w_dec.narrow(0, start, len)?, w_dec.narrow(0, start, len)?);
+                let ww = w.sqr()?.sum_keepdim(1)?.maximum(1e-30)?;
+                let c = ((&g * &w)?.sum_keepdim(1)? / ww)?;
+                g_w_dec.slice_set(&(g - w.broadcast_mul(&c)?)?, 0, start)?;
+            }
         }
         let mut grads = vec![g_w_enc, g_b_enc, g_w_dec, g_b_dec];
         for g in extra {
@@ -686,7 +826,9 @@ impl DeviceTrainer {
         }
         let mut norm_sq = Tensor::zeros((), DType::F32, &self.device)?;
         for g in &grads {
-            norm_sq = (norm_sq + g.sqr()?.sum_all()?)?;
+            for (start, len) in self.row_blocks(g)? {
+                norm_sq = (norm_sq + g.narrow(0, start, len)?.sqr()?.sum_all()?)?;
+            }
         }
         let grad_norm = norm_sq.sqrt()?;
         let clip = match self.cfg.grad_clip_norm {
@@ -705,20 +847,29 @@ impl DeviceTrainer {
         let bc2 = 1.0 - b2.powi(self.adam_t as i32);
         let step_size = lr / bc1;
         let inv_sqrt_bc2 = 1.0 / bc2.sqrt();
+        // In place, by row blocks: the update's temporaries are a block's, not a matrix's (at
+        // a million features each `W_enc`-sized temporary is 8 GiB).
         for (i, g) in grads.iter().enumerate() {
-            let g = g.broadcast_mul(&clip)?;
-            let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let denom = ((v.sqrt()? * inv_sqrt_bc2)? + self.cfg.adam_eps)?;
-            self.params[i] = (&self.params[i] - ((&m / denom)? * step_size)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
-        }
-        if self.unit_norm {
-            let w = &self.params[2];
-            let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
-            let safe = norm.gt(0.0)?.where_cond(&norm, &norm.ones_like()?)?;
-            self.params[2] = w.broadcast_div(&safe)?;
+            let (p, m_all, v_all) = (&self.params[i], &self.m[i], &self.v[i]);
+            for (start, len) in self.row_blocks(g)? {
+                let g = g.narrow(0, start, len)?.broadcast_mul(&clip)?;
+                let m_old = m_all.narrow(0, start, len)?.to_dtype(DType::F32)?;
+                let v_old = v_all.narrow(0, start, len)?.to_dtype(DType::F32)?;
+                // Stored as kept (bf16 rounds here), and the update reads what is stored.
+                let m = ((m_old * b1)? + (&g * (1.0 - b1))?)?.to_dtype(self.moments)?;
+                let v = ((v_old * b2)? + (g.sqr()? * (1.0 - b2))?)?.to_dtype(self.moments)?;
+                let (m32, v32) = (m.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+                let denom = ((v32.sqrt()? * inv_sqrt_bc2)? + self.cfg.adam_eps)?;
+                let mut w = (p.narrow(0, start, len)? - ((m32 / denom)? * step_size)?)?;
+                if i == 2 && self.unit_norm {
+                    let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
+                    let safe = norm.gt(0.0)?.where_cond(&norm, &norm.ones_like()?)?;
+                    w = w.broadcast_div(&safe)?;
+                }
+                p.slice_set(&w, 0, start)?;
+                m_all.slice_set(&m, 0, start)?;
+                v_all.slice_set(&v, 0, start)?;
+            }
         }
         if matches!(self.rule, Rule::JumpRelu { .. }) {
             // Thresholds stay at or above zero, as SAELens clamps them.
@@ -781,6 +932,7 @@ impl DeviceTrainer {
         xc: &Tensor,
         n_total: usize,
         sparsity_scale: f32,
+        acc: &MatrixGrads,
         min_kept: &mut Option<Tensor>,
     ) -> Result<Pass> {
         let h = self.mm(xc, &self.params[0].t()?)?;
@@ -793,15 +945,15 @@ impl DeviceTrainer {
                 k,
                 aux_k,
                 aux_coefficient,
-            } => self.topk_pass(x, xc, &pre, n_total, k, aux_k, aux_coefficient)?,
+            } => self.topk_pass(x, xc, &pre, n_total, acc, k, aux_k, aux_coefficient)?,
             &Rule::Standard { l1 } => {
-                self.standard_pass(x, xc, &pre, n_total, l1 * penalty_scale)?
+                self.standard_pass(x, xc, &pre, n_total, acc, l1 * penalty_scale)?
             }
             &Rule::Gated { l1 } => {
-                self.gated_pass(x, xc, &pre, h.as_ref(), n_total, l1 * penalty_scale)?
+                self.gated_pass(x, xc, &pre, h.as_ref(), n_total, acc, l1 * penalty_scale)?
             }
             &Rule::JumpRelu { l0, bandwidth } => {
-                self.jumprelu_pass(x, xc, &pre, n_total, l0 * penalty_scale, bandwidth)?
+                self.jumprelu_pass(x, xc, &pre, n_total, acc, l0 * penalty_scale, bandwidth)?
             }
             Rule::BatchTopK {
                 k,
@@ -815,6 +967,7 @@ impl DeviceTrainer {
                     xc,
                     &pre,
                     n_total,
+                    acc,
                     *k,
                     inner_widths,
                     *aux_k,
@@ -835,6 +988,7 @@ impl DeviceTrainer {
         xc: &Tensor,
         pre: &Tensor,
         n_total: usize,
+        acc: &MatrixGrads,
         k: usize,
         aux_k: usize,
         aux_coefficient: f64,
@@ -859,19 +1013,16 @@ impl DeviceTrainer {
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
         let g_pairs = (rows.broadcast_mul(&d_xhat.unsqueeze(1)?)?.sum(2)? * &on)?;
         drop(rows);
-        let mut grads = PairGrads::new(d_sae, d_in, &self.device)?;
-        grads.add(&flat, &vals, &g_pairs, &d_xhat, xc)?;
+        let g_b_enc = acc.add_pairs(&flat, &vals, &g_pairs, &d_xhat, xc, d_sae)?;
 
-        let aux = self.aux_pass(xc, pre, &diff, n_total, aux_k, aux_coefficient)?;
+        let aux = self.aux_pass(xc, pre, &diff, n_total, acc, aux_k, aux_coefficient)?;
         let fires = Tensor::zeros(d_sae, DType::F32, &self.device)?.index_add(
             &flat,
             &on.flatten_all()?,
             0,
         )?;
         Ok(Pass {
-            g_w_enc: (grads.w_enc + aux.g_w_enc)?,
-            g_b_enc: (grads.b_enc + aux.g_b_enc)?,
-            g_w_dec: (grads.w_dec + aux.g_w_dec)?,
+            g_b_enc: (g_b_enc + aux.g_b_enc)?,
             g_b_dec: d_xhat.sum(0)?,
             g_h_sum: None,
             extra: Vec::new(),
@@ -886,12 +1037,14 @@ impl DeviceTrainer {
     /// JumpReLU: `a = v · H(v - θ)`, dense. The straight-through estimate with a rectangle kernel
     /// of width `bandwidth` gives θ the gradient `-(θ/ε) ∂L/∂a - λ/(n ε)` from every pair within
     /// `ε/2` of it (SAELens's `JumpReLU` and `Step`).
+    #[allow(clippy::too_many_arguments)]
     fn jumprelu_pass(
         &self,
         x: &Tensor,
         xc: &Tensor,
         pre: &Tensor,
         n_total: usize,
+        acc: &MatrixGrads,
         lambda: f64,
         bandwidth: f64,
     ) -> Result<Pass> {
@@ -913,10 +1066,10 @@ impl DeviceTrainer {
         let through_a = g_a.broadcast_mul(&(theta_row.neg()? / bandwidth)?)?;
         let g_threshold = ((through_a - per_tok / bandwidth)? * window)?.sum(0)?;
         let g_pre = (g_a * &on)?;
+        acc.add_enc(self, &g_pre, xc)?;
+        acc.add_dec(self, &a, &d_xhat)?;
         Ok(Pass {
-            g_w_enc: self.mm(&g_pre.t()?, xc)?,
             g_b_enc: g_pre.sum(0)?,
-            g_w_dec: self.mm(&a.t()?, &d_xhat)?,
             g_b_dec: d_xhat.sum(0)?,
             g_h_sum: None,
             extra: vec![g_threshold],
@@ -931,6 +1084,7 @@ impl DeviceTrainer {
     /// Gated: `π = h + b_gate` (`pre`) decides which features fire, `ReLU(h · exp(r_mag) + b_mag)`
     /// is the code; the loss adds the L1 of `ReLU(π)` weighted by decoder norms and the error of
     /// reconstructing from `ReLU(π)` alone (with the live `W_dec` and `b_dec`, as SAELens). Dense.
+    #[allow(clippy::too_many_arguments)]
     fn gated_pass(
         &self,
         x: &Tensor,
@@ -938,6 +1092,7 @@ impl DeviceTrainer {
         pre: &Tensor,
         h: Option<&Tensor>,
         n_total: usize,
+        acc: &MatrixGrads,
         lambda: f64,
     ) -> Result<Pass> {
         let h = h.ok_or_else(|| SaeError::config("device training", "gated needs h"))?;
@@ -959,18 +1114,17 @@ impl DeviceTrainer {
         let aux_sq = adiff.sqr()?.sum_all()?;
         let aux_loss = (aux_sq / n_total as f64)?;
         let d_aux = (&adiff * (2.0 / n_total as f64))?;
-        let l1 = self.decoder_norm_l1(&gate_codes, lambda / n_total as f64)?;
+        let l1 = self.decoder_norm_l1(&gate_codes, lambda / n_total as f64, acc)?;
         let sparsity_loss = l1.loss;
         let g_mag = (self.mm(&d_xhat, &w_dec.t()?)? * &mag_on)?;
         let g_gate = (self.mm(&d_aux, &w_dec.t()?)?.broadcast_add(&l1.g_codes)? * &gate_on)?;
         let enc_coef = (&g_gate + g_mag.broadcast_mul(&scale)?)?;
-        let g_w_dec =
-            ((self.mm(&a.t()?, &d_xhat)? + self.mm(&gate_codes.t()?, &d_aux)?)? + l1.g_w_dec)?;
+        acc.add_dec(self, &a, &d_xhat)?;
+        acc.add_dec(self, &gate_codes, &d_aux)?;
         let g_r_mag = (&g_mag * h.broadcast_mul(&scale)?)?.sum(0)?;
+        acc.add_enc(self, &enc_coef, xc)?;
         Ok(Pass {
-            g_w_enc: self.mm(&enc_coef.t()?, xc)?,
             g_b_enc: g_gate.sum(0)?,
-            g_w_dec,
             g_b_dec: (d_xhat.sum(0)? + d_aux.sum(0)?)?,
             g_h_sum: Some(enc_coef.sum(0)?),
             extra: vec![g_r_mag, g_mag.sum(0)?],
@@ -986,7 +1140,12 @@ impl DeviceTrainer {
     /// codes `acts` (`[n, d_sae]`), `per_tok · Σ_t Σ_f a_tf ||W_dec[f]||`: the loss summed over the
     /// group, its gradient on each code, `per_tok · ||W_dec[f]||` (`[1, d_sae]`), and on `W_dec`,
     /// `per_tok · Σ_t a_tf · W_dec[f] / ||W_dec[f]||` (zero for a zero row).
-    fn decoder_norm_l1(&self, acts: &Tensor, per_tok: f64) -> Result<DecoderNormL1> {
+    fn decoder_norm_l1(
+        &self,
+        acts: &Tensor,
+        per_tok: f64,
+        acc: &MatrixGrads,
+    ) -> Result<DecoderNormL1> {
         let w_dec = &self.params[2];
         let norms = w_dec.sqr()?.sum(1)?.sqrt()?; // [d_sae]
         let penalty = acts.broadcast_mul(&norms.unsqueeze(0)?)?.sum_all()?;
@@ -994,20 +1153,28 @@ impl DeviceTrainer {
         let safe = nonzero.where_cond(&norms, &norms.ones_like()?)?;
         let coef =
             ((acts.sum(0)? * per_tok)? / safe)?.broadcast_mul(&nonzero.to_dtype(DType::F32)?)?;
+        let coef = coef.unsqueeze(1)?;
+        for (start, len) in self.row_blocks(w_dec)? {
+            let g = w_dec
+                .narrow(0, start, len)?
+                .broadcast_mul(&coef.narrow(0, start, len)?)?;
+            add_rows(&acc.w_dec, &g, start)?;
+        }
         Ok(DecoderNormL1 {
             loss: (penalty * per_tok)?,
             g_codes: (&norms * per_tok)?.unsqueeze(0)?,
-            g_w_dec: w_dec.broadcast_mul(&coef.unsqueeze(1)?)?,
         })
     }
 
     /// AuxK on the dead features, given the main reconstruction's error `diff = x̂ - x`.
+    #[allow(clippy::too_many_arguments)]
     fn aux_pass(
         &self,
         xc: &Tensor,
         pre: &Tensor,
         diff: &Tensor,
         n_total: usize,
+        acc: &MatrixGrads,
         aux_k: usize,
         aux_coefficient: f64,
     ) -> Result<AuxOut> {
@@ -1049,11 +1216,11 @@ impl DeviceTrainer {
         let aux_loss = (aux_sq.broadcast_mul(&aux_c)? / n_total as f64)?;
         let d_aux = adiff.broadcast_mul(&(&aux_c * (2.0 / n_total as f64))?)?;
         let g_pre_aux = (self.mm(&d_aux, &w_dec.t()?)? * &aux_mask)?;
+        acc.add_enc(self, &g_pre_aux, xc)?;
+        acc.add_dec(self, &aux_codes, &d_aux)?;
         Ok(AuxOut {
             loss: aux_loss,
-            g_w_enc: self.mm(&g_pre_aux.t()?, xc)?,
             g_b_enc: g_pre_aux.sum(0)?,
-            g_w_dec: self.mm(&aux_codes.t()?, &d_aux)?,
         })
     }
 
@@ -1070,6 +1237,7 @@ impl DeviceTrainer {
         xc: &Tensor,
         pre: &Tensor,
         n_total: usize,
+        acc: &MatrixGrads,
         k: f64,
         inner_widths: &[usize],
         aux_k: usize,
@@ -1109,7 +1277,7 @@ impl DeviceTrainer {
         let sq_err = diff.sqr()?.sum_all()?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
         let mut g_a = self.mm(&d_xhat, &w_dec.t()?)?;
-        let mut g_w_dec = self.mm(&a.t()?, &d_xhat)?;
+        acc.add_dec(self, &a, &d_xhat)?;
         let mut g_b_dec = d_xhat.sum(0)?;
         // Matryoshka: each prefix's own reconstruction (b_dec included) joins the loss.
         let mut inner_loss = Tensor::zeros((), DType::F32, &self.device)?;
@@ -1124,15 +1292,14 @@ impl DeviceTrainer {
             inner_loss = (inner_loss + (sq_w / n_total as f64)?)?;
             let d_w = (diff_w * (2.0 / n_total as f64))?;
             g_a = (g_a + self.mm(&d_w, &w_dec.t()?)?.broadcast_mul(&keep)?)?;
-            g_w_dec = (g_w_dec + self.mm(&a_w.t()?, &d_w)?)?;
+            acc.add_dec(self, &a_w, &d_w)?;
             g_b_dec = (g_b_dec + d_w.sum(0)?)?;
         }
         let g_pre = (g_a * &on)?;
-        let aux = self.aux_pass(xc, pre, &diff, n_total, aux_k, aux_coefficient)?;
+        acc.add_enc(self, &g_pre, xc)?;
+        let aux = self.aux_pass(xc, pre, &diff, n_total, acc, aux_k, aux_coefficient)?;
         let pass = Pass {
-            g_w_enc: (self.mm(&g_pre.t()?, xc)? + aux.g_w_enc)?,
             g_b_enc: (g_pre.sum(0)? + aux.g_b_enc)?,
-            g_w_dec: (g_w_dec + aux.g_w_dec)?,
             g_b_dec,
             g_h_sum: None,
             extra: Vec::new(),
@@ -1153,6 +1320,7 @@ impl DeviceTrainer {
         xc: &Tensor,
         pre: &Tensor,
         n_total: usize,
+        acc: &MatrixGrads,
         lambda: f64,
     ) -> Result<Pass> {
         let (w_dec, b_dec) = (&self.params[2], &self.params[3]);
@@ -1162,14 +1330,13 @@ impl DeviceTrainer {
         let diff = (&x_hat - x)?;
         let sq_err = diff.sqr()?.sum_all()?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
-        let l1 = self.decoder_norm_l1(&a, lambda / n_total as f64)?;
+        let l1 = self.decoder_norm_l1(&a, lambda / n_total as f64, acc)?;
         let g_pre = (self.mm(&d_xhat, &w_dec.t()?)?.broadcast_add(&l1.g_codes)? * &on)?;
-        let g_w_dec = (self.mm(&a.t()?, &d_xhat)? + l1.g_w_dec)?;
+        acc.add_dec(self, &a, &d_xhat)?;
+        acc.add_enc(self, &g_pre, xc)?;
         let sparsity_loss = l1.loss;
         Ok(Pass {
-            g_w_enc: self.mm(&g_pre.t()?, xc)?,
             g_b_enc: g_pre.sum(0)?,
-            g_w_dec,
             g_b_dec: d_xhat.sum(0)?,
             g_h_sum: None,
             extra: Vec::new(),
@@ -1317,15 +1484,12 @@ impl InProcess {
 struct DecoderNormL1 {
     loss: Tensor,
     g_codes: Tensor,
-    g_w_dec: Tensor,
 }
 
 /// AuxK's loss and gradients.
 struct AuxOut {
     loss: Tensor,
-    g_w_enc: Tensor,
     g_b_enc: Tensor,
-    g_w_dec: Tensor,
 }
 
 /// One rule's forward and backward on this replica's tokens (or a chunk of them): the gradients
@@ -1333,9 +1497,7 @@ struct AuxOut {
 /// added after), the squared error, the penalties and the firing counts, all summed over those
 /// tokens (the step sums them over the group).
 struct Pass {
-    g_w_enc: Tensor,
     g_b_enc: Tensor,
-    g_w_dec: Tensor,
     g_b_dec: Tensor,
     /// The gradient of the encoder product `h = xc W_encᵀ` summed over tokens, which reaches
     /// `b_dec` through the centring; `None` when it is `g_b_enc` (every rule but gated).
@@ -1366,9 +1528,7 @@ impl Pass {
             .map(|(a, b)| Ok((a + b)?))
             .collect::<Result<Vec<_>>>()?;
         Ok(Pass {
-            g_w_enc: (self.g_w_enc + o.g_w_enc)?,
             g_b_enc: (self.g_b_enc + o.g_b_enc)?,
-            g_w_dec: (self.g_w_dec + o.g_w_dec)?,
             g_b_dec: (self.g_b_dec + o.g_b_dec)?,
             g_h_sum,
             extra,
@@ -1381,33 +1541,55 @@ impl Pass {
     }
 }
 
-/// The gradients that (token, feature) pairs give: for pairs with activations `a`, gradients
-/// `g` with respect to their pre-activations, the reconstruction gradient `d` of their tokens and
-/// the centred inputs `xc`: `W_dec[f] += Σ a·d`, `W_enc[f] += Σ g·xc`, `b_enc[f] += Σ g`.
-struct PairGrads {
+/// The gradients of `W_enc` and `W_dec` (`[d_sae, d_in]` each), which every pass and chunk adds
+/// into in place: a million-feature step holds one pair of them, not one per term.
+struct MatrixGrads {
     w_enc: Tensor,
-    b_enc: Tensor,
     w_dec: Tensor,
 }
 
-impl PairGrads {
-    fn new(d_sae: usize, d_in: usize, device: &Device) -> Result<Self> {
-        Ok(PairGrads {
+impl MatrixGrads {
+    fn zeros(d_sae: usize, d_in: usize, device: &Device) -> Result<Self> {
+        Ok(MatrixGrads {
             w_enc: Tensor::zeros((d_sae, d_in), DType::F32, device)?,
-            b_enc: Tensor::zeros(d_sae, DType::F32, device)?,
             w_dec: Tensor::zeros((d_sae, d_in), DType::F32, device)?,
         })
     }
 
-    /// `features`: `[t·k]` u32; `a`, `g`: `[t, k]`; `d`, `xc`: `[t, d_in]`.
-    fn add(
-        &mut self,
+    /// `W_enc`'s gradient from pre-activation gradients `g` (`[t, d_sae]`) of centred inputs
+    /// `xc`: `gᵀ xc`, a row block at a time.
+    fn add_enc(&self, sae: &DeviceTrainer, g: &Tensor, xc: &Tensor) -> Result<()> {
+        for (start, len) in sae.row_blocks(&self.w_enc)? {
+            let part = sae.mm(&g.narrow(1, start, len)?.t()?, xc)?;
+            add_rows(&self.w_enc, &part, start)?;
+        }
+        Ok(())
+    }
+
+    /// `W_dec`'s gradient from codes `a` (`[t, d_sae]`) and reconstruction gradients `d`:
+    /// `aᵀ d`, a row block at a time.
+    fn add_dec(&self, sae: &DeviceTrainer, a: &Tensor, d: &Tensor) -> Result<()> {
+        for (start, len) in sae.row_blocks(&self.w_dec)? {
+            let part = sae.mm(&a.narrow(1, start, len)?.t()?, d)?;
+            add_rows(&self.w_dec, &part, start)?;
+        }
+        Ok(())
+    }
+
+    /// The gradients that (token, feature) pairs give: for pairs with activations `a`,
+    /// gradients `g` with respect to their pre-activations, the reconstruction gradient `d` of
+    /// their tokens and the centred inputs `xc`: `W_dec[f] += Σ a·d`, `W_enc[f] += Σ g·xc`.
+    /// Returns `b_enc`'s, `Σ g` per feature. `features`: `[t·k]` u32; `a`, `g`: `[t, k]`; `d`,
+    /// `xc`: `[t, d_in]`.
+    fn add_pairs(
+        &self,
         features: &Tensor,
         a: &Tensor,
         g: &Tensor,
         d: &Tensor,
         xc: &Tensor,
-    ) -> Result<()> {
+        d_sae: usize,
+    ) -> Result<Tensor> {
         let (t, k) = a.dims2()?;
         let d_in = d.dim(1)?;
         let outer = |coef: &Tensor, rows: &Tensor| -> Result<Tensor> {
@@ -1416,11 +1598,43 @@ impl PairGrads {
                 .broadcast_mul(&rows.unsqueeze(1)?)?
                 .reshape((t * k, d_in))?)
         };
-        self.w_dec = self.w_dec.index_add(features, &outer(a, d)?, 0)?;
-        self.w_enc = self.w_enc.index_add(features, &outer(g, xc)?, 0)?;
-        self.b_enc = self.b_enc.index_add(features, &g.flatten_all()?, 0)?;
-        Ok(())
+        let rows = features
+            .unsqueeze(1)?
+            .broadcast_as((t * k, d_in))?
+            .contiguous()?;
+        self.w_dec.scatter_add_set(&rows, &outer(a, d)?, 0)?;
+        self.w_enc.scatter_add_set(&rows, &outer(g, xc)?, 0)?;
+        Ok(
+            Tensor::zeros(d_sae, DType::F32, features.device())?.index_add(
+                features,
+                &g.flatten_all()?,
+                0,
+            )?,
+        )
     }
+}
+
+/// `t` itself when cuBLAS can read it as a matrix, row-major (`[r, c]` with strides `[c, 1]`)
+/// or column-major (strides `[1, r]`), as candle's CUDA matmul requires; a contiguous copy
+/// otherwise. A narrowed `[r, c]` view of a wider matrix has a leading dimension of its parent's
+/// width, which candle's CUDA matmul refuses ("non-contiguous") where the CPU's accepts it.
+fn gemm_operand(t: &Tensor) -> Result<Tensor> {
+    let ok = match (t.dims(), t.stride()) {
+        (&[r, c], &[s0, s1]) => {
+            ((s1 == 1 || c == 1) && (s0 == c || r == 1))
+                || ((s1 == r || c == 1) && (s0 == 1 || r == 1))
+        }
+        _ => t.is_contiguous(),
+    };
+    Ok(if ok { t.clone() } else { t.contiguous()? })
+}
+
+/// `acc[start..start + rows] += part` in place (`part` is `[rows, ...]`).
+fn add_rows(acc: &Tensor, part: &Tensor, start: usize) -> Result<()> {
+    let len = part.dim(0)?;
+    let sum = (acc.narrow(0, start, len)? + part)?;
+    acc.slice_set(&sum, 0, start)?;
+    Ok(())
 }
 
 /// A counter tensor (f64 on the device) as host counts.
@@ -1438,7 +1652,7 @@ fn to_host(names: &[&str], set: &[Tensor]) -> Result<Params> {
                 name,
                 t.dims(),
                 *name != "b_dec",
-                t.flatten_all()?.to_vec1::<f32>()?,
+                t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
             ))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -1517,6 +1731,31 @@ mod tests {
 
     /// Rows mostly -inf (AuxK's ranking with few dead features): the finite entries come first
     /// and every index stays inside the row.
+    /// A column block of a wider matrix, transposed, has a leading dimension cuBLAS refuses, so
+    /// it is copied; a whole matrix, plain or transposed, goes to the product as it is.
+    #[test]
+    fn only_operands_cublas_cannot_read_are_copied() {
+        let m = Tensor::arange(0f32, 48., &Device::Cpu)
+            .unwrap()
+            .reshape((6, 8))
+            .unwrap();
+        let block = m.narrow(1, 2, 3).unwrap().t().unwrap();
+        assert!(!block.is_contiguous());
+        let copied = gemm_operand(&block).unwrap();
+        assert!(copied.is_contiguous());
+        assert_eq!(
+            copied.to_vec2::<f32>().unwrap(),
+            block.to_vec2::<f32>().unwrap()
+        );
+        for whole in [m.clone(), m.t().unwrap()] {
+            let kept = gemm_operand(&whole).unwrap();
+            assert_eq!(kept.stride(), whole.stride(), "{:?}", whole.dims());
+        }
+        // A row block of a row-major matrix keeps its layout too.
+        let rows = m.narrow(0, 1, 2).unwrap();
+        assert_eq!(gemm_operand(&rows).unwrap().stride(), rows.stride());
+    }
+
     #[test]
     fn chunked_top_k_with_masked_rows_stays_in_range() {
         let cols = 70;

@@ -88,7 +88,7 @@ pub use config::{
     SAELENS_FORMAT_VERSION, SaeConfig, SaeMetadata, StandardConfig, TopKConfig,
 };
 pub use device::{
-    Collective, DeviceStep, DeviceStepScalars, DeviceTrainer, InProcess, TOP_K_CHUNK,
+    Collective, DeviceOptions, DeviceStep, DeviceStepScalars, DeviceTrainer, InProcess, TOP_K_CHUNK,
 };
 pub use error::{Result, SaeError};
 pub use model::SaeModel;

@@ -482,6 +482,8 @@ pub struct Trainer {
     device: Device,
     /// Whether [`train_many`] keeps this trainer's whole step on `device` ([`crate::DeviceTrainer`]).
     resident: bool,
+    /// Memory and precision of the device path.
+    device_options: crate::DeviceOptions,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -610,6 +612,7 @@ impl Trainer {
             lifetime_fires: vec![0; d_sae],
             device: Device::Cpu,
             resident: false,
+            device_options: crate::DeviceOptions::default(),
             cfg,
         }
     }
@@ -631,6 +634,18 @@ impl Trainer {
     /// None today (every architecture runs there); kept fallible for paths that may not.
     pub fn with_device_resident(mut self, on: bool) -> Result<Self> {
         self.resident = on;
+        Ok(self)
+    }
+
+    /// Sets the device path's memory and precision options (bf16 products, bf16 moments, token
+    /// chunks), which the steps on the device use; the host path ignores them.
+    ///
+    /// # Errors
+    /// A configuration error for options the device path refuses (a dtype it does not take,
+    /// token chunks for BatchTopK or Matryoshka), found here rather than at the first step.
+    pub fn with_device_options(mut self, opts: crate::DeviceOptions) -> Result<Self> {
+        opts.check(&self.cfg.sae)?;
+        self.device_options = opts;
         Ok(self)
     }
 
@@ -1309,7 +1324,10 @@ pub fn train_many(
                         d.write_to(t)?;
                     }
                 } else if resident[i].is_none() {
-                    resident[i] = Some(crate::DeviceTrainer::between_host_steps(t, &t.device)?);
+                    resident[i] = Some(
+                        crate::DeviceTrainer::between_host_steps(t, &t.device)?
+                            .with_options(&t.device_options)?,
+                    );
                 }
             }
             let m = if let Some(d) = resident[i].as_mut() {

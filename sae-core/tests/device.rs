@@ -70,8 +70,18 @@ fn agree_on(cfg: TrainerConfig, on: &Device) -> (f64, f64, Vec<usize>) {
 
 /// [`agree_on`] for `steps` steps.
 fn agree_for(cfg: TrainerConfig, on: &Device, steps: u64) -> (f64, f64, Vec<usize>) {
+    agree_with(cfg, on, steps, |d| d)
+}
+
+/// [`agree_for`] with the device trainer set up by `tweak`.
+fn agree_with(
+    cfg: TrainerConfig,
+    on: &Device,
+    steps: u64,
+    tweak: impl Fn(DeviceTrainer) -> DeviceTrainer,
+) -> (f64, f64, Vec<usize>) {
     let mut host = Trainer::new(cfg.clone()).unwrap();
-    let mut device = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), on).unwrap();
+    let mut device = tweak(DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), on).unwrap());
     let mut aux_seen = (0.0f64, 0.0f64);
     let mut dead_counts = Vec::new();
     for s in 0..steps {
@@ -972,4 +982,150 @@ fn batch_wide_thresholds_and_empty_chunks_are_refused() {
         .unwrap();
     let e = d.with_token_chunk(0).unwrap_err().to_string();
     assert!(e.contains("at least one token"), "{e}");
+}
+
+/// The gradient sums, the decoder projection and Adam's update go through the matrices in place
+/// by row blocks; with blocks of 40 elements (2 rows of 16, so 32 blocks of `W_dec`, and blocks
+/// of 40 features in the bias vectors) every architecture still takes the host path's steps,
+/// and with token chunks too where the architecture allows them.
+#[test]
+fn in_place_updates_by_small_row_blocks_match_the_host_path() {
+    for cfg in [
+        resident_config(),
+        standard_config(),
+        batchtopk_config(),
+        matryoshka_config(),
+        gated_config(),
+        jumprelu_config(),
+    ] {
+        let chunks = !matches!(
+            cfg.sae,
+            ArchitectureConfig::BatchTopK(_) | ArchitectureConfig::Matryoshka(_)
+        );
+        agree_with(cfg, &Device::Cpu, STEPS, |d| {
+            let d = d.with_update_block(40);
+            if chunks {
+                d.with_token_chunk(9).unwrap()
+            } else {
+                d
+            }
+        });
+    }
+}
+
+/// Adam's moments kept in bf16 follow the f32 run's losses within 3% at every step for TopK,
+/// the standard SAE and gated (not bit for bit: the moments are rounded).
+#[test]
+fn bf16_moments_follow_the_f32_run() {
+    for cfg in [resident_config(), standard_config(), gated_config()] {
+        let start = Trainer::new(cfg).unwrap();
+        let mut f32_run = DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap();
+        let mut narrow = DeviceTrainer::from_trainer(&start, &Device::Cpu)
+            .unwrap()
+            .with_moment_dtype(candle_core::DType::BF16)
+            .unwrap();
+        let mut differs = false;
+        for s in 0..STEPS {
+            let a = f32_run.step(&batch(s)).unwrap().host().unwrap();
+            let b = narrow.step(&batch(s)).unwrap().host().unwrap();
+            let rel = (a.mse - b.mse).abs() / a.mse;
+            assert!(rel < 0.03, "step {s}: mse {} against {}", b.mse, a.mse);
+            differs |= rel > 1e-7;
+        }
+        assert!(differs, "the moments were not rounded");
+    }
+}
+
+/// Device options reach the steps that `train_many` runs on the device (bf16 moments and token
+/// chunks change the weights' bits), and a run with them resumed from a checkpoint ends bit for
+/// bit where the uninterrupted run ends: the checkpoint holds the bf16 moments exactly.
+#[test]
+fn device_options_train_through_the_trainer_and_resume_exactly() {
+    let opts = sae_core::DeviceOptions {
+        moments: candle_core::DType::BF16,
+        token_chunk: Some(7),
+        ..Default::default()
+    };
+    let resident = |cfg: TrainerConfig, opts: sae_core::DeviceOptions| {
+        Trainer::new(cfg)
+            .unwrap()
+            .with_device_resident(true)
+            .unwrap()
+            .with_device_options(opts)
+            .unwrap()
+    };
+    let mut plain = resident(resident_config(), Default::default());
+    plain
+        .train(&mut source(0..STEPS), Progress::Hidden)
+        .unwrap();
+    let mut whole = resident(resident_config(), opts);
+    whole
+        .train(&mut source(0..STEPS), Progress::Hidden)
+        .unwrap();
+    assert!(
+        bits(whole.sae().params()) != bits(plain.sae().params()),
+        "the options did not reach the device steps"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = resident_config();
+    cfg.checkpoint_dir = Some(dir.path().to_path_buf());
+    cfg.checkpoint_every = Some(4);
+    let mut cut = resident(cfg, opts);
+    cut.train(&mut source(0..10), Progress::Hidden).unwrap();
+    drop(cut);
+    let latest = Trainer::latest_checkpoint(dir.path()).unwrap();
+    let mut resumed = Trainer::resume(&latest)
+        .unwrap()
+        .with_device_resident(true)
+        .unwrap()
+        .with_device_options(opts)
+        .unwrap();
+    let from = resumed.batches_consumed();
+    resumed
+        .train(&mut source(from..STEPS), Progress::Hidden)
+        .unwrap();
+    assert!(
+        bits(whole.sae().params()) == bits(resumed.sae().params()),
+        "the resumed run differs"
+    );
+}
+
+#[test]
+fn device_options_the_path_cannot_take_are_refused_up_front() {
+    use candle_core::DType;
+    let refused = |cfg: TrainerConfig, opts: sae_core::DeviceOptions, says: &str| {
+        let e = Trainer::new(cfg)
+            .unwrap()
+            .with_device_options(opts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{e}");
+    };
+    let chunked = sae_core::DeviceOptions {
+        token_chunk: Some(64),
+        ..Default::default()
+    };
+    refused(batchtopk_config(), chunked, "whole batch");
+    refused(matryoshka_config(), chunked, "whole batch");
+    let zero = sae_core::DeviceOptions {
+        token_chunk: Some(0),
+        ..Default::default()
+    };
+    refused(resident_config(), zero, "at least one token");
+    let f16_moments = sae_core::DeviceOptions {
+        moments: DType::F16,
+        ..Default::default()
+    };
+    refused(resident_config(), f16_moments, "moment dtype");
+    let u32_products = sae_core::DeviceOptions {
+        compute: DType::U32,
+        ..Default::default()
+    };
+    refused(resident_config(), u32_products, "compute dtype");
+    // What the path takes is taken.
+    Trainer::new(resident_config())
+        .unwrap()
+        .with_device_options(chunked)
+        .unwrap();
 }
