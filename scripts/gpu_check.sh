@@ -48,6 +48,8 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "device":
         print(m["executable"])')
+  # A fresh folder: the compressed binaries of an earlier build would trip xz below.
+  rm -rf target/gpu-carry/bin
   mkdir -p target/gpu-carry/bin
   for b in parity bench_forward bench_sae_train; do
     strip -o "target/gpu-carry/bin/$b" "$target/release/examples/$b"
