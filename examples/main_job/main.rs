@@ -33,10 +33,11 @@ use sae_workbench::metrics::{
     build_feature_page, collect_examples, evaluate_spliced_many, write_pages,
 };
 use sae_workbench::sae_core::{
-    ArchitectureConfig, IterSource, Progress, SaeModel, StandardTraining, TopKTraining,
-    TrainMetrics, Trainer, TrainerConfig, available_memory_bytes, train_many, training_bytes,
+    ArchitectureConfig, DeviceOptions, IterSource, Progress, SaeModel, StandardTraining,
+    TopKTraining, TrainMetrics, Trainer, TrainerConfig, available_memory_bytes, train_many,
+    training_bytes,
 };
-use sae_workbench::transformer_hooks::candle_core::Device;
+use sae_workbench::transformer_hooks::candle_core::{DType, Device};
 use sae_workbench::transformer_hooks::{HookPoint, LoadOptions, Model, assets};
 use serde::Serialize;
 
@@ -113,6 +114,17 @@ struct Args {
     /// `cpu`, or `cuda` (build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Device path only (`--device cuda`): tokens per forward/backward pass of a training step,
+    /// which bounds its `[batch, d_sae]` temporaries (see docs/gpu.md). Default: the whole batch.
+    #[arg(long)]
+    token_chunk: Option<usize>,
+    /// Device path only: Adam's moments in `f32` or `bf16` (half the optimiser's memory).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    moments: String,
+    /// Device path only: operands of the matrix products, `f32`, `bf16` or `f16` (f32
+    /// accumulation, f32 weights).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    compute: String,
 }
 
 const DEFAULT_SITE: &str = "mlp.hook_post";
@@ -217,7 +229,34 @@ fn check_args(args: &Args) -> Result<Device> {
             args.l1_coefficient
         );
     }
+    if args.token_chunk == Some(0) {
+        bail!("--token-chunk must be at least 1");
+    }
+    let opts = device_options(args)?;
+    if device.is_cpu() && opts != DeviceOptions::default() {
+        bail!(
+            "--token-chunk, --moments and --compute set the device path's memory and precision; \
+             the CPU trains on the host path, so they need --device cuda"
+        );
+    }
     Ok(device)
+}
+
+/// The device path's options from `--token-chunk`, `--moments` and `--compute`.
+fn device_options(args: &Args) -> Result<DeviceOptions> {
+    let dtype = |flag: &str, v: &str| -> Result<DType> {
+        Ok(match v {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => bail!("{flag} {other}: expected f32, bf16 or f16"),
+        })
+    };
+    Ok(DeviceOptions {
+        compute: dtype("--compute", &args.compute)?,
+        token_chunk: args.token_chunk,
+        moments: dtype("--moments", &args.moments)?,
+    })
 }
 
 /// The SAEs asked for train side by side, so together they must fit in memory: checked once the
@@ -419,7 +458,12 @@ fn train_saes(
             }
             None => Trainer::new(cfg)?,
         };
-        trainers.push(trainer.with_device(device.clone()));
+        trainers.push(
+            trainer
+                .with_device(device.clone())
+                .with_device_options(device_options(args)?)
+                .with_context(|| format!("{name}: --token-chunk, --moments or --compute"))?,
+        );
         names.push((name, folder, Some(trainers.len() - 1)));
     }
     let mut logs: Vec<Vec<TrainMetrics>> = vec![Vec::new(); trainers.len()];
@@ -1138,6 +1182,27 @@ mod tests {
                     ..base.clone()
                 },
                 "--device tpu",
+            ),
+            (
+                Args {
+                    token_chunk: Some(0),
+                    ..base.clone()
+                },
+                "--token-chunk",
+            ),
+            (
+                Args {
+                    moments: "bf16".into(),
+                    ..base.clone()
+                },
+                "need --device cuda",
+            ),
+            (
+                Args {
+                    token_chunk: Some(512),
+                    ..base.clone()
+                },
+                "need --device cuda",
             ),
         ];
         for (args, flag) in cases {
