@@ -191,7 +191,7 @@ record "forward smollm2 bf16" 120 "$bin/bench_forward" --model "$smollm2" --devi
 
 # The target size: a million features at d_in 2,048, TopK with AuxK at every step, in token
 # chunks of 512, bf16 products and bf16 moments. From the memory measured on the CPU
-# (docs/gpu.md): 48 GiB of state and about 11 GiB of chunk temporaries. No PyTorch run: its
+# (docs/gpu.md): 48 GiB of state and about 9 GiB of chunk temporaries. No PyTorch run: its
 # dense step would hold several [4096, 1M] f32 matrices, 16 GiB each.
 record "ours topk $big bf16 chunked" 300 "$bin/bench_sae_train" --path device --arch topk \
   --device "$dev" --d-in $d_in --d-sae $big --batch $batch --steps 2 --dead-tokens 0 \

@@ -1193,31 +1193,32 @@ impl DeviceTrainer {
             .to_dtype(DType::F32)?;
         let n_dead = dead.sum_all()?;
         let aux_c = ((n_dead / aux_k as f64)?.minimum(1.0)? * aux_coefficient)?;
-        let ranked = dead
-            .gt(0.0)?
-            .unsqueeze(0)?
-            .broadcast_as((n, d_sae))?
-            .contiguous()?
-            .where_cond(
-                pre,
-                &Tensor::full(f32::NEG_INFINITY, (n, d_sae), &self.device)?,
-            )?;
+        // Features that are not dead rank below every dead one: a row of offsets added to the
+        // pre-activations (0 for dead, -1e30 otherwise, which absorbs any pre-activation) makes
+        // the ranking matrix in one pass, with no mask or fill matrix beside it.
+        let offset = ((dead.ones_like()? - &dead)? * -1e30)?.unsqueeze(0)?;
+        let ranked = pre.broadcast_add(&offset)?;
         let ak = aux_k.min(d_sae);
         let aidx = top_k_indices(&ranked, ak)?;
         drop(ranked);
         let chosen = dead
             .index_select(&aidx.flatten_all()?, 0)?
             .reshape((n, ak))?;
-        let zeros = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
-        let aux_codes = zeros.scatter_add(&aidx, &(pre.gather(&aidx, 1)? * &chosen)?, 1)?;
-        let aux_mask = zeros.scatter_add(&aidx, &chosen, 1)?;
+        // Scattered in place into fresh zeros: two `[n, d_sae]` matrices, not three.
+        let aux_codes = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
+        aux_codes.scatter_add_set(&aidx, &(pre.gather(&aidx, 1)? * &chosen)?, 1)?;
+        let aux_mask = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
+        aux_mask.scatter_add_set(&aidx, &chosen, 1)?;
         let adiff = (self.mm(&aux_codes, w_dec)? + diff)?; // recon_aux - (x - x̂)
         let aux_sq = adiff.sqr()?.sum_all()?;
         let aux_loss = (aux_sq.broadcast_mul(&aux_c)? / n_total as f64)?;
         let d_aux = adiff.broadcast_mul(&(&aux_c * (2.0 / n_total as f64))?)?;
-        let g_pre_aux = (self.mm(&d_aux, &w_dec.t()?)? * &aux_mask)?;
-        acc.add_enc(self, &g_pre_aux, xc)?;
+        // `W_dec`'s part first, so that the codes are freed before the encoder's gradient exists.
         acc.add_dec(self, &aux_codes, &d_aux)?;
+        drop(aux_codes);
+        let g_pre_aux = (self.mm(&d_aux, &w_dec.t()?)? * &aux_mask)?;
+        drop(aux_mask);
+        acc.add_enc(self, &g_pre_aux, xc)?;
         Ok(AuxOut {
             loss: aux_loss,
             g_b_enc: g_pre_aux.sum(0)?,
