@@ -101,21 +101,16 @@ pub struct DeviceOptions {
 }
 
 impl DeviceOptions {
-    /// Whether the device path takes these options for architecture `sae`.
+    /// Whether the device path takes these options (every architecture takes the same ones).
     ///
     /// # Errors
     /// A configuration error naming the option: a compute dtype other than f32, bf16 or f16;
-    /// moments other than f32 or bf16; a token chunk of 0 rows, or any for BatchTopK and
-    /// Matryoshka.
-    pub fn check(&self, sae: &ArchitectureConfig) -> Result<()> {
+    /// moments other than f32 or bf16; a token chunk of 0 rows.
+    pub fn check(&self) -> Result<()> {
         check_compute(self.compute)?;
         check_moments(self.moments)?;
         if let Some(rows) = self.token_chunk {
-            let batch_wide = matches!(
-                sae,
-                ArchitectureConfig::BatchTopK(_) | ArchitectureConfig::Matryoshka(_)
-            );
-            check_token_chunk(rows, batch_wide)?;
+            check_token_chunk(rows)?;
         }
         Ok(())
     }
@@ -141,18 +136,11 @@ fn check_moments(dtype: DType) -> Result<()> {
     Ok(())
 }
 
-fn check_token_chunk(rows: usize, batch_wide: bool) -> Result<()> {
+fn check_token_chunk(rows: usize) -> Result<()> {
     if rows == 0 {
         return Err(SaeError::config(
             "token chunk",
             "0 rows: expected at least one token per pass",
-        ));
-    }
-    if batch_wide {
-        return Err(SaeError::config(
-            "token chunk",
-            "BatchTopK and Matryoshka rank the whole batch's pre-activations at once, so \
-             their batch cannot be split into chunks; use a smaller batch",
         ));
     }
     Ok(())
@@ -203,6 +191,9 @@ pub struct DeviceTrainer {
     compute: DType,
     /// Rows of the batch per pass (`None`: the whole batch), see [`DeviceTrainer::with_token_chunk`].
     token_chunk: Option<usize>,
+    /// BatchTopK in token chunks: how many of each token's largest pre-activations are kept as
+    /// candidates for the batch threshold (doubled whenever too few, see `chunked_threshold`).
+    candidates: usize,
     /// Elements per row block of the in-place gradient sums and updates.
     update_block: usize,
     /// The dtype Adam's moments are kept in (f32, or bf16 to halve them; the update itself is
@@ -496,6 +487,7 @@ impl DeviceTrainer {
             topk_threshold: Tensor::new(threshold, device)?,
             compute: DType::F32,
             token_chunk: None,
+            candidates: 0,
             update_block: UPDATE_BLOCK,
             moments: DType::F32,
             collective: None,
@@ -548,11 +540,16 @@ impl DeviceTrainer {
     /// up to the order of the sums; each chunk costs a pass over `W_enc` and `W_dec` (memory
     /// traffic, not FLOPs).
     ///
+    /// BatchTopK and Matryoshka, whose threshold ranks the whole batch's pre-activations, take
+    /// one more pass for it: each chunk's encoder product again, keeping only each token's
+    /// largest values (see `chunked_threshold`), so their step costs one more encoder product
+    /// (about a fifth more FLOPs) and one host read of a flag. Replicas of a group must all
+    /// chunk or all not.
+    ///
     /// # Errors
-    /// A configuration error for 0 rows, and for BatchTopK and Matryoshka, whose threshold is
-    /// the `k · batch` largest pre-activations of the whole batch.
+    /// A configuration error for 0 rows.
     pub fn with_token_chunk(mut self, rows: usize) -> Result<Self> {
-        check_token_chunk(rows, matches!(self.rule, Rule::BatchTopK { .. }))?;
+        check_token_chunk(rows)?;
         self.token_chunk = Some(rows);
         Ok(self)
     }
@@ -575,6 +572,21 @@ impl DeviceTrainer {
     pub fn with_update_block(mut self, elements: usize) -> Self {
         self.update_block = elements.max(1);
         self
+    }
+
+    /// Sets how many of each token's largest pre-activations BatchTopK's chunked threshold
+    /// starts from (they double whenever too few); tests start low to cross the doubling.
+    #[doc(hidden)]
+    pub fn with_threshold_candidates(mut self, per_token: usize) -> Self {
+        self.candidates = per_token.max(1);
+        self
+    }
+
+    /// How many of each token's largest pre-activations BatchTopK's chunked threshold keeps now
+    /// (0 before its first chunked step).
+    #[doc(hidden)]
+    pub fn threshold_candidates(&self) -> usize {
+        self.candidates
     }
 
     /// Keeps Adam's two moments in `dtype`: bf16 halves them (at a million features and
@@ -756,9 +768,15 @@ impl DeviceTrainer {
         let sparsity_scale = self.cfg.sparsity_scale_at(self.step);
         // The tokens go through the passes in chunks of `token_chunk` rows (all at once by
         // default): every `[rows, d_sae]` temporary shrinks with the chunk, and the passes' sums
-        // over tokens add up across chunks. BatchTopK's threshold is the whole batch's, so it
-        // takes the batch in one pass (`with_token_chunk` refuses it).
+        // over tokens add up across chunks. BatchTopK's threshold is the whole batch's: with
+        // chunks it is found first, in a pass of its own.
         let rows = self.token_chunk.map_or(n, |c| c.min(n)).max(1);
+        let threshold = match self.rule {
+            Rule::BatchTopK { k, .. } if self.token_chunk.is_some() => {
+                Some(self.chunked_threshold(&xc, rows, n_total, k)?)
+            }
+            _ => None,
+        };
         // `W_enc`'s and `W_dec`'s gradients are summed in place into one pair of matrices.
         let acc = MatrixGrads::zeros(self.cfg.d_sae, self.cfg.d_in, &self.device)?;
         let mut sums: Option<Pass> = None;
@@ -771,7 +789,15 @@ impl DeviceTrainer {
             } else {
                 (x.narrow(0, start, len)?, xc.narrow(0, start, len)?)
             };
-            let pass = self.chunk_pass(&x, &xc, n_total, sparsity_scale, &acc, &mut min_kept)?;
+            let pass = self.chunk_pass(
+                &x,
+                &xc,
+                n_total,
+                sparsity_scale,
+                &acc,
+                threshold.as_ref(),
+                &mut min_kept,
+            )?;
             sums = Some(match sums {
                 None => pass,
                 Some(a) => a.add(pass)?,
@@ -878,7 +904,7 @@ impl DeviceTrainer {
 
         // θ moves toward the smallest activation kept, when one was (BatchTopK).
         if let (Some(min), Rule::BatchTopK { threshold_lr, .. }) = (min_kept, &self.rule) {
-            let min = min.to_dtype(DType::F64)?;
+            let min = self.min_over_group(min)?.to_dtype(DType::F64)?;
             let moved = ((&self.topk_threshold * (1.0 - threshold_lr))? + (&min * *threshold_lr)?)?;
             self.topk_threshold = min
                 .lt(f64::INFINITY)?
@@ -925,7 +951,9 @@ impl DeviceTrainer {
     }
 
     /// The encoder product and the rule's pass on `x` (a chunk of the batch, `xc` its centred
-    /// rows); BatchTopK sets `min_kept` to the smallest activation it kept.
+    /// rows). BatchTopK keeps what is above `threshold` (found here on the chunk, which is then
+    /// the whole batch, when `None`) and lowers `min_kept` to the smallest activation it kept.
+    #[allow(clippy::too_many_arguments)]
     fn chunk_pass(
         &self,
         x: &Tensor,
@@ -933,6 +961,7 @@ impl DeviceTrainer {
         n_total: usize,
         sparsity_scale: f32,
         acc: &MatrixGrads,
+        threshold: Option<&Tensor>,
         min_kept: &mut Option<Tensor>,
     ) -> Result<Pass> {
         let h = self.mm(xc, &self.params[0].t()?)?;
@@ -962,18 +991,28 @@ impl DeviceTrainer {
                 inner_widths,
                 ..
             } => {
+                let threshold = match threshold {
+                    Some(t) => t.clone(),
+                    None => {
+                        self.bisect(&pre.relu()?, batch_topk_count(*k, n_total), None)?
+                            .0
+                    }
+                };
                 let (pass, min) = self.batchtopk_pass(
                     x,
                     xc,
                     &pre,
+                    &threshold,
                     n_total,
                     acc,
-                    *k,
                     inner_widths,
                     *aux_k,
                     *aux_coefficient,
                 )?;
-                *min_kept = Some(min);
+                *min_kept = Some(match min_kept.take() {
+                    Some(m) => m.minimum(&min)?,
+                    None => min,
+                });
                 pass
             }
         })
@@ -1225,21 +1264,114 @@ impl DeviceTrainer {
         })
     }
 
-    /// BatchTopK's codes: the `k · n` largest ReLU'd pre-activations of the batch (of the whole
-    /// group's batch with replicas), found as the threshold that leaves that many above it by
-    /// bisection on the device (every halving one pass over `[n, d_sae]` and, with replicas, one
-    /// scalar all-reduce). Codes are dense, as the standard SAE's. Ties at the threshold all pass
-    /// (the host keeps exactly `k · n`); with fewer positive values than that, all of them pass.
-    /// Returns the pass and the smallest kept activation (infinite when none was kept).
+    /// The threshold that keeps BatchTopK's `m` largest of `values` (ReLU'd pre-activations,
+    /// `[tokens, columns]`; of the whole group's tokens with replicas): bisection on the device,
+    /// every halving one pass over `values` and, with replicas, one scalar all-reduce. Ties at
+    /// the threshold all pass (the host keeps exactly `m`); with fewer positive values than
+    /// that, all of them pass.
+    ///
+    /// `exact_above`: when `values` holds only each token's largest entries, the group's
+    /// largest smallest-kept entry `c`; counts at or above `c` are exact, and below it too few.
+    /// Returns the threshold and, then, whether a halving below `c` was decided on a count
+    /// that fell short of `m` (the only way the decisions, so the threshold, could differ from
+    /// the bisection over every entry).
+    fn bisect(
+        &self,
+        values: &Tensor,
+        m: f64,
+        exact_above: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let local_max = values.flatten_all()?.max(0)?;
+        let mut hi = self.max_over_group(local_max)?;
+        let mut lo = hi.zeros_like()?;
+        let mut short = match exact_above {
+            Some(_) => Some(Tensor::zeros((), DType::U8, &self.device)?),
+            None => None,
+        };
+        for _ in 0..THRESHOLD_BISECTIONS {
+            let mid = ((&lo + &hi)? * 0.5)?;
+            // Per row in f32 (exact below 2^24 features), over rows in f64.
+            let above = values
+                .broadcast_gt(&mid)?
+                .to_dtype(DType::F32)?
+                .sum(1)?
+                .to_dtype(DType::F64)?
+                .sum_all()?;
+            let enough = self.sum_over_group(above)?.ge(m)?;
+            if let (Some(c), Some(s)) = (exact_above, short.as_mut()) {
+                let wrong = (mid.lt(c)? * enough.eq(0u8)?)?;
+                *s = s.maximum(&wrong)?;
+            }
+            lo = enough.where_cond(&mid, &lo)?;
+            hi = enough.where_cond(&hi, &mid)?;
+        }
+        Ok((lo, short))
+    }
+
+    /// BatchTopK's threshold over a batch that goes through the passes in chunks of `rows`:
+    /// one pass of encoder products keeps each token's `candidates` largest ReLU'd
+    /// pre-activations, and the bisection runs on those. Every count at or above the largest
+    /// of the tokens' smallest candidates is the full count; a halving below it that found
+    /// too few could have found enough over every value, so then the candidates double and
+    /// the pass runs again (one flag read by the host per try). The threshold is then the one
+    /// the bisection over the whole batch finds.
+    fn chunked_threshold(
+        &mut self,
+        xc: &Tensor,
+        rows: usize,
+        n_total: usize,
+        k: f64,
+    ) -> Result<Tensor> {
+        let (n, d_sae) = (xc.dim(0)?, self.cfg.d_sae);
+        let m = batch_topk_count(k, n_total);
+        if self.candidates == 0 {
+            self.candidates = ((4.0 * k).ceil() as usize).next_power_of_two();
+        }
+        loop {
+            let per_token = self.candidates.min(d_sae);
+            let mut kept = Vec::new();
+            for start in (0..n).step_by(rows) {
+                let len = rows.min(n - start);
+                let pre = self
+                    .mm(&xc.narrow(0, start, len)?, &self.params[0].t()?)?
+                    .broadcast_add(&self.params[1])?
+                    .relu()?
+                    .contiguous()?;
+                let idx = top_k_indices(&pre, per_token)?;
+                kept.push(pre.gather(&idx, 1)?);
+            }
+            let values = if kept.is_empty() {
+                Tensor::zeros((0, per_token), DType::F32, &self.device)?
+            } else {
+                Tensor::cat(&kept, 0)?
+            };
+            drop(kept);
+            if per_token == d_sae {
+                return Ok(self.bisect(&values, m, None)?.0);
+            }
+            let smallest = values.narrow(1, per_token - 1, 1)?.flatten_all()?;
+            let c = self.max_over_group(smallest.max(0)?)?;
+            let (lo, short) = self.bisect(&values, m, Some(&c))?;
+            let short = short.map_or(Ok(0), |s| s.to_scalar::<u8>())?;
+            if short == 0 {
+                return Ok(lo);
+            }
+            self.candidates = (2 * per_token).min(d_sae);
+        }
+    }
+
+    /// BatchTopK's codes: what of the ReLU'd pre-activations is above `threshold` (the batch's
+    /// `k · n` largest, from [`DeviceTrainer::bisect`]). Codes are dense, as the standard SAE's.
+    /// Returns the pass and the smallest activation kept in it (infinite when none was).
     #[allow(clippy::too_many_arguments)]
     fn batchtopk_pass(
         &self,
         x: &Tensor,
         xc: &Tensor,
         pre: &Tensor,
+        threshold: &Tensor,
         n_total: usize,
         acc: &MatrixGrads,
-        k: f64,
         inner_widths: &[usize],
         aux_k: usize,
         aux_coefficient: f64,
@@ -1247,31 +1379,13 @@ impl DeviceTrainer {
         let d_sae = self.cfg.d_sae;
         let (w_dec, b_dec) = (&self.params[2], &self.params[3]);
         let r = pre.relu()?;
-        let m = ((k * n_total as f64) as usize).max(1) as f64;
-        let local_max = r.flatten_all()?.max(0)?;
-        let mut hi = self.max_over_group(local_max)?;
-        let mut lo = hi.zeros_like()?;
-        for _ in 0..THRESHOLD_BISECTIONS {
-            let mid = ((&lo + &hi)? * 0.5)?;
-            // Per row in f32 (exact below 2^24 features), over rows in f64.
-            let above = r
-                .broadcast_gt(&mid)?
-                .to_dtype(DType::F32)?
-                .sum(1)?
-                .to_dtype(DType::F64)?
-                .sum_all()?;
-            let enough = self.sum_over_group(above)?.ge(m)?;
-            lo = enough.where_cond(&mid, &lo)?;
-            hi = enough.where_cond(&hi, &mid)?;
-        }
-        let on = r.broadcast_gt(&lo)?.to_dtype(DType::F32)?;
+        let on = r.broadcast_gt(threshold)?.to_dtype(DType::F32)?;
         let a = (&r * &on)?;
-        let min_kept = self.min_over_group(
-            on.gt(0.0)?
-                .where_cond(&r, &Tensor::full(f32::INFINITY, r.dims(), &self.device)?)?
-                .flatten_all()?
-                .min(0)?,
-        )?;
+        let min_kept = on
+            .gt(0.0)?
+            .where_cond(&r, &Tensor::full(f32::INFINITY, r.dims(), &self.device)?)?
+            .flatten_all()?
+            .min(0)?;
         drop(r);
         let x_hat = self.mm(&a, w_dec)?.broadcast_add(b_dec)?;
         let diff = (&x_hat - x)?;
@@ -1658,6 +1772,11 @@ fn to_host(names: &[&str], set: &[Tensor]) -> Result<Params> {
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Params::new(list))
+}
+
+/// How many codes BatchTopK keeps in a batch of `n_total` tokens (at least one).
+fn batch_topk_count(k: f64, n_total: usize) -> f64 {
+    ((k * n_total as f64) as usize).max(1) as f64
 }
 
 /// Each row's `k` largest entries' column indices, `[rows, k]` u32, largest first. Rows wider

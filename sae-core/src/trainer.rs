@@ -644,7 +644,7 @@ impl Trainer {
     /// A configuration error for options the device path refuses (a dtype it does not take,
     /// token chunks for BatchTopK or Matryoshka), found here rather than at the first step.
     pub fn with_device_options(mut self, opts: crate::DeviceOptions) -> Result<Self> {
-        opts.check(&self.cfg.sae)?;
+        opts.check()?;
         self.device_options = opts;
         Ok(self)
     }

@@ -872,8 +872,8 @@ fn bf16_products_follow_the_f32_run() {
 }
 
 /// Token chunks: the batch through the passes 7 rows at a time (40 = 5 x 7 + 5, so the last
-/// chunk is short) takes the whole batch's step, for every architecture that allows chunks, and
-/// so do two replicas that each chunk their half.
+/// chunk is short) takes the whole batch's step, for every architecture (BatchTopK's threshold
+/// and θ included), and so do two replicas that each chunk their half.
 #[test]
 fn token_chunks_take_the_whole_batch_step() {
     for cfg in [
@@ -881,6 +881,8 @@ fn token_chunks_take_the_whole_batch_step() {
         standard_config(),
         gated_config(),
         jumprelu_config(),
+        batchtopk_config(),
+        matryoshka_config(),
     ] {
         let mut cfg = cfg;
         if cfg.b_dec_init != sae_core::BDecInit::Zeros {
@@ -946,6 +948,9 @@ fn token_chunks_take_the_whole_batch_step() {
         let w = whole.params_host().unwrap();
         assert_same_weights(&w, &chunked.params_host().unwrap());
         assert_same_weights(&w, &replicas[0].params_host().unwrap());
+        let theta = whole.topk_threshold().unwrap();
+        close("θ", theta, chunked.topk_threshold().unwrap());
+        close("replica θ", theta, replicas[0].topk_threshold().unwrap());
         assert!(
             bits(&replicas[0].params_host().unwrap()) == bits(&replicas[1].params_host().unwrap())
         );
@@ -953,22 +958,43 @@ fn token_chunks_take_the_whole_batch_step() {
 }
 
 #[test]
-fn batch_wide_thresholds_and_empty_chunks_are_refused() {
-    for cfg in [batchtopk_config(), matryoshka_config()] {
-        let d = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap();
-        let e = d.with_token_chunk(8).unwrap_err().to_string();
-        assert!(e.contains("whole batch"), "{e}");
-    }
+fn a_chunk_of_no_tokens_is_refused() {
     let d = DeviceTrainer::from_trainer(&Trainer::new(resident_config()).unwrap(), &Device::Cpu)
         .unwrap();
     let e = d.with_token_chunk(0).unwrap_err().to_string();
     assert!(e.contains("at least one token"), "{e}");
 }
 
+/// BatchTopK's chunked threshold starts from one candidate per token here, far too few: each
+/// halving below the largest smallest candidate that finds too few doubles them, until the
+/// threshold is the whole batch's at every step. Matryoshka from two, in chunks of 3.
+#[test]
+fn too_few_threshold_candidates_double_until_the_threshold_is_exact() {
+    for (cfg, start, rows) in [(batchtopk_config(), 1, 7), (matryoshka_config(), 2, 3)] {
+        let mut seen = 0;
+        agree_with(cfg.clone(), &Device::Cpu, STEPS, |d| {
+            d.with_token_chunk(rows)
+                .unwrap()
+                .with_threshold_candidates(start)
+        });
+        // The doubling itself: after a few steps the candidates have grown.
+        let mut d = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu)
+            .unwrap()
+            .with_token_chunk(rows)
+            .unwrap()
+            .with_threshold_candidates(start);
+        for s in 0..3 {
+            d.step(&batch(s)).unwrap();
+            seen = seen.max(d.threshold_candidates());
+        }
+        assert!(seen > start, "the candidates never doubled from {start}");
+    }
+}
+
 /// The gradient sums, the decoder projection and Adam's update go through the matrices in place
 /// by row blocks; with blocks of 40 elements (2 rows of 16, so 32 blocks of `W_dec`, and blocks
 /// of 40 features in the bias vectors) every architecture still takes the host path's steps,
-/// and with token chunks too where the architecture allows them.
+/// in token chunks of 9 rows.
 #[test]
 fn in_place_updates_by_small_row_blocks_match_the_host_path() {
     for cfg in [
@@ -979,17 +1005,8 @@ fn in_place_updates_by_small_row_blocks_match_the_host_path() {
         gated_config(),
         jumprelu_config(),
     ] {
-        let chunks = !matches!(
-            cfg.sae,
-            ArchitectureConfig::BatchTopK(_) | ArchitectureConfig::Matryoshka(_)
-        );
         agree_with(cfg, &Device::Cpu, STEPS, |d| {
-            let d = d.with_update_block(40);
-            if chunks {
-                d.with_token_chunk(9).unwrap()
-            } else {
-                d
-            }
+            d.with_update_block(40).with_token_chunk(9).unwrap()
         });
     }
 }
@@ -1098,8 +1115,6 @@ fn device_options_the_path_cannot_take_are_refused_up_front() {
         token_chunk: Some(64),
         ..Default::default()
     };
-    refused(batchtopk_config(), chunked, "whole batch");
-    refused(matryoshka_config(), chunked, "whole batch");
     let zero = sae_core::DeviceOptions {
         token_chunk: Some(0),
         ..Default::default()
@@ -1116,8 +1131,10 @@ fn device_options_the_path_cannot_take_are_refused_up_front() {
     };
     refused(resident_config(), u32_products, "compute dtype");
     // What the path takes is taken.
-    Trainer::new(resident_config())
-        .unwrap()
-        .with_device_options(chunked)
-        .unwrap();
+    for cfg in [resident_config(), batchtopk_config(), matryoshka_config()] {
+        Trainer::new(cfg)
+            .unwrap()
+            .with_device_options(chunked)
+            .unwrap();
+    }
 }
