@@ -224,6 +224,16 @@ for n in $widths; do
   first=""
 done
 
+# BatchTopK at the first width in bf16, the whole batch against token chunks: what the chunked
+# threshold's extra pass (each chunk's encoder product again, and the bisection on each token's
+# largest values instead of on [batch, d_sae]) costs or saves on a GPU.
+n=${widths%% *}
+for rows in "" $chunk; do
+  record "ours batchtopk $n bf16${rows:+ chunk $rows}" 150 "$bin/bench_sae_train" --path device \
+    --arch batchtopk --device "$dev" --d-in $d_in --d-sae "$n" --batch $batch --steps $steps \
+    --dead-tokens 0 --compute bf16 ${rows:+--token-chunk $rows}
+done
+
 "$py" - "$log" "$dev" <<'PY' | tee "$out/summary.txt"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
