@@ -224,11 +224,11 @@ for n in $widths; do
   first=""
 done
 
-# BatchTopK at the first width in bf16, the whole batch against token chunks: what the chunked
-# threshold's extra pass (each chunk's encoder product again, and the bisection on each token's
-# largest values instead of on [batch, d_sae]) costs or saves on a GPU.
+# BatchTopK at the first width in bf16: the whole batch's threshold (40 halvings over
+# [batch, d_sae]) against the chunked one (an extra encoder product, each token's largest values
+# kept, the halvings over those) with one chunk of the whole batch and with chunks of $chunk.
 n=${widths%% *}
-for rows in "" $chunk; do
+for rows in "" $batch $chunk; do
   record "ours batchtopk $n bf16${rows:+ chunk $rows}" 150 "$bin/bench_sae_train" --path device \
     --arch batchtopk --device "$dev" --d-in $d_in --d-sae "$n" --batch $batch --steps $steps \
     --dead-tokens 0 --compute bf16 ${rows:+--token-chunk $rows}
