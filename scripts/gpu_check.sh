@@ -40,14 +40,19 @@ print(next(os.path.join(os.path.dirname(p["manifest_path"]), "src") for p in m["
   target=${CUDA_TARGET:-target/cuda-release}
   cargo build --release --features cuda --target-dir "$target" \
     --example parity --example bench_forward --example bench_sae_train
-  # sae-core's device tests with the GPU ones in (CUDA against the host path, NCCL's group of one).
-  test_bin=$(cargo test --release --features nccl -p sae-core --test device --no-run \
-    --target-dir "$target" --message-format=json 2>/dev/null \
-    | "$venv/bin/python" -c 'import json,sys
+  # Test binaries with their GPU tests in: sae-core's device tests (CUDA against the host path,
+  # NCCL's group of one) and activation-store's stream tests (batches through pinned buffers).
+  test_binary() { # package, test target, features
+    cargo test --release --features "$3" -p "$1" --test "$2" --no-run \
+      --target-dir "$target" --message-format=json 2>/dev/null \
+      | T="$2" "$venv/bin/python" -c 'import json,os,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "device":
-        print(m["executable"])')
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == os.environ["T"]:
+        print(m["executable"])'
+  }
+  test_bin=$(test_binary sae-core device nccl)
+  stream_bin=$(test_binary activation-store stream cuda)
   # A fresh folder: the compressed binaries of an earlier build would trip xz below.
   rm -rf target/gpu-carry/bin
   mkdir -p target/gpu-carry/bin
@@ -55,7 +60,8 @@ for l in sys.stdin:
     strip -o "target/gpu-carry/bin/$b" "$target/release/examples/$b"
   done
   strip -o target/gpu-carry/bin/sae_core_device_tests "$test_bin"
-  # Each binary holds candle's kernels (about 55 MB stripped); xz makes it about 7 MB, so the four
+  strip -o target/gpu-carry/bin/activation_store_stream_tests "$stream_bin"
+  # Each binary holds candle's kernels (about 55 MB stripped); xz makes it about 7 MB, so the five
   # fit in what travels (64 MiB). The run unpacks them there.
   xz -T0 -9 -f target/gpu-carry/bin/*
   du -sh target/gpu-carry
@@ -170,6 +176,7 @@ PY
 # one (the dry run has no such binary: `cargo test -p sae-core --test device` runs them here).
 if [ "$dev" = cuda ]; then
   record "sae-core device tests" 180 "$bin/sae_core_device_tests" --test-threads 4
+  record "activation-store pinned stream" 60 "$bin/activation_store_stream_tests" on_the_gpu
 fi
 
 # Models with random weights, of the real shapes (the dry run uses the tiny test fixtures).

@@ -37,6 +37,7 @@ mod hooked;
 mod manifest;
 pub mod rdata;
 mod stream;
+mod upload;
 mod windows;
 mod writer;
 

@@ -38,6 +38,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cache::{HookActivations, check_file, with_mapped};
 use crate::error::{Error, IoContext, Result};
+use crate::upload::Uploader;
 
 /// How rows are ordered within an epoch. See the module docs for the trade-offs.
 #[derive(Debug, Clone, PartialEq)]
@@ -246,9 +247,10 @@ fn produce(
     let mut batch: Vec<f32> = Vec::with_capacity(reserve);
     let mut epoch = 0u64;
     let mut skip = cfg.skip_batches;
-    let send = |batch: Vec<f32>| -> Result<bool> {
+    let mut uploader = Uploader::new(&cfg.device)?;
+    let mut send = |batch: Vec<f32>| -> Result<bool> {
         let rows = batch.len() / d;
-        let t = Tensor::from_vec(batch, (rows, d), &cfg.device)?;
+        let t = uploader.tensor(batch, (rows, d))?;
         Ok(tx.send(Ok(t)).is_ok())
     };
     while cfg.epochs.is_none_or(|n| epoch < n) {

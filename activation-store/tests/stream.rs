@@ -253,3 +253,41 @@ fn skipping_batches_resumes_the_same_sequence() {
         assert_eq!(rest, all[7 * 40..], "{name}");
     }
 }
+
+/// On a GPU (a build with `--features cuda`, run by `scripts/gpu_check.sh` on the GPU machine):
+/// batches copied through the pinned staging buffers are the CPU stream's bit for bit, in every
+/// mode and with a short last batch, with every batch of two epochs held on the device before
+/// any is read back, so that a staging buffer refilled before its copy had finished would show.
+#[cfg(feature = "cuda")]
+#[test]
+fn on_the_gpu_pinned_batches_are_the_cpu_streams() {
+    let gpu = candle_core::Device::new_cuda(0).expect("a CUDA device");
+    let (_tmp, cache) = cache(20, 100);
+    let acts = cache.hook(HOOKS[0]).unwrap();
+    for (name, shuffle) in modes() {
+        let cfg = StreamConfig {
+            epochs: Some(2),
+            shuffle,
+            ..StreamConfig::new(37)
+        };
+        let on_gpu: Vec<candle_core::Tensor> = acts
+            .batches(StreamConfig {
+                device: gpu.clone(),
+                ..cfg.clone()
+            })
+            .unwrap()
+            .map(|b| b.unwrap())
+            .collect();
+        assert!(on_gpu.iter().all(|b| b.device().is_cuda()), "{name}");
+        let d = acts.width();
+        let mut rows = Vec::new();
+        for b in &on_gpu {
+            let v = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            rows.extend(
+                v.chunks(d)
+                    .map(|r| r.iter().map(|x| x.to_bits()).collect::<Vec<_>>()),
+            );
+        }
+        assert_eq!(rows, collect(&acts, cfg), "{name}");
+    }
+}
