@@ -41,7 +41,7 @@ print(next(os.path.join(os.path.dirname(p["manifest_path"]), "src") for p in m["
   cargo build --release --features cuda --target-dir "$target" \
     --example parity --example bench_forward --example bench_sae_train
   # Test binaries with their GPU tests in: sae-core's device tests (CUDA against the host path,
-  # NCCL's group of one) and activation-store's stream tests (batches through pinned buffers).
+  # NCCL's group of one) and activation-store's GPU tests (pinned uploads and downloads).
   test_binary() { # package, test target, features
     cargo test --release --features "$3" -p "$1" --test "$2" --no-run \
       --target-dir "$target" --message-format=json 2>/dev/null \
@@ -52,7 +52,7 @@ for l in sys.stdin:
         print(m["executable"])'
   }
   test_bin=$(test_binary sae-core device nccl)
-  stream_bin=$(test_binary activation-store stream cuda)
+  store_bin=$(test_binary activation-store gpu cuda)
   # A fresh folder: the compressed binaries of an earlier build would trip xz below.
   rm -rf target/gpu-carry/bin
   mkdir -p target/gpu-carry/bin
@@ -60,7 +60,7 @@ for l in sys.stdin:
     strip -o "target/gpu-carry/bin/$b" "$target/release/examples/$b"
   done
   strip -o target/gpu-carry/bin/sae_core_device_tests "$test_bin"
-  strip -o target/gpu-carry/bin/activation_store_stream_tests "$stream_bin"
+  strip -o target/gpu-carry/bin/activation_store_gpu_tests "$store_bin"
   # Each binary holds candle's kernels (about 55 MB stripped); xz makes it about 7 MB, so the five
   # fit in what travels (64 MiB). The run unpacks them there.
   xz -T0 -9 -f target/gpu-carry/bin/*
@@ -176,7 +176,7 @@ PY
 # one (the dry run has no such binary: `cargo test -p sae-core --test device` runs them here).
 if [ "$dev" = cuda ]; then
   record "sae-core device tests" 180 "$bin/sae_core_device_tests" --test-threads 4
-  record "activation-store pinned stream" 60 "$bin/activation_store_stream_tests" on_the_gpu
+  record "activation-store gpu tests" 60 "$bin/activation_store_gpu_tests"
 fi
 
 # Models with random weights, of the real shapes (the dry run uses the tiny test fixtures).

@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{CacheSettings, HookInfo, Provenance, SourceInfo, StoreDtype};
+use crate::pinned::{Downloader, Fetched};
 use crate::windows::WindowPlan;
 use crate::writer::{CacheWriter, PLAN, ShardBuilder, write_atomic};
 
@@ -163,7 +164,8 @@ pub struct HarvestSummary {
     pub seconds: f64,
     /// `forward_tokens / seconds`, writes included.
     pub tokens_per_s: f64,
-    /// Time in the forward passes and their copies to the host.
+    /// Time in the forward passes and their copies to the host (from a CUDA device, in queueing
+    /// them: the copies' end is waited for by the writing stage, outside both figures).
     pub forward_seconds: f64,
     /// Time in checking and writing the rows, which overlaps the forward passes: `seconds` is
     /// about the larger of the two, not their sum.
@@ -237,7 +239,7 @@ pub fn harvest(
     // stream order right after its forward pass.
     // A cache already at the row limit takes no forward pass.
     let stop = AtomicBool::new(rows_at_start >= cfg.max_rows);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<HostBatch>(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<FetchedBatch>(1);
     let mut store = Store {
         dir,
         plan,
@@ -307,6 +309,40 @@ struct HostBatch {
     acts: Vec<(usize, Vec<f32>)>,
 }
 
+/// A [`HostBatch`] whose copies to the host may still be running (queued from a CUDA device
+/// into pinned buffers, see `pinned.rs`).
+struct FetchedBatch {
+    batch: u64,
+    w0: usize,
+    w1: usize,
+    seq: usize,
+    acts: Vec<(usize, Fetched)>,
+}
+
+impl FetchedBatch {
+    /// Waits for the copies.
+    fn finish(self) -> Result<HostBatch> {
+        let FetchedBatch {
+            batch,
+            w0,
+            w1,
+            seq,
+            acts,
+        } = self;
+        let acts = acts
+            .into_iter()
+            .map(|(width, f)| Ok((width, f.finish()?)))
+            .collect::<Result<_>>()?;
+        Ok(HostBatch {
+            batch,
+            w0,
+            w1,
+            seq,
+            acts,
+        })
+    }
+}
+
 /// The forward stage: batches `start..n_batches` through the model, each copied to the host and
 /// sent on, until the plan ends, `stop` is set or the writing stage hangs up. Returns the
 /// seconds spent in the passes and copies (not waiting to send).
@@ -317,10 +353,11 @@ fn forward_batches(
     start: u64,
     n_batches: u64,
     stop: &AtomicBool,
-    tx: &SyncSender<HostBatch>,
+    tx: &SyncSender<FetchedBatch>,
 ) -> Result<f64> {
     let b = cfg.batch_windows;
     let mut busy = 0.0;
+    let download = Downloader::new(&cfg.device);
     for batch in start..n_batches {
         if stop.load(Ordering::Relaxed) {
             break;
@@ -353,15 +390,10 @@ fn forward_batches(
                     got: format!("{dims:?}"),
                 });
             }
-            let v = t
-                .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            acts.push((dims[2], v));
+            acts.push((dims[2], download.start(t)?));
         }
         busy += t0.elapsed().as_secs_f64();
-        let sent = HostBatch {
+        let sent = FetchedBatch {
             batch,
             w0,
             w1,
@@ -401,11 +433,13 @@ impl Store<'_> {
     /// Takes batches in order until the plan or the row limit ends. A shard still open when
     /// the forward stage hangs up early (it failed) is not committed, as in a crash: the
     /// next run redoes it.
-    fn take_all(&mut self, rx: &Receiver<HostBatch>) -> Result<()> {
+    fn take_all(&mut self, rx: &Receiver<FetchedBatch>) -> Result<()> {
         while self.rows_total < self.cfg.max_rows {
-            let Ok(hb) = rx.recv() else {
+            let Ok(fetched) = rx.recv() else {
                 break;
             };
+            // The wait for a device's copies is the device's time, not the writing's.
+            let hb = fetched.finish()?;
             let t0 = Instant::now();
             let last = self.take(hb)?;
             self.busy += t0.elapsed().as_secs_f64();

@@ -35,9 +35,9 @@ mod error;
 mod harvest;
 mod hooked;
 mod manifest;
+mod pinned;
 pub mod rdata;
 mod stream;
-mod upload;
 mod windows;
 mod writer;
 

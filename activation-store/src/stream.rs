@@ -38,7 +38,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cache::{HookActivations, check_file, with_mapped};
 use crate::error::{Error, IoContext, Result};
-use crate::upload::Uploader;
+use crate::pinned::Uploader;
 
 /// How rows are ordered within an epoch. See the module docs for the trade-offs.
 #[derive(Debug, Clone, PartialEq)]
@@ -247,7 +247,7 @@ fn produce(
     let mut batch: Vec<f32> = Vec::with_capacity(reserve);
     let mut epoch = 0u64;
     let mut skip = cfg.skip_batches;
-    let mut uploader = Uploader::new(&cfg.device)?;
+    let mut uploader = Uploader::new(&cfg.device);
     let mut send = |batch: Vec<f32>| -> Result<bool> {
         let rows = batch.len() / d;
         let t = uploader.tensor(batch, (rows, d))?;
