@@ -152,7 +152,7 @@ mod cuda {
             // SAFETY: the copy below writes every element before the tensor is used: both are
             // ordered on this stream.
             let mut dst = unsafe { self.stream.alloc::<f32>(rows.len()) }.w()?;
-            self.stream.memcpy_htod(staging, &mut dst).w()?;
+            self.stream.memcpy_htod(&*staging, &mut dst).w()?;
             let storage = CudaStorage::wrap_cuda_slice(dst, self.device.clone());
             Ok(Tensor::from_storage(
                 Storage::Cuda(storage),
