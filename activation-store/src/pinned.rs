@@ -42,10 +42,10 @@ impl Uploader {
 
     pub(crate) fn tensor(&mut self, rows: Vec<f32>, shape: (usize, usize)) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some(p) = self.pinned.as_mut() {
-            if !rows.is_empty() {
-                return p.upload(&rows, shape);
-            }
+        if let Some(p) = self.pinned.as_mut()
+            && !rows.is_empty()
+        {
+            return p.upload(&rows, shape);
         }
         Ok(Tensor::from_vec(rows, shape, &self.device)?)
     }
@@ -83,10 +83,10 @@ impl Downloader {
     pub(crate) fn start(&self, t: &Tensor) -> Result<Fetched> {
         let t = t.to_dtype(DType::F32)?;
         #[cfg(feature = "cuda")]
-        if let (Some(pool), Device::Cuda(_)) = (&self.pool, t.device()) {
-            if t.elem_count() > 0 {
-                return Ok(Fetched::Pinned(pool.start(&t.contiguous()?)?));
-            }
+        if let (Some(pool), Device::Cuda(_)) = (&self.pool, t.device())
+            && t.elem_count() > 0
+        {
+            return Ok(Fetched::Pinned(pool.start(&t.contiguous()?)?));
         }
         Ok(Fetched::Host(
             t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?,
