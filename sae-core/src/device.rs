@@ -1281,7 +1281,8 @@ impl DeviceTrainer {
         m: f64,
         exact_above: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let local_max = values.flatten_all()?.max(0)?;
+        // A replica without rows has no values: 0 is below or at everyone's (all are ReLU'd).
+        let local_max = extreme_or(values, 0.0, |v| v.max(0))?;
         let mut hi = self.max_over_group(local_max)?;
         let mut lo = hi.zeros_like()?;
         let mut short = match exact_above {
@@ -1349,8 +1350,8 @@ impl DeviceTrainer {
             if per_token == d_sae {
                 return Ok(self.bisect(&values, m, None)?.0);
             }
-            let smallest = values.narrow(1, per_token - 1, 1)?.flatten_all()?;
-            let c = self.max_over_group(smallest.max(0)?)?;
+            let smallest = values.narrow(1, per_token - 1, 1)?;
+            let c = self.max_over_group(extreme_or(&smallest, 0.0, |v| v.max(0))?)?;
             let (lo, short) = self.bisect(&values, m, Some(&c))?;
             let short = short.map_or(Ok(0), |s| s.to_scalar::<u8>())?;
             if short == 0 {
@@ -1381,11 +1382,10 @@ impl DeviceTrainer {
         let r = pre.relu()?;
         let on = r.broadcast_gt(threshold)?.to_dtype(DType::F32)?;
         let a = (&r * &on)?;
-        let min_kept = on
+        let kept = on
             .gt(0.0)?
-            .where_cond(&r, &Tensor::full(f32::INFINITY, r.dims(), &self.device)?)?
-            .flatten_all()?
-            .min(0)?;
+            .where_cond(&r, &Tensor::full(f32::INFINITY, r.dims(), &self.device)?)?;
+        let min_kept = extreme_or(&kept, f32::INFINITY, |v| v.min(0))?;
         drop(r);
         let x_hat = self.mm(&a, w_dec)?.broadcast_add(b_dec)?;
         let diff = (&x_hat - x)?;
@@ -1497,22 +1497,32 @@ impl DeviceTrainer {
             return Ok(());
         }
         let rows = x.flatten_all()?.to_vec1::<f32>()?;
-        let Some(b) = b_dec_from_data(self.cfg.b_dec_init, &rows, n, d_in) else {
+        // No rows, no estimate (a mean of none is NaN).
+        let b = (n > 0)
+            .then(|| b_dec_from_data(self.cfg.b_dec_init, &rows, n, d_in))
+            .flatten();
+        let alone = !matches!(&self.collective, Some(c) if c.world_size() > 1);
+        if alone {
+            if let Some(b) = b {
+                self.params[3] = Tensor::from_vec(b, d_in, &self.device)?;
+            }
             return Ok(());
-        };
-        let b = Tensor::from_vec(b, d_in, &self.device)?;
-        self.params[3] = if n == n_total {
-            b
-        } else {
-            (self.sum_over_group((b * n as f64)?)? / n_total as f64)?
-        };
+        }
+        // A replica without rows adds nothing, but joins the sum: the group's collectives are
+        // matched by their order.
+        let b = Tensor::from_vec(b.unwrap_or_else(|| vec![0.0; d_in]), d_in, &self.device)?;
+        let sum = self.sum_over_group((b * n as f64)?)?;
+        if n_total > 0 {
+            self.params[3] = (sum / n_total as f64)?;
+        }
         Ok(())
     }
 }
 
 /// Sums across the replicas of a data-parallel group. NCCL's all-reduce is the transport on
-/// GPUs (not written yet: `docs/gpu.md`); [`InProcess`] joins replicas that are threads of one
-/// process, which checks the data-parallel step on the CPU.
+/// GPUs (`Nccl`, behind the `nccl` feature); [`InProcess`] joins replicas that are threads of
+/// one process, which checks the data-parallel step on the CPU. Every replica makes the same
+/// calls in the same order, whatever its share of the batch (none included).
 pub trait Collective: Send + Sync {
     fn world_size(&self) -> usize;
     /// The element-wise sum of `t` over every replica, the same tensor for each of them. Every
@@ -1772,6 +1782,19 @@ fn to_host(names: &[&str], set: &[Tensor]) -> Result<Params> {
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Params::new(list))
+}
+
+/// `reduce` over all of `t`'s values flattened, or `empty` (0-dimensional f32) when it has none
+/// (candle refuses to reduce nothing; a replica may have no rows).
+fn extreme_or(
+    t: &Tensor,
+    empty: f32,
+    reduce: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Tensor> {
+    if t.elem_count() == 0 {
+        return Ok(Tensor::new(empty, t.device())?);
+    }
+    Ok(reduce(&t.flatten_all()?)?)
 }
 
 /// How many codes BatchTopK keeps in a batch of `n_total` tokens (at least one).

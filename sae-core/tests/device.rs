@@ -1,4 +1,4 @@
-//! The device path (TopK and standard ReLU-L1) against the host path on `Device::Cpu`: the same
+//! The device path (every architecture) against the host path on `Device::Cpu`: the same
 //! start, the same batches, 20 steps, and every step's losses and the final weights within 1e-4
 //! relative. The two compute
 //! the same step with different kernels (dense tensor products against sparse host loops), so
@@ -1136,5 +1136,71 @@ fn device_options_the_path_cannot_take_are_refused_up_front() {
             .unwrap()
             .with_device_options(chunked)
             .unwrap();
+    }
+}
+
+/// A replica may get no rows of a batch (a data-parallel split of a short last batch): it still
+/// takes each step with the group, and both end where one device on the whole batch ends, for
+/// every architecture, with and without token chunks.
+#[test]
+fn a_replica_with_no_rows_keeps_the_group_in_step() {
+    for cfg in [
+        resident_config(),
+        standard_config(),
+        gated_config(),
+        jumprelu_config(),
+        batchtopk_config(),
+        matryoshka_config(),
+    ] {
+        for chunk in [None, Some(7)] {
+            let start = Trainer::new(cfg.clone()).unwrap();
+            let chunked = |d: DeviceTrainer| match chunk {
+                Some(rows) => d.with_token_chunk(rows).unwrap(),
+                None => d,
+            };
+            let mut whole = chunked(DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap());
+            let group = sae_core::InProcess::group(2);
+            let handles: Vec<_> = group
+                .into_iter()
+                .enumerate()
+                .map(|(rank, member)| {
+                    let mut d = chunked(
+                        DeviceTrainer::from_trainer(&start, &Device::Cpu)
+                            .unwrap()
+                            .with_collective(member),
+                    );
+                    std::thread::spawn(move || {
+                        let mut losses = Vec::new();
+                        for s in 0..4 {
+                            let rows = if rank == 0 { N } else { 0 };
+                            let part = batch(s).narrow(0, 0, rows).unwrap();
+                            losses.push(d.step(&part).unwrap().host().unwrap().loss);
+                        }
+                        (
+                            d.params_host().unwrap(),
+                            losses,
+                            d.topk_threshold().unwrap(),
+                        )
+                    })
+                })
+                .collect();
+            let done: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            for s in 0..4 {
+                let w = whole.step(&batch(s)).unwrap().host().unwrap().loss;
+                close(
+                    &format!("{:?} step {s} loss", cfg.sae),
+                    w,
+                    done[0].1[s as usize],
+                );
+                assert_eq!(done[0].1[s as usize], done[1].1[s as usize]);
+            }
+            assert_same_weights(&whole.params_host().unwrap(), &done[0].0);
+            assert!(
+                bits(&done[0].0) == bits(&done[1].0),
+                "the replicas drifted apart"
+            );
+            close("θ", whole.topk_threshold().unwrap(), done[0].2);
+            assert_eq!(done[0].2, done[1].2);
+        }
     }
 }
