@@ -1541,23 +1541,41 @@ pub trait Collective: Send + Sync {
 
 /// The replicas of a group that are threads of this process: each takes one member
 /// ([`InProcess::group`]) and calls [`Collective::all_reduce_sum`] in step with the others.
-/// Contributions are summed in rank order, so every replica gets the same bits.
+/// Contributions are summed in rank order, so every replica gets the same bits. A member that is
+/// dropped (its trainer failed, or its thread panicked) leaves the group: the others' waiting
+/// and later calls fail naming it, instead of waiting for it forever.
 pub struct InProcess {
     rank: usize,
     shared: Arc<InProcessShared>,
 }
 
 struct InProcessShared {
-    slots: std::sync::Mutex<Vec<Option<Tensor>>>,
-    barrier: std::sync::Barrier,
+    size: usize,
+    state: std::sync::Mutex<GroupState>,
+    turn: std::sync::Condvar,
+}
+
+/// What the members share: each one's contribution to the call under way, and a barrier's
+/// count of arrivals, whose generation moves on when the last one arrives.
+struct GroupState {
+    slots: Vec<Option<Tensor>>,
+    arrived: usize,
+    generation: u64,
+    left: Option<usize>,
 }
 
 impl InProcess {
     /// The `size` members of a new group, rank 0 first.
     pub fn group(size: usize) -> Vec<Arc<InProcess>> {
         let shared = Arc::new(InProcessShared {
-            slots: std::sync::Mutex::new(vec![None; size]),
-            barrier: std::sync::Barrier::new(size),
+            size,
+            state: std::sync::Mutex::new(GroupState {
+                slots: vec![None; size],
+                arrived: 0,
+                generation: 0,
+                left: None,
+            }),
+            turn: std::sync::Condvar::new(),
         });
         (0..size)
             .map(|rank| {
@@ -1572,7 +1590,7 @@ impl InProcess {
 
 impl Collective for InProcess {
     fn world_size(&self) -> usize {
-        self.shared.slots.lock().map_or(0, |s| s.len())
+        self.shared.size
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
@@ -1590,18 +1608,71 @@ impl InProcess {
         t: &Tensor,
         fold: impl Fn(Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
-        let poisoned = || SaeError::config("collective", "a replica panicked");
-        self.shared.slots.lock().map_err(|_| poisoned())?[self.rank] = Some(t.clone());
-        self.shared.barrier.wait();
+        let mut state = self.lock()?;
+        state.slots[self.rank] = Some(t.clone());
+        state = self.all_arrive(state)?;
         let sum = {
-            let slots = self.shared.slots.lock().map_err(|_| poisoned())?;
-            let mut parts = slots.iter().flatten();
-            let first = parts.next().ok_or_else(poisoned)?.clone();
+            let mut parts = state.slots.iter().flatten();
+            let first = parts.next().ok_or_else(Self::poisoned)?.clone();
             parts.try_fold(first, &fold)?
         };
         // No replica overwrites its slot for the next call before all have read this one.
-        self.shared.barrier.wait();
+        drop(self.all_arrive(state)?);
         Ok(sum)
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, GroupState>> {
+        self.shared.state.lock().map_err(|_| Self::poisoned())
+    }
+
+    fn poisoned() -> SaeError {
+        SaeError::config("collective", "a replica panicked holding the group's lock")
+    }
+
+    /// Waits until every member has arrived here, or fails once one has left the group.
+    fn all_arrive<'a>(
+        &'a self,
+        mut state: std::sync::MutexGuard<'a, GroupState>,
+    ) -> Result<std::sync::MutexGuard<'a, GroupState>> {
+        let gone = |rank: usize| {
+            SaeError::config(
+                "collective",
+                format!(
+                    "replica {rank} of {} left the group (its trainer failed or was dropped) \
+                     before this all-reduce",
+                    self.shared.size
+                ),
+            )
+        };
+        if let Some(rank) = state.left {
+            return Err(gone(rank));
+        }
+        state.arrived += 1;
+        if state.arrived == self.shared.size {
+            state.arrived = 0;
+            state.generation += 1;
+            self.shared.turn.notify_all();
+            return Ok(state);
+        }
+        let generation = state.generation;
+        while state.generation == generation {
+            if let Some(rank) = state.left {
+                return Err(gone(rank));
+            }
+            state = self.shared.turn.wait(state).map_err(|_| Self::poisoned())?;
+        }
+        Ok(state)
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        // Whoever waits for this member now would wait forever: wake them to fail. A member
+        // dropped after the group's last call (the usual end) wakes no one.
+        if let Ok(mut state) = self.shared.state.lock() {
+            state.left.get_or_insert(self.rank);
+            self.shared.turn.notify_all();
+        }
     }
 }
 

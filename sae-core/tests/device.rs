@@ -1204,3 +1204,60 @@ fn a_replica_with_no_rows_keeps_the_group_in_step() {
         }
     }
 }
+
+/// A replica whose step fails (here on a batch of the wrong width) and whose trainer is dropped
+/// leaves its group: the other replica's step fails naming it, where it used to wait for it
+/// forever. (A wait here past a minute is that hang, reported as a failure.)
+#[test]
+fn a_replica_that_fails_makes_the_others_fail_instead_of_waiting() {
+    let start = Trainer::new(resident_config()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (rank, member) in sae_core::InProcess::group(2).into_iter().enumerate() {
+        let mut d = DeviceTrainer::from_trainer(&start, &Device::Cpu)
+            .unwrap()
+            .with_collective(member);
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            for s in 0..3 {
+                let x = if rank == 1 && s == 1 {
+                    Tensor::zeros((N / 2, D_IN + 1), candle_core::DType::F32, &Device::Cpu).unwrap()
+                } else {
+                    batch(s).narrow(0, rank * N / 2, N / 2).unwrap()
+                };
+                match d.step(&x) {
+                    Ok(_) => out.push(Ok(s)),
+                    Err(e) => {
+                        out.push(Err(e.to_string()));
+                        break;
+                    }
+                }
+            }
+            drop(d);
+            tx.send((rank, out)).unwrap();
+        });
+    }
+    let mut results = [None, None];
+    for _ in 0..2 {
+        let (rank, out) = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a replica is still waiting for the one that failed");
+        results[rank] = Some(out);
+    }
+    let [Some(first), Some(second)] = results else {
+        unreachable!()
+    };
+    // Step 0 went through for both; at step 1 the second replica's batch is refused, and the
+    // first one's all-reduce fails naming the replica that left.
+    assert_eq!(second[0], Ok(0));
+    assert!(
+        matches!(&second[1], Err(e) if e.contains("training batch")),
+        "{second:?}"
+    );
+    assert_eq!(first[0], Ok(0));
+    assert!(
+        matches!(&first[1], Err(e) if e.contains("replica 1 of 2 left the group")),
+        "{first:?}"
+    );
+    assert_eq!(first.len(), 2);
+}
