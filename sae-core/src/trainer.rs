@@ -641,8 +641,8 @@ impl Trainer {
     /// chunks), which the steps on the device use; the host path ignores them.
     ///
     /// # Errors
-    /// A configuration error for options the device path refuses (a dtype it does not take,
-    /// token chunks for BatchTopK or Matryoshka), found here rather than at the first step.
+    /// A configuration error for options the device path refuses (a dtype it does not take, a
+    /// token chunk of no rows), found here rather than at the first step.
     pub fn with_device_options(mut self, opts: crate::DeviceOptions) -> Result<Self> {
         opts.check()?;
         self.device_options = opts;
