@@ -156,7 +156,7 @@ impl Default for DeviceOptions {
     }
 }
 
-/// An SAE trainer on a device (any architecture, without resampling), started from a host [`Trainer`] (its
+/// An SAE trainer on a device (any architecture, resampling included), started from a host [`Trainer`] (its
 /// configuration, weights, Adam state and counters), so that both start from the same point.
 pub struct DeviceTrainer {
     cfg: TrainerConfig,
@@ -348,9 +348,6 @@ impl DeviceStep {
 /// Why `trainer` cannot train on the device path, or `None` when it can.
 pub(crate) fn device_path_refusal(trainer: &Trainer) -> Option<&'static str> {
     let cfg = trainer.config();
-    if !cfg.resample_at_steps.is_empty() {
-        return Some("resampling is not on the device path");
-    }
     if cfg.encoder_bias_init_l0.is_some() && trainer.needs_data_init() {
         return Some("the encoder-bias init for a target L0 is not on the device path");
     }
@@ -361,9 +358,8 @@ impl DeviceTrainer {
     /// Copies a host trainer onto `device`.
     ///
     /// # Errors
-    /// A configuration error with resampling or with an encoder-bias init still to do (those
-    /// steps are the host trainer's: [`crate::train_many`] hands them over); candle errors from
-    /// the copy.
+    /// A configuration error with an encoder-bias init still to do (that step is the host
+    /// trainer's: [`crate::train_many`] hands it over); candle errors from the copy.
     pub fn from_trainer(trainer: &Trainer, device: &Device) -> Result<Self> {
         if let Some(why) = device_path_refusal(trainer) {
             return Err(SaeError::config("device training", why));
@@ -371,9 +367,9 @@ impl DeviceTrainer {
         Self::between_host_steps(trainer, device)
     }
 
-    /// [`DeviceTrainer::from_trainer`] for a trainer whose resampling and encoder-bias init the
-    /// caller runs on the host ([`crate::train_many`] takes those steps on the host path and the
-    /// others here).
+    /// [`DeviceTrainer::from_trainer`] for a trainer whose encoder-bias init the caller runs on
+    /// the host ([`crate::train_many`] takes that first step on the host path and the others
+    /// here).
     pub(crate) fn between_host_steps(trainer: &Trainer, device: &Device) -> Result<Self> {
         let cfg = trainer.config().clone();
         let (rule, apply_b_dec, decoder_norm) = match &cfg.sae {
@@ -816,6 +812,7 @@ impl DeviceTrainer {
             aux_loss,
             fires,
             active,
+            token_sq_err,
         } = pass;
         // The passes sum over this replica's tokens; the losses are the group's.
         let sq_err = self.sum_over_group(sq_err)?;
@@ -919,6 +916,11 @@ impl DeviceTrainer {
         self.window_fires = (&self.window_fires + &fires)?;
         self.window_tokens += n_total as u64;
         self.lifetime_fires = (&self.lifetime_fires + fires)?;
+
+        // Dead features resampled after this step's update, as the host trainer does.
+        if self.cfg.resample_at_steps.contains(&(self.step + 1)) {
+            self.resample_dead(&x, token_sq_err.as_ref())?;
+        }
 
         // With replicas, each one's variance is about its own part's mean.
         let var = self.sum_over_group(x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?)?;
@@ -1070,6 +1072,7 @@ impl DeviceTrainer {
             aux_loss: aux.loss,
             fires,
             active: on.sum_all()?,
+            token_sq_err: None,
         })
     }
 
@@ -1117,6 +1120,7 @@ impl DeviceTrainer {
             aux_loss: Tensor::zeros((), DType::F32, &self.device)?,
             fires: on.sum(0)?,
             active,
+            token_sq_err: None,
         })
     }
 
@@ -1172,6 +1176,7 @@ impl DeviceTrainer {
             aux_loss,
             fires: mag_on.sum(0)?,
             active: mag_on.sum_all()?,
+            token_sq_err: None,
         })
     }
 
@@ -1423,6 +1428,7 @@ impl DeviceTrainer {
             aux_loss: (aux.loss + inner_loss)?,
             fires: on.sum(0)?,
             active: on.sum_all()?,
+            token_sq_err: None,
         };
         Ok((pass, min_kept))
     }
@@ -1460,7 +1466,91 @@ impl DeviceTrainer {
             aux_loss: Tensor::zeros((), DType::F32, &self.device)?,
             fires: on.sum(0)?,
             active: on.sum_all()?,
+            // Resampling draws tokens by their error (the only rule that resamples).
+            token_sq_err: Some(diff.sqr()?.sum(1)?),
         })
+    }
+
+    /// Resamples the dead features as the host path does (`Standard::resample_dead`), with the
+    /// weights and Adam's state staying here: the host reads the firing counters, the tokens'
+    /// errors and the encoder's row norms (a few floats per feature and token), draws the same
+    /// tokens from the same stream, and the rows are written in place. `x` is this step's
+    /// (scaled) batch, `token_sq_err` its tokens' squared errors.
+    fn resample_dead(&mut self, x: &Tensor, token_sq_err: Option<&Tensor>) -> Result<()> {
+        if matches!(&self.collective, Some(c) if c.world_size() > 1) {
+            return Err(SaeError::config(
+                "resample_at_steps",
+                "resampling draws from the whole batch's tokens, which replicas split; \
+                 resample with one replica",
+            ));
+        }
+        let Some(token_sq_err) = token_sq_err else {
+            return Err(SaeError::config(
+                "resample_at_steps",
+                "only the standard SAE resamples dead features",
+            ));
+        };
+        let (n, d_in) = x.dims2()?;
+        let window = self.cfg.dead_window_tokens as f64;
+        let since = self.tokens_since_fired.to_vec1::<f64>()?;
+        let dead: Vec<usize> = (0..since.len()).filter(|&f| since[f] >= window).collect();
+        let errors = token_sq_err.to_vec1::<f32>()?;
+        // The same stream as the host's: its seed mixes in the step count after this step.
+        let step = self.step + 1;
+        let seed = self.cfg.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let picks = crate::arch::standard::resample_picks(&dead, &errors, n, seed);
+        if picks.is_empty() {
+            return Ok(());
+        }
+        let w_enc = &self.params[0];
+        let enc_norms = w_enc.sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
+        let mut is_dead = vec![false; since.len()];
+        dead.iter().for_each(|&f| is_dead[f] = true);
+        let live: Vec<f32> = (0..since.len())
+            .filter(|&f| !is_dead[f])
+            .map(|f| enc_norms[f])
+            .collect();
+        let mean_live = crate::arch::standard::mean_live_norm(&live);
+        // A drawn input of norm zero leaves its feature as it is (the host skips it too).
+        let tokens: Vec<u32> = picks.iter().map(|&(_, t)| t as u32).collect();
+        let rows = x.index_select(&Tensor::new(tokens.as_slice(), &self.device)?, 0)?;
+        let norms = rows.sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
+        let kept: Vec<usize> = (0..picks.len()).filter(|&i| norms[i] != 0.0).collect();
+        if kept.is_empty() {
+            return Ok(());
+        }
+        let sel = Tensor::new(
+            kept.iter()
+                .map(|&i| i as u32)
+                .collect::<Vec<_>>()
+                .as_slice(),
+            &self.device,
+        )?;
+        let rows = rows.index_select(&sel, 0)?;
+        let unit = rows.broadcast_div(&rows.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+        let features: Vec<u32> = kept.iter().map(|&i| picks[i].0 as u32).collect();
+        let k = features.len();
+        let f = Tensor::new(features.as_slice(), &self.device)?;
+        let f_rows = f.unsqueeze(1)?.broadcast_as((k, d_in))?.contiguous()?;
+        // Decoder rows: the unit inputs; encoder rows: the same, at 0.2 of the live mean norm;
+        // encoder biases zero; those rows' Adam moments zero; the features count as just fired.
+        self.params[2].scatter_set(&f_rows, &unit, 0)?;
+        self.params[0].scatter_set(&f_rows, &(&unit * f64::from(0.2 * mean_live))?, 0)?;
+        let zeros = Tensor::zeros(k, DType::F32, &self.device)?;
+        self.params[1].scatter_set(&f, &zeros, 0)?;
+        for i in 0..3 {
+            let (idx, shape) = if i == 1 {
+                (&f, vec![k])
+            } else {
+                (&f_rows, vec![k, d_in])
+            };
+            let z = Tensor::zeros(shape, self.moments, &self.device)?;
+            self.m[i].scatter_set(idx, &z, 0)?;
+            self.v[i].scatter_set(idx, &z, 0)?;
+        }
+        self.tokens_since_fired
+            .scatter_set(&f, &Tensor::zeros(k, DType::F64, &self.device)?, 0)?;
+        Ok(())
     }
 
     /// The input scale from the first batch, as the host trainer fixes it (one read).
@@ -1707,6 +1797,8 @@ struct Pass {
     fires: Tensor,
     /// Active (token, feature) pairs, 0-dimensional.
     active: Tensor,
+    /// Each token's squared error, `[tokens]`, where the rule resamples dead features.
+    token_sq_err: Option<Tensor>,
 }
 
 impl Pass {
@@ -1733,6 +1825,10 @@ impl Pass {
             aux_loss: (self.aux_loss + o.aux_loss)?,
             fires: (self.fires + o.fires)?,
             active: (self.active + o.active)?,
+            token_sq_err: match (self.token_sq_err, o.token_sq_err) {
+                (Some(a), Some(b)) => Some(Tensor::cat(&[a, b], 0)?),
+                _ => None,
+            },
         })
     }
 }

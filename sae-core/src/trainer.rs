@@ -618,9 +618,9 @@ impl Trainer {
     }
 
     /// Trains on `device`. On a GPU the whole step stays there ([`crate::DeviceTrainer`], through
-    /// [`train_many`] and [`Trainer::train`]), except the steps that resample dead features or
-    /// set the encoder bias for a target L0: those run on the host path (its encoder product on
-    /// the GPU), with the state handed over before and taken back after.
+    /// [`train_many`] and [`Trainer::train`]), resampling included, except the first step when
+    /// it sets the encoder bias for a target L0: that one runs on the host path (its encoder
+    /// product on the GPU), with the state handed over before and taken back after.
     pub fn with_device(mut self, device: Device) -> Self {
         self.resident = !device.is_cpu();
         self.device = device;
@@ -649,11 +649,10 @@ impl Trainer {
         Ok(self)
     }
 
-    /// Whether the next step must run on the host path: it resamples dead features, or it is the
-    /// first and sets the encoder bias for a target L0.
+    /// Whether the next step must run on the host path: it is the first and sets the encoder
+    /// bias for a target L0 (resampling runs on the device path).
     fn next_step_on_host(&self) -> bool {
-        (self.needs_data_init && self.cfg.encoder_bias_init_l0.is_some())
-            || self.cfg.resample_at_steps.contains(&(self.step + 1))
+        self.needs_data_init && self.cfg.encoder_bias_init_l0.is_some()
     }
 
     pub fn config(&self) -> &TrainerConfig {
@@ -1294,7 +1293,7 @@ pub fn train_many(
         ));
     }
     // A resident trainer's device run, made when its next step is one for the device and
-    // handed back before a step for the host (resampling, the encoder-bias init).
+    // handed back before a step for the host (the encoder-bias init).
     let mut resident: Vec<Option<crate::DeviceTrainer>> = trainers.iter().map(|_| None).collect();
     let mut batch_index = start;
     while trainers.iter().any(|t| !t.is_done()) {

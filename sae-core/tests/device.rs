@@ -413,20 +413,11 @@ fn two_jumprelu_replicas_take_the_whole_batch_step() {
 }
 
 #[test]
-fn resampling_the_bias_init_and_other_widths_are_refused() {
+fn the_bias_init_and_other_widths_are_refused() {
     let mut cfg = standard_config();
     cfg.encoder_bias_init_l0 = Some(8);
     let e = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap_err();
     assert!(e.to_string().contains("encoder-bias init"), "{e}");
-    let mut cfg = TrainerConfig::new(
-        D_IN,
-        D_SAE,
-        ArchitectureConfig::Standard(StandardTraining::default()),
-        10,
-    );
-    cfg.resample_at_steps = vec![5];
-    let e = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap_err();
-    assert!(e.to_string().contains("resampling"), "{e}");
     let cfg = TrainerConfig::new(
         D_IN,
         D_SAE,
@@ -527,12 +518,92 @@ fn training_through_the_trainer_logs_what_the_host_path_logs() {
     logs_match(resident_config());
 }
 
-/// The main job's standard SAE: the encoder bias set for a target L0 on the first batch and dead
-/// features resampled twice. Those steps run on the host path inside `Trainer::train` (the state
-/// handed over and taken back), the others on the device path, and the run ends where the host
-/// path ends.
+fn resampling_config() -> TrainerConfig {
+    let mut cfg = standard_config();
+    cfg.encoder_bias_init_l0 = Some(8);
+    cfg.resample_at_steps = vec![7, 14];
+    cfg.dead_window_tokens = N as u64;
+    cfg
+}
+
+/// A host trainer after its first step (which sets the encoder bias for a target L0, so that
+/// features die), for the device path to continue from.
+fn after_first_host_step(cfg: TrainerConfig) -> Trainer {
+    let mut t = Trainer::new(cfg).unwrap();
+    t.step(&batch(0)).unwrap();
+    t
+}
+
+/// Dead features resampled on the device (twice, after steps 7 and 14: the same tokens drawn
+/// from the same stream, rows written in place, their Adam moments zeroed), against the host
+/// path, in one pass and in token chunks of 9; features are dead before each resampling.
 #[test]
-fn resampling_and_the_bias_init_run_on_the_host_between_device_steps() {
+fn resampling_on_the_device_matches_the_host_path() {
+    resampling_matches_on(&Device::Cpu);
+    // Replicas split the batch the draw is made from: refused at the resampling step.
+    let start = after_first_host_step(resampling_config());
+    let handles: Vec<_> = sae_core::InProcess::group(2)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, member)| {
+            let mut d = DeviceTrainer::from_trainer(&start, &Device::Cpu)
+                .unwrap()
+                .with_collective(member);
+            std::thread::spawn(move || {
+                (1..STEPS)
+                    .map(|s| d.step(&batch(s).narrow(0, rank * N / 2, N / 2).unwrap()))
+                    .find_map(|r| r.err())
+                    .map(|e| (e.to_string(), d.step_count()))
+            })
+        })
+        .collect();
+    for h in handles {
+        let (e, steps) = h.join().unwrap().expect("the replicas resampled");
+        assert!(e.contains("one replica"), "{e}");
+        assert_eq!(steps, 6, "refused at the 7th step");
+    }
+}
+
+/// [`resampling_on_the_device_matches_the_host_path`]'s comparison, with the device path on `dev`.
+fn resampling_matches_on(dev: &Device) {
+    for chunk in [None, Some(9)] {
+        let mut host = after_first_host_step(resampling_config());
+        let mut device =
+            DeviceTrainer::from_trainer(&after_first_host_step(resampling_config()), dev).unwrap();
+        if let Some(rows) = chunk {
+            device = device.with_token_chunk(rows).unwrap();
+        }
+        let mut dead = Vec::new();
+        for s in 1..STEPS {
+            let x = batch(s);
+            let h = host.step(&x).unwrap();
+            let d = device.step(&x).unwrap().host().unwrap();
+            close(&format!("step {s} loss"), h.loss, d.loss);
+            close(&format!("step {s} grad norm"), h.grad_norm, d.grad_norm);
+            assert_eq!(
+                (h.l0 * N as f64).round(),
+                (d.l0 * N as f64).round(),
+                "step {s} L0"
+            );
+            dead.push((h.step, (h.dead_fraction * D_SAE as f64).round()));
+        }
+        eprintln!("dead features after each step: {dead:?}");
+        // Dead features before each resampling, and fewer right after it.
+        for at in [7, 14] {
+            let before = dead.iter().find(|d| d.0 == at - 1).unwrap().1;
+            let after = dead.iter().find(|d| d.0 == at).unwrap().1;
+            assert!(before > 0.0 && after < before, "{dead:?}");
+        }
+        assert_same_weights(host.sae().params(), &device.params_host().unwrap());
+    }
+}
+
+/// The main job's standard SAE: the encoder bias set for a target L0 on the first batch and dead
+/// features resampled twice. The first step runs on the host path inside `Trainer::train` (the
+/// state handed over and taken back), the others, resampling included, on the device path, and
+/// the run ends where the host path ends.
+#[test]
+fn the_bias_init_on_the_host_and_resampling_on_the_device_match_the_host_path() {
     let mut cfg = standard_config();
     cfg.encoder_bias_init_l0 = Some(8);
     cfg.resample_at_steps = vec![7, 14];
@@ -755,6 +826,7 @@ fn device_path_matches_on(dev: &Device) {
     let (aux, _, _) = agree_on(topk, dev);
     assert!(aux > 0.0, "AuxK never ran");
     agree_on(standard_l1_config(), dev);
+    resampling_matches_on(dev);
     for cfg in [
         batchtopk_config(),
         matryoshka_config(),

@@ -16,7 +16,7 @@ mod batchtopk;
 mod gated;
 mod jumprelu;
 mod matryoshka;
-mod standard;
+pub(crate) mod standard;
 mod topk;
 
 use candle_core::Device;

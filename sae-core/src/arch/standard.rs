@@ -289,12 +289,8 @@ impl TrainableSae for StandardSae {
             return Ok(Vec::new());
         }
         let d_in = self.d_in;
-        let weights: Vec<f64> = per_token_sq_err
-            .iter()
-            .map(|&e| (e as f64) * (e as f64))
-            .collect();
-        let total: f64 = weights.iter().sum();
-        if total <= 0.0 || !total.is_finite() {
+        let picks = resample_picks(dead, per_token_sq_err, batch.n, seed);
+        if picks.is_empty() {
             return Ok(Vec::new());
         }
         let mut is_dead = vec![false; self.d_sae];
@@ -306,23 +302,10 @@ impl TrainableSae for StandardSae {
             .filter(|(_, d)| !**d)
             .map(|(n, _)| *n)
             .collect();
-        let mean_live = if live.is_empty() {
-            1.0
-        } else {
-            live.iter().sum::<f32>() / live.len() as f32
-        };
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut cumulative = Vec::with_capacity(weights.len());
-        let mut acc = 0.0;
-        for w in &weights {
-            acc += w;
-            cumulative.push(acc);
-        }
+        let mean_live = mean_live_norm(&live);
         let [w_enc, b_enc, w_dec] = self.params.many_mut(["W_enc", "b_enc", "W_dec"])?;
         let mut reset = Vec::new();
-        for &f in dead {
-            let u: f64 = rng.random::<f64>() * total;
-            let t = cumulative.partition_point(|&c| c < u).min(batch.n - 1);
+        for (f, t) in picks {
             let x = &batch.x[t * d_in..(t + 1) * d_in];
             let norm = kernels::dot(x, x).sqrt();
             if norm == 0.0 {
@@ -337,5 +320,47 @@ impl TrainableSae for StandardSae {
             reset.push(f);
         }
         Ok(reset)
+    }
+}
+
+/// Which token each dead feature is resampled from, as `(feature, token)` in the order of
+/// `dead`: tokens drawn with probability proportional to their squared reconstruction error,
+/// squared (Anthropic's recipe), from a ChaCha stream seeded with `seed`. Empty when the batch
+/// has no error to draw from. Shared by the host path and the device path, which draw the same.
+pub(crate) fn resample_picks(
+    dead: &[usize],
+    per_token_sq_err: &[f32],
+    n: usize,
+    seed: u64,
+) -> Vec<(usize, usize)> {
+    if dead.is_empty() || n == 0 {
+        return Vec::new();
+    }
+    let mut cumulative = Vec::with_capacity(per_token_sq_err.len());
+    let mut acc = 0.0;
+    for &e in per_token_sq_err {
+        acc += (e as f64) * (e as f64);
+        cumulative.push(acc);
+    }
+    let total = acc;
+    if total <= 0.0 || !total.is_finite() {
+        return Vec::new();
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    dead.iter()
+        .map(|&f| {
+            let u: f64 = rng.random::<f64>() * total;
+            (f, cumulative.partition_point(|&c| c < u).min(n - 1))
+        })
+        .collect()
+}
+
+/// The mean of the live features' encoder norms (1 with none live): resampled encoder rows are
+/// set to 0.2 of it.
+pub(crate) fn mean_live_norm(live: &[f32]) -> f32 {
+    if live.is_empty() {
+        1.0
+    } else {
+        live.iter().sum::<f32>() / live.len() as f32
     }
 }
