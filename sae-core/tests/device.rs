@@ -80,11 +80,22 @@ fn agree_with(
     steps: u64,
     tweak: impl Fn(DeviceTrainer) -> DeviceTrainer,
 ) -> (f64, f64, Vec<usize>) {
-    let mut host = Trainer::new(cfg.clone()).unwrap();
-    let mut device = tweak(DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), on).unwrap());
+    let host = Trainer::new(cfg.clone()).unwrap();
+    let device = tweak(DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), on).unwrap());
+    agree_from(host, device, 0..steps)
+}
+
+/// Steps `host` and `device` (from the same state) through batches `steps` and compares every
+/// step and the final weights. Returns the largest AuxK loss and gradient norm seen, and the
+/// dead features after each step.
+fn agree_from(
+    mut host: Trainer,
+    mut device: DeviceTrainer,
+    steps: std::ops::Range<u64>,
+) -> (f64, f64, Vec<usize>) {
     let mut aux_seen = (0.0f64, 0.0f64);
     let mut dead_counts = Vec::new();
-    for s in 0..steps {
+    for s in steps.clone() {
         let x = batch(s);
         let h = host.step(&x).unwrap();
         let d = device.step(&x).unwrap().host().unwrap();
@@ -108,7 +119,7 @@ fn agree_with(
         dead_counts.push((h.dead_fraction * D_SAE as f64).round() as usize);
         aux_seen.1 = aux_seen.1.max(h.grad_norm);
     }
-    assert_eq!(device.step_count(), steps);
+    assert_eq!(device.step_count(), steps.end);
     assert_same_weights(host.sae().params(), &device.params_host().unwrap());
     let theta = host.sae().state_json()["topk_threshold"]
         .as_f64()
@@ -430,6 +441,37 @@ fn the_bias_init_and_other_widths_are_refused() {
     assert!(e.to_string().contains(&format!("{}", D_IN + 1)), "{e}");
 }
 
+/// Runs `each(rank, replica)` for the members of a group of `size` started from `start` (each
+/// replica set up by `tweak`), one thread a replica, and returns the results in rank order.
+fn on_replicas<T: Send>(
+    start: &Trainer,
+    size: usize,
+    tweak: impl Fn(DeviceTrainer) -> DeviceTrainer,
+    each: impl Fn(usize, DeviceTrainer) -> T + Sync,
+) -> Vec<T> {
+    let replicas: Vec<DeviceTrainer> = sae_core::InProcess::group(size)
+        .into_iter()
+        .map(|member| {
+            tweak(
+                DeviceTrainer::from_trainer(start, &Device::Cpu)
+                    .unwrap()
+                    .with_collective(member),
+            )
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = replicas
+            .into_iter()
+            .enumerate()
+            .map(|(rank, d)| {
+                let each = &each;
+                scope.spawn(move || each(rank, d))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 fn bits(p: &Params) -> Vec<u32> {
     p.iter()
         .flat_map(|q| q.data.iter().map(|v| v.to_bits()))
@@ -497,6 +539,19 @@ fn standard_config() -> TrainerConfig {
     cfg
 }
 
+/// One configuration of each architecture (TopK, standard, gated, JumpReLU, BatchTopK,
+/// Matryoshka).
+fn every_architecture() -> [TrainerConfig; 6] {
+    [
+        resident_config(),
+        standard_config(),
+        gated_config(),
+        jumprelu_config(),
+        batchtopk_config(),
+        matryoshka_config(),
+    ]
+}
+
 fn config_for(sae: ArchitectureConfig) -> TrainerConfig {
     let mut cfg = TrainerConfig::new(D_IN, D_SAE, sae, STEPS);
     cfg.dead_window_tokens = 2 * N as u64;
@@ -542,23 +597,19 @@ fn resampling_on_the_device_matches_the_host_path() {
     resampling_matches_on(&Device::Cpu);
     // Replicas split the batch the draw is made from: refused at the resampling step.
     let start = after_first_host_step(resampling_config());
-    let handles: Vec<_> = sae_core::InProcess::group(2)
-        .into_iter()
-        .enumerate()
-        .map(|(rank, member)| {
-            let mut d = DeviceTrainer::from_trainer(&start, &Device::Cpu)
-                .unwrap()
-                .with_collective(member);
-            std::thread::spawn(move || {
-                (1..STEPS)
-                    .map(|s| d.step(&batch(s).narrow(0, rank * N / 2, N / 2).unwrap()))
-                    .find_map(|r| r.err())
-                    .map(|e| (e.to_string(), d.step_count()))
-            })
-        })
-        .collect();
-    for h in handles {
-        let (e, steps) = h.join().unwrap().expect("the replicas resampled");
+    let refusals = on_replicas(
+        &start,
+        2,
+        |d| d,
+        |rank, mut d| {
+            (1..STEPS)
+                .map(|s| d.step(&batch(s).narrow(0, rank * N / 2, N / 2).unwrap()))
+                .find_map(|r| r.err())
+                .map(|e| (e.to_string(), d.step_count()))
+        },
+    );
+    for r in refusals {
+        let (e, steps) = r.expect("the replicas resampled");
         assert!(e.contains("one replica"), "{e}");
         assert_eq!(steps, 6, "refused at the 7th step");
     }
@@ -567,34 +618,19 @@ fn resampling_on_the_device_matches_the_host_path() {
 /// [`resampling_on_the_device_matches_the_host_path`]'s comparison, with the device path on `dev`.
 fn resampling_matches_on(dev: &Device) {
     for chunk in [None, Some(9)] {
-        let mut host = after_first_host_step(resampling_config());
+        let host = after_first_host_step(resampling_config());
         let mut device =
             DeviceTrainer::from_trainer(&after_first_host_step(resampling_config()), dev).unwrap();
         if let Some(rows) = chunk {
             device = device.with_token_chunk(rows).unwrap();
         }
-        let mut dead = Vec::new();
-        for s in 1..STEPS {
-            let x = batch(s);
-            let h = host.step(&x).unwrap();
-            let d = device.step(&x).unwrap().host().unwrap();
-            close(&format!("step {s} loss"), h.loss, d.loss);
-            close(&format!("step {s} grad norm"), h.grad_norm, d.grad_norm);
-            assert_eq!(
-                (h.l0 * N as f64).round(),
-                (d.l0 * N as f64).round(),
-                "step {s} L0"
-            );
-            dead.push((h.step, (h.dead_fraction * D_SAE as f64).round()));
-        }
-        eprintln!("dead features after each step: {dead:?}");
-        // Dead features before each resampling, and fewer right after it.
+        let (_, _, dead) = agree_from(host, device, 1..STEPS);
+        // Dead features before each resampling (after steps 6 and 13), fewer right after it
+        // (`dead[i]` follows step i + 2).
         for at in [7, 14] {
-            let before = dead.iter().find(|d| d.0 == at - 1).unwrap().1;
-            let after = dead.iter().find(|d| d.0 == at).unwrap().1;
-            assert!(before > 0.0 && after < before, "{dead:?}");
+            let (before, after) = (dead[at - 3], dead[at - 2]);
+            assert!(before > 0 && after < before, "{dead:?}");
         }
-        assert_same_weights(host.sae().params(), &device.params_host().unwrap());
     }
 }
 
@@ -735,32 +771,22 @@ fn replicas_agree(mut cfg: TrainerConfig) -> Vec<f64> {
         })
         .collect();
 
-    let group = sae_core::InProcess::group(2);
-    let replicas: Vec<_> = group
-        .into_iter()
-        .enumerate()
-        .map(|(rank, member)| {
-            let mut d = DeviceTrainer::from_trainer(&start, &Device::Cpu)
-                .unwrap()
-                .with_collective(member);
-            std::thread::spawn(move || {
-                let losses: Vec<(f64, f64, f64)> = (0..STEPS)
-                    .map(|s| {
-                        let half = batch(s).narrow(0, rank * N / 2, N / 2).unwrap();
-                        let h = d.step(&half).unwrap().host().unwrap();
-                        (h.loss, h.aux_loss, h.sparsity_loss)
-                    })
-                    .collect();
-                (
-                    d.params_host().unwrap(),
-                    d.tokens_seen(),
-                    losses,
-                    d.topk_threshold().unwrap(),
-                )
-            })
-        })
-        .collect();
-    let done: Vec<_> = replicas.into_iter().map(|r| r.join().unwrap()).collect();
+    let done = on_replicas(
+        &start,
+        2,
+        |d| d,
+        |rank, mut d| {
+            let losses: Vec<(f64, f64, f64)> = (0..STEPS)
+                .map(|s| {
+                    let half = batch(s).narrow(0, rank * N / 2, N / 2).unwrap();
+                    let h = d.step(&half).unwrap().host().unwrap();
+                    (h.loss, h.aux_loss, h.sparsity_loss)
+                })
+                .collect();
+            let theta = d.topk_threshold().unwrap();
+            (d.params_host().unwrap(), d.tokens_seen(), losses, theta)
+        },
+    );
     assert_eq!(
         done[0].1,
         STEPS * N as u64,
@@ -948,14 +974,7 @@ fn bf16_products_follow_the_f32_run() {
 /// and θ included), and so do two replicas that each chunk their half.
 #[test]
 fn token_chunks_take_the_whole_batch_step() {
-    for cfg in [
-        resident_config(),
-        standard_config(),
-        gated_config(),
-        jumprelu_config(),
-        batchtopk_config(),
-        matryoshka_config(),
-    ] {
+    for cfg in every_architecture() {
         let mut cfg = cfg;
         if cfg.b_dec_init != sae_core::BDecInit::Zeros {
             // Replicas average their halves' b_dec: the whole batch's only for the mean.
@@ -1069,14 +1088,7 @@ fn too_few_threshold_candidates_double_until_the_threshold_is_exact() {
 /// in token chunks of 9 rows.
 #[test]
 fn in_place_updates_by_small_row_blocks_match_the_host_path() {
-    for cfg in [
-        resident_config(),
-        standard_config(),
-        batchtopk_config(),
-        matryoshka_config(),
-        gated_config(),
-        jumprelu_config(),
-    ] {
+    for cfg in every_architecture() {
         agree_with(cfg, &Device::Cpu, STEPS, |d| {
             d.with_update_block(40).with_token_chunk(9).unwrap()
         });
@@ -1216,14 +1228,7 @@ fn device_options_the_path_cannot_take_are_refused_up_front() {
 /// every architecture, with and without token chunks.
 #[test]
 fn a_replica_with_no_rows_keeps_the_group_in_step() {
-    for cfg in [
-        resident_config(),
-        standard_config(),
-        gated_config(),
-        jumprelu_config(),
-        batchtopk_config(),
-        matryoshka_config(),
-    ] {
+    for cfg in every_architecture() {
         for chunk in [None, Some(7)] {
             let start = Trainer::new(cfg.clone()).unwrap();
             let chunked = |d: DeviceTrainer| match chunk {
@@ -1231,32 +1236,16 @@ fn a_replica_with_no_rows_keeps_the_group_in_step() {
                 None => d,
             };
             let mut whole = chunked(DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap());
-            let group = sae_core::InProcess::group(2);
-            let handles: Vec<_> = group
-                .into_iter()
-                .enumerate()
-                .map(|(rank, member)| {
-                    let mut d = chunked(
-                        DeviceTrainer::from_trainer(&start, &Device::Cpu)
-                            .unwrap()
-                            .with_collective(member),
-                    );
-                    std::thread::spawn(move || {
-                        let mut losses = Vec::new();
-                        for s in 0..4 {
-                            let rows = if rank == 0 { N } else { 0 };
-                            let part = batch(s).narrow(0, 0, rows).unwrap();
-                            losses.push(d.step(&part).unwrap().host().unwrap().loss);
-                        }
-                        (
-                            d.params_host().unwrap(),
-                            losses,
-                            d.topk_threshold().unwrap(),
-                        )
-                    })
-                })
-                .collect();
-            let done: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let done = on_replicas(&start, 2, chunked, |rank, mut d| {
+                let mut losses = Vec::new();
+                for s in 0..4 {
+                    let rows = if rank == 0 { N } else { 0 };
+                    let part = batch(s).narrow(0, 0, rows).unwrap();
+                    losses.push(d.step(&part).unwrap().host().unwrap().loss);
+                }
+                let theta = d.topk_threshold().unwrap();
+                (d.params_host().unwrap(), losses, theta)
+            });
             for s in 0..4 {
                 let w = whole.step(&batch(s)).unwrap().host().unwrap().loss;
                 close(
