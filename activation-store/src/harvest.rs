@@ -239,7 +239,7 @@ pub fn harvest(
     // stream order right after its forward pass.
     // A cache already at the row limit takes no forward pass.
     let stop = AtomicBool::new(rows_at_start >= cfg.max_rows);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<FetchedBatch>(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<ForwardBatch>(1);
     let mut store = Store {
         dir,
         plan,
@@ -299,48 +299,15 @@ pub fn harvest(
     })
 }
 
-/// One forward batch's activations on the host: windows `w0..w1` right-padded to `seq`, and per
-/// hook its width and `[windows, seq, width]` values.
-struct HostBatch {
-    batch: u64,
-    w0: usize,
-    w1: usize,
-    seq: usize,
-    acts: Vec<(usize, Vec<f32>)>,
-}
-
-/// A [`HostBatch`] whose copies to the host may still be running (queued from a CUDA device
-/// into pinned buffers, see `pinned.rs`).
-struct FetchedBatch {
+/// One forward batch: windows `w0..w1` right-padded to `seq`, and per hook its width and its
+/// `[windows, seq, width]` values on their way to the host (a copy from a CUDA device may still
+/// be running, see `pinned.rs`).
+struct ForwardBatch {
     batch: u64,
     w0: usize,
     w1: usize,
     seq: usize,
     acts: Vec<(usize, Fetched)>,
-}
-
-impl FetchedBatch {
-    /// Waits for the copies.
-    fn finish(self) -> Result<HostBatch> {
-        let FetchedBatch {
-            batch,
-            w0,
-            w1,
-            seq,
-            acts,
-        } = self;
-        let acts = acts
-            .into_iter()
-            .map(|(width, f)| Ok((width, f.finish()?)))
-            .collect::<Result<_>>()?;
-        Ok(HostBatch {
-            batch,
-            w0,
-            w1,
-            seq,
-            acts,
-        })
-    }
 }
 
 /// The forward stage: batches `start..n_batches` through the model, each copied to the host and
@@ -353,7 +320,7 @@ fn forward_batches(
     start: u64,
     n_batches: u64,
     stop: &AtomicBool,
-    tx: &SyncSender<FetchedBatch>,
+    tx: &SyncSender<ForwardBatch>,
 ) -> Result<f64> {
     let b = cfg.batch_windows;
     let mut busy = 0.0;
@@ -393,7 +360,7 @@ fn forward_batches(
             acts.push((dims[2], download.start(t)?));
         }
         busy += t0.elapsed().as_secs_f64();
-        let sent = FetchedBatch {
+        let sent = ForwardBatch {
             batch,
             w0,
             w1,
@@ -433,15 +400,19 @@ impl Store<'_> {
     /// Takes batches in order until the plan or the row limit ends. A shard still open when
     /// the forward stage hangs up early (it failed) is not committed, as in a crash: the
     /// next run redoes it.
-    fn take_all(&mut self, rx: &Receiver<FetchedBatch>) -> Result<()> {
+    fn take_all(&mut self, rx: &Receiver<ForwardBatch>) -> Result<()> {
         while self.rows_total < self.cfg.max_rows {
-            let Ok(fetched) = rx.recv() else {
+            let Ok(fb) = rx.recv() else {
                 break;
             };
             // The wait for a device's copies is the device's time, not the writing's.
-            let hb = fetched.finish()?;
+            let acts = fb
+                .acts
+                .into_iter()
+                .map(|(width, f)| Ok((width, f.finish()?)))
+                .collect::<Result<Vec<_>>>()?;
             let t0 = Instant::now();
-            let last = self.take(hb)?;
+            let last = self.take(fb.batch, fb.w0..fb.w1, fb.seq, &acts)?;
             self.busy += t0.elapsed().as_secs_f64();
             if last {
                 break;
@@ -452,14 +423,14 @@ impl Store<'_> {
 
     /// Checks one batch, writes its rows and commits the shard when it is full or the run ends;
     /// true when this was the run's last batch.
-    fn take(&mut self, hb: HostBatch) -> Result<bool> {
-        let HostBatch {
-            batch,
-            w0,
-            w1,
-            seq,
-            acts,
-        } = hb;
+    fn take(
+        &mut self,
+        batch: u64,
+        windows: std::ops::Range<usize>,
+        seq: usize,
+        acts: &[(usize, Vec<f32>)],
+    ) -> Result<bool> {
+        let (w0, w1) = (windows.start, windows.end);
         let (plan, cfg, dir) = (self.plan, self.cfg, self.dir);
         self.forward_tokens += (w0..w1).map(|w| plan.tokens(w).len() as u64).sum::<u64>();
 
@@ -562,7 +533,7 @@ impl Store<'_> {
                 continue;
             }
             rows.clear();
-            for (width, v) in &acts {
+            for (width, v) in acts {
                 let off = (i * seq + p) * width;
                 rows.push(&v[off..off + width]);
             }

@@ -439,6 +439,18 @@ struct FailsAt {
     calls: usize,
 }
 
+impl FailsAt {
+    /// The synthetic model, failing at forward batch `batch` (with NaN activations if `nan`).
+    fn new(batch: usize, nan: bool) -> Self {
+        FailsAt {
+            inner: source(Duration::ZERO),
+            batch,
+            nan,
+            calls: 0,
+        }
+    }
+}
+
 impl ActivationSource for FailsAt {
     fn forward(&mut self, tokens: &Tensor, hooks: &[String]) -> Result<Vec<Tensor>> {
         let call = self.calls;
@@ -473,12 +485,7 @@ fn a_failure_on_either_side_of_the_pipeline_stops_the_run_and_loses_nothing() {
     assert!(n_batches > 12, "{n_batches} batches");
 
     let tmp = tempfile::tempdir().unwrap();
-    let mut failing = FailsAt {
-        inner: source(Duration::ZERO),
-        batch: 7,
-        nan: false,
-        calls: 0,
-    };
+    let mut failing = FailsAt::new(7, false);
     let e = harvest(tmp.path(), &plan, &model(), &mut failing, &cfg, None).unwrap_err();
     assert!(e.to_string().contains("the model failed"), "{e}");
     let again = run(tmp.path(), &plan, &cfg);
@@ -488,12 +495,7 @@ fn a_failure_on_either_side_of_the_pipeline_stops_the_run_and_loses_nothing() {
     assert_eq!(snapshot(tmp.path()), snapshot(fresh.path()));
 
     let tmp = tempfile::tempdir().unwrap();
-    let mut nan = FailsAt {
-        inner: source(Duration::ZERO),
-        batch: 5,
-        nan: true,
-        calls: 0,
-    };
+    let mut nan = FailsAt::new(5, true);
     match harvest(tmp.path(), &plan, &model(), &mut nan, &cfg, None).unwrap_err() {
         Error::NonFinite {
             window, position, ..

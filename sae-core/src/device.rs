@@ -993,18 +993,12 @@ impl DeviceTrainer {
                 inner_widths,
                 ..
             } => {
-                let threshold = match threshold {
-                    Some(t) => t.clone(),
-                    None => {
-                        self.bisect(&pre.relu()?, batch_topk_count(*k, n_total), None)?
-                            .0
-                    }
-                };
                 let (pass, min) = self.batchtopk_pass(
                     x,
                     xc,
                     &pre,
-                    &threshold,
+                    threshold,
+                    *k,
                     n_total,
                     acc,
                     inner_widths,
@@ -1367,7 +1361,8 @@ impl DeviceTrainer {
     }
 
     /// BatchTopK's codes: what of the ReLU'd pre-activations is above `threshold` (the batch's
-    /// `k · n` largest, from [`DeviceTrainer::bisect`]). Codes are dense, as the standard SAE's.
+    /// `k · n` largest: the chunked threshold, or with `None` the bisection over this pass's
+    /// values, then the whole batch). Codes are dense, as the standard SAE's.
     /// Returns the pass and the smallest activation kept in it (infinite when none was).
     #[allow(clippy::too_many_arguments)]
     fn batchtopk_pass(
@@ -1375,7 +1370,8 @@ impl DeviceTrainer {
         x: &Tensor,
         xc: &Tensor,
         pre: &Tensor,
-        threshold: &Tensor,
+        threshold: Option<&Tensor>,
+        k: f64,
         n_total: usize,
         acc: &MatrixGrads,
         inner_widths: &[usize],
@@ -1385,7 +1381,11 @@ impl DeviceTrainer {
         let d_sae = self.cfg.d_sae;
         let (w_dec, b_dec) = (&self.params[2], &self.params[3]);
         let r = pre.relu()?;
-        let on = r.broadcast_gt(threshold)?.to_dtype(DType::F32)?;
+        let threshold = match threshold {
+            Some(t) => t.clone(),
+            None => self.bisect(&r, batch_topk_count(k, n_total), None)?.0,
+        };
+        let on = r.broadcast_gt(&threshold)?.to_dtype(DType::F32)?;
         let a = (&r * &on)?;
         let kept = on
             .gt(0.0)?
@@ -1504,10 +1504,8 @@ impl DeviceTrainer {
         }
         let w_enc = &self.params[0];
         let enc_norms = w_enc.sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
-        let mut is_dead = vec![false; since.len()];
-        dead.iter().for_each(|&f| is_dead[f] = true);
         let live: Vec<f32> = (0..since.len())
-            .filter(|&f| !is_dead[f])
+            .filter(|&f| since[f] < window)
             .map(|f| enc_norms[f])
             .collect();
         let mean_live = crate::arch::standard::mean_live_norm(&live);
