@@ -20,7 +20,8 @@
 # The run: forward parity GPU against CPU on SmolLM2-135M's and Gemma-3-270M's shapes (f32,
 # logprobs within 1e-3; bf16 reported); bench_forward; the dense encoder product's FLOP rate;
 # bench_sae_train's device path at d_in 2,048, d_sae 65,536 and 262,144, batch 4,096, TopK and
-# ReLU-L1, every feature dead (AuxK at every step), f32, TF32 and bf16 products; TopK at a million
+# ReLU-L1, every feature dead (AuxK at every step), f32, TF32 and bf16 products, and at the first
+# width TopK with no feature dead and with its pairs scattered; TopK at a million
 # features in token chunks with bf16 moments; the same steps in
 # PyTorch written as SAELens trains (bench/torch_sae_step.py). Each command has its own time limit, and a failure is recorded
 # and the run goes on. Peak device memory is nvidia-smi's largest reading during each command.
@@ -224,6 +225,17 @@ for n in $widths; do
     record "torch topk $n $prec" 150 "$py" bench/torch_sae_step.py --arch topk "${common[@]}" \
       --steps $steps --dead-tokens 0 "${theirs[@]}"
   done
+  if [ -n "$first" ]; then
+    # TopK's main pairs scattered row by row (the CPU's way; candle's CUDA scatter walks the
+    # pairs serially, docs/gpu.md) against the dense products CUDA uses; and a step with no
+    # feature dead (a window no run of 6 batches reaches), where both skip AuxK.
+    record "ours topk $n tf32 pairs scattered" 150 "$bin/bench_sae_train" --path device --arch topk \
+      "${common[@]}" --steps $steps --dead-tokens 0 --tf32 --pairs scatter
+    record "ours topk $n tf32 none dead" 150 "$bin/bench_sae_train" --path device --arch topk \
+      "${common[@]}" --steps $steps --dead-tokens 1000000000 --tf32
+    record "torch topk $n tf32 none dead" 150 "$py" bench/torch_sae_step.py --arch topk \
+      "${common[@]}" --steps $steps --dead-tokens 1000000000 --tf32
+  fi
   record "ours standard $n tf32" 150 "$bin/bench_sae_train" --path device --arch standard \
     "${common[@]}" --steps $steps --tf32 --target-l0 0
   record "torch standard $n tf32" 150 "$py" bench/torch_sae_step.py --arch standard "${common[@]}" \

@@ -80,6 +80,11 @@ struct Args {
     /// Adam's moments on the device path: f32, or bf16 (`DeviceTrainer::with_moment_dtype`).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     moments: String,
+    /// How the device path's TopK pairs reach the gradients: `scatter` (each pair's rows, the
+    /// CPU's default) or `dense` (code matrices through dense products, CUDA's default); see
+    /// `DeviceTrainer::with_dense_pairs`.
+    #[arg(long, value_parser = ["dense", "scatter"])]
+    pairs: Option<String>,
 }
 
 fn main() -> Result<()> {
@@ -178,6 +183,9 @@ fn main() -> Result<()> {
             },
         };
         let mut dev = DeviceTrainer::from_trainer(&trainer, &device)?.with_options(&opts)?;
+        if let Some(p) = &args.pairs {
+            dev = dev.with_dense_pairs(p == "dense");
+        }
         let warm = dev.step(&on_device[0])?.host()?;
         let t0 = Instant::now();
         let mut steps = Vec::with_capacity(args.steps);
@@ -237,6 +245,7 @@ fn main() -> Result<()> {
         "l0_first_step": warm_l0,
         "token_chunk": args.token_chunk,
         "moments": args.moments,
+        "pairs": args.pairs,
         // The device path on the CPU: the memory its state and steps took at their peak.
         "device_peak_mib": if args.path == "device" && args.device == "cpu" {
             (sae_workbench::cli::peak_rss_mb() - rss_before).into()

@@ -16,15 +16,20 @@
 //! where tests check it against the host path step by step.
 //!
 //! TopK works on the selected (token, feature) pairs for the main reconstruction: the decoder
-//! rows of each token's k features are gathered (`index_select`) and their gradients scattered
-//! back (`index_add`), `batch x k x d_in` floats. AuxK's `aux_k` per token (d_in / 2 by default)
-//! would make that `batch x aux_k x d_in`, so its codes are scattered into a `[batch, d_sae]`
-//! matrix and go through dense products (docs/gpu.md has the arithmetic), as the standard SAE's
-//! codes do (a ReLU SAE early in training fires on half its features) and BatchTopK's (a token
-//! may take any number of the batch's codes). The top-k is candle's
-//! `arg_sort_last_dim`, whose CUDA kernel sorts a row in shared memory, 4 bytes a column padded to
-//! a power of two, so rows wider than [`TOP_K_CHUNK`] are ranked in chunks of that width and the
-//! chunks' winners ranked again ([`top_k_indices`]).
+//! rows of each token's k features are gathered (`index_select`), `batch x k x d_in` floats.
+//! Their gradients reach `W_enc` and `W_dec` one of two ways ([`DeviceTrainer::with_dense_pairs`]):
+//! scattered back row by row, `2 · k · d_in` FLOPs a token, which is right on the CPU; or, on
+//! CUDA, scattered into `[batch, d_sae]` code matrices that go through dense products, because
+//! candle's CUDA scatter along rows runs one thread per column that walks every pair in turn.
+//! AuxK's `aux_k` per token (d_in / 2 by default) would make gathered pairs `batch x aux_k x
+//! d_in`, so its codes are scattered into a matrix and go through dense products, as the
+//! standard SAE's codes do (a ReLU SAE early in training fires on half its features) and
+//! BatchTopK's (a token may take any number of the batch's codes): over the dead features'
+//! columns and rows alone while they are few, over every feature when they are many, and not
+//! at all when none is dead ([`DeadSet`]; docs/gpu.md has the arithmetic). The top-k is
+//! candle's `arg_sort_last_dim`, whose CUDA kernel sorts a row in shared memory, 4 bytes a
+//! column padded to a power of two, so rows wider than [`TOP_K_CHUNK`] are ranked in chunks of
+//! that width and the chunks' winners ranked again ([`top_k_indices`]).
 
 use std::sync::Arc;
 
@@ -45,7 +50,7 @@ const JUMPRELU_NAMES: [&str; 5] = ["W_enc", "b_enc", "W_dec", "b_dec", "threshol
 /// Gated: the gate's bias takes the encoder bias's place, the magnitude path's two after.
 const GATED_NAMES: [&str; 6] = ["W_enc", "b_gate", "W_dec", "b_dec", "r_mag", "b_mag"];
 
-/// Rows wider than this are ranked in chunks by [`top_k_indices`]: candle's CUDA arg-sort keeps
+/// Rows wider than this are ranked in chunks by `top_k_indices`: candle's CUDA arg-sort keeps
 /// a row's indices in shared memory padded to a power of two, and 4,096 columns (16 KiB) leave
 /// room for several blocks per multiprocessor; 16,384 would already pass the default 48 KiB.
 pub const TOP_K_CHUNK: usize = 4096;
@@ -57,6 +62,12 @@ pub const UPDATE_BLOCK: usize = 1 << 24;
 /// Halvings of the interval that holds BatchTopK's batch threshold: from `[0, max]` to well under
 /// one f32 step at any threshold above `max / 2^16`.
 const THRESHOLD_BISECTIONS: usize = 40;
+
+/// AuxK works on the dead features' own columns and rows (`DeadSet`) while at most one
+/// feature in this many is dead, and through dense products over every feature beyond that:
+/// the compact copies (the dead rows of `W_dec` and two gradients of that size, 3/16 of a
+/// matrix at the limit) grow toward the matrices themselves as the products they save shrink.
+pub const COMPACT_AUX_SHARE: usize = 16;
 
 /// What sets an architecture's codes and penalty; the rest of the step is shared.
 #[derive(Debug, Clone)]
@@ -201,6 +212,12 @@ pub struct DeviceTrainer {
     moments: DType,
     /// The replicas this one trains with (data parallel); `None`: alone.
     collective: Option<Arc<dyn Collective>>,
+    /// TopK's pair gradients through two scattered `[rows, d_sae]` code matrices and dense
+    /// products (the default on CUDA) instead of scattering each pair's rows (the default
+    /// elsewhere); see [`DeviceTrainer::with_dense_pairs`].
+    dense_pairs: bool,
+    /// Features AuxK may take on their own rows at most (`d_sae / COMPACT_AUX_SHARE`).
+    compact_aux_limit: usize,
 }
 
 impl std::fmt::Debug for DeviceTrainer {
@@ -487,6 +504,8 @@ impl DeviceTrainer {
             update_block: UPDATE_BLOCK,
             moments: DType::F32,
             collective: None,
+            dense_pairs: device.is_cuda(),
+            compact_aux_limit: cfg.d_sae / COMPACT_AUX_SHARE,
             cfg,
         })
     }
@@ -575,6 +594,27 @@ impl DeviceTrainer {
     #[doc(hidden)]
     pub fn with_threshold_candidates(mut self, per_token: usize) -> Self {
         self.candidates = per_token.max(1);
+        self
+    }
+
+    /// Sets how TopK's main (token, feature) pairs reach the gradients of `W_enc`, `W_dec` and
+    /// `b_enc`. Scattered (`false`): each pair's rows are added in place, `2 · k · d_in` FLOPs a
+    /// token, the CPU's default. Dense (`true`): the codes and their gradients are scattered
+    /// into two `[rows, d_sae]` matrices that go through the products the standard SAE's codes
+    /// do, `4 · d_sae · d_in` FLOPs a token, CUDA's default: candle's CUDA scatter along rows
+    /// and its 1-D `index_add` run one thread per column (`d_in` threads, or a single one for
+    /// the per-feature sums) that walks every pair in turn, about `batch · k` dependent memory
+    /// round trips (131,072 at 4,096 x 32), where the products run at the tensor cores' rate.
+    pub fn with_dense_pairs(mut self, dense: bool) -> Self {
+        self.dense_pairs = dense;
+        self
+    }
+
+    /// Sets how many dead features AuxK takes on their own rows at most (default
+    /// `d_sae / COMPACT_AUX_SHARE`); tests force either side.
+    #[doc(hidden)]
+    pub fn with_compact_aux_limit(mut self, features: usize) -> Self {
+        self.compact_aux_limit = features;
         self
     }
 
@@ -775,6 +815,7 @@ impl DeviceTrainer {
         };
         // `W_enc`'s and `W_dec`'s gradients are summed in place into one pair of matrices.
         let acc = MatrixGrads::zeros(self.cfg.d_sae, self.cfg.d_in, &self.device)?;
+        let dead = self.dead_set()?;
         let mut sums: Option<Pass> = None;
         let mut min_kept = None;
         // An empty batch still takes one (empty) pass, so that replicas stay in step.
@@ -791,6 +832,7 @@ impl DeviceTrainer {
                 n_total,
                 sparsity_scale,
                 &acc,
+                &dead,
                 threshold.as_ref(),
                 &mut min_kept,
             )?;
@@ -802,6 +844,8 @@ impl DeviceTrainer {
         let Some(pass) = sums else {
             unreachable!("at least one pass ran")
         };
+        dead.write_back(self, &acc)?;
+        drop(dead);
         let Pass {
             g_b_enc,
             g_b_dec,
@@ -963,6 +1007,7 @@ impl DeviceTrainer {
         n_total: usize,
         sparsity_scale: f32,
         acc: &MatrixGrads,
+        dead: &DeadSet,
         threshold: Option<&Tensor>,
         min_kept: &mut Option<Tensor>,
     ) -> Result<Pass> {
@@ -976,7 +1021,7 @@ impl DeviceTrainer {
                 k,
                 aux_k,
                 aux_coefficient,
-            } => self.topk_pass(x, xc, &pre, n_total, acc, k, aux_k, aux_coefficient)?,
+            } => self.topk_pass(x, xc, &pre, n_total, acc, dead, k, aux_k, aux_coefficient)?,
             &Rule::Standard { l1 } => {
                 self.standard_pass(x, xc, &pre, n_total, acc, l1 * penalty_scale)?
             }
@@ -1001,6 +1046,7 @@ impl DeviceTrainer {
                     *k,
                     n_total,
                     acc,
+                    dead,
                     inner_widths,
                     *aux_k,
                     *aux_coefficient,
@@ -1024,6 +1070,7 @@ impl DeviceTrainer {
         pre: &Tensor,
         n_total: usize,
         acc: &MatrixGrads,
+        dead: &DeadSet,
         k: usize,
         aux_k: usize,
         aux_coefficient: f64,
@@ -1048,14 +1095,31 @@ impl DeviceTrainer {
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
         let g_pairs = (rows.broadcast_mul(&d_xhat.unsqueeze(1)?)?.sum(2)? * &on)?;
         drop(rows);
-        let g_b_enc = acc.add_pairs(&flat, &vals, &g_pairs, &d_xhat, xc, d_sae)?;
-
-        let aux = self.aux_pass(xc, pre, &diff, n_total, acc, aux_k, aux_coefficient)?;
-        let fires = Tensor::zeros(d_sae, DType::F32, &self.device)?.index_add(
-            &flat,
-            &on.flatten_all()?,
-            0,
-        )?;
+        let (g_b_enc, fires) = if self.dense_pairs {
+            // Scattered along each token's row (a thread per token on CUDA) into code matrices
+            // that go through dense products, one at a time.
+            let scattered = |v: &Tensor| -> Result<Tensor> {
+                let m = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
+                m.scatter_add_set(&idx, v, 1)?;
+                Ok(m)
+            };
+            let codes = scattered(&vals)?;
+            acc.add_dec(self, &codes, &d_xhat)?;
+            let fires = codes.gt(0.0)?.to_dtype(DType::F32)?.sum(0)?;
+            drop(codes);
+            let g_codes = scattered(&g_pairs)?;
+            acc.add_enc(self, &g_codes, xc)?;
+            (g_codes.sum(0)?, fires)
+        } else {
+            let g_b_enc = acc.add_pairs(&flat, &vals, &g_pairs, &d_xhat, xc, d_sae)?;
+            let fires = Tensor::zeros(d_sae, DType::F32, &self.device)?.index_add(
+                &flat,
+                &on.flatten_all()?,
+                0,
+            )?;
+            (g_b_enc, fires)
+        };
+        let aux = self.aux_pass(xc, pre, &diff, n_total, acc, dead, aux_k, aux_coefficient)?;
         Ok(Pass {
             g_b_enc: (g_b_enc + aux.g_b_enc)?,
             g_b_dec: d_xhat.sum(0)?,
@@ -1204,7 +1268,13 @@ impl DeviceTrainer {
         })
     }
 
-    /// AuxK on the dead features, given the main reconstruction's error `diff = x̂ - x`.
+    /// AuxK on the features dead before this step (`dead`), given the main reconstruction's
+    /// error `diff = x̂ - x`: their top `aux_k` pre-activations (no ReLU) reconstruct the
+    /// residual without b_dec, scaled by `min(n_dead / aux_k, 1)` (SAELens's
+    /// `calculate_topk_aux_loss`). With `aux_k` in the hundreds (d_in / 2 by default) gathered
+    /// pairs would take `batch x aux_k x d_in` floats (34 GB at 4,096 x 1,024 x 2,048), so the
+    /// codes are scattered into a matrix, over the dead features' own columns when they are few
+    /// and over every feature when they are many.
     #[allow(clippy::too_many_arguments)]
     fn aux_pass(
         &self,
@@ -1213,53 +1283,121 @@ impl DeviceTrainer {
         diff: &Tensor,
         n_total: usize,
         acc: &MatrixGrads,
+        dead: &DeadSet,
         aux_k: usize,
         aux_coefficient: f64,
     ) -> Result<AuxOut> {
         let (n, d_sae) = pre.dims2()?;
+        let count = match dead {
+            DeadSet::None => {
+                return Ok(AuxOut {
+                    loss: Tensor::zeros((), DType::F32, &self.device)?,
+                    g_b_enc: Tensor::zeros(d_sae, DType::F32, &self.device)?,
+                });
+            }
+            DeadSet::Few { count, .. } | DeadSet::Many { count, .. } => *count,
+        };
+        let aux_c = (count as f64 / aux_k as f64).min(1.0) * aux_coefficient;
         let w_dec = &self.params[2];
-        // AuxK: the dead features' top `aux_k` pre-activations (no ReLU) reconstruct the residual
-        // without b_dec; scaled by min(n_dead / aux_k, 1). Features that are not dead are masked
-        // out of the ranking, and any of them that still land in the top (fewer than `aux_k`
-        // dead) are multiplied by 0, which is the host's `min(aux_k, n_dead)`. With `aux_k` in
-        // the hundreds (d_in / 2 by default) gathered pairs would take `batch x aux_k x d_in`
-        // floats (34 GB at 4,096 x 1,024 x 2,048), so AuxK's codes are scattered into a
-        // `[batch, d_sae]` matrix and go through dense products instead.
-        let dead = self
-            .tokens_since_fired
-            .ge(self.cfg.dead_window_tokens as f64)?
-            .to_dtype(DType::F32)?;
-        let n_dead = dead.sum_all()?;
-        let aux_c = ((n_dead / aux_k as f64)?.minimum(1.0)? * aux_coefficient)?;
-        // Features that are not dead rank below every dead one: a row of offsets added to the
-        // pre-activations (0 for dead, -1e30 otherwise, which absorbs any pre-activation) makes
-        // the ranking matrix in one pass, with no mask or fill matrix beside it.
-        let offset = ((dead.ones_like()? - &dead)? * -1e30)?.unsqueeze(0)?;
-        let ranked = pre.broadcast_add(&offset)?;
-        let ak = aux_k.min(d_sae);
+        // The ranked columns: the dead features' own (`Few`), or every feature's with the live
+        // ones pushed below every dead one by an offset row (0 for dead, -1e30 otherwise, which
+        // absorbs any pre-activation): the ranking matrix in one pass, no mask beside it.
+        let (ranked, w, width) = match dead {
+            DeadSet::Few { idx, .. } => (
+                pre.index_select(idx, 1)?,
+                w_dec.index_select(idx, 0)?,
+                count,
+            ),
+            DeadSet::Many { mask, .. } => {
+                let offset = ((mask.ones_like()? - mask)? * -1e30)?.unsqueeze(0)?;
+                (pre.broadcast_add(&offset)?, w_dec.clone(), d_sae)
+            }
+            DeadSet::None => unreachable!("returned above"),
+        };
+        let ak = aux_k.min(width);
         let aidx = top_k_indices(&ranked, ak)?;
+        let vals = match dead {
+            DeadSet::Few { .. } => ranked.gather(&aidx, 1)?,
+            _ => pre.gather(&aidx, 1)?,
+        };
         drop(ranked);
-        let chosen = dead
-            .index_select(&aidx.flatten_all()?, 0)?
-            .reshape((n, ak))?;
-        // Scattered in place into fresh zeros: two `[n, d_sae]` matrices, not three.
-        let aux_codes = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
-        aux_codes.scatter_add_set(&aidx, &(pre.gather(&aidx, 1)? * &chosen)?, 1)?;
-        let aux_mask = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
+        // Over every feature, live ones that still land in the top (fewer than `aux_k` dead)
+        // count 0, which is the host's `min(aux_k, n_dead)`.
+        let chosen = match dead {
+            DeadSet::Many { mask, .. } => mask
+                .index_select(&aidx.flatten_all()?, 0)?
+                .reshape((n, ak))?,
+            _ => vals.ones_like()?,
+        };
+        // Scattered in place into fresh zeros: two `[n, width]` matrices, not three.
+        let aux_codes = Tensor::zeros((n, width), DType::F32, &self.device)?;
+        aux_codes.scatter_add_set(&aidx, &(vals * &chosen)?, 1)?;
+        let aux_mask = Tensor::zeros((n, width), DType::F32, &self.device)?;
         aux_mask.scatter_add_set(&aidx, &chosen, 1)?;
-        let adiff = (self.mm(&aux_codes, w_dec)? + diff)?; // recon_aux - (x - x̂)
+        let adiff = (self.mm(&aux_codes, &w)? + diff)?; // recon_aux - (x - x̂)
         let aux_sq = adiff.sqr()?.sum_all()?;
-        let aux_loss = (aux_sq.broadcast_mul(&aux_c)? / n_total as f64)?;
-        let d_aux = adiff.broadcast_mul(&(&aux_c * (2.0 / n_total as f64))?)?;
+        let aux_loss = ((aux_sq * aux_c)? / n_total as f64)?;
+        let d_aux = (adiff * (aux_c * 2.0 / n_total as f64))?;
+        let into = match dead {
+            DeadSet::Few { grads, .. } => grads,
+            _ => acc,
+        };
         // `W_dec`'s part first, so that the codes are freed before the encoder's gradient exists.
-        acc.add_dec(self, &aux_codes, &d_aux)?;
+        into.add_dec(self, &aux_codes, &d_aux)?;
         drop(aux_codes);
-        let g_pre_aux = (self.mm(&d_aux, &w_dec.t()?)? * &aux_mask)?;
+        let g_pre_aux = (self.mm(&d_aux, &w.t()?)? * &aux_mask)?;
         drop(aux_mask);
-        acc.add_enc(self, &g_pre_aux, xc)?;
+        into.add_enc(self, &g_pre_aux, xc)?;
+        let g_b_enc = match dead {
+            DeadSet::Few { inv, .. } => Tensor::cat(
+                &[
+                    &g_pre_aux.sum(0)?,
+                    &Tensor::zeros(1, DType::F32, &self.device)?,
+                ],
+                0,
+            )?
+            .index_select(inv, 0)?,
+            _ => g_pre_aux.sum(0)?,
+        };
         Ok(AuxOut {
             loss: aux_loss,
-            g_b_enc: g_pre_aux.sum(0)?,
+            g_b_enc,
+        })
+    }
+
+    /// The features dead before this step, for AuxK (none for the rules without it): one host
+    /// read of a byte per feature, which also tells whether AuxK runs at all.
+    fn dead_set(&self) -> Result<DeadSet> {
+        if !matches!(self.rule, Rule::TopK { .. } | Rule::BatchTopK { .. }) {
+            return Ok(DeadSet::None);
+        }
+        let mask = self
+            .tokens_since_fired
+            .ge(self.cfg.dead_window_tokens as f64)?;
+        let rows: Vec<u32> = (0u32..)
+            .zip(mask.to_vec1::<u8>()?)
+            .filter_map(|(f, d)| (d != 0).then_some(f))
+            .collect();
+        let count = rows.len();
+        if count == 0 {
+            return Ok(DeadSet::None);
+        }
+        if count > self.compact_aux_limit {
+            return Ok(DeadSet::Many {
+                mask: mask.to_dtype(DType::F32)?,
+                count,
+            });
+        }
+        let mut inv = vec![count as u32; self.cfg.d_sae];
+        for (at, &f) in (0u32..).zip(&rows) {
+            inv[f as usize] = at;
+        }
+        Ok(DeadSet::Few {
+            idx: Tensor::new(rows.as_slice(), &self.device)?,
+            inv: Tensor::new(inv.as_slice(), &self.device)?,
+            grads: MatrixGrads::zeros(count, self.cfg.d_in, &self.device)?,
+            rows,
+            count,
         })
     }
 
@@ -1374,6 +1512,7 @@ impl DeviceTrainer {
         k: f64,
         n_total: usize,
         acc: &MatrixGrads,
+        dead: &DeadSet,
         inner_widths: &[usize],
         aux_k: usize,
         aux_coefficient: f64,
@@ -1417,7 +1556,7 @@ impl DeviceTrainer {
         }
         let g_pre = (g_a * &on)?;
         acc.add_enc(self, &g_pre, xc)?;
-        let aux = self.aux_pass(xc, pre, &diff, n_total, acc, aux_k, aux_coefficient)?;
+        let aux = self.aux_pass(xc, pre, &diff, n_total, acc, dead, aux_k, aux_coefficient)?;
         let pass = Pass {
             g_b_enc: (g_pre.sum(0)? + aux.g_b_enc)?,
             g_b_dec,
@@ -1768,6 +1907,61 @@ impl Drop for InProcess {
 struct DecoderNormL1 {
     loss: Tensor,
     g_codes: Tensor,
+}
+
+/// The features AuxK trains in one step: those dead before it. Every chunk of the step sees the
+/// same set, and so does every replica of a group (their firing counters are the group's).
+enum DeadSet {
+    /// None is dead (or the rule has no AuxK): AuxK adds nothing, and none of it runs, as
+    /// SAELens skips it.
+    None,
+    /// At most [`DeviceTrainer::with_compact_aux_limit`]'s features: AuxK ranks, decodes and
+    /// differentiates their own columns and rows, `8 · count · d_in` FLOPs a token, into
+    /// gradients of their own that join the full ones once per step ([`DeadSet::write_back`]).
+    Few {
+        /// The dead features, ascending, `[count]` u32 on the device and on the host.
+        idx: Tensor,
+        rows: Vec<u32>,
+        /// Each feature's place among the dead ones, `count` for a live one: results go back
+        /// to every feature by a gather from them with a zero appended.
+        inv: Tensor,
+        grads: MatrixGrads,
+        count: usize,
+    },
+    /// More: a mask over every feature (`[d_sae]` f32, 1 for dead), through dense products,
+    /// `8 · d_sae · d_in` FLOPs a token.
+    Many { mask: Tensor, count: usize },
+}
+
+impl DeadSet {
+    /// Adds the dead features' own gradients into the rows of the full ones, after every
+    /// chunk. By gathers through `inv`, a row block at a time (skipping blocks without a dead
+    /// feature), not a scatter: candle's CUDA scatter along rows walks the rows one after
+    /// another.
+    fn write_back(&self, sae: &DeviceTrainer, acc: &MatrixGrads) -> Result<()> {
+        let DeadSet::Few {
+            rows, inv, grads, ..
+        } = self
+        else {
+            return Ok(());
+        };
+        for (own, full) in [(&grads.w_enc, &acc.w_enc), (&grads.w_dec, &acc.w_dec)] {
+            let zero = Tensor::zeros((1, own.dim(1)?), DType::F32, own.device())?;
+            let padded = Tensor::cat(&[own, &zero], 0)?;
+            for (start, len) in sae.row_blocks(full)? {
+                let first = rows.partition_point(|&f| (f as usize) < start);
+                if rows.get(first).is_none_or(|&f| f as usize >= start + len) {
+                    continue;
+                }
+                add_rows(
+                    full,
+                    &padded.index_select(&inv.narrow(0, start, len)?, 0)?,
+                    start,
+                )?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// AuxK's loss and gradients.

@@ -157,6 +157,16 @@ fn every_feature_dead_matches_the_host_path() {
 /// steps; a free decoder norm; no b_dec subtracted before encoding.
 #[test]
 fn a_changing_dead_set_and_clipping_match_the_host_path() {
+    let (aux, max_grad_norm, dead) = agree(changing_dead_set_config());
+    assert!(aux > 0.0, "AuxK never ran");
+    assert!(
+        dead.iter().any(|&d| d > 0 && d < 60) && dead.windows(2).any(|w| w[0] != w[1]),
+        "the dead set should change and stay under aux_k: {dead:?}"
+    );
+    assert!(max_grad_norm > 0.05, "clipping never applied");
+}
+
+fn changing_dead_set_config() -> TrainerConfig {
     let mut topk = TopKTraining::new(3);
     topk.aux_k = Some(60);
     topk.decoder_norm = DecoderNorm::Free;
@@ -166,13 +176,53 @@ fn a_changing_dead_set_and_clipping_match_the_host_path() {
     cfg.dead_window_tokens = 2 * N as u64;
     cfg.grad_clip_norm = Some(0.05);
     cfg.seed = 5;
-    let (aux, max_grad_norm, dead) = agree(cfg);
-    assert!(aux > 0.0, "AuxK never ran");
-    assert!(
-        dead.iter().any(|&d| d > 0 && d < 60) && dead.windows(2).any(|w| w[0] != w[1]),
-        "the dead set should change and stay under aux_k: {dead:?}"
-    );
-    assert!(max_grad_norm > 0.05, "clipping never applied");
+    cfg
+}
+
+/// AuxK three ways: skipped while no feature is dead, on the dead features' own columns and
+/// rows (forced with a limit of every feature), and over every feature with the live ones
+/// masked (a limit of none); TopK's main pairs two ways: their rows scattered, and scattered
+/// code matrices through dense products (CUDA's default). Each takes the host path's steps,
+/// in one pass and in token chunks with small row blocks (the dead features' own gradients add
+/// up across chunks and go back block by block), and so do two replicas, each on half the batch.
+#[test]
+fn every_way_of_taking_auxk_and_the_pairs_matches_the_host_path() {
+    for cfg in [
+        changing_dead_set_config(),
+        resident_config(),
+        batchtopk_config(),
+        matryoshka_config(),
+    ] {
+        let topk = matches!(cfg.sae, ArchitectureConfig::TopK(_));
+        for limit in [0, D_SAE] {
+            for dense in if topk { vec![false, true] } else { vec![false] } {
+                for chunk in [None, Some(7)] {
+                    let way = |d: DeviceTrainer| {
+                        let d = d.with_compact_aux_limit(limit).with_dense_pairs(dense);
+                        match chunk {
+                            // Row blocks of 3 features too: most hold no dead feature.
+                            Some(rows) => d
+                                .with_token_chunk(rows)
+                                .unwrap()
+                                .with_update_block(3 * D_IN),
+                            None => d,
+                        }
+                    };
+                    eprintln!(
+                        "{:?}: limit {limit}, dense {dense}, chunk {chunk:?}",
+                        cfg.sae
+                    );
+                    let (aux, _, dead) = agree_with(cfg.clone(), &Device::Cpu, STEPS, way);
+                    assert!(aux > 0.0, "AuxK never ran");
+                    // Step 0 has none dead; the others some.
+                    assert!(dead.iter().any(|&c| c > 0), "{dead:?}");
+                }
+                replicas_agree_with(cfg.clone(), |d| {
+                    d.with_compact_aux_limit(limit).with_dense_pairs(dense)
+                });
+            }
+        }
+    }
 }
 
 /// k close to d_sae: many of the k selected pre-activations are negative, and after the ReLU
@@ -757,13 +807,21 @@ fn two_standard_replicas_take_the_whole_batch_step() {
 }
 
 /// Runs one device and two replicas from the same start; returns the AuxK losses.
-fn replicas_agree(mut cfg: TrainerConfig) -> Vec<f64> {
+fn replicas_agree(cfg: TrainerConfig) -> Vec<f64> {
+    replicas_agree_with(cfg, |d| d)
+}
+
+/// [`replicas_agree`] with every trainer set up by `tweak`.
+fn replicas_agree_with(
+    mut cfg: TrainerConfig,
+    tweak: impl Fn(DeviceTrainer) -> DeviceTrainer + Copy,
+) -> Vec<f64> {
     if cfg.b_dec_init != sae_core::BDecInit::Zeros {
         cfg.b_dec_init = sae_core::BDecInit::Mean;
     }
     cfg.lr = 5e-3;
     let start = Trainer::new(cfg.clone()).unwrap();
-    let mut whole = DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap();
+    let mut whole = tweak(DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap());
     let whole_losses: Vec<(f64, f64, f64)> = (0..STEPS)
         .map(|s| {
             let h = whole.step(&batch(s)).unwrap().host().unwrap();
@@ -771,22 +829,17 @@ fn replicas_agree(mut cfg: TrainerConfig) -> Vec<f64> {
         })
         .collect();
 
-    let done = on_replicas(
-        &start,
-        2,
-        |d| d,
-        |rank, mut d| {
-            let losses: Vec<(f64, f64, f64)> = (0..STEPS)
-                .map(|s| {
-                    let half = batch(s).narrow(0, rank * N / 2, N / 2).unwrap();
-                    let h = d.step(&half).unwrap().host().unwrap();
-                    (h.loss, h.aux_loss, h.sparsity_loss)
-                })
-                .collect();
-            let theta = d.topk_threshold().unwrap();
-            (d.params_host().unwrap(), d.tokens_seen(), losses, theta)
-        },
-    );
+    let done = on_replicas(&start, 2, tweak, |rank, mut d| {
+        let losses: Vec<(f64, f64, f64)> = (0..STEPS)
+            .map(|s| {
+                let half = batch(s).narrow(0, rank * N / 2, N / 2).unwrap();
+                let h = d.step(&half).unwrap().host().unwrap();
+                (h.loss, h.aux_loss, h.sparsity_loss)
+            })
+            .collect();
+        let theta = d.topk_threshold().unwrap();
+        (d.params_host().unwrap(), d.tokens_seen(), losses, theta)
+    });
     assert_eq!(
         done[0].1,
         STEPS * N as u64,
@@ -810,13 +863,15 @@ fn replicas_agree(mut cfg: TrainerConfig) -> Vec<f64> {
     );
     assert_eq!(done[0].3, done[1].3);
 
-    let mut alone = DeviceTrainer::from_trainer(&start, &Device::Cpu)
-        .unwrap()
-        .with_collective(sae_core::InProcess::group(1).remove(0));
+    let mut alone = tweak(
+        DeviceTrainer::from_trainer(&start, &Device::Cpu)
+            .unwrap()
+            .with_collective(sae_core::InProcess::group(1).remove(0)),
+    );
     for s in 0..STEPS {
         alone.step(&batch(s)).unwrap();
     }
-    let mut plain = DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap();
+    let mut plain = tweak(DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap());
     for s in 0..STEPS {
         plain.step(&batch(s)).unwrap();
     }
@@ -851,6 +906,15 @@ fn device_path_matches_on(dev: &Device) {
     topk.seed = 11;
     let (aux, _, _) = agree_on(topk, dev);
     assert!(aux > 0.0, "AuxK never ran");
+    // The changing dead set: AuxK skipped, on the dead rows alone and over every feature;
+    // TopK's pairs scattered row by row (the CPU's default) and through code matrices (CUDA's).
+    for limit in [0, D_SAE] {
+        for dense in [false, true] {
+            agree_with(changing_dead_set_config(), dev, STEPS, |d| {
+                d.with_compact_aux_limit(limit).with_dense_pairs(dense)
+            });
+        }
+    }
     agree_on(standard_l1_config(), dev);
     resampling_matches_on(dev);
     for cfg in [
