@@ -362,32 +362,13 @@ impl DeviceStep {
     }
 }
 
-/// Why `trainer` cannot train on the device path, or `None` when it can.
-pub(crate) fn device_path_refusal(trainer: &Trainer) -> Option<&'static str> {
-    let cfg = trainer.config();
-    if cfg.encoder_bias_init_l0.is_some() && trainer.needs_data_init() {
-        return Some("the encoder-bias init for a target L0 is not on the device path");
-    }
-    None
-}
-
 impl DeviceTrainer {
     /// Copies a host trainer onto `device`.
     ///
     /// # Errors
-    /// A configuration error with an encoder-bias init still to do (that step is the host
-    /// trainer's: [`crate::train_many`] hands it over); candle errors from the copy.
+    /// Candle errors from the copy; a configuration error for a Matryoshka SAE whose widths do
+    /// not fit.
     pub fn from_trainer(trainer: &Trainer, device: &Device) -> Result<Self> {
-        if let Some(why) = device_path_refusal(trainer) {
-            return Err(SaeError::config("device training", why));
-        }
-        Self::between_host_steps(trainer, device)
-    }
-
-    /// [`DeviceTrainer::from_trainer`] for a trainer whose encoder-bias init the caller runs on
-    /// the host ([`crate::train_many`] takes that first step on the host path and the others
-    /// here).
-    pub(crate) fn between_host_steps(trainer: &Trainer, device: &Device) -> Result<Self> {
         let cfg = trainer.config().clone();
         let (rule, apply_b_dec, decoder_norm) = match &cfg.sae {
             ArchitectureConfig::TopK(t) => (
@@ -792,15 +773,18 @@ impl DeviceTrainer {
         if scale != 1.0 {
             x = (x * f64::from(scale))?;
         }
-        if self.needs_data_init {
-            self.init_b_dec(&x, n, n_total)?;
-            self.needs_data_init = false;
+        let data_init = std::mem::take(&mut self.needs_data_init);
+        if data_init {
+            self.init_b_dec(&x)?;
         }
         let xc = if self.apply_b_dec {
             x.broadcast_sub(&self.params[3])?
         } else {
             x.clone()
         };
+        if let (true, Some(target)) = (data_init, self.cfg.encoder_bias_init_l0) {
+            self.init_encoder_bias(&xc, target)?;
+        }
         let sparsity_scale = self.cfg.sparsity_scale_at(self.step);
         // The tokens go through the passes in chunks of `token_chunk` rows (all at once by
         // default): every `[rows, d_sae]` temporary shrinks with the chunk, and the passes' sums
@@ -1615,20 +1599,18 @@ impl DeviceTrainer {
     /// errors and the encoder's row norms (a few floats per feature and token), draws the same
     /// tokens from the same stream, and the rows are written in place. `x` is this step's
     /// (scaled) batch, `token_sq_err` its tokens' squared errors.
+    ///
+    /// Replicas first gather the whole batch's errors and rows, so that each draws what one
+    /// device would and writes the same rows.
     fn resample_dead(&mut self, x: &Tensor, token_sq_err: Option<&Tensor>) -> Result<()> {
-        if matches!(&self.collective, Some(c) if c.world_size() > 1) {
-            return Err(SaeError::config(
-                "resample_at_steps",
-                "resampling draws from the whole batch's tokens, which replicas split; \
-                 resample with one replica",
-            ));
-        }
         let Some(token_sq_err) = token_sq_err else {
             return Err(SaeError::config(
                 "resample_at_steps",
                 "only the standard SAE resamples dead features",
             ));
         };
+        let token_sq_err = &self.gather_rows(token_sq_err)?;
+        let x = &self.gather_rows(x)?;
         let (n, d_in) = x.dims2()?;
         let window = self.cfg.dead_window_tokens as f64;
         let since = self.tokens_since_fired.to_vec1::<f64>()?;
@@ -1716,33 +1698,84 @@ impl DeviceTrainer {
     }
 
     /// `b_dec` from the first batch (once per run, on the host: the geometric median is an
-    /// iterative solve that is not worth a kernel). Replicas average theirs, weighted by their
-    /// tokens: the whole batch's mean exactly, the geometric medians' weighted mean otherwise.
-    fn init_b_dec(&mut self, x: &Tensor, n: usize, n_total: usize) -> Result<()> {
+    /// iterative solve that is not worth a kernel), the whole group's rows gathered first, so
+    /// that replicas start where one device would.
+    fn init_b_dec(&mut self, x: &Tensor) -> Result<()> {
         let d_in = self.cfg.d_in;
         if self.cfg.b_dec_init == BDecInit::Zeros {
             return Ok(());
         }
-        let rows = x.flatten_all()?.to_vec1::<f32>()?;
+        let x = self.gather_rows(x)?;
+        let n = x.dim(0)?;
         // No rows, no estimate (a mean of none is NaN).
-        let b = (n > 0)
-            .then(|| b_dec_from_data(self.cfg.b_dec_init, &rows, n, d_in))
-            .flatten();
-        let alone = !matches!(&self.collective, Some(c) if c.world_size() > 1);
-        if alone {
-            if let Some(b) = b {
-                self.params[3] = Tensor::from_vec(b, d_in, &self.device)?;
-            }
-            return Ok(());
-        }
-        // A replica without rows adds nothing, but joins the sum: the group's collectives are
-        // matched by their order.
-        let b = Tensor::from_vec(b.unwrap_or_else(|| vec![0.0; d_in]), d_in, &self.device)?;
-        let sum = self.sum_over_group((b * n as f64)?)?;
-        if n_total > 0 {
-            self.params[3] = (sum / n_total as f64)?;
+        if n > 0
+            && let Some(b) =
+                b_dec_from_data(self.cfg.b_dec_init, &x.flatten_all()?.to_vec1()?, n, d_in)
+        {
+            self.params[3] = Tensor::from_vec(b, d_in, &self.device)?;
         }
         Ok(())
+    }
+
+    /// Sets the encoder bias (`b_enc`; `b_gate` for gated) so that each feature fires on about
+    /// `target / d_sae` of the first batch, as the host path's first step does
+    /// ([`TrainerConfig::encoder_bias_init_l0`]): minus the feature's `r`-th largest
+    /// pre-activation on the centred rows `xc` (the whole group's), `r = target / d_sae · n`.
+    /// A block of features at a time, each block's `[features, n]` products ranked along the
+    /// tokens, from whichever end is nearer the `r`-th.
+    fn init_encoder_bias(&mut self, xc: &Tensor, target: usize) -> Result<()> {
+        let xc = self.gather_rows(xc)?;
+        let (n, d_sae) = (xc.dim(0)?, self.cfg.d_sae);
+        if n == 0 {
+            return Ok(());
+        }
+        let r = ((target as f64 / d_sae as f64) * n as f64)
+            .round()
+            .clamp(0.0, (n - 1) as f64) as usize;
+        let bias = Tensor::zeros(d_sae, DType::F32, &self.device)?;
+        let xt = gemm_operand(&xc.t()?)?;
+        let rows = (self.update_block / n).max(1);
+        for start in (0..d_sae).step_by(rows) {
+            let len = rows.min(d_sae - start);
+            // In f32 whatever the compute dtype: the host's products are f32.
+            let h = gemm_operand(&self.params[0].narrow(0, start, len)?)?.matmul(&xt)?;
+            // The r-th largest is the smallest of the r + 1 largest, or the largest of the
+            // n - r smallest.
+            let nth = if r < n / 2 {
+                h.gather(&top_k_indices(&h, r + 1)?, 1)?.min(1)?
+            } else {
+                let low = h.neg()?;
+                low.gather(&top_k_indices(&low, n - r)?, 1)?.min(1)?
+            };
+            let b = if r < n / 2 { nth.neg()? } else { nth };
+            bias.slice_set(&b, 0, start)?;
+        }
+        self.params[1] = bias;
+        Ok(())
+    }
+
+    /// This replica's rows `t` (`[n, ...]`) and every other replica's, in rank order: the whole
+    /// batch, as one device would hold it (alone, `t` itself). An all-reduce of sums into which
+    /// each replica writes its own rows; for the few steps that need the batch itself (the data
+    /// inits, resampling), not for every step.
+    fn gather_rows(&self, t: &Tensor) -> Result<Tensor> {
+        let Some(c) = self.collective.as_ref().filter(|c| c.world_size() > 1) else {
+            return Ok(t.clone());
+        };
+        let n = t.dim(0)?;
+        let mut mine = vec![0f64; c.world_size()];
+        mine[c.rank()] = n as f64;
+        let counts = c
+            .all_reduce_sum(&Tensor::new(mine.as_slice(), &self.device)?)?
+            .to_vec1::<f64>()?;
+        let offset: f64 = counts[..c.rank()].iter().sum();
+        let mut dims = t.dims().to_vec();
+        dims[0] = counts.iter().sum::<f64>() as usize;
+        let whole = Tensor::zeros(dims, t.dtype(), &self.device)?;
+        if n > 0 {
+            whole.slice_set(&t.contiguous()?, 0, offset as usize)?;
+        }
+        c.all_reduce_sum(&whole)
     }
 }
 
@@ -1752,6 +1785,9 @@ impl DeviceTrainer {
 /// calls in the same order, whatever its share of the batch (none included).
 pub trait Collective: Send + Sync {
     fn world_size(&self) -> usize;
+    /// This replica's place in the group, `0..world_size`: its rows come at that place in the
+    /// whole batch.
+    fn rank(&self) -> usize;
     /// The element-wise sum of `t` over every replica, the same tensor for each of them. Every
     /// replica must call it the same number of times, in the same order.
     ///
@@ -1818,6 +1854,10 @@ impl InProcess {
 impl Collective for InProcess {
     fn world_size(&self) -> usize {
         self.shared.size
+    }
+
+    fn rank(&self) -> usize {
+        self.rank
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {

@@ -100,8 +100,11 @@ impl Nccl {
             Id::uninit(internal)
         };
         let comm = Comm::from_rank(cuda.cuda_stream(), rank, world_size, id).map_err(nccl)?;
+        // Shared with the all-reduce ops; `Nccl` itself is Send and Sync (above).
+        #[allow(clippy::arc_with_non_send_sync)]
+        let comm = Arc::new(Mutex::new(comm));
         Ok(Nccl {
-            comm: Arc::new(Mutex::new(comm)),
+            comm,
             rank,
             world_size,
         })
@@ -115,6 +118,10 @@ impl Nccl {
 impl Collective for Nccl {
     fn world_size(&self) -> usize {
         self.world_size
+    }
+
+    fn rank(&self) -> usize {
+        self.rank
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {

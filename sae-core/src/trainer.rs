@@ -618,9 +618,7 @@ impl Trainer {
     }
 
     /// Trains on `device`. On a GPU the whole step stays there ([`crate::DeviceTrainer`], through
-    /// [`train_many`] and [`Trainer::train`]), resampling included, except the first step when
-    /// it sets the encoder bias for a target L0: that one runs on the host path (its encoder
-    /// product on the GPU), with the state handed over before and taken back after.
+    /// [`train_many`] and [`Trainer::train`]), the data inits and resampling included.
     pub fn with_device(mut self, device: Device) -> Self {
         self.resident = !device.is_cpu();
         self.device = device;
@@ -647,12 +645,6 @@ impl Trainer {
         opts.check()?;
         self.device_options = opts;
         Ok(self)
-    }
-
-    /// Whether the next step must run on the host path: it is the first and sets the encoder
-    /// bias for a target L0 (resampling runs on the device path).
-    fn next_step_on_host(&self) -> bool {
-        self.needs_data_init && self.cfg.encoder_bias_init_l0.is_some()
     }
 
     pub fn config(&self) -> &TrainerConfig {
@@ -1292,8 +1284,7 @@ pub fn train_many(
             "all trainers must share d_in",
         ));
     }
-    // A resident trainer's device run, made when its next step is one for the device and
-    // handed back before a step for the host (the encoder-bias init).
+    // A resident trainer's device run, made at its first step here.
     let mut resident: Vec<Option<crate::DeviceTrainer>> = trainers.iter().map(|_| None).collect();
     let mut batch_index = start;
     while trainers.iter().any(|t| !t.is_done()) {
@@ -1303,9 +1294,9 @@ pub fn train_many(
         };
         // The host copy (checked for NaN) only when a trainer on the host path needs it: the
         // device path counts non-finite values on the device, so a GPU batch stays there.
-        let needs_host = trainers.iter().any(|t| {
-            (!t.resident || t.next_step_on_host()) && !t.is_done() && t.step <= batch_index
-        });
+        let needs_host = trainers
+            .iter()
+            .any(|t| !t.resident && !t.is_done() && t.step <= batch_index);
         let hb = needs_host
             .then(|| HostBatch::from_tensor(&batch, d_in))
             .transpose()?;
@@ -1317,17 +1308,11 @@ pub fn train_many(
             }
             let (log_every, total) = (t.cfg.log_every, t.cfg.total_steps);
             let logged = |step: u64| step.is_multiple_of(log_every) || step == total;
-            if t.resident {
-                if t.next_step_on_host() {
-                    if let Some(d) = resident[i].take() {
-                        d.write_to(t)?;
-                    }
-                } else if resident[i].is_none() {
-                    resident[i] = Some(
-                        crate::DeviceTrainer::between_host_steps(t, &t.device)?
-                            .with_options(&t.device_options)?,
-                    );
-                }
+            if t.resident && resident[i].is_none() {
+                resident[i] = Some(
+                    crate::DeviceTrainer::from_trainer(t, &t.device)?
+                        .with_options(&t.device_options)?,
+                );
             }
             let m = if let Some(d) = resident[i].as_mut() {
                 let x = match &uploaded {
