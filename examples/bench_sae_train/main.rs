@@ -80,8 +80,9 @@ struct Args {
     /// Adam's moments on the device path: f32, or bf16 (`DeviceTrainer::with_moment_dtype`).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     moments: String,
-    /// How the device path's TopK pairs reach the gradients: `scatter` (each pair's rows, the
-    /// CPU's default) or `dense` (code matrices through dense products, CUDA's default); see
+    /// How the device path's TopK pairs reach the gradients: `scatter` (each pair's row added in
+    /// place: a loop on the CPU, an atomic-add kernel on CUDA; the CPU's default) or `dense`
+    /// (code matrices through dense products, CUDA's default); see
     /// `DeviceTrainer::with_dense_pairs`.
     #[arg(long, value_parser = ["dense", "scatter"])]
     pairs: Option<String>,

@@ -18,9 +18,9 @@
 //! TopK works on the selected (token, feature) pairs for the main reconstruction: the decoder
 //! rows of each token's k features are gathered (`index_select`), `batch x k x d_in` floats.
 //! Their gradients reach `W_enc` and `W_dec` one of two ways ([`DeviceTrainer::with_dense_pairs`]):
-//! scattered back row by row, `2 · k · d_in` FLOPs a token, which is right on the CPU; or, on
-//! CUDA, scattered into `[batch, d_sae]` code matrices that go through dense products, because
-//! candle's CUDA scatter along rows runs one thread per column that walks every pair in turn.
+//! each pair's row added in place (`crate::pairs`, a loop on the CPU and an atomic-add kernel on
+//! CUDA), `2 · k · d_in` FLOPs a token; or scattered into `[batch, d_sae]` code matrices that go
+//! through dense products, CUDA's default until that kernel has run on a GPU.
 //! AuxK's `aux_k` per token (d_in / 2 by default) would make gathered pairs `batch x aux_k x
 //! d_in`, so its codes are scattered into a matrix and go through dense products, as the
 //! standard SAE's codes do (a ReLU SAE early in training fires on half its features) and
@@ -213,7 +213,7 @@ pub struct DeviceTrainer {
     /// The replicas this one trains with (data parallel); `None`: alone.
     collective: Option<Arc<dyn Collective>>,
     /// TopK's pair gradients through two scattered `[rows, d_sae]` code matrices and dense
-    /// products (the default on CUDA) instead of scattering each pair's rows (the default
+    /// products (the default on CUDA) instead of each pair's row added in place (the default
     /// elsewhere); see [`DeviceTrainer::with_dense_pairs`].
     dense_pairs: bool,
     /// Features AuxK may take on their own rows at most (`d_sae / COMPACT_AUX_SHARE`).
@@ -579,13 +579,14 @@ impl DeviceTrainer {
     }
 
     /// Sets how TopK's main (token, feature) pairs reach the gradients of `W_enc`, `W_dec` and
-    /// `b_enc`. Scattered (`false`): each pair's rows are added in place, `2 · k · d_in` FLOPs a
-    /// token, the CPU's default. Dense (`true`): the codes and their gradients are scattered
-    /// into two `[rows, d_sae]` matrices that go through the products the standard SAE's codes
-    /// do, `4 · d_sae · d_in` FLOPs a token, CUDA's default: candle's CUDA scatter along rows
-    /// and its 1-D `index_add` run one thread per column (`d_in` threads, or a single one for
-    /// the per-feature sums) that walks every pair in turn, about `batch · k` dependent memory
-    /// round trips (131,072 at 4,096 x 32), where the products run at the tensor cores' rate.
+    /// `b_enc`. Pair rows (`false`, the CPU's default): each pair's row is added in place,
+    /// `2 · k · d_in` FLOPs a token (`crate::pairs`: a loop on the CPU, an atomic-add kernel on
+    /// CUDA, where the order of the additions, so the last bits, vary from run to run). Dense
+    /// (`true`, CUDA's default until the kernel has been run and timed on a GPU): the codes and
+    /// their gradients are scattered along each token's row into two `[rows, d_sae]` matrices
+    /// that go through the products the standard SAE's codes do, `4 · d_sae · d_in` FLOPs a
+    /// token, in cuBLAS's fixed order. (candle's own CUDA scatter along rows is no option: one
+    /// thread per column walks every pair in turn.)
     pub fn with_dense_pairs(mut self, dense: bool) -> Self {
         self.dense_pairs = dense;
         self
@@ -1096,12 +1097,7 @@ impl DeviceTrainer {
             (g_codes.sum(0)?, fires)
         } else {
             let g_b_enc = acc.add_pairs(&flat, &vals, &g_pairs, &d_xhat, xc, d_sae)?;
-            let fires = Tensor::zeros(d_sae, DType::F32, &self.device)?.index_add(
-                &flat,
-                &on.flatten_all()?,
-                0,
-            )?;
-            (g_b_enc, fires)
+            (g_b_enc, per_feature_sums(&flat, &on, d_sae)?)
         };
         let aux = self.aux_pass(xc, pre, &diff, n_total, acc, dead, aux_k, aux_coefficient)?;
         Ok(Pass {
@@ -2102,9 +2098,9 @@ impl MatrixGrads {
 
     /// The gradients that (token, feature) pairs give: for pairs with activations `a`,
     /// gradients `g` with respect to their pre-activations, the reconstruction gradient `d` of
-    /// their tokens and the centred inputs `xc`: `W_dec[f] += Σ a·d`, `W_enc[f] += Σ g·xc`.
-    /// Returns `b_enc`'s, `Σ g` per feature. `features`: `[t·k]` u32; `a`, `g`: `[t, k]`; `d`,
-    /// `xc`: `[t, d_in]`.
+    /// their tokens and the centred inputs `xc`: `W_dec[f] += Σ a·d`, `W_enc[f] += Σ g·xc`, each
+    /// pair's row added in place (`crate::pairs`). Returns `b_enc`'s, `Σ g` per feature.
+    /// `features`: `[t·k]` u32; `a`, `g`: `[t, k]`; `d`, `xc`: `[t, d_in]`.
     fn add_pairs(
         &self,
         features: &Tensor,
@@ -2114,28 +2110,19 @@ impl MatrixGrads {
         xc: &Tensor,
         d_sae: usize,
     ) -> Result<Tensor> {
-        let (t, k) = a.dims2()?;
-        let d_in = d.dim(1)?;
-        let outer = |coef: &Tensor, rows: &Tensor| -> Result<Tensor> {
-            Ok(coef
-                .unsqueeze(2)?
-                .broadcast_mul(&rows.unsqueeze(1)?)?
-                .reshape((t * k, d_in))?)
-        };
-        let rows = features
-            .unsqueeze(1)?
-            .broadcast_as((t * k, d_in))?
-            .contiguous()?;
-        self.w_dec.scatter_add_set(&rows, &outer(a, d)?, 0)?;
-        self.w_enc.scatter_add_set(&rows, &outer(g, xc)?, 0)?;
-        Ok(
-            Tensor::zeros(d_sae, DType::F32, features.device())?.index_add(
-                features,
-                &g.flatten_all()?,
-                0,
-            )?,
-        )
+        crate::pairs::add_pair_rows(&self.w_dec, features, a, d)?;
+        crate::pairs::add_pair_rows(&self.w_enc, features, g, xc)?;
+        per_feature_sums(features, g, d_sae)
     }
+}
+
+/// `Σ v` per feature over (token, feature) pairs (`features`: `[t·k]` u32, `v`: `[t, k]`), as
+/// `[d_sae]`: the pairs' rows of a `[t, 1]` column of ones, added into a `[d_sae, 1]` column.
+fn per_feature_sums(features: &Tensor, v: &Tensor, d_sae: usize) -> Result<Tensor> {
+    let sums = Tensor::zeros((d_sae, 1), DType::F32, v.device())?;
+    let ones = Tensor::ones((v.dim(0)?, 1), DType::F32, v.device())?;
+    crate::pairs::add_pair_rows(&sums, features, v, &ones)?;
+    Ok(sums.squeeze(1)?)
 }
 
 /// `t` itself when cuBLAS can read it as a matrix, row-major (`[r, c]` with strides `[c, 1]`)

@@ -72,6 +72,7 @@ mod model;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod optim;
+mod pairs;
 mod params;
 #[cfg(feature = "testkit")]
 pub mod testkit;

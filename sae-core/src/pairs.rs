@@ -1,0 +1,289 @@
+//! `acc[f, :] += a · rows[t, :]` for every (token `t`, feature `f`) pair of a TopK step, with the
+//! pair's coefficient `a`: how the pairs' gradients reach `W_enc`, `W_dec` and `b_enc`, and how
+//! their firing counts are made, without a `[pairs, width]` temporary.
+//!
+//! candle's `scatter_add` would need the pairs' index broadcast to `[pairs, width]` and their
+//! outer products written out, two temporaries of 1 GiB each at 4,096 tokens x 32 pairs x
+//! 2,048; and its CUDA kernel runs one thread per column that walks every pair in turn. Here the
+//! CPU adds each pair's row in place, in pair order, and CUDA runs one thread per (pair, column)
+//! with an atomic add (a kernel compiled by NVRTC the first time it is used): fully parallel,
+//! but the additions into one row land in no fixed order, so a CUDA run is not bit-reproducible
+//! through this op, where the dense products (cuBLAS) are.
+
+use candle_core::{CpuStorage, Layout, Storage, Tensor};
+
+use crate::error::Result;
+
+/// The pairs' features (`[tokens · k]` u32, row-major: pair `p` is token `p / k`'s); applied
+/// with [`add_pair_rows`].
+struct PairRowsAdd<'a> {
+    features: &'a Tensor,
+    k: usize,
+}
+
+/// Adds `coef[t, j] · rows[t, :]` into `acc[features[t·k + j], :]` for every pair, in place.
+/// `acc`: `[d_sae, width]` f32; `coef`: `[tokens, k]` f32; `rows`: `[tokens, width]` f32;
+/// `features`: `[tokens · k]` u32, each below `d_sae`. Pairs whose coefficient is zero add
+/// nothing.
+///
+/// # Errors
+/// Shapes, dtypes or devices that do not match, a feature out of range, layouts that are not
+/// contiguous.
+pub(crate) fn add_pair_rows(
+    acc: &Tensor,
+    features: &Tensor,
+    coef: &Tensor,
+    rows: &Tensor,
+) -> Result<()> {
+    let (tokens, k) = coef.dims2()?;
+    let (_, width) = acc.dims2()?;
+    if rows.dims() != [tokens, width] || features.dims() != [tokens * k] {
+        return Err(crate::SaeError::config(
+            "pair rows",
+            format!(
+                "rows {:?} and features {:?} for {tokens} tokens of {k} pairs into rows of {width}",
+                rows.dims(),
+                features.dims()
+            ),
+        ));
+    }
+    let coef = coef.contiguous()?;
+    let rows = rows.contiguous()?;
+    let features = features.contiguous()?;
+    acc.inplace_op3(
+        &coef,
+        &rows,
+        &PairRowsAdd {
+            features: &features,
+            k,
+        },
+    )?;
+    Ok(())
+}
+
+/// The contiguous part of `v` that `l` covers.
+fn contiguous<'v, T>(v: &'v [T], l: &Layout, what: &str) -> candle_core::Result<&'v [T]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("pair rows: {what} is not contiguous")))?;
+    Ok(&v[start..end])
+}
+
+impl candle_core::InplaceOp3 for PairRowsAdd<'_> {
+    fn name(&self) -> &'static str {
+        "pair-rows-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        acc: &mut CpuStorage,
+        acc_l: &Layout,
+        coef: &CpuStorage,
+        coef_l: &Layout,
+        rows: &CpuStorage,
+        rows_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (guard, features_l) = self.features.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::U32(features)), CpuStorage::F32(coef), CpuStorage::F32(rows)) =
+            (&*guard, coef, rows)
+        else {
+            candle_core::bail!("pair rows: expected u32 features and f32 coefficients and rows");
+        };
+        let CpuStorage::F32(acc) = acc else {
+            candle_core::bail!("pair rows: expected an f32 accumulator");
+        };
+        let (start, end) = acc_l.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("pair rows: the accumulator is not contiguous".into())
+        })?;
+        let acc = &mut acc[start..end];
+        let features = contiguous(features, features_l, "features")?;
+        let coef = contiguous(coef, coef_l, "coefficients")?;
+        let rows = contiguous(rows, rows_l, "rows")?;
+        let width = acc_l.dims()[1];
+        let d_sae = acc_l.dims()[0];
+        for (p, (&f, &a)) in features.iter().zip(coef).enumerate() {
+            if a == 0.0 {
+                continue;
+            }
+            let f = f as usize;
+            if f >= d_sae {
+                candle_core::bail!("pair rows: feature {f} of a dictionary of {d_sae}");
+            }
+            let src = &rows[(p / self.k) * width..][..width];
+            for (d, x) in acc[f * width..][..width].iter_mut().zip(src) {
+                *d += a * x;
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        acc: &mut candle_core::cuda_backend::CudaStorage,
+        acc_l: &Layout,
+        coef: &candle_core::cuda_backend::CudaStorage,
+        coef_l: &Layout,
+        rows: &candle_core::cuda_backend::CudaStorage,
+        rows_l: &Layout,
+    ) -> candle_core::Result<()> {
+        cuda::launch(self, acc, acc_l, coef, coef_l, rows, rows_l)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::sync::OnceLock;
+
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::nvrtc;
+    use candle_core::{Layout, Storage};
+
+    use super::PairRowsAdd;
+
+    /// One thread per (pair, column), grid-strided; `features[p]` is pair `p`'s row of `acc`,
+    /// `p / k` its token's row of `rows`.
+    const SOURCE: &str = include_str!("pairs.cu");
+
+    /// The kernel's PTX, compiled once per process.
+    fn ptx() -> candle_core::Result<&'static str> {
+        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+        PTX.get_or_init(|| {
+            nvrtc::compile_ptx(SOURCE)
+                .map(|p| p.to_src())
+                .map_err(|e| format!("compiling the pair-rows kernel with NVRTC: {e:?}"))
+        })
+        .as_deref()
+        .map_err(|e| candle_core::Error::Msg(e.clone()))
+    }
+
+    fn contiguous_start(l: &Layout, what: &str) -> candle_core::Result<usize> {
+        l.contiguous_offsets()
+            .map(|(start, _)| start)
+            .ok_or_else(|| candle_core::Error::Msg(format!("pair rows: {what} is not contiguous")))
+    }
+
+    pub(super) fn launch(
+        op: &PairRowsAdd<'_>,
+        acc: &mut CudaStorage,
+        acc_l: &Layout,
+        coef: &CudaStorage,
+        coef_l: &Layout,
+        rows: &CudaStorage,
+        rows_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (guard, features_l) = op.features.storage_and_layout();
+        let Storage::Cuda(features) = &*guard else {
+            candle_core::bail!("pair rows: the features are not on the GPU");
+        };
+        let dev = acc.device.clone();
+        let features = features
+            .as_cuda_slice::<u32>()?
+            .slice(contiguous_start(features_l, "features")?..);
+        let coef_v = coef
+            .as_cuda_slice::<f32>()?
+            .slice(contiguous_start(coef_l, "coefficients")?..);
+        let rows_v = rows
+            .as_cuda_slice::<f32>()?
+            .slice(contiguous_start(rows_l, "rows")?..);
+        let acc_start = contiguous_start(acc_l, "the accumulator")?;
+        let acc_v = acc.as_cuda_slice_mut::<f32>()?;
+        let mut acc_v = acc_v.slice_mut(acc_start..);
+        let pairs = coef_l.shape().elem_count() as u64;
+        let width = acc_l.dims()[1] as u64;
+        let k = op.k as u64;
+        let total = pairs * width;
+        if total == 0 {
+            return Ok(());
+        }
+        let threads = 256u32;
+        let blocks = total.div_ceil(u64::from(threads)).min(1 << 20) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = dev.get_or_load_custom_func("pair_rows_add", "sae_core_pair_rows", ptx()?)?;
+        let mut builder = func.builder();
+        builder.arg(&mut acc_v);
+        builder.arg(&features);
+        builder.arg(&coef_v);
+        builder.arg(&rows_v);
+        builder.arg(&pairs);
+        builder.arg(&k);
+        builder.arg(&width);
+        // SAFETY: the kernel reads `pairs` coefficients and features, `rows` up to its
+        // `tokens x width` and writes `acc` at rows below `d_sae` (the features were made by
+        // the top-k over `d_sae` columns), every slice on this device.
+        unsafe { builder.launch(cfg) }
+            .map_err(|e| candle_core::Error::Msg(format!("pair rows kernel: {e:?}")))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::add_pair_rows;
+
+    /// Against candle's `scatter_add` of the outer products, repeated features included, and a
+    /// pair with a zero coefficient.
+    #[test]
+    fn pair_rows_are_the_scattered_outer_products() {
+        let dev = Device::Cpu;
+        let (tokens, k, width, d_sae) = (5, 3, 4, 6);
+        let features: Vec<u32> = vec![0, 5, 2, 5, 1, 0, 3, 3, 4, 2, 2, 1, 0, 5, 4];
+        let coef: Vec<f32> = (0..tokens * k).map(|i| (i as f32 - 6.0) * 0.25).collect();
+        let rows: Vec<f32> = (0..tokens * width).map(|i| (i as f32).sin()).collect();
+        let f = Tensor::new(features.as_slice(), &dev).unwrap();
+        let a = Tensor::from_vec(coef, (tokens, k), &dev).unwrap();
+        let r = Tensor::from_vec(rows, (tokens, width), &dev).unwrap();
+        let start = Tensor::arange(0f32, (d_sae * width) as f32, &dev)
+            .unwrap()
+            .reshape((d_sae, width))
+            .unwrap();
+        let acc = start.copy().unwrap();
+        add_pair_rows(&acc, &f, &a, &r).unwrap();
+        let outer = a
+            .unsqueeze(2)
+            .unwrap()
+            .broadcast_mul(&r.unsqueeze(1).unwrap())
+            .unwrap()
+            .reshape((tokens * k, width))
+            .unwrap();
+        let idx = f
+            .unsqueeze(1)
+            .unwrap()
+            .broadcast_as((tokens * k, width))
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let want = start.scatter_add(&idx, &outer, 0).unwrap();
+        let diff = (acc - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "largest difference {diff}");
+        assert_eq!(a.dtype(), DType::F32);
+    }
+
+    #[test]
+    fn a_feature_past_the_dictionary_is_an_error() {
+        let dev = Device::Cpu;
+        let acc = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+        let f = Tensor::new(&[0u32, 2], &dev).unwrap();
+        let a = Tensor::ones((1, 2), DType::F32, &dev).unwrap();
+        let r = Tensor::ones((1, 3), DType::F32, &dev).unwrap();
+        let e = add_pair_rows(&acc, &f, &a, &r).unwrap_err().to_string();
+        assert!(e.contains("feature 2 of a dictionary of 2"), "{e}");
+        let short = Tensor::ones((2, 3), DType::F32, &dev).unwrap();
+        let e = add_pair_rows(&acc, &f, &a, &short).unwrap_err().to_string();
+        assert!(e.contains("rows [2, 3]"), "{e}");
+    }
+}
