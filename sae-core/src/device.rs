@@ -188,6 +188,10 @@ pub struct DeviceTrainer {
     needs_data_init: bool,
     /// Tokens since each feature last fired (f64: exact well past 2^24 tokens).
     tokens_since_fired: Tensor,
+    /// A bound on those counters, kept on the host (their largest when last read, plus the
+    /// tokens since): while it is under the dead window no feature can be dead, and AuxK's
+    /// dead set needs no read.
+    since_fired_bound: u64,
     /// Fires per feature in the density window, which restarts every `log_every` steps.
     window_fires: Tensor,
     window_tokens: u64,
@@ -474,6 +478,12 @@ impl DeviceTrainer {
             scale: trainer.activation_scale(),
             needs_data_init: trainer.needs_data_init(),
             tokens_since_fired: u64s(trainer.tokens_since_fired())?,
+            since_fired_bound: trainer
+                .tokens_since_fired()
+                .iter()
+                .copied()
+                .max()
+                .unwrap_or(0),
             window_fires: u64s(trainer.window_fires())?,
             window_tokens: trainer.window_tokens(),
             lifetime_fires: u64s(trainer.lifetime_fires())?,
@@ -942,6 +952,7 @@ impl DeviceTrainer {
         let fired = fires.gt(0.0)?;
         let later = (&self.tokens_since_fired + n_total as f64)?;
         self.tokens_since_fired = fired.where_cond(&later.zeros_like()?, &later)?;
+        self.since_fired_bound = self.since_fired_bound.saturating_add(n_total as u64);
         self.window_fires = (&self.window_fires + &fires)?;
         self.window_tokens += n_total as u64;
         self.lifetime_fires = (&self.lifetime_fires + fires)?;
@@ -1345,18 +1356,23 @@ impl DeviceTrainer {
         })
     }
 
-    /// The features dead before this step, for AuxK (none for the rules without it): one host
-    /// read of a byte per feature, which also tells whether AuxK runs at all.
-    fn dead_set(&self) -> Result<DeadSet> {
+    /// The features dead before this step, for AuxK (none for the rules without it). Unless the
+    /// counters' bound says that none can be, one host read of the counters, which also
+    /// tightens the bound: in a run where every feature fires now and then, a read every
+    /// `window - largest counter` tokens, not every step.
+    fn dead_set(&mut self) -> Result<DeadSet> {
         if !matches!(self.rule, Rule::TopK { .. } | Rule::BatchTopK { .. }) {
             return Ok(DeadSet::None);
         }
-        let mask = self
-            .tokens_since_fired
-            .ge(self.cfg.dead_window_tokens as f64)?;
+        let window = self.cfg.dead_window_tokens;
+        if self.since_fired_bound < window {
+            return Ok(DeadSet::None);
+        }
+        let since = self.tokens_since_fired.to_vec1::<f64>()?;
+        self.since_fired_bound = since.iter().fold(0.0f64, |m, &v| m.max(v)) as u64;
         let rows: Vec<u32> = (0u32..)
-            .zip(mask.to_vec1::<u8>()?)
-            .filter_map(|(f, d)| (d != 0).then_some(f))
+            .zip(&since)
+            .filter_map(|(f, &t)| (t >= window as f64).then_some(f))
             .collect();
         let count = rows.len();
         if count == 0 {
@@ -1364,7 +1380,10 @@ impl DeviceTrainer {
         }
         if count > self.compact_aux_limit {
             return Ok(DeadSet::Many {
-                mask: mask.to_dtype(DType::F32)?,
+                mask: self
+                    .tokens_since_fired
+                    .ge(window as f64)?
+                    .to_dtype(DType::F32)?,
                 count,
             });
         }
