@@ -273,6 +273,132 @@ mod tests {
         assert_eq!(a.dtype(), DType::F32);
     }
 
+    /// The CUDA kernel's own source (`pairs.cu`), built for the CPU by the host's C++ compiler
+    /// with stand-ins for CUDA's thread indices and `atomicAdd`, and launched thread by thread
+    /// on grids too small for one pass (so the grid-stride loop wraps) and on the grid the
+    /// launcher picks: its sums are the CPU op's. This checks the kernel's arithmetic and
+    /// indexing where no GPU is at hand; the GPU check runs it for real. Skipped, saying so,
+    /// without a C++ compiler.
+    #[test]
+    fn the_cuda_kernel_source_adds_what_the_cpu_op_adds() {
+        let dir = tempfile::tempdir().unwrap();
+        let harness = dir.path().join("harness.cpp");
+        std::fs::write(
+            &harness,
+            format!(
+                r#"#include <cstdio>
+struct Dim3 {{ unsigned x, y, z; }};
+static Dim3 blockIdx, blockDim, gridDim, threadIdx;
+#define __global__
+template <typename T> T atomicAdd(T *p, T v) {{ T old = *p; *p += v; return old; }}
+#include "{}"
+int main() {{
+  unsigned long long pairs, k, width, d_sae, grid, block;
+  if (scanf("%llu %llu %llu %llu %llu %llu", &pairs, &k, &width, &d_sae, &grid, &block) != 6) return 2;
+  unsigned tokens = pairs / k;
+  unsigned *features = new unsigned[pairs];
+  float *coef = new float[pairs], *rows = new float[tokens * width], *acc = new float[d_sae * width];
+  for (unsigned long long i = 0; i < pairs; i++) scanf("%u", &features[i]);
+  for (unsigned long long i = 0; i < pairs; i++) scanf("%f", &coef[i]);
+  for (unsigned long long i = 0; i < tokens * width; i++) scanf("%f", &rows[i]);
+  for (unsigned long long i = 0; i < d_sae * width; i++) acc[i] = 0;
+  gridDim.x = grid; blockDim.x = block;
+  for (unsigned b = 0; b < grid; b++)
+    for (unsigned t = 0; t < block; t++) {{
+      blockIdx.x = b; threadIdx.x = t;
+      pair_rows_add(acc, features, coef, rows, pairs, k, width);
+    }}
+  for (unsigned long long i = 0; i < d_sae * width; i++) printf("%.9g\n", acc[i]);
+  return 0;
+}}
+"#,
+                concat!(env!("CARGO_MANIFEST_DIR"), "/src/pairs.cu")
+            ),
+        )
+        .unwrap();
+        let exe = dir.path().join("harness");
+        let built = std::process::Command::new("c++")
+            .arg("-O1")
+            .arg("-o")
+            .arg(&exe)
+            .arg(&harness)
+            .output();
+        let Ok(built) = built else {
+            eprintln!("skipped: no C++ compiler (c++) to build the kernel for the CPU");
+            return;
+        };
+        assert!(
+            built.status.success(),
+            "{}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+
+        let dev = Device::Cpu;
+        let (tokens, k, width, d_sae) = (7usize, 3usize, 5usize, 4usize);
+        let features: Vec<u32> = (0..tokens * k)
+            .map(|i| ((i * 7 + 3) % d_sae) as u32)
+            .collect();
+        // Zero coefficients too, which add nothing.
+        let coef: Vec<f32> = (0..tokens * k)
+            .map(|i| {
+                if i % 5 == 0 {
+                    0.0
+                } else {
+                    (i as f32 * 0.37).cos()
+                }
+            })
+            .collect();
+        let rows: Vec<f32> = (0..tokens * width)
+            .map(|i| (i as f32 * 0.11).sin())
+            .collect();
+        let acc = Tensor::zeros((d_sae, width), DType::F32, &dev).unwrap();
+        add_pair_rows(
+            &acc,
+            &Tensor::new(features.as_slice(), &dev).unwrap(),
+            &Tensor::from_vec(coef.clone(), (tokens, k), &dev).unwrap(),
+            &Tensor::from_vec(rows.clone(), (tokens, width), &dev).unwrap(),
+        )
+        .unwrap();
+        let want = acc.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let total = tokens * k * width;
+        // One thread, a grid that wraps several times, and the launcher's (256 a block).
+        for (grid, block) in [(1, 1), (2, 3), (total.div_ceil(256), 256)] {
+            let mut input = format!("{} {k} {width} {d_sae} {grid} {block}\n", tokens * k);
+            for v in &features {
+                input += &format!("{v} ");
+            }
+            for v in coef.iter().chain(&rows) {
+                input += &format!("{v:.9e} ");
+            }
+            let mut child = std::process::Command::new(&exe)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success());
+            let got: Vec<f32> = String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .map(|l| l.parse().unwrap())
+                .collect();
+            assert_eq!(got.len(), want.len());
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "grid {grid} x {block}: element {i}: kernel {g}, CPU op {w}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_feature_past_the_dictionary_is_an_error() {
         let dev = Device::Cpu;
