@@ -1101,11 +1101,11 @@ impl DeviceTrainer {
             };
             let codes = scattered(&vals)?;
             acc.add_dec(self, &codes, &d_xhat)?;
-            let fires = codes.gt(0.0)?.to_dtype(DType::F32)?.sum(0)?;
+            let fires = column_sums(&codes.gt(0.0)?.to_dtype(DType::F32)?)?;
             drop(codes);
             let g_codes = scattered(&g_pairs)?;
             acc.add_enc(self, &g_codes, xc)?;
-            (g_codes.sum(0)?, fires)
+            (column_sums(&g_codes)?, fires)
         } else {
             let g_b_enc = acc.add_pairs(&flat, &vals, &g_pairs, &d_xhat, xc, d_sae)?;
             (g_b_enc, per_feature_sums(&flat, &on, d_sae)?)
@@ -1113,7 +1113,7 @@ impl DeviceTrainer {
         let aux = self.aux_pass(xc, pre, &diff, n_total, acc, dead, aux_k, aux_coefficient)?;
         Ok(Pass {
             g_b_enc: (g_b_enc + aux.g_b_enc)?,
-            g_b_dec: d_xhat.sum(0)?,
+            g_b_dec: column_sums(&d_xhat)?,
             g_h_sum: None,
             extra: Vec::new(),
             sq_err,
@@ -1155,19 +1155,19 @@ impl DeviceTrainer {
             .lt(0.5)?
             .to_dtype(DType::F32)?;
         let through_a = g_a.broadcast_mul(&(theta_row.neg()? / bandwidth)?)?;
-        let g_threshold = ((through_a - per_tok / bandwidth)? * window)?.sum(0)?;
+        let g_threshold = column_sums(&((through_a - per_tok / bandwidth)? * window)?)?;
         let g_pre = (g_a * &on)?;
         acc.add_enc(self, &g_pre, xc)?;
         acc.add_dec(self, &a, &d_xhat)?;
         Ok(Pass {
-            g_b_enc: g_pre.sum(0)?,
-            g_b_dec: d_xhat.sum(0)?,
+            g_b_enc: column_sums(&g_pre)?,
+            g_b_dec: column_sums(&d_xhat)?,
             g_h_sum: None,
             extra: vec![g_threshold],
             sq_err,
             sparsity_loss,
             aux_loss: Tensor::zeros((), DType::F32, &self.device)?,
-            fires: on.sum(0)?,
+            fires: column_sums(&on)?,
             active,
             token_sq_err: None,
         })
@@ -1213,17 +1213,17 @@ impl DeviceTrainer {
         let enc_coef = (&g_gate + g_mag.broadcast_mul(&scale)?)?;
         acc.add_dec(self, &a, &d_xhat)?;
         acc.add_dec(self, &gate_codes, &d_aux)?;
-        let g_r_mag = (&g_mag * h.broadcast_mul(&scale)?)?.sum(0)?;
+        let g_r_mag = column_sums(&(&g_mag * h.broadcast_mul(&scale)?)?)?;
         acc.add_enc(self, &enc_coef, xc)?;
         Ok(Pass {
-            g_b_enc: g_gate.sum(0)?,
-            g_b_dec: (d_xhat.sum(0)? + d_aux.sum(0)?)?,
-            g_h_sum: Some(enc_coef.sum(0)?),
-            extra: vec![g_r_mag, g_mag.sum(0)?],
+            g_b_enc: column_sums(&g_gate)?,
+            g_b_dec: (column_sums(&d_xhat)? + column_sums(&d_aux)?)?,
+            g_h_sum: Some(column_sums(&enc_coef)?),
+            extra: vec![g_r_mag, column_sums(&g_mag)?],
             sq_err,
             sparsity_loss,
             aux_loss,
-            fires: mag_on.sum(0)?,
+            fires: column_sums(&mag_on)?,
             active: mag_on.sum_all()?,
             token_sq_err: None,
         })
@@ -1244,8 +1244,8 @@ impl DeviceTrainer {
         let penalty = acts.broadcast_mul(&norms.unsqueeze(0)?)?.sum_all()?;
         let nonzero = norms.gt(0.0)?;
         let safe = nonzero.where_cond(&norms, &norms.ones_like()?)?;
-        let coef =
-            ((acts.sum(0)? * per_tok)? / safe)?.broadcast_mul(&nonzero.to_dtype(DType::F32)?)?;
+        let coef = ((column_sums(&acts)? * per_tok)? / safe)?
+            .broadcast_mul(&nonzero.to_dtype(DType::F32)?)?;
         let coef = coef.unsqueeze(1)?;
         for (start, len) in self.row_blocks(w_dec)? {
             let g = w_dec
@@ -1342,13 +1342,13 @@ impl DeviceTrainer {
         let g_b_enc = match dead {
             DeadSet::Few { inv, .. } => Tensor::cat(
                 &[
-                    &g_pre_aux.sum(0)?,
+                    &column_sums(&g_pre_aux)?,
                     &Tensor::zeros(1, DType::F32, &self.device)?,
                 ],
                 0,
             )?
             .index_select(inv, 0)?,
-            _ => g_pre_aux.sum(0)?,
+            _ => column_sums(&g_pre_aux)?,
         };
         Ok(AuxOut {
             loss: aux_loss,
@@ -1536,7 +1536,7 @@ impl DeviceTrainer {
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
         let mut g_a = self.mm(&d_xhat, &w_dec.t()?)?;
         acc.add_dec(self, &a, &d_xhat)?;
-        let mut g_b_dec = d_xhat.sum(0)?;
+        let mut g_b_dec = column_sums(&d_xhat)?;
         // Matryoshka: each prefix's own reconstruction (b_dec included) joins the loss.
         let mut inner_loss = Tensor::zeros((), DType::F32, &self.device)?;
         for &w in inner_widths {
@@ -1551,20 +1551,20 @@ impl DeviceTrainer {
             let d_w = (diff_w * (2.0 / n_total as f64))?;
             g_a = (g_a + self.mm(&d_w, &w_dec.t()?)?.broadcast_mul(&keep)?)?;
             acc.add_dec(self, &a_w, &d_w)?;
-            g_b_dec = (g_b_dec + d_w.sum(0)?)?;
+            g_b_dec = (g_b_dec + column_sums(&d_w)?)?;
         }
         let g_pre = (g_a * &on)?;
         acc.add_enc(self, &g_pre, xc)?;
         let aux = self.aux_pass(xc, pre, &diff, n_total, acc, dead, aux_k, aux_coefficient)?;
         let pass = Pass {
-            g_b_enc: (g_pre.sum(0)? + aux.g_b_enc)?,
+            g_b_enc: (column_sums(&g_pre)? + aux.g_b_enc)?,
             g_b_dec,
             g_h_sum: None,
             extra: Vec::new(),
             sq_err,
             sparsity_loss: Tensor::zeros((), DType::F32, &self.device)?,
             aux_loss: (aux.loss + inner_loss)?,
-            fires: on.sum(0)?,
+            fires: column_sums(&on)?,
             active: on.sum_all()?,
             token_sq_err: None,
         };
@@ -1595,14 +1595,14 @@ impl DeviceTrainer {
         acc.add_enc(self, &g_pre, xc)?;
         let sparsity_loss = l1.loss;
         Ok(Pass {
-            g_b_enc: g_pre.sum(0)?,
-            g_b_dec: d_xhat.sum(0)?,
+            g_b_enc: column_sums(&g_pre)?,
+            g_b_dec: column_sums(&d_xhat)?,
             g_h_sum: None,
             extra: Vec::new(),
             sq_err,
             sparsity_loss,
             aux_loss: Tensor::zeros((), DType::F32, &self.device)?,
-            fires: on.sum(0)?,
+            fires: column_sums(&on)?,
             active: on.sum_all()?,
             // Resampling draws tokens by their error (the only rule that resamples).
             token_sq_err: Some(diff.sqr()?.sum(1)?),
@@ -2142,6 +2142,16 @@ fn per_feature_sums(features: &Tensor, v: &Tensor, d_sae: usize) -> Result<Tenso
     let ones = Tensor::ones((v.dim(0)?, 1), DType::F32, v.device())?;
     crate::pairs::add_pair_rows(&sums, features, v, &ones)?;
     Ok(sums.squeeze(1)?)
+}
+
+/// The sums over the rows (tokens) of `t` (`[n, c]`), as `[c]`: a product with a row of ones
+/// (in f32 as `t` is, whatever the compute dtype), which reads `t` once and in order on every
+/// device. candle's reduction over a leading dimension gives each output a block of threads
+/// that reads its column with strided loads, an index computed per element: at `[4,096,
+/// 65,536]` about eight times the traffic of the matrix itself.
+fn column_sums(t: &Tensor) -> Result<Tensor> {
+    let ones = Tensor::ones((1, t.dim(0)?), t.dtype(), t.device())?;
+    Ok(ones.matmul(&gemm_operand(t)?)?.squeeze(0)?)
 }
 
 /// `t` itself when cuBLAS can read it as a matrix, row-major (`[r, c]` with strides `[c, 1]`)
