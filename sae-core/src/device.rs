@@ -1244,7 +1244,7 @@ impl DeviceTrainer {
         let penalty = acts.broadcast_mul(&norms.unsqueeze(0)?)?.sum_all()?;
         let nonzero = norms.gt(0.0)?;
         let safe = nonzero.where_cond(&norms, &norms.ones_like()?)?;
-        let coef = ((column_sums(&acts)? * per_tok)? / safe)?
+        let coef = ((column_sums(acts)? * per_tok)? / safe)?
             .broadcast_mul(&nonzero.to_dtype(DType::F32)?)?;
         let coef = coef.unsqueeze(1)?;
         for (start, len) in self.row_blocks(w_dec)? {
