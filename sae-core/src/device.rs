@@ -28,8 +28,9 @@
 //! columns and rows alone while they are few, over every feature when they are many, and not
 //! at all when none is dead ([`DeadSet`]; docs/gpu.md has the arithmetic). The top-k is
 //! candle's `arg_sort_last_dim`, whose CUDA kernel sorts a row in shared memory, 4 bytes a
-//! column padded to a power of two, so rows wider than [`TOP_K_CHUNK`] are ranked in chunks of
-//! that width and the chunks' winners ranked again ([`top_k_indices`]).
+//! column padded to a power of two, so rows wider than [`TOP_K_CHUNK`] are first cut to the
+//! entries of the `k` blocks with the largest maxima, or ranked in chunks of that width whose
+//! winners are ranked again ([`top_k_indices`]).
 
 use std::sync::Arc;
 
@@ -2217,12 +2218,58 @@ fn batch_topk_count(k: f64, n_total: usize) -> f64 {
     ((k * n_total as f64) as usize).max(1) as f64
 }
 
-/// Each row's `k` largest entries' column indices, `[rows, k]` u32, largest first. Rows wider
-/// than [`TOP_K_CHUNK`] (or `2k`) are cut into chunks ranked on their own; each chunk's `k`
-/// winners (all its columns for a short last chunk) are ranked again, which halves the width
-/// at least, until one sort is narrow enough. Ties may pick different columns than a full sort.
+/// Each row's `k` largest entries' column indices, `[rows, k]` u32, largest first. Ties may
+/// pick different columns than a full sort (the values are the same).
+///
+/// Rows wider than one sort takes ([`TOP_K_CHUNK`], or `2k`) are first cut to candidates
+/// (`top_k_by_blocks`) where their width allows, else ranked in chunks (`top_k_chunked`).
 pub(crate) fn top_k_indices(t: &Tensor, k: usize) -> Result<Tensor> {
-    top_k_chunked(t, k, TOP_K_CHUNK.max((2 * k).next_power_of_two()))
+    let one_sort = TOP_K_CHUNK.max((2 * k).next_power_of_two());
+    let cols = t.dim(1)?;
+    if cols > one_sort
+        && let Some(block) = candidate_block(cols, k)
+    {
+        return top_k_by_blocks(t, k, block);
+    }
+    top_k_chunked(t, k, one_sort)
+}
+
+/// The block width for `top_k_by_blocks` on rows of `cols`: a power of two near
+/// `sqrt(cols / k)`, which makes its two rankings (the blocks' maxima, `cols / block` wide,
+/// and the candidates, `k · block` wide) about equal, dividing `cols`, and leaving more than
+/// `k` blocks; `None` where no block does (`top_k_chunked` then ranks the rows).
+fn candidate_block(cols: usize, k: usize) -> Option<usize> {
+    if k == 0 {
+        return None;
+    }
+    let ideal = ((cols as f64 / k as f64).sqrt().log2().round().max(1.0)) as u32;
+    (1..=ideal)
+        .rev()
+        .map(|e| 1usize << e)
+        .find(|&b| cols.is_multiple_of(b) && cols / b > k && k * b < cols)
+}
+
+/// The top `k` of each row from candidates: the row is cut into blocks of `block` columns, the
+/// `k` blocks with the largest maxima are kept, and the top `k` of their `k · block` entries
+/// are the row's. No entry of another block can be in the row's top `k`: its block's maximum
+/// is at most the `k`-th largest maximum, and those `k` maxima are `k` entries at least as
+/// large. So where sorting every column costs `log² cols` passes over the row (candle's CUDA
+/// sort is bitonic), this costs one pass for the maxima and two rankings of about
+/// `sqrt(cols · k)` entries: at 65,536 columns and k = 32, 1,024 and 2,048 entries instead of
+/// 16 sorts of 4,096 and one more.
+fn top_k_by_blocks(t: &Tensor, k: usize, block: usize) -> Result<Tensor> {
+    let (rows, cols) = t.dims2()?;
+    let t = t.contiguous()?;
+    let maxima = t.reshape((rows, cols / block, block))?.max(D::Minus1)?;
+    let blocks = top_k_indices(&maxima, k)?;
+    let first = blocks.broadcast_mul(&Tensor::new(&[block as u32], t.device())?)?;
+    let within = Tensor::arange(0u32, block as u32, t.device())?.reshape((1, 1, block))?;
+    let candidates = first
+        .unsqueeze(2)?
+        .broadcast_add(&within)?
+        .reshape((rows, k * block))?;
+    let best = top_k_indices(&t.gather(&candidates, 1)?, k)?;
+    Ok(candidates.gather(&best, 1)?.contiguous()?)
 }
 
 fn top_k_chunked(t: &Tensor, k: usize, chunk: usize) -> Result<Tensor> {
@@ -2287,8 +2334,56 @@ mod tests {
         }
     }
 
-    /// Rows mostly -inf (AuxK's ranking with few dead features): the finite entries come first
-    /// and every index stays inside the row.
+    /// The top k from the blocks with the largest maxima is the full sort's, at the widths and
+    /// k the step ranks (the main top-k, AuxK's, a width that is not a power of two), through
+    /// `top_k_indices` (which takes that way for rows wider than one sort); with rows of equal
+    /// entries (AuxK's live features at -1e30) the values still are the top k's.
+    #[test]
+    fn top_k_from_block_candidates_is_the_full_sort() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for (cols, k) in [
+            (8192, 1),
+            (8192, 32),
+            (65536, 32),
+            (65536, 1024),
+            (12288, 64),
+        ] {
+            let block = candidate_block(cols, k).expect("a block");
+            let v: Vec<f32> = (0..3 * cols).map(|_| rng.random::<f32>() - 0.5).collect();
+            let t = Tensor::from_vec(v, (3, cols), &Device::Cpu).unwrap();
+            let want = full_sort(&t, k);
+            let got: Vec<Vec<u32>> = top_k_by_blocks(&t, k, block).unwrap().to_vec2().unwrap();
+            assert_eq!(got, want, "{cols} columns, k {k}, blocks of {block}");
+            let got: Vec<Vec<u32>> = top_k_indices(&t, k).unwrap().to_vec2().unwrap();
+            assert_eq!(got, want, "{cols} columns, k {k}, through top_k_indices");
+        }
+        // Ties: a few finite entries among many equal ones.
+        let cols = 16384;
+        let mut v = vec![-1e30f32; 2 * cols];
+        for (i, x) in [(5, 3.0), (9000, 2.0), (cols + 1, 1.0), (cols + 16000, 4.0)] {
+            v[i] = x;
+        }
+        let t = Tensor::from_vec(v, (2, cols), &Device::Cpu).unwrap();
+        let got = top_k_indices(&t, 40).unwrap();
+        let vals: Vec<Vec<f32>> = t.gather(&got, 1).unwrap().to_vec2().unwrap();
+        let want: Vec<Vec<f32>> = t
+            .gather(
+                &t.arg_sort_last_dim(false)
+                    .unwrap()
+                    .narrow(1, 0, 40)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap(),
+                1,
+            )
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        assert_eq!(vals, want);
+        assert_eq!(candidate_block(100, 60), None);
+        assert_eq!(candidate_block(4097, 8), None, "an odd width has no block");
+    }
+
     /// A column block of a wider matrix, transposed, has a leading dimension cuBLAS refuses, so
     /// it is copied; a whole matrix, plain or transposed, goes to the product as it is.
     #[test]
@@ -2314,6 +2409,8 @@ mod tests {
         assert_eq!(gemm_operand(&rows).unwrap().stride(), rows.stride());
     }
 
+    /// Rows mostly -inf (AuxK's ranking with few dead features): the finite entries come first
+    /// and every index stays inside the row.
     #[test]
     fn chunked_top_k_with_masked_rows_stays_in_range() {
         let cols = 70;
