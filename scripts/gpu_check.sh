@@ -243,9 +243,9 @@ for n in $widths; do
   first=""
 done
 
-# BatchTopK at the first width in bf16: the whole batch's threshold (40 halvings over
-# [batch, d_sae]) against the chunked one (an extra encoder product, each token's largest values
-# kept, the halvings over those) with one chunk of the whole batch and with chunks of $chunk.
+# BatchTopK at the first width in bf16: the threshold from each token's largest pre-activations
+# taken from the pass itself (the whole batch), from an extra encoder product (one chunk of the
+# whole batch: what that product costs) and in chunks of $chunk.
 n=${widths%% *}
 for rows in "" $batch $chunk; do
   record "ours batchtopk $n bf16${rows:+ chunk $rows}" 150 "$bin/bench_sae_train" --path device \

@@ -33,6 +33,7 @@
 //! winners are ranked again ([`top_k_indices`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{D, DType, Device, Tensor};
 
@@ -207,9 +208,11 @@ pub struct DeviceTrainer {
     compute: DType,
     /// Rows of the batch per pass (`None`: the whole batch), see [`DeviceTrainer::with_token_chunk`].
     token_chunk: Option<usize>,
-    /// BatchTopK in token chunks: how many of each token's largest pre-activations are kept as
-    /// candidates for the batch threshold (doubled whenever too few, see `chunked_threshold`).
-    candidates: usize,
+    /// BatchTopK: how many of each token's largest pre-activations are kept as candidates for
+    /// the batch threshold (0 before the first step; doubled whenever too few, see
+    /// `threshold_from_candidates`). Atomic so that a pass, which borrows the trainer, can
+    /// double it.
+    candidates: AtomicUsize,
     /// Elements per row block of the in-place gradient sums and updates.
     update_block: usize,
     /// The dtype Adam's moments are kept in (f32, or bf16 to halve them; the update itself is
@@ -492,7 +495,7 @@ impl DeviceTrainer {
             topk_threshold: Tensor::new(threshold, device)?,
             compute: DType::F32,
             token_chunk: None,
-            candidates: 0,
+            candidates: AtomicUsize::new(0),
             update_block: UPDATE_BLOCK,
             moments: DType::F32,
             collective: None,
@@ -581,11 +584,11 @@ impl DeviceTrainer {
         self
     }
 
-    /// Sets how many of each token's largest pre-activations BatchTopK's chunked threshold
-    /// starts from (they double whenever too few); tests start low to cross the doubling.
+    /// Sets how many of each token's largest pre-activations BatchTopK's threshold starts from
+    /// (they double whenever too few); tests start low to cross the doubling.
     #[doc(hidden)]
-    pub fn with_threshold_candidates(mut self, per_token: usize) -> Self {
-        self.candidates = per_token.max(1);
+    pub fn with_threshold_candidates(self, per_token: usize) -> Self {
+        self.candidates.store(per_token.max(1), Ordering::Relaxed);
         self
     }
 
@@ -611,11 +614,11 @@ impl DeviceTrainer {
         self
     }
 
-    /// How many of each token's largest pre-activations BatchTopK's chunked threshold keeps now
-    /// (0 before its first chunked step).
+    /// How many of each token's largest pre-activations BatchTopK's threshold keeps now (0
+    /// before its first step).
     #[doc(hidden)]
     pub fn threshold_candidates(&self) -> usize {
-        self.candidates
+        self.candidates.load(Ordering::Relaxed)
     }
 
     /// Keeps Adam's two moments in `dtype`: bf16 halves them (at a million features and
@@ -1447,26 +1450,17 @@ impl DeviceTrainer {
     }
 
     /// BatchTopK's threshold over a batch that goes through the passes in chunks of `rows`:
-    /// one pass of encoder products keeps each token's `candidates` largest ReLU'd
-    /// pre-activations, and the bisection runs on those. Every count at or above the largest
-    /// of the tokens' smallest candidates is the full count; a halving below it that found
-    /// too few could have found enough over every value, so then the candidates double and
-    /// the pass runs again (one flag read by the host per try). The threshold is then the one
-    /// the bisection over the whole batch finds.
+    /// one pass of encoder products keeps each token's largest ReLU'd pre-activations, and
+    /// the threshold is found on those (`threshold_from_candidates`).
     fn chunked_threshold(
-        &mut self,
+        &self,
         xc: &Tensor,
         rows: usize,
         n_total: usize,
         k: f64,
     ) -> Result<Tensor> {
-        let (n, d_sae) = (xc.dim(0)?, self.cfg.d_sae);
-        let m = batch_topk_count(k, n_total);
-        if self.candidates == 0 {
-            self.candidates = ((4.0 * k).ceil() as usize).next_power_of_two();
-        }
-        loop {
-            let per_token = self.candidates.min(d_sae);
+        let n = xc.dim(0)?;
+        self.threshold_from_candidates(k, n_total, |per_token| {
             let mut kept = Vec::new();
             for start in (0..n).step_by(rows) {
                 let len = rows.min(n - start);
@@ -1478,12 +1472,37 @@ impl DeviceTrainer {
                 let idx = top_k_indices(&pre, per_token)?;
                 kept.push(pre.gather(&idx, 1)?);
             }
-            let values = if kept.is_empty() {
+            Ok(if kept.is_empty() {
                 Tensor::zeros((0, per_token), DType::F32, &self.device)?
             } else {
                 Tensor::cat(&kept, 0)?
-            };
-            drop(kept);
+            })
+        })
+    }
+
+    /// The threshold that keeps the group's `k · n_total` largest ReLU'd pre-activations,
+    /// found on each token's `C` largest (`candidates_of(C)`, `[tokens, C]`, largest first)
+    /// rather than on every value: the bisection's 40 halvings then pass over `[tokens, C]`,
+    /// not `[tokens, d_sae]` (C starts at the power of two at or above `4k`). Every count at or
+    /// above the largest of the tokens' smallest candidates is the full count; a halving below
+    /// it that found too few could have found enough over every value, so then the candidates
+    /// double and are taken again (one flag read by the host per try). The threshold is then
+    /// the one the bisection over every value finds.
+    fn threshold_from_candidates(
+        &self,
+        k: f64,
+        n_total: usize,
+        mut candidates_of: impl FnMut(usize) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let d_sae = self.cfg.d_sae;
+        let m = batch_topk_count(k, n_total);
+        if self.candidates.load(Ordering::Relaxed) == 0 {
+            let start = ((4.0 * k).ceil() as usize).next_power_of_two();
+            self.candidates.store(start, Ordering::Relaxed);
+        }
+        loop {
+            let per_token = self.candidates.load(Ordering::Relaxed).min(d_sae);
+            let values = candidates_of(per_token)?;
             if per_token == d_sae {
                 return Ok(self.bisect(&values, m, None)?.0);
             }
@@ -1494,7 +1513,8 @@ impl DeviceTrainer {
             if short == 0 {
                 return Ok(lo);
             }
-            self.candidates = (2 * per_token).min(d_sae);
+            self.candidates
+                .store((2 * per_token).min(d_sae), Ordering::Relaxed);
         }
     }
 
@@ -1522,7 +1542,9 @@ impl DeviceTrainer {
         let r = pre.relu()?;
         let threshold = match threshold {
             Some(t) => t.clone(),
-            None => self.bisect(&r, batch_topk_count(k, n_total), None)?.0,
+            None => self.threshold_from_candidates(k, n_total, |per_token| {
+                Ok(r.gather(&top_k_indices(&r, per_token)?, 1)?)
+            })?,
         };
         let on = r.broadcast_gt(&threshold)?.to_dtype(DType::F32)?;
         let a = (&r * &on)?;

@@ -1150,24 +1150,29 @@ fn a_chunk_of_no_tokens_is_refused() {
     assert!(e.contains("at least one token"), "{e}");
 }
 
-/// BatchTopK's chunked threshold starts from one candidate per token here, far too few: each
-/// halving below the largest smallest candidate that finds too few doubles them, until the
-/// threshold is the whole batch's at every step. Matryoshka from two, in chunks of 3.
+/// BatchTopK's threshold starts from one candidate per token here, far too few: each halving
+/// below the largest smallest candidate that finds too few doubles them, until the threshold is
+/// the whole batch's at every step; in one pass (the candidates from the pass's own
+/// pre-activations) and in chunks of 7. Matryoshka from two, in chunks of 3.
 #[test]
 fn too_few_threshold_candidates_double_until_the_threshold_is_exact() {
-    for (cfg, start, rows) in [(batchtopk_config(), 1, 7), (matryoshka_config(), 2, 3)] {
+    for (cfg, start, rows) in [
+        (batchtopk_config(), 1, None),
+        (batchtopk_config(), 1, Some(7)),
+        (matryoshka_config(), 2, Some(3)),
+    ] {
+        let set_up = |d: DeviceTrainer| {
+            let d = d.with_threshold_candidates(start);
+            match rows {
+                Some(rows) => d.with_token_chunk(rows).unwrap(),
+                None => d,
+            }
+        };
         let mut seen = 0;
-        agree_with(cfg.clone(), &Device::Cpu, STEPS, |d| {
-            d.with_token_chunk(rows)
-                .unwrap()
-                .with_threshold_candidates(start)
-        });
+        agree_with(cfg.clone(), &Device::Cpu, STEPS, set_up);
         // The doubling itself: after a few steps the candidates have grown.
-        let mut d = DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu)
-            .unwrap()
-            .with_token_chunk(rows)
-            .unwrap()
-            .with_threshold_candidates(start);
+        let mut d =
+            set_up(DeviceTrainer::from_trainer(&Trainer::new(cfg).unwrap(), &Device::Cpu).unwrap());
         for s in 0..3 {
             d.step(&batch(s)).unwrap();
             seen = seen.max(d.threshold_candidates());
