@@ -235,6 +235,16 @@ for n in $widths; do
       "${common[@]}" --steps $steps --dead-tokens 1000000000 --tf32
     record "torch topk $n tf32 none dead" 150 "$py" bench/torch_sae_step.py --arch topk \
       "${common[@]}" --steps $steps --dead-tokens 1000000000 --tf32
+    # SAELens itself, where that machine has it (its dependencies, wandb, plotly and pandas among
+    # them, are more than what travels).
+    if "$py" -c "import sae_lens" 2>/dev/null; then
+      record "saelens topk $n tf32" 150 "$py" bench/saelens_train_step.py --arch topk \
+        "${common[@]}" --steps $steps --dead-tokens 0 --tf32
+      record "saelens topk $n tf32 none dead" 150 "$py" bench/saelens_train_step.py --arch topk \
+        "${common[@]}" --steps $steps --tf32
+    else
+      echo '{"name": "saelens topk", "skipped": "sae_lens is not installed on this machine"}' >> "$log"
+    fi
   fi
   record "ours standard $n tf32" 150 "$bin/bench_sae_train" --path device --arch standard \
     "${common[@]}" --steps $steps --tf32 --target-l0 0
@@ -281,8 +291,9 @@ for r in rows:
 by = {r["name"]: r for r in rows if r.get("bench") == "sae_train_step"}
 for name, r in by.items():
     if name.startswith("ours "):
-        t = by.get("torch " + name[5:])
-        if t:
-            print(f"ratio ours/torch {name[5:]}: {r['tokens_per_s'] / t['tokens_per_s']:.2f}x")
+        for other in ("torch", "saelens"):
+            t = by.get(f"{other} " + name[5:])
+            if t:
+                print(f"ratio ours/{other} {name[5:]}: {r['tokens_per_s'] / t['tokens_per_s']:.2f}x")
 PY
 echo "results: $log" >&2
