@@ -231,6 +231,9 @@ for n in $widths; do
     # feature dead (a window no run of 6 batches reaches), where both skip AuxK.
     record "ours topk $n tf32 pairs scattered" 150 "$bin/bench_sae_train" --path device --arch topk \
       "${common[@]}" --steps $steps --dead-tokens 0 --tf32 --pairs scatter
+    # Where a step's time goes (the device synchronised after each phase).
+    record "phases topk $n tf32" 150 "$bin/bench_sae_train" --path device --arch topk \
+      "${common[@]}" --steps $steps --dead-tokens 0 --tf32 --phases
     record "ours topk $n tf32 none dead" 150 "$bin/bench_sae_train" --path device --arch topk \
       "${common[@]}" --steps $steps --dead-tokens 1000000000 --tf32
     record "torch topk $n tf32 none dead" 150 "$py" bench/torch_sae_step.py --arch topk \
@@ -288,6 +291,9 @@ for r in rows:
         mem = r.get("nvidia_smi_peak_mib")
         print(f"{r['name']}: {r['tokens_per_s']:.0f} tokens/s, {r['gflops']:.0f} GFLOP/s{mfu}"
               + (f", peak {mem} MiB" if mem is not None else ""))
+        phases = r.get("phase_seconds_per_step") or {}
+        for phase, secs in sorted(phases.items(), key=lambda p: -p[1]):
+            print(f"    {phase}: {1000 * secs:.2f} ms a step")
 by = {r["name"]: r for r in rows if r.get("bench") == "sae_train_step"}
 for name, r in by.items():
     if name.startswith("ours "):

@@ -86,6 +86,11 @@ struct Args {
     /// `DeviceTrainer::with_dense_pairs`.
     #[arg(long, value_parser = ["dense", "scatter"])]
     pairs: Option<String>,
+    /// Device path: also time each phase of the step (`DeviceTrainer::with_phase_timing`, the
+    /// device synchronised at each phase's end) and print the seconds per step of each as
+    /// `phase_seconds_per_step`; the tokens/s are then those of the synchronised steps.
+    #[arg(long)]
+    phases: bool,
 }
 
 fn main() -> Result<()> {
@@ -143,6 +148,7 @@ fn main() -> Result<()> {
         _ => DType::F32,
     };
     let mut rss_before = f64::NAN;
+    let mut phase_seconds = None;
     let (warm_l0, l0, secs) = if args.path == "encoder" {
         let w = Tensor::randn(0f32, 0.02, (args.d_sae, args.d_in), &device)?.to_dtype(compute)?;
         let b = Tensor::zeros(args.d_sae, compute, &device)?;
@@ -187,7 +193,12 @@ fn main() -> Result<()> {
         if let Some(p) = &args.pairs {
             dev = dev.with_dense_pairs(p == "dense");
         }
+        // The warm-up step is not timed: phases from the timed steps only.
+        let mut timed = None;
         let warm = dev.step(&on_device[0])?.host()?;
+        if args.phases {
+            dev = dev.with_phase_timing(true);
+        }
         let t0 = Instant::now();
         let mut steps = Vec::with_capacity(args.steps);
         for s in 0..args.steps {
@@ -202,6 +213,15 @@ fn main() -> Result<()> {
         for s in &steps {
             l0 += s.host()?.l0;
         }
+        if args.phases {
+            timed = Some(
+                dev.phase_times()
+                    .into_iter()
+                    .map(|(name, s)| (name.to_string(), (s / args.steps as f64).into()))
+                    .collect::<serde_json::Map<String, serde_json::Value>>(),
+            );
+        }
+        phase_seconds = timed;
         (warm.l0, l0, secs)
     } else {
         let warm = trainer.step_host(&batches[0])?;
@@ -247,6 +267,7 @@ fn main() -> Result<()> {
         "token_chunk": args.token_chunk,
         "moments": args.moments,
         "pairs": args.pairs,
+        "phase_seconds_per_step": phase_seconds,
         // The device path on the CPU: the memory its state and steps took at their peak.
         "device_peak_mib": if args.path == "device" && args.device == "cpu" {
             (sae_workbench::cli::peak_rss_mb() - rss_before).into()

@@ -226,6 +226,16 @@ pub struct DeviceTrainer {
     dense_pairs: bool,
     /// Features AuxK may take on their own rows at most (`d_sae / COMPACT_AUX_SHARE`).
     compact_aux_limit: usize,
+    /// Where the steps' time goes, when asked for ([`DeviceTrainer::with_phase_timing`]).
+    phases: Option<std::sync::Mutex<PhaseClock>>,
+}
+
+/// Time per phase of the steps, summed over steps: each phase ends with the device
+/// synchronised, so that its kernels are timed alone.
+#[derive(Default)]
+struct PhaseClock {
+    since: Option<std::time::Instant>,
+    totals: Vec<(&'static str, std::time::Duration)>,
 }
 
 impl std::fmt::Debug for DeviceTrainer {
@@ -501,6 +511,7 @@ impl DeviceTrainer {
             collective: None,
             dense_pairs: device.is_cuda(),
             compact_aux_limit: cfg.d_sae / COMPACT_AUX_SHARE,
+            phases: None,
             cfg,
         })
     }
@@ -604,6 +615,53 @@ impl DeviceTrainer {
     pub fn with_dense_pairs(mut self, dense: bool) -> Self {
         self.dense_pairs = dense;
         self
+    }
+
+    /// Times each phase of every step from now on (inputs, encoder, top-k, decode, the pairs'
+    /// gradients, AuxK, the group's sums, clipping, Adam, counters; [`DeviceTrainer::phase_times`]).
+    /// The device is synchronised at each phase's end, which takes away the overlap of the
+    /// host's launches with the device's work: a timed step is slower, and its phases say where
+    /// the device's time goes, not how long an untimed step takes.
+    pub fn with_phase_timing(mut self, on: bool) -> Self {
+        self.phases = on.then(Default::default);
+        self
+    }
+
+    /// Seconds spent in each phase over the steps timed so far, in the order the phases first
+    /// ran (empty unless [`DeviceTrainer::with_phase_timing`]).
+    pub fn phase_times(&self) -> Vec<(&'static str, f64)> {
+        self.phases
+            .as_ref()
+            .and_then(|c| c.lock().ok())
+            .map(|c| {
+                c.totals
+                    .iter()
+                    .map(|(n, d)| (*n, d.as_secs_f64()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Ends phase `name` when phases are timed: waits for the device and adds the time since the
+    /// last phase ended (or the step began, `name` `None`) to `name`'s total.
+    fn mark(&self, name: Option<&'static str>) -> Result<()> {
+        let Some(clock) = &self.phases else {
+            return Ok(());
+        };
+        self.device.synchronize()?;
+        let now = std::time::Instant::now();
+        let mut c = clock
+            .lock()
+            .map_err(|_| SaeError::config("phase timing", "a step panicked while timing"))?;
+        if let (Some(name), Some(since)) = (name, c.since) {
+            let spent = now - since;
+            match c.totals.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, t)) => *t += spent,
+                None => c.totals.push((name, spent)),
+            }
+        }
+        c.since = Some(now);
+        Ok(())
     }
 
     /// Sets how many dead features AuxK takes on their own rows at most (default
@@ -769,6 +827,7 @@ impl DeviceTrainer {
                 got,
             });
         }
+        self.mark(None)?;
         let mut x = batch.to_device(&self.device)?.to_dtype(DType::F32)?;
         // `x - x` is NaN exactly where x is NaN or infinite (one pass for both).
         #[allow(clippy::eq_op)]
@@ -801,6 +860,7 @@ impl DeviceTrainer {
             self.init_encoder_bias(&xc, target)?;
         }
         let sparsity_scale = self.cfg.sparsity_scale_at(self.step);
+        self.mark(Some("inputs"))?;
         // The tokens go through the passes in chunks of `token_chunk` rows (all at once by
         // default): every `[rows, d_sae]` temporary shrinks with the chunk, and the passes' sums
         // over tokens add up across chunks. BatchTopK's threshold is the whole batch's: with
@@ -812,9 +872,11 @@ impl DeviceTrainer {
             }
             _ => None,
         };
+        self.mark(Some("threshold"))?;
         // `W_enc`'s and `W_dec`'s gradients are summed in place into one pair of matrices.
         let acc = MatrixGrads::zeros(self.cfg.d_sae, self.cfg.d_in, &self.device)?;
         let dead = self.dead_set()?;
+        self.mark(Some("dead set"))?;
         let mut sums: Option<Pass> = None;
         let mut min_kept = None;
         // An empty batch still takes one (empty) pass, so that replicas stay in step.
@@ -845,6 +907,7 @@ impl DeviceTrainer {
         };
         dead.write_back(self, &acc)?;
         drop(dead);
+        self.mark(Some("auxk"))?;
         let Pass {
             g_b_enc,
             g_b_dec,
@@ -890,6 +953,7 @@ impl DeviceTrainer {
         for g in extra {
             grads.push(self.sum_over_group(g)?);
         }
+        self.mark(Some("gradient sums"))?;
         let mut norm_sq = Tensor::zeros((), DType::F32, &self.device)?;
         for g in &grads {
             for (start, len) in self.row_blocks(g)? {
@@ -904,6 +968,7 @@ impl DeviceTrainer {
             }
             None => Tensor::ones((), DType::F32, &self.device)?,
         };
+        self.mark(Some("norm and clip"))?;
 
         // Adam, as `optim::Adam::step`.
         let lr = self.cfg.lr_at(self.step);
@@ -941,6 +1006,7 @@ impl DeviceTrainer {
             // Thresholds stay at or above zero, as SAELens clamps them.
             self.params[4] = self.params[4].relu()?;
         }
+        self.mark(Some("adam"))?;
 
         // θ moves toward the smallest activation kept, when one was (BatchTopK).
         if let (Some(min), Rule::BatchTopK { threshold_lr, .. }) = (min_kept, &self.rule) {
@@ -993,6 +1059,7 @@ impl DeviceTrainer {
             self.window_fires = self.window_fires.zeros_like()?;
             self.window_tokens = 0;
         }
+        self.mark(Some("counters and metrics"))?;
         Ok(out)
     }
 
@@ -1014,6 +1081,7 @@ impl DeviceTrainer {
         let h = self.mm(xc, &self.params[0].t()?)?;
         // Pre-activations with the encoder bias (the gate's bias for gated).
         let pre = h.broadcast_add(&self.params[1])?.contiguous()?;
+        self.mark(Some("encoder"))?;
         let h = matches!(self.rule, Rule::Gated { .. }).then_some(h);
         let penalty_scale = f64::from(sparsity_scale);
         Ok(match &self.rule {
@@ -1023,13 +1091,21 @@ impl DeviceTrainer {
                 aux_coefficient,
             } => self.topk_pass(x, xc, &pre, n_total, acc, dead, k, aux_k, aux_coefficient)?,
             &Rule::Standard { l1 } => {
-                self.standard_pass(x, xc, &pre, n_total, acc, l1 * penalty_scale)?
+                let pass = self.standard_pass(x, xc, &pre, n_total, acc, l1 * penalty_scale)?;
+                self.mark(Some("codes and gradients"))?;
+                pass
             }
             &Rule::Gated { l1 } => {
-                self.gated_pass(x, xc, &pre, h.as_ref(), n_total, acc, l1 * penalty_scale)?
+                let pass =
+                    self.gated_pass(x, xc, &pre, h.as_ref(), n_total, acc, l1 * penalty_scale)?;
+                self.mark(Some("codes and gradients"))?;
+                pass
             }
             &Rule::JumpRelu { l0, bandwidth } => {
-                self.jumprelu_pass(x, xc, &pre, n_total, acc, l0 * penalty_scale, bandwidth)?
+                let pass =
+                    self.jumprelu_pass(x, xc, &pre, n_total, acc, l0 * penalty_scale, bandwidth)?;
+                self.mark(Some("codes and gradients"))?;
+                pass
             }
             Rule::BatchTopK {
                 k,
@@ -1082,6 +1158,7 @@ impl DeviceTrainer {
         // the selected decoder rows are gathered, never a `[n, d_sae]` code matrix.
         let k = k.min(d_sae);
         let idx = top_k_indices(pre, k)?;
+        self.mark(Some("top-k"))?;
         let vals = pre.gather(&idx, 1)?.relu()?;
         let on = vals.gt(0.0)?.to_dtype(DType::F32)?; // a zero after ReLU is not a code
         let flat = idx.flatten_all()?;
@@ -1095,6 +1172,7 @@ impl DeviceTrainer {
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
         let g_pairs = (rows.broadcast_mul(&d_xhat.unsqueeze(1)?)?.sum(2)? * &on)?;
         drop(rows);
+        self.mark(Some("decode"))?;
         let (g_b_enc, fires) = if self.dense_pairs {
             // Scattered along each token's row (a thread per token on CUDA) into code matrices
             // that go through dense products, one at a time.
@@ -1114,7 +1192,9 @@ impl DeviceTrainer {
             let g_b_enc = acc.add_pairs(&flat, &vals, &g_pairs, &d_xhat, xc, d_sae)?;
             (g_b_enc, per_feature_sums(&flat, &on, d_sae)?)
         };
+        self.mark(Some("pair gradients"))?;
         let aux = self.aux_pass(xc, pre, &diff, n_total, acc, dead, aux_k, aux_coefficient)?;
+        self.mark(Some("auxk"))?;
         Ok(Pass {
             g_b_enc: (g_b_enc + aux.g_b_enc)?,
             g_b_dec: column_sums(&d_xhat)?,
@@ -1546,6 +1626,7 @@ impl DeviceTrainer {
                 Ok(r.gather(&top_k_indices(&r, per_token)?, 1)?)
             })?,
         };
+        self.mark(Some("threshold"))?;
         let on = r.broadcast_gt(&threshold)?.to_dtype(DType::F32)?;
         let a = (&r * &on)?;
         let kept = on
@@ -1578,7 +1659,9 @@ impl DeviceTrainer {
         }
         let g_pre = (g_a * &on)?;
         acc.add_enc(self, &g_pre, xc)?;
+        self.mark(Some("codes and gradients"))?;
         let aux = self.aux_pass(xc, pre, &diff, n_total, acc, dead, aux_k, aux_coefficient)?;
+        self.mark(Some("auxk"))?;
         let pass = Pass {
             g_b_enc: (column_sums(&g_pre)? + aux.g_b_enc)?,
             g_b_dec,

@@ -1421,3 +1421,47 @@ fn a_replica_that_fails_makes_the_others_fail_instead_of_waiting() {
     );
     assert_eq!(first.len(), 2);
 }
+
+/// Phase timing: the timed run takes the untimed run's steps bit for bit, and reports every
+/// phase a TopK step goes through (the standard SAE's own too), each with time spent; an
+/// untimed trainer reports none.
+#[test]
+fn phase_timing_reports_every_phase_and_changes_nothing() {
+    for (cfg, phases) in [
+        (
+            resident_config(),
+            &[
+                "inputs",
+                "dead set",
+                "encoder",
+                "top-k",
+                "decode",
+                "pair gradients",
+                "auxk",
+            ][..],
+        ),
+        (standard_config(), &["encoder", "codes and gradients"][..]),
+    ] {
+        let start = Trainer::new(cfg).unwrap();
+        let mut timed = DeviceTrainer::from_trainer(&start, &Device::Cpu)
+            .unwrap()
+            .with_phase_timing(true);
+        let mut plain = DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap();
+        for s in 0..4 {
+            timed.step(&batch(s)).unwrap();
+            plain.step(&batch(s)).unwrap();
+        }
+        assert!(bits(&timed.params_host().unwrap()) == bits(&plain.params_host().unwrap()));
+        assert!(plain.phase_times().is_empty());
+        let times = timed.phase_times();
+        for want in phases.iter().chain(&[
+            "gradient sums",
+            "norm and clip",
+            "adam",
+            "counters and metrics",
+        ]) {
+            let t = times.iter().find(|(n, _)| n == want);
+            assert!(matches!(t, Some((_, s)) if *s > 0.0), "{want}: {times:?}");
+        }
+    }
+}
