@@ -2256,7 +2256,12 @@ fn per_feature_sums(features: &Tensor, v: &Tensor, d_sae: usize) -> Result<Tenso
 /// that reads its column with strided loads, an index computed per element: at `[4,096,
 /// 65,536]` about eight times the traffic of the matrix itself.
 fn column_sums(t: &Tensor) -> Result<Tensor> {
-    let ones = Tensor::ones((1, t.dim(0)?), t.dtype(), t.device())?;
+    let (rows, cols) = t.dims2()?;
+    if rows == 0 {
+        // No product with an inner dimension of zero (a replica without rows).
+        return Ok(Tensor::zeros(cols, t.dtype(), t.device())?);
+    }
+    let ones = Tensor::ones((1, rows), t.dtype(), t.device())?;
     Ok(ones.matmul(&gemm_operand(t)?)?.squeeze(0)?)
 }
 
