@@ -10,8 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/cuda_env.sh
 nvcc --version | tail -1
-# Our own kernel (NVRTC compiles it at run time there), compiled here to PTX for the same chip.
-nvcc --ptx -arch="sm_$CUDA_COMPUTE_CAP" -o /dev/null sae-core/src/pairs.cu
+# Our own kernels (NVRTC compiles them at run time there), compiled here to PTX for the same chip.
+for cu in sae-core/src/pairs.cu sae-core/src/fused_adam.cu; do
+  nvcc --ptx -arch="sm_$CUDA_COMPUTE_CAP" -o /dev/null "$cu"
+done
 cargo check --workspace --all-targets --features cuda --target-dir "${CUDA_TARGET:-target/cuda-check}"
 # The NCCL collective (sae-core's `nccl` feature), with its test.
 cargo check -p sae-core --all-targets --features nccl --target-dir "${CUDA_TARGET:-target/cuda-check}"

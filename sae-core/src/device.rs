@@ -978,28 +978,21 @@ impl DeviceTrainer {
         let bc2 = 1.0 - b2.powi(self.adam_t as i32);
         let step_size = lr / bc1;
         let inv_sqrt_bc2 = 1.0 / bc2.sqrt();
-        // In place, by row blocks: the update's temporaries are a block's, not a matrix's (at
-        // a million features each `W_enc`-sized temporary is 8 GiB).
+        // In place, three element-wise passes a parameter (`crate::fused_adam`), no temporaries;
+        // the moments are stored as kept (bf16 rounds there) and the update reads what is stored.
         for (i, g) in grads.iter().enumerate() {
-            let (p, m_all, v_all) = (&self.params[i], &self.m[i], &self.v[i]);
-            for (start, len) in self.row_blocks(g)? {
-                let g = g.narrow(0, start, len)?.broadcast_mul(&clip)?;
-                let m_old = m_all.narrow(0, start, len)?.to_dtype(DType::F32)?;
-                let v_old = v_all.narrow(0, start, len)?.to_dtype(DType::F32)?;
-                // Stored as kept (bf16 rounds here), and the update reads what is stored.
-                let m = ((m_old * b1)? + (&g * (1.0 - b1))?)?.to_dtype(self.moments)?;
-                let v = ((v_old * b2)? + (g.sqr()? * (1.0 - b2))?)?.to_dtype(self.moments)?;
-                let (m32, v32) = (m.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
-                let denom = ((v32.sqrt()? * inv_sqrt_bc2)? + self.cfg.adam_eps)?;
-                let mut w = (p.narrow(0, start, len)? - ((m32 / denom)? * step_size)?)?;
-                if i == 2 && self.unit_norm {
+            let (p, m, v) = (&self.params[i], &self.m[i], &self.v[i]);
+            crate::fused_adam::update_moment(m, g, &clip, b1, false)?;
+            crate::fused_adam::update_moment(v, g, &clip, b2, true)?;
+            crate::fused_adam::update_weights(p, m, v, step_size, inv_sqrt_bc2, self.cfg.adam_eps)?;
+            if i == 2 && self.unit_norm {
+                // Decoder rows back to unit norm, by row blocks.
+                for (start, len) in self.row_blocks(p)? {
+                    let w = p.narrow(0, start, len)?;
                     let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
                     let safe = norm.gt(0.0)?.where_cond(&norm, &norm.ones_like()?)?;
-                    w = w.broadcast_div(&safe)?;
+                    p.slice_set(&w.broadcast_div(&safe)?, 0, start)?;
                 }
-                p.slice_set(&w, 0, start)?;
-                m_all.slice_set(&m, 0, start)?;
-                v_all.slice_set(&v, 0, start)?;
             }
         }
         if matches!(self.rule, Rule::JumpRelu { .. }) {

@@ -66,6 +66,7 @@ mod codes;
 mod config;
 mod device;
 mod error;
+mod fused_adam;
 pub mod io;
 pub mod kernels;
 mod model;
