@@ -290,7 +290,8 @@ for r in rows:
             mfu = f", {100 * r['gflops'] * 1e9 / peak[r['dtype']]:.1f}% of the {r['dtype']} peak"
         mem = r.get("nvidia_smi_peak_mib")
         print(f"{r['name']}: {r['tokens_per_s']:.0f} tokens/s, {r['gflops']:.0f} GFLOP/s{mfu}"
-              + (f", peak {mem} MiB" if mem is not None else ""))
+              + (f", peak {mem} MiB" if mem is not None else "")
+              + (", Adam as tensor ops (NVRTC failed)" if r.get("fused_adam") is False else ""))
         phases = r.get("phase_seconds_per_step") or {}
         for phase, secs in sorted(phases.items(), key=lambda p: -p[1]):
             print(f"    {phase}: {1000 * secs:.2f} ms a step")

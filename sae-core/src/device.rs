@@ -228,6 +228,9 @@ pub struct DeviceTrainer {
     compact_aux_limit: usize,
     /// Where the steps' time goes, when asked for ([`DeviceTrainer::with_phase_timing`]).
     phases: Option<std::sync::Mutex<PhaseClock>>,
+    /// Adam as three element-wise passes of our own (`crate::fused_adam`), or as candle tensor
+    /// ops by row blocks where those cannot run (no NVRTC on a CUDA machine).
+    fused_adam: bool,
 }
 
 /// Time per phase of the steps, summed over steps: each phase ends with the device
@@ -512,6 +515,15 @@ impl DeviceTrainer {
             dense_pairs: device.is_cuda(),
             compact_aux_limit: cfg.d_sae / COMPACT_AUX_SHARE,
             phases: None,
+            fused_adam: match crate::fused_adam::ready_on(device) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(
+                        "Adam's fused kernels cannot run here ({e}): tensor ops instead"
+                    );
+                    false
+                }
+            },
             cfg,
         })
     }
@@ -615,6 +627,20 @@ impl DeviceTrainer {
     pub fn with_dense_pairs(mut self, dense: bool) -> Self {
         self.dense_pairs = dense;
         self
+    }
+
+    /// Runs Adam's update as three element-wise passes of our own (the default wherever they
+    /// can run) or as candle tensor ops by row blocks (`false`; the fallback where NVRTC cannot
+    /// compile the passes' kernels). Tests take both ways.
+    #[doc(hidden)]
+    pub fn with_fused_adam(mut self, on: bool) -> Self {
+        self.fused_adam = on;
+        self
+    }
+
+    /// Whether Adam's update runs as the fused passes (see [`DeviceTrainer::with_fused_adam`]).
+    pub fn fused_adam(&self) -> bool {
+        self.fused_adam
     }
 
     /// Times each phase of every step from now on (inputs, encoder, top-k, decode, the pairs'
@@ -978,13 +1004,38 @@ impl DeviceTrainer {
         let bc2 = 1.0 - b2.powi(self.adam_t as i32);
         let step_size = lr / bc1;
         let inv_sqrt_bc2 = 1.0 / bc2.sqrt();
-        // In place, three element-wise passes a parameter (`crate::fused_adam`), no temporaries;
-        // the moments are stored as kept (bf16 rounds there) and the update reads what is stored.
+        // In place: three element-wise passes a parameter (`crate::fused_adam`), or tensor ops
+        // by row blocks, whose temporaries are a block's, not a matrix's (at a million features
+        // each `W_enc`-sized temporary is 8 GiB). The moments are stored as kept (bf16 rounds
+        // there) and the update reads what is stored.
         for (i, g) in grads.iter().enumerate() {
-            let (p, m, v) = (&self.params[i], &self.m[i], &self.v[i]);
-            crate::fused_adam::update_moment(m, g, &clip, b1, false)?;
-            crate::fused_adam::update_moment(v, g, &clip, b2, true)?;
-            crate::fused_adam::update_weights(p, m, v, step_size, inv_sqrt_bc2, self.cfg.adam_eps)?;
+            let (p, m_all, v_all) = (&self.params[i], &self.m[i], &self.v[i]);
+            if self.fused_adam {
+                crate::fused_adam::update_moment(m_all, g, &clip, b1, false)?;
+                crate::fused_adam::update_moment(v_all, g, &clip, b2, true)?;
+                crate::fused_adam::update_weights(
+                    p,
+                    m_all,
+                    v_all,
+                    step_size,
+                    inv_sqrt_bc2,
+                    self.cfg.adam_eps,
+                )?;
+            } else {
+                for (start, len) in self.row_blocks(g)? {
+                    let g = g.narrow(0, start, len)?.broadcast_mul(&clip)?;
+                    let m_old = m_all.narrow(0, start, len)?.to_dtype(DType::F32)?;
+                    let v_old = v_all.narrow(0, start, len)?.to_dtype(DType::F32)?;
+                    let m = ((m_old * b1)? + (&g * (1.0 - b1))?)?.to_dtype(self.moments)?;
+                    let v = ((v_old * b2)? + (g.sqr()? * (1.0 - b2))?)?.to_dtype(self.moments)?;
+                    let (m32, v32) = (m.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+                    let denom = ((v32.sqrt()? * inv_sqrt_bc2)? + self.cfg.adam_eps)?;
+                    let w = (p.narrow(0, start, len)? - ((m32 / denom)? * step_size)?)?;
+                    p.slice_set(&w, 0, start)?;
+                    m_all.slice_set(&m, 0, start)?;
+                    v_all.slice_set(&v, 0, start)?;
+                }
+            }
             if i == 2 && self.unit_norm {
                 // Decoder rows back to unit norm, by row blocks.
                 for (start, len) in self.row_blocks(p)? {

@@ -56,6 +56,20 @@ pub(crate) fn update_weights(
     Ok(())
 }
 
+/// Whether the passes can run on `device`: on CUDA, whether NVRTC compiled their kernels and
+/// the device loaded them (once per process and device); elsewhere always. The device path
+/// falls back to tensor ops where they cannot, so that a machine without NVRTC still trains.
+///
+/// # Errors
+/// What NVRTC or the driver said.
+pub(crate) fn ready_on(device: &candle_core::Device) -> Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) => cuda::ready(dev),
+        _ => Ok(()),
+    }
+}
+
 struct Moment {
     beta: f32,
     one_minus: f32,
@@ -243,6 +257,11 @@ mod cuda {
         l.contiguous_offsets()
             .map(|(s, _)| s)
             .ok_or_else(|| candle_core::Error::Msg(format!("adam: {what} is not contiguous")))
+    }
+
+    pub(super) fn ready(dev: &candle_core::CudaDevice) -> crate::error::Result<()> {
+        dev.get_or_load_custom_func("adam_update_f32", MODULE, ptx()?)?;
+        Ok(())
     }
 
     /// Launches a kernel over `n` elements, its arguments pushed.

@@ -1465,3 +1465,29 @@ fn phase_timing_reports_every_phase_and_changes_nothing() {
         }
     }
 }
+
+/// Adam as the fused passes (the default) and as tensor ops by row blocks (the fallback where
+/// NVRTC cannot compile the passes' kernels) take the same steps bit for bit on the CPU, with
+/// f32 and bf16 moments, a unit-norm decoder (TopK, standard) and JumpReLU's threshold.
+#[test]
+fn fused_adam_and_its_tensor_op_fallback_take_the_same_steps() {
+    for moments in [candle_core::DType::F32, candle_core::DType::BF16] {
+        for cfg in [resident_config(), standard_config(), jumprelu_config()] {
+            let start = Trainer::new(cfg).unwrap();
+            let run = |fused: bool| {
+                let mut d = DeviceTrainer::from_trainer(&start, &Device::Cpu)
+                    .unwrap()
+                    .with_moment_dtype(moments)
+                    .unwrap()
+                    .with_fused_adam(fused)
+                    .with_update_block(40);
+                assert_eq!(d.fused_adam(), fused);
+                for s in 0..6 {
+                    d.step(&batch(s)).unwrap();
+                }
+                bits(&d.params_host().unwrap())
+            };
+            assert!(run(true) == run(false), "{moments:?}");
+        }
+    }
+}
