@@ -9,7 +9,11 @@
 
 use candle_core::{CpuStorage, Layout, Tensor};
 
+use crate::custom_ops::{part, part_mut};
 use crate::error::Result;
+
+/// The ops' name in errors.
+const OP: &str = "adam";
 
 /// `moment = moment · beta + g · (1 - beta)`, `g = grad · clip` (squared for the second
 /// moment), in place. `moment`: f32 or bf16; `grad`: f32 of the same shape; `clip`: one f32.
@@ -97,21 +101,6 @@ impl Update {
     }
 }
 
-/// The part of `v` that `l` covers, which must be contiguous.
-fn part<'v, T>(v: &'v [T], l: &Layout, what: &str) -> candle_core::Result<&'v [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("adam: {what} is not contiguous")))?;
-    Ok(&v[start..end])
-}
-
-fn part_mut<'v, T>(v: &'v mut [T], l: &Layout, what: &str) -> candle_core::Result<&'v mut [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("adam: {what} is not contiguous")))?;
-    Ok(&mut v[start..end])
-}
-
 fn same_len(a: usize, b: usize, what: &str) -> candle_core::Result<()> {
     if a != b {
         candle_core::bail!("adam: {what} has {b} elements, expected {a}");
@@ -136,18 +125,18 @@ impl candle_core::InplaceOp3 for Moment {
         let (CpuStorage::F32(grad), CpuStorage::F32(clip)) = (grad, clip) else {
             candle_core::bail!("adam: expected an f32 gradient and clip factor");
         };
-        let grad = part(grad, grad_l, "the gradient")?;
-        let clip = part(clip, clip_l, "the clip factor")?[0];
+        let grad = part(grad, grad_l, OP, "the gradient")?;
+        let clip = part(clip, clip_l, OP, "the clip factor")?[0];
         match m {
             CpuStorage::F32(m) => {
-                let m = part_mut(m, m_l, "the moment")?;
+                let m = part_mut(m, m_l, OP, "the moment")?;
                 same_len(m.len(), grad.len(), "the gradient")?;
                 for (m, &g) in m.iter_mut().zip(grad) {
                     *m = self.of(*m, g, clip);
                 }
             }
             CpuStorage::BF16(m) => {
-                let m = part_mut(m, m_l, "the moment")?;
+                let m = part_mut(m, m_l, OP, "the moment")?;
                 same_len(m.len(), grad.len(), "the gradient")?;
                 for (m, &g) in m.iter_mut().zip(grad) {
                     *m = half::bf16::from_f32(self.of(m.to_f32(), g, clip));
@@ -189,10 +178,10 @@ impl candle_core::InplaceOp3 for Update {
         let CpuStorage::F32(w) = w else {
             candle_core::bail!("adam: the weights must be f32");
         };
-        let w = part_mut(w, w_l, "the weights")?;
+        let w = part_mut(w, w_l, OP, "the weights")?;
         match (m, v) {
             (CpuStorage::F32(m), CpuStorage::F32(v)) => {
-                let (m, v) = (part(m, m_l, "m")?, part(v, v_l, "v")?);
+                let (m, v) = (part(m, m_l, OP, "m")?, part(v, v_l, OP, "v")?);
                 same_len(w.len(), m.len(), "m")?;
                 same_len(w.len(), v.len(), "v")?;
                 for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
@@ -200,7 +189,7 @@ impl candle_core::InplaceOp3 for Update {
                 }
             }
             (CpuStorage::BF16(m), CpuStorage::BF16(v)) => {
-                let (m, v) = (part(m, m_l, "m")?, part(v, v_l, "v")?);
+                let (m, v) = (part(m, m_l, OP, "m")?, part(v, v_l, OP, "v")?);
                 same_len(w.len(), m.len(), "m")?;
                 same_len(w.len(), v.len(), "v")?;
                 for ((w, m), v) in w.iter_mut().zip(m).zip(v) {
@@ -232,51 +221,30 @@ mod cuda {
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::CudaStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::cudarc::nvrtc;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{DType, Layout};
 
-    use super::{Moment, Update};
+    use super::{Moment, OP, Update};
+    use crate::custom_ops::cuda::launch;
+    use crate::custom_ops::offsets;
 
     const SOURCE: &str = include_str!("fused_adam.cu");
     /// The name the compiled module is cached under on each device.
     const MODULE: &str = "sae_core_fused_adam";
 
+    static PTX: OnceLock<Result<String, String>> = OnceLock::new();
+
     fn ptx() -> candle_core::Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            nvrtc::compile_ptx(SOURCE)
-                .map(|p| p.to_src())
-                .map_err(|e| format!("compiling the Adam kernels with NVRTC: {e:?}"))
-        })
-        .as_deref()
-        .map_err(|e| candle_core::Error::Msg(e.clone()))
+        crate::custom_ops::cuda::ptx(&PTX, SOURCE, "Adam kernels")
     }
 
     fn start(l: &Layout, what: &str) -> candle_core::Result<usize> {
-        l.contiguous_offsets()
-            .map(|(s, _)| s)
-            .ok_or_else(|| candle_core::Error::Msg(format!("adam: {what} is not contiguous")))
+        Ok(offsets(l, OP, what)?.0)
     }
 
     pub(super) fn ready(dev: &candle_core::CudaDevice) -> crate::error::Result<()> {
         dev.get_or_load_custom_func("adam_update_f32", MODULE, ptx()?)?;
         Ok(())
-    }
-
-    /// Launches a kernel over `n` elements, its arguments pushed.
-    fn launch(mut b: LaunchArgs<'_>, name: &str, n: u64) -> candle_core::Result<()> {
-        let threads = 256u32;
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(u64::from(threads)).min(1 << 20) as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the caller pushed slices of `n` elements from their start on this device,
-        // and the scalars the kernel takes, in its order.
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| candle_core::Error::Msg(format!("adam kernel {name}: {e:?}")))
     }
 
     pub(super) fn moment(
@@ -442,80 +410,48 @@ mod tests {
     /// saying so, without a C++ compiler.
     #[test]
     fn the_cuda_kernels_source_computes_what_the_cpu_passes_compute() {
-        let dir = tempfile::tempdir().unwrap();
-        let harness = dir.path().join("harness.cpp");
-        std::fs::write(
-            &harness,
-            format!(
-                r#"#include <cstdio>
-#include <cstring>
-#include <cmath>
-struct Dim3 {{ unsigned x, y, z; }};
-static Dim3 blockIdx, blockDim, gridDim, threadIdx;
-#define __global__
-#define __device__ static
-static float __uint_as_float(unsigned int u) {{ float f; std::memcpy(&f, &u, 4); return f; }}
-static unsigned int __float_as_uint(float f) {{ unsigned int u; std::memcpy(&u, &f, 4); return u; }}
-#include "{}"
-template <typename F> void run(F kernel) {{
-  gridDim.x = 2; blockDim.x = 3;
-  for (unsigned b = 0; b < 2; b++) for (unsigned t = 0; t < 3; t++) {{
-    blockIdx.x = b; threadIdx.x = t; kernel();
-  }}
-}}
-int main() {{
+        let Some(harness) = crate::custom_ops::emulation::Harness::build(
+            "fused_adam.cu",
+            r#"
   unsigned long long n; float clip, b1, omb1, b2, omb2, step, inv, eps;
   if (scanf("%llu %a %a %a %a %a %a %a %a", &n, &clip, &b1, &omb1, &b2, &omb2, &step, &inv, &eps) != 9) return 2;
   float *g = new float[n], *w = new float[n], *m = new float[n], *v = new float[n];
   float *w2 = new float[n];
   unsigned short *m16 = new unsigned short[n], *v16 = new unsigned short[n];
   for (unsigned long long i = 0; i < n; i++) scanf("%a", &g[i]);
-  for (unsigned long long i = 0; i < n; i++) {{ scanf("%a", &w[i]); w2[i] = w[i]; }}
+  for (unsigned long long i = 0; i < n; i++) { scanf("%a", &w[i]); w2[i] = w[i]; }
   for (unsigned long long i = 0; i < n; i++) scanf("%a", &m[i]);
   for (unsigned long long i = 0; i < n; i++) scanf("%a", &v[i]);
-  for (unsigned long long i = 0; i < n; i++) {{ unsigned x; scanf("%x", &x); m16[i] = x; }}
-  for (unsigned long long i = 0; i < n; i++) {{ unsigned x; scanf("%x", &x); v16[i] = x; }}
-  run([&] {{ adam_moment_f32(m, g, &clip, b1, omb1, 0, n); }});
-  run([&] {{ adam_moment_f32(v, g, &clip, b2, omb2, 1, n); }});
-  run([&] {{ adam_update_f32(w, m, v, step, inv, eps, n); }});
-  run([&] {{ adam_moment_bf16(m16, g, &clip, b1, omb1, 0, n); }});
-  run([&] {{ adam_moment_bf16(v16, g, &clip, b2, omb2, 1, n); }});
-  run([&] {{ adam_update_bf16(w2, m16, v16, step, inv, eps, n); }});
+  for (unsigned long long i = 0; i < n; i++) { unsigned x; scanf("%x", &x); m16[i] = x; }
+  for (unsigned long long i = 0; i < n; i++) { unsigned x; scanf("%x", &x); v16[i] = x; }
+  launch_all(2, 3, [&] { adam_moment_f32(m, g, &clip, b1, omb1, 0, n); });
+  launch_all(2, 3, [&] { adam_moment_f32(v, g, &clip, b2, omb2, 1, n); });
+  launch_all(2, 3, [&] { adam_update_f32(w, m, v, step, inv, eps, n); });
+  launch_all(2, 3, [&] { adam_moment_bf16(m16, g, &clip, b1, omb1, 0, n); });
+  launch_all(2, 3, [&] { adam_moment_bf16(v16, g, &clip, b2, omb2, 1, n); });
+  launch_all(2, 3, [&] { adam_update_bf16(w2, m16, v16, step, inv, eps, n); });
   for (unsigned long long i = 0; i < n; i++)
     printf("%08x %08x %08x %04x %04x %08x\n", __float_as_uint(m[i]), __float_as_uint(v[i]),
            __float_as_uint(w[i]), m16[i], v16[i], __float_as_uint(w2[i]));
-  return 0;
-}}
-"#,
-                concat!(env!("CARGO_MANIFEST_DIR"), "/src/fused_adam.cu")
-            ),
-        )
-        .unwrap();
-        let exe = dir.path().join("harness");
-        let Ok(built) = std::process::Command::new("c++")
-            .args(["-O1", "-std=c++17", "-o"])
-            .arg(&exe)
-            .arg(&harness)
-            .output()
-        else {
-            eprintln!("skipped: no C++ compiler (c++) to build the kernels for the CPU");
+  return 0;"#,
+        ) else {
             return;
         };
-        assert!(
-            built.status.success(),
-            "{}",
-            String::from_utf8_lossy(&built.stderr)
-        );
-
         // Adam's usual betas with an epsilon large enough to matter; and betas of 0 with no
         // clipping, so that the moments are the gradient and its square exactly, where
         // gradients halfway between two bf16 values test the rounding.
         for (b1, b2, eps, clip) in [(0.9f64, 0.999f64, 1e-2f64, 0.75f32), (0.0, 0.0, 1e-8, 1.0)] {
-            run_harness(&exe, b1, b2, eps, clip);
+            run_harness(&harness, b1, b2, eps, clip);
         }
     }
 
-    fn run_harness(exe: &std::path::Path, b1: f64, b2: f64, eps: f64, clip: f32) {
+    fn run_harness(
+        harness: &crate::custom_ops::emulation::Harness,
+        b1: f64,
+        b2: f64,
+        eps: f64,
+        clip: f32,
+    ) {
         let dev = Device::Cpu;
         let n = 29;
         let (step, inv) = (3e-3f64, 1.7f64);
@@ -590,22 +526,8 @@ int main() {{
             bf(&m),
             bf(&v),
         );
-        let mut child = std::process::Command::new(exe)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success());
-        let got: Vec<Vec<u32>> = String::from_utf8(out.stdout)
-            .unwrap()
+        let got: Vec<Vec<u32>> = harness
+            .run(&input)
             .lines()
             .map(|l| {
                 l.split_whitespace()

@@ -64,6 +64,7 @@
 mod arch;
 mod codes;
 mod config;
+mod custom_ops;
 mod device;
 mod error;
 mod fused_adam;

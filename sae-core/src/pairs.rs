@@ -12,7 +12,11 @@
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
+use crate::custom_ops::{part, part_mut};
 use crate::error::Result;
+
+/// The op's name in errors.
+const OP: &str = "pair rows";
 
 /// The pairs' features (`[tokens · k]` u32, row-major: pair `p` is token `p / k`'s); applied
 /// with [`add_pair_rows`].
@@ -61,14 +65,6 @@ pub(crate) fn add_pair_rows(
     Ok(())
 }
 
-/// The contiguous part of `v` that `l` covers.
-fn contiguous<'v, T>(v: &'v [T], l: &Layout, what: &str) -> candle_core::Result<&'v [T]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("pair rows: {what} is not contiguous")))?;
-    Ok(&v[start..end])
-}
-
 impl candle_core::InplaceOp3 for PairRowsAdd<'_> {
     fn name(&self) -> &'static str {
         "pair-rows-add"
@@ -92,13 +88,10 @@ impl candle_core::InplaceOp3 for PairRowsAdd<'_> {
         let CpuStorage::F32(acc) = acc else {
             candle_core::bail!("pair rows: expected an f32 accumulator");
         };
-        let (start, end) = acc_l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("pair rows: the accumulator is not contiguous".into())
-        })?;
-        let acc = &mut acc[start..end];
-        let features = contiguous(features, features_l, "features")?;
-        let coef = contiguous(coef, coef_l, "coefficients")?;
-        let rows = contiguous(rows, rows_l, "rows")?;
+        let acc = part_mut(acc, acc_l, OP, "the accumulator")?;
+        let features = part(features, features_l, OP, "features")?;
+        let coef = part(coef, coef_l, OP, "coefficients")?;
+        let rows = part(rows, rows_l, OP, "rows")?;
         let width = acc_l.dims()[1];
         let d_sae = acc_l.dims()[0];
         for (p, (&f, &a)) in features.iter().zip(coef).enumerate() {
@@ -136,33 +129,15 @@ mod cuda {
     use std::sync::OnceLock;
 
     use candle_core::cuda_backend::CudaStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::cudarc::nvrtc;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{Layout, Storage};
 
-    use super::PairRowsAdd;
+    use super::{OP, PairRowsAdd};
+    use crate::custom_ops::cuda::{launch as launch_kernel, ptx};
+    use crate::custom_ops::offsets;
 
-    /// One thread per (pair, column), grid-strided; `features[p]` is pair `p`'s row of `acc`,
-    /// `p / k` its token's row of `rows`.
     const SOURCE: &str = include_str!("pairs.cu");
-
-    /// The kernel's PTX, compiled once per process.
-    fn ptx() -> candle_core::Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            nvrtc::compile_ptx(SOURCE)
-                .map(|p| p.to_src())
-                .map_err(|e| format!("compiling the pair-rows kernel with NVRTC: {e:?}"))
-        })
-        .as_deref()
-        .map_err(|e| candle_core::Error::Msg(e.clone()))
-    }
-
-    fn contiguous_start(l: &Layout, what: &str) -> candle_core::Result<usize> {
-        l.contiguous_offsets()
-            .map(|(start, _)| start)
-            .ok_or_else(|| candle_core::Error::Msg(format!("pair rows: {what} is not contiguous")))
-    }
+    static PTX: OnceLock<Result<String, String>> = OnceLock::new();
 
     pub(super) fn launch(
         op: &PairRowsAdd<'_>,
@@ -180,16 +155,15 @@ mod cuda {
         let dev = acc.device.clone();
         let features = features
             .as_cuda_slice::<u32>()?
-            .slice(contiguous_start(features_l, "features")?..);
+            .slice(offsets(features_l, OP, "features")?.0..);
         let coef_v = coef
             .as_cuda_slice::<f32>()?
-            .slice(contiguous_start(coef_l, "coefficients")?..);
+            .slice(offsets(coef_l, OP, "coefficients")?.0..);
         let rows_v = rows
             .as_cuda_slice::<f32>()?
-            .slice(contiguous_start(rows_l, "rows")?..);
-        let acc_start = contiguous_start(acc_l, "the accumulator")?;
-        let acc_v = acc.as_cuda_slice_mut::<f32>()?;
-        let mut acc_v = acc_v.slice_mut(acc_start..);
+            .slice(offsets(rows_l, OP, "rows")?.0..);
+        let acc_start = offsets(acc_l, OP, "the accumulator")?.0;
+        let mut acc_v = acc.as_cuda_slice_mut::<f32>()?.slice_mut(acc_start..);
         let pairs = coef_l.shape().elem_count() as u64;
         let width = acc_l.dims()[1] as u64;
         let k = op.k as u64;
@@ -197,28 +171,20 @@ mod cuda {
         if total == 0 {
             return Ok(());
         }
-        let threads = 256u32;
-        let blocks = total.div_ceil(u64::from(threads)).min(1 << 20) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let func = dev.get_or_load_custom_func("pair_rows_add", "sae_core_pair_rows", ptx()?)?;
-        let mut builder = func.builder();
-        builder.arg(&mut acc_v);
-        builder.arg(&features);
-        builder.arg(&coef_v);
-        builder.arg(&rows_v);
-        builder.arg(&pairs);
-        builder.arg(&k);
-        builder.arg(&width);
-        // SAFETY: the kernel reads `pairs` coefficients and features, `rows` up to its
-        // `tokens x width` and writes `acc` at rows below `d_sae` (the features were made by
-        // the top-k over `d_sae` columns), every slice on this device.
-        unsafe { builder.launch(cfg) }
-            .map_err(|e| candle_core::Error::Msg(format!("pair rows kernel: {e:?}")))?;
-        Ok(())
+        let source = ptx(&PTX, SOURCE, "pair-rows kernel")?;
+        let func = dev.get_or_load_custom_func("pair_rows_add", "sae_core_pair_rows", source)?;
+        let mut b = func.builder();
+        // The kernel reads `pairs` coefficients and features and `rows` up to its `tokens x
+        // width`, and writes `acc` at rows below `d_sae` (the features come from the top-k over
+        // `d_sae` columns).
+        b.arg(&mut acc_v);
+        b.arg(&features);
+        b.arg(&coef_v);
+        b.arg(&rows_v);
+        b.arg(&pairs);
+        b.arg(&k);
+        b.arg(&width);
+        launch_kernel(b, "pair_rows_add", total)
     }
 }
 
@@ -281,18 +247,9 @@ mod tests {
     /// without a C++ compiler.
     #[test]
     fn the_cuda_kernel_source_adds_what_the_cpu_op_adds() {
-        let dir = tempfile::tempdir().unwrap();
-        let harness = dir.path().join("harness.cpp");
-        std::fs::write(
-            &harness,
-            format!(
-                r#"#include <cstdio>
-struct Dim3 {{ unsigned x, y, z; }};
-static Dim3 blockIdx, blockDim, gridDim, threadIdx;
-#define __global__
-template <typename T> T atomicAdd(T *p, T v) {{ T old = *p; *p += v; return old; }}
-#include "{}"
-int main() {{
+        let Some(harness) = crate::custom_ops::emulation::Harness::build(
+            "pairs.cu",
+            r#"
   unsigned long long pairs, k, width, d_sae, grid, block;
   if (scanf("%llu %llu %llu %llu %llu %llu", &pairs, &k, &width, &d_sae, &grid, &block) != 6) return 2;
   unsigned tokens = pairs / k;
@@ -302,36 +259,12 @@ int main() {{
   for (unsigned long long i = 0; i < pairs; i++) scanf("%f", &coef[i]);
   for (unsigned long long i = 0; i < tokens * width; i++) scanf("%f", &rows[i]);
   for (unsigned long long i = 0; i < d_sae * width; i++) acc[i] = 0;
-  gridDim.x = grid; blockDim.x = block;
-  for (unsigned b = 0; b < grid; b++)
-    for (unsigned t = 0; t < block; t++) {{
-      blockIdx.x = b; threadIdx.x = t;
-      pair_rows_add(acc, features, coef, rows, pairs, k, width);
-    }}
+  launch_all(grid, block, [&] { pair_rows_add(acc, features, coef, rows, pairs, k, width); });
   for (unsigned long long i = 0; i < d_sae * width; i++) printf("%.9g\n", acc[i]);
-  return 0;
-}}
-"#,
-                concat!(env!("CARGO_MANIFEST_DIR"), "/src/pairs.cu")
-            ),
-        )
-        .unwrap();
-        let exe = dir.path().join("harness");
-        let built = std::process::Command::new("c++")
-            .arg("-O1")
-            .arg("-o")
-            .arg(&exe)
-            .arg(&harness)
-            .output();
-        let Ok(built) = built else {
-            eprintln!("skipped: no C++ compiler (c++) to build the kernel for the CPU");
+  return 0;"#,
+        ) else {
             return;
         };
-        assert!(
-            built.status.success(),
-            "{}",
-            String::from_utf8_lossy(&built.stderr)
-        );
 
         let dev = Device::Cpu;
         let (tokens, k, width, d_sae) = (7usize, 3usize, 5usize, 4usize);
@@ -370,22 +303,8 @@ int main() {{
             for v in coef.iter().chain(&rows) {
                 input += &format!("{v:.9e} ");
             }
-            let mut child = std::process::Command::new(&exe)
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(input.as_bytes())
-                .unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(out.status.success());
-            let got: Vec<f32> = String::from_utf8(out.stdout)
-                .unwrap()
+            let got: Vec<f32> = harness
+                .run(&input)
                 .lines()
                 .map(|l| l.parse().unwrap())
                 .collect();
