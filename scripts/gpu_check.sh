@@ -291,7 +291,7 @@ for r in rows:
         mem = r.get("nvidia_smi_peak_mib")
         print(f"{r['name']}: {r['tokens_per_s']:.0f} tokens/s, {r['gflops']:.0f} GFLOP/s{mfu}"
               + (f", peak {mem} MiB" if mem is not None else "")
-              + (", Adam as tensor ops (NVRTC failed)" if r.get("fused_adam") is False else ""))
+              + (", candle's ops instead of ours (NVRTC failed)" if r.get("own_kernels") is False else ""))
         phases = r.get("phase_seconds_per_step") or {}
         for phase, secs in sorted(phases.items(), key=lambda p: -p[1]):
             print(f"    {phase}: {1000 * secs:.2f} ms a step")

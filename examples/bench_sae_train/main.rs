@@ -149,7 +149,7 @@ fn main() -> Result<()> {
     };
     let mut rss_before = f64::NAN;
     let mut phase_seconds = None;
-    let mut fused_adam = None;
+    let mut own_kernels = None;
     let (warm_l0, l0, secs) = if args.path == "encoder" {
         let w = Tensor::randn(0f32, 0.02, (args.d_sae, args.d_in), &device)?.to_dtype(compute)?;
         let b = Tensor::zeros(args.d_sae, compute, &device)?;
@@ -223,7 +223,7 @@ fn main() -> Result<()> {
             );
         }
         phase_seconds = timed;
-        fused_adam = Some(dev.fused_adam());
+        own_kernels = Some(dev.own_kernels());
         (warm.l0, l0, secs)
     } else {
         let warm = trainer.step_host(&batches[0])?;
@@ -270,8 +270,9 @@ fn main() -> Result<()> {
         "moments": args.moments,
         "pairs": args.pairs,
         "phase_seconds_per_step": phase_seconds,
-        // Whether Adam ran as the fused passes (false: NVRTC could not compile their kernels).
-        "fused_adam": fused_adam,
+        // Whether our own ops ran (false: NVRTC could not compile their kernels, and candle's
+        // tensor ops stood in).
+        "own_kernels": own_kernels,
         // The device path on the CPU: the memory its state and steps took at their peak.
         "device_peak_mib": if args.path == "device" && args.device == "cpu" {
             (sae_workbench::cli::peak_rss_mb() - rss_before).into()

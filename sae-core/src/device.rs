@@ -15,8 +15,9 @@
 //! correction, renormalised decoder rows and the firing counters. It runs on `Device::Cpu` too,
 //! where tests check it against the host path step by step.
 //!
-//! TopK works on the selected (token, feature) pairs for the main reconstruction: the decoder
-//! rows of each token's k features are gathered (`index_select`), `batch x k x d_in` floats.
+//! TopK works on the selected (token, feature) pairs for the main reconstruction: the decode and
+//! the dot products back to each pair read the decoder rows of each token's k features where
+//! they are (`crate::pairs`).
 //! Their gradients reach `W_enc` and `W_dec` one of two ways ([`DeviceTrainer::with_dense_pairs`]):
 //! each pair's row added in place (`crate::pairs`, a loop on the CPU and an atomic-add kernel on
 //! CUDA), `2 · k · d_in` FLOPs a token; or scattered into `[batch, d_sae]` code matrices that go
@@ -228,9 +229,9 @@ pub struct DeviceTrainer {
     compact_aux_limit: usize,
     /// Where the steps' time goes, when asked for ([`DeviceTrainer::with_phase_timing`]).
     phases: Option<std::sync::Mutex<PhaseClock>>,
-    /// Adam as three element-wise passes of our own (`crate::fused_adam`), or as candle tensor
-    /// ops by row blocks where those cannot run (no NVRTC on a CUDA machine).
-    fused_adam: bool,
+    /// Our own ops (`crate::fused_adam`'s Adam, `crate::pairs`' decode and dot products of
+    /// TopK's pairs), or candle tensor ops where those cannot run (no NVRTC on a CUDA machine).
+    own_kernels: bool,
 }
 
 /// Time per phase of the steps, summed over steps: each phase ends with the device
@@ -515,11 +516,13 @@ impl DeviceTrainer {
             dense_pairs: device.is_cuda(),
             compact_aux_limit: cfg.d_sae / COMPACT_AUX_SHARE,
             phases: None,
-            fused_adam: match crate::fused_adam::ready_on(device) {
+            own_kernels: match crate::fused_adam::ready_on(device)
+                .and_then(|()| crate::pairs::ready_on(device))
+            {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::warn!(
-                        "Adam's fused kernels cannot run here ({e}): tensor ops instead"
+                        "our kernels cannot run here ({e}): candle's tensor ops instead"
                     );
                     false
                 }
@@ -629,18 +632,19 @@ impl DeviceTrainer {
         self
     }
 
-    /// Runs Adam's update as three element-wise passes of our own (the default wherever they
-    /// can run) or as candle tensor ops by row blocks (`false`; the fallback where NVRTC cannot
-    /// compile the passes' kernels). Tests take both ways.
+    /// Runs Adam's update as three element-wise passes of our own and TopK's decode and pair
+    /// gradients' dot products as ops of our own (the default wherever they can run), or all as
+    /// candle tensor ops (`false`; the fallback where NVRTC cannot compile the kernels). Tests
+    /// take both ways.
     #[doc(hidden)]
-    pub fn with_fused_adam(mut self, on: bool) -> Self {
-        self.fused_adam = on;
+    pub fn with_own_kernels(mut self, on: bool) -> Self {
+        self.own_kernels = on;
         self
     }
 
-    /// Whether Adam's update runs as the fused passes (see [`DeviceTrainer::with_fused_adam`]).
-    pub fn fused_adam(&self) -> bool {
-        self.fused_adam
+    /// Whether our own ops run (see [`DeviceTrainer::with_own_kernels`]).
+    pub fn own_kernels(&self) -> bool {
+        self.own_kernels
     }
 
     /// Times each phase of every step from now on (inputs, encoder, top-k, decode, the pairs'
@@ -1010,7 +1014,7 @@ impl DeviceTrainer {
         // there) and the update reads what is stored.
         for (i, g) in grads.iter().enumerate() {
             let (p, m_all, v_all) = (&self.params[i], &self.m[i], &self.v[i]);
-            if self.fused_adam {
+            if self.own_kernels {
                 crate::fused_adam::update_moment(m_all, g, &clip, b1, false)?;
                 crate::fused_adam::update_moment(v_all, g, &clip, b2, true)?;
                 crate::fused_adam::update_weights(
@@ -1206,16 +1210,26 @@ impl DeviceTrainer {
         let vals = pre.gather(&idx, 1)?.relu()?;
         let on = vals.gt(0.0)?.to_dtype(DType::F32)?; // a zero after ReLU is not a code
         let flat = idx.flatten_all()?;
-        let rows = w_dec.index_select(&flat, 0)?.reshape((n, k, d_in))?;
-        let x_hat = rows
-            .broadcast_mul(&vals.unsqueeze(2)?)?
-            .sum(1)?
-            .broadcast_add(b_dec)?;
+        // Our ops read the pairs' decoder rows where they are; candle's way gathers them into a
+        // `[n · k, d_in]` matrix first.
+        let rows = if self.own_kernels {
+            None
+        } else {
+            Some(w_dec.index_select(&flat, 0)?.reshape((n, k, d_in))?)
+        };
+        let decoded = match &rows {
+            Some(rows) => rows.broadcast_mul(&vals.unsqueeze(2)?)?.sum(1)?,
+            None => crate::pairs::decode_pairs(&flat, &vals, w_dec)?,
+        };
+        let x_hat = decoded.broadcast_add(b_dec)?;
         let diff = (&x_hat - x)?;
         let sq_err = diff.sqr()?.sum_all()?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
-        let g_pairs = (rows.broadcast_mul(&d_xhat.unsqueeze(1)?)?.sum(2)? * &on)?;
-        drop(rows);
+        let dots = match rows {
+            Some(rows) => rows.broadcast_mul(&d_xhat.unsqueeze(1)?)?.sum(2)?,
+            None => crate::pairs::pair_dots(&flat, &d_xhat, w_dec, k)?,
+        };
+        let g_pairs = (dots * &on)?;
         self.mark(Some("decode"))?;
         let (g_b_enc, fires) = if self.dense_pairs {
             // Scattered along each token's row (a thread per token on CUDA) into code matrices

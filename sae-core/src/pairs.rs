@@ -18,6 +18,19 @@ use crate::error::Result;
 /// The op's name in errors.
 const OP: &str = "pair rows";
 
+/// Whether the pair kernels can run on `device` (always, but on CUDA where NVRTC cannot compile
+/// them).
+///
+/// # Errors
+/// What NVRTC or the driver said.
+pub(crate) fn ready_on(device: &candle_core::Device) -> Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(dev) => cuda::ready(dev),
+        _ => Ok(()),
+    }
+}
+
 /// The pairs' features (`[tokens · k]` u32, row-major: pair `p` is token `p / k`'s); applied
 /// with [`add_pair_rows`].
 struct PairRowsAdd<'a> {
@@ -63,6 +76,139 @@ pub(crate) fn add_pair_rows(
         },
     )?;
     Ok(())
+}
+
+/// `Σ_j coef[t, j] · w[features[t·k + j], :]` for every token `t`, as `[tokens, width]`: the
+/// decode of TopK's pairs without their rows gathered into a `[tokens · k, width]` matrix (and
+/// multiplied into another). The pairs add in order, zero coefficients skipped, on every device.
+///
+/// # Errors
+/// Shapes, dtypes or devices that do not match; a feature past `w`'s rows.
+pub(crate) fn decode_pairs(features: &Tensor, coef: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (tokens, k) = coef.dims2()?;
+    check_features(features, tokens * k)?;
+    Ok(features.contiguous()?.apply_op3_no_bwd(
+        &coef.contiguous()?,
+        &w.contiguous()?,
+        &Gathered {
+            k,
+            way: Way::Decode,
+        },
+    )?)
+}
+
+/// `d[t, :] · w[features[t·k + j], :]` for every pair, as `[tokens, k]`: the gradient that
+/// reaches each pair's code from the reconstruction's (`d`), without the pairs' rows gathered.
+///
+/// # Errors
+/// As [`decode_pairs`].
+pub(crate) fn pair_dots(features: &Tensor, d: &Tensor, w: &Tensor, k: usize) -> Result<Tensor> {
+    check_features(features, d.dim(0)? * k)?;
+    Ok(features.contiguous()?.apply_op3_no_bwd(
+        &d.contiguous()?,
+        &w.contiguous()?,
+        &Gathered { k, way: Way::Dots },
+    )?)
+}
+
+fn check_features(features: &Tensor, pairs: usize) -> Result<()> {
+    if features.dims() != [pairs] {
+        return Err(crate::SaeError::config(
+            OP,
+            format!("features {:?} for {pairs} pairs", features.dims()),
+        ));
+    }
+    Ok(())
+}
+
+/// [`decode_pairs`] and [`pair_dots`]: reads of the pairs' rows of `w`.
+struct Gathered {
+    k: usize,
+    way: Way,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Way {
+    Decode,
+    Dots,
+}
+
+impl candle_core::CustomOp3 for Gathered {
+    fn name(&self) -> &'static str {
+        match self.way {
+            Way::Decode => "pair-decode",
+            Way::Dots => "pair-dots",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        features: &CpuStorage,
+        features_l: &Layout,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (CpuStorage::U32(features), CpuStorage::F32(x), CpuStorage::F32(w)) = (features, x, w)
+        else {
+            candle_core::bail!("pair rows: expected u32 features and f32 values and rows");
+        };
+        let features = part(features, features_l, OP, "features")?;
+        let x = part(x, x_l, OP, "values")?;
+        let w = part(w, w_l, OP, "rows")?;
+        let (d_sae, width) = w_l.shape().dims2()?;
+        let k = self.k;
+        if let Some(&f) = features.iter().find(|&&f| f as usize >= d_sae) {
+            candle_core::bail!("pair rows: feature {f} of a dictionary of {d_sae}");
+        }
+        let row = |f: u32| &w[f as usize * width..][..width];
+        match self.way {
+            Way::Decode => {
+                let tokens = features.len() / k.max(1);
+                let mut out = vec![0f32; tokens * width];
+                out.par_chunks_mut(width.max(1))
+                    .enumerate()
+                    .for_each(|(t, out)| {
+                        for j in 0..k {
+                            let a = x[t * k + j];
+                            if a != 0.0 {
+                                for (o, v) in out.iter_mut().zip(row(features[t * k + j])) {
+                                    *o += a * v;
+                                }
+                            }
+                        }
+                    });
+                Ok((CpuStorage::F32(out), (tokens, width).into()))
+            }
+            Way::Dots => {
+                let out: Vec<f32> = features
+                    .par_iter()
+                    .enumerate()
+                    .map(|(p, &f)| {
+                        let d = &x[(p / k) * width..][..width];
+                        d.iter().zip(row(f)).fold(0f32, |s, (a, b)| s + a * b)
+                    })
+                    .collect();
+                let tokens = features.len() / k.max(1);
+                Ok((CpuStorage::F32(out), (tokens, k).into()))
+            }
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        features: &candle_core::cuda_backend::CudaStorage,
+        features_l: &Layout,
+        x: &candle_core::cuda_backend::CudaStorage,
+        x_l: &Layout,
+        w: &candle_core::cuda_backend::CudaStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(candle_core::cuda_backend::CudaStorage, candle_core::Shape)> {
+        cuda::gathered(self, features, features_l, x, x_l, w, w_l)
+    }
 }
 
 impl candle_core::InplaceOp3 for PairRowsAdd<'_> {
@@ -132,7 +278,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{Layout, Storage};
 
-    use super::{OP, PairRowsAdd};
+    use super::{Gathered, OP, PairRowsAdd, Way};
     use crate::custom_ops::cuda::{launch as launch_kernel, ptx};
     use crate::custom_ops::offsets;
 
@@ -186,13 +332,77 @@ mod cuda {
         b.arg(&width);
         launch_kernel(b, "pair_rows_add", total)
     }
+
+    pub(super) fn gathered(
+        op: &Gathered,
+        features: &CudaStorage,
+        features_l: &Layout,
+        x: &CudaStorage,
+        x_l: &Layout,
+        w: &CudaStorage,
+        w_l: &Layout,
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+        let dev = w.device.clone();
+        let pairs = features_l.shape().elem_count();
+        let k = op.k;
+        let tokens = pairs / k.max(1);
+        let width = w_l.dims()[1];
+        let features = features
+            .as_cuda_slice::<u32>()?
+            .slice(offsets(features_l, OP, "features")?.0..);
+        let x = x
+            .as_cuda_slice::<f32>()?
+            .slice(offsets(x_l, OP, "values")?.0..);
+        let w = w
+            .as_cuda_slice::<f32>()?
+            .slice(offsets(w_l, OP, "rows")?.0..);
+        let (name, len, shape, threads): (&str, usize, candle_core::Shape, usize) = match op.way {
+            Way::Decode => (
+                "pair_decode",
+                tokens * width,
+                (tokens, width).into(),
+                tokens * width,
+            ),
+            Way::Dots => ("pair_dots", pairs, (tokens, k).into(), pairs),
+        };
+        let mut out = dev.alloc_zeros::<f32>(len)?;
+        if threads > 0 {
+            let source = ptx(&PTX, SOURCE, "pair kernels")?;
+            let func = dev.get_or_load_custom_func(name, "sae_core_pair_rows", source)?;
+            let mut b = func.builder();
+            let (count, k64, width64) = (
+                match op.way {
+                    Way::Decode => tokens as u64,
+                    Way::Dots => pairs as u64,
+                },
+                k as u64,
+                width as u64,
+            );
+            b.arg(&mut out);
+            b.arg(&features);
+            b.arg(&x);
+            b.arg(&w);
+            b.arg(&count);
+            b.arg(&k64);
+            b.arg(&width64);
+            launch_kernel(b, name, threads as u64)?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+    }
+
+    /// Whether NVRTC compiles the pair kernels and the device loads them.
+    pub(super) fn ready(dev: &candle_core::CudaDevice) -> crate::error::Result<()> {
+        let source = ptx(&PTX, SOURCE, "pair kernels")?;
+        dev.get_or_load_custom_func("pair_decode", "sae_core_pair_rows", source)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device, Tensor};
 
-    use super::add_pair_rows;
+    use super::{add_pair_rows, decode_pairs, pair_dots};
 
     /// Against candle's `scatter_add` of the outer products, repeated features included, and a
     /// pair with a zero coefficient.
@@ -316,6 +526,159 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The pairs' decode and dot products against the gathered rows' products they replace
+    /// (a zero coefficient and repeated features among the pairs).
+    #[test]
+    fn decode_and_dots_are_the_gathered_rows_products() {
+        let dev = Device::Cpu;
+        let (tokens, k, width, d_sae) = (6, 3, 5, 7);
+        let features: Vec<u32> = (0..tokens * k)
+            .map(|i| ((i * 5 + 2) % d_sae) as u32)
+            .collect();
+        let coef: Vec<f32> = (0..tokens * k)
+            .map(|i| if i == 4 { 0.0 } else { (i as f32 * 0.3).sin() })
+            .collect();
+        let f = Tensor::new(features.as_slice(), &dev).unwrap();
+        let a = Tensor::from_vec(coef, (tokens, k), &dev).unwrap();
+        let w = Tensor::from_vec(
+            (0..d_sae * width).map(|i| (i as f32 * 0.7).cos()).collect(),
+            (d_sae, width),
+            &dev,
+        )
+        .unwrap();
+        let d = Tensor::from_vec(
+            (0..tokens * width)
+                .map(|i| (i as f32 * 0.2).sin())
+                .collect(),
+            (tokens, width),
+            &dev,
+        )
+        .unwrap();
+        let rows = w
+            .index_select(&f, 0)
+            .unwrap()
+            .reshape((tokens, k, width))
+            .unwrap();
+        let close = |got: Tensor, want: Tensor, what: &str| {
+            assert_eq!(got.dims(), want.dims(), "{what}");
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{what}: largest difference {diff}");
+        };
+        close(
+            decode_pairs(&f, &a, &w).unwrap(),
+            rows.broadcast_mul(&a.unsqueeze(2).unwrap())
+                .unwrap()
+                .sum(1)
+                .unwrap(),
+            "decode",
+        );
+        close(
+            pair_dots(&f, &d, &w, k).unwrap(),
+            rows.broadcast_mul(&d.unsqueeze(1).unwrap())
+                .unwrap()
+                .sum(2)
+                .unwrap(),
+            "dot products",
+        );
+        let e = decode_pairs(&Tensor::new(&[9u32; 18], &dev).unwrap(), &a, &w)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("feature 9 of a dictionary of 7"), "{e}");
+    }
+
+    /// The CUDA source's decode and dot-product kernels, built for the CPU as above, on a
+    /// wrapping grid: the CPU ops' results bit for bit (both add in the same order).
+    #[test]
+    fn the_cuda_decode_and_dots_source_computes_what_the_cpu_ops_compute() {
+        let Some(harness) = crate::custom_ops::emulation::Harness::build(
+            "pairs.cu",
+            r#"
+  unsigned long long tokens, k, width, d_sae;
+  if (scanf("%llu %llu %llu %llu", &tokens, &k, &width, &d_sae) != 4) return 2;
+  unsigned long long pairs = tokens * k;
+  unsigned *features = new unsigned[pairs];
+  float *coef = new float[pairs], *d = new float[tokens * width], *w = new float[d_sae * width];
+  float *decoded = new float[tokens * width], *dots = new float[pairs];
+  for (unsigned long long i = 0; i < pairs; i++) scanf("%u", &features[i]);
+  for (unsigned long long i = 0; i < pairs; i++) scanf("%a", &coef[i]);
+  for (unsigned long long i = 0; i < tokens * width; i++) scanf("%a", &d[i]);
+  for (unsigned long long i = 0; i < d_sae * width; i++) scanf("%a", &w[i]);
+  launch_all(2, 3, [&] { pair_decode(decoded, features, coef, w, tokens, k, width); });
+  launch_all(2, 3, [&] { pair_dots(dots, features, d, w, pairs, k, width); });
+  for (unsigned long long i = 0; i < tokens * width; i++) printf("%08x\n", __float_as_uint(decoded[i]));
+  for (unsigned long long i = 0; i < pairs; i++) printf("%08x\n", __float_as_uint(dots[i]));
+  return 0;"#,
+        ) else {
+            return;
+        };
+        let dev = Device::Cpu;
+        let (tokens, k, width, d_sae) = (5usize, 4usize, 9usize, 6usize);
+        let features: Vec<u32> = (0..tokens * k)
+            .map(|i| ((i * 5 + 1) % d_sae) as u32)
+            .collect();
+        let coef: Vec<f32> = (0..tokens * k)
+            .map(|i| {
+                if i % 7 == 3 {
+                    0.0
+                } else {
+                    (i as f32 * 0.41).sin()
+                }
+            })
+            .collect();
+        let d: Vec<f32> = (0..tokens * width)
+            .map(|i| (i as f32 * 0.13).cos())
+            .collect();
+        let w: Vec<f32> = (0..d_sae * width)
+            .map(|i| (i as f32 * 0.29).sin())
+            .collect();
+        let f = Tensor::new(features.as_slice(), &dev).unwrap();
+        let wt = Tensor::from_slice(&w, (d_sae, width), &dev).unwrap();
+        let decoded = decode_pairs(
+            &f,
+            &Tensor::from_slice(&coef, (tokens, k), &dev).unwrap(),
+            &wt,
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        let dots = pair_dots(
+            &f,
+            &Tensor::from_slice(&d, (tokens, width), &dev).unwrap(),
+            &wt,
+            k,
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        let want: Vec<u32> = decoded.iter().chain(&dots).map(|v| v.to_bits()).collect();
+        let floats = |v: &[f32]| v.iter().map(|x| format!("{x:e} ")).collect::<String>();
+        let input = format!(
+            "{tokens} {k} {width} {d_sae}\n{}\n{}\n{}\n{}\n{}\n",
+            features.iter().map(|f| format!("{f} ")).collect::<String>(),
+            floats(&coef),
+            floats(&d),
+            floats(&w),
+            "",
+        );
+        let got: Vec<u32> = harness
+            .run(&input)
+            .lines()
+            .map(|l| u32::from_str_radix(l, 16).unwrap())
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]
