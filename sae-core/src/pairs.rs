@@ -1,14 +1,19 @@
-//! `acc[f, :] += a · rows[t, :]` for every (token `t`, feature `f`) pair of a TopK step, with the
-//! pair's coefficient `a`: how the pairs' gradients reach `W_enc`, `W_dec` and `b_enc`, and how
-//! their firing counts are made, without a `[pairs, width]` temporary.
+//! The (token, feature) pairs of a TopK step, worked on where their decoder rows are:
 //!
-//! candle's `scatter_add` would need the pairs' index broadcast to `[pairs, width]` and their
-//! outer products written out, two temporaries of 1 GiB each at 4,096 tokens x 32 pairs x
-//! 2,048; and its CUDA kernel runs one thread per column that walks every pair in turn. Here the
-//! CPU adds each pair's row in place, in pair order, and CUDA runs one thread per (pair, column)
-//! with an atomic add (a kernel compiled by NVRTC the first time it is used): fully parallel,
-//! but the additions into one row land in no fixed order, so a CUDA run is not bit-reproducible
-//! through this op, where the dense products (cuBLAS) are.
+//! - [`decode_pairs`]: each token's reconstruction, `Σ_j a_j · W_dec[f_j]`;
+//! - [`pair_dots`]: the reconstruction's gradient taken back to each pair, `d · W_dec[f_j]`;
+//! - [`add_pair_rows`]: `acc[f, :] += a · rows[t, :]`, how the pairs' gradients reach `W_enc`,
+//!   `W_dec` and `b_enc`, and how their firing counts are made.
+//!
+//! candle's way gathers the pairs' rows into a `[pairs, width]` matrix and multiplies it out into
+//! another, and its `scatter_add` needs the pairs' index broadcast to `[pairs, width]` and their
+//! outer products written out: temporaries of 1 GiB each at 4,096 tokens x 32 pairs x 2,048. Its
+//! CUDA scatter also runs one thread per column that walks every pair in turn. Here the CPU runs
+//! loops, and CUDA kernels (`pairs.cu`, compiled by NVRTC the first time they are used) run a
+//! thread per (token, column), per pair, and per (pair, column). The first two add in a fixed
+//! order, so every run gives the same bits; the third adds with atomics, fully parallel, but the
+//! additions into one row land in no fixed order, so a CUDA run through it is not
+//! bit-reproducible, where the dense products (cuBLAS) are.
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
 
