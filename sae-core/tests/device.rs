@@ -921,7 +921,14 @@ fn the_gpu_checks_pass_on_the_cpu() {
 #[cfg(feature = "cuda")]
 #[test]
 fn on_the_gpu_the_device_path_matches_the_host_path() {
-    device_path_matches_on(&Device::new_cuda(0).expect("a CUDA device"));
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    // Our kernels compiled (NVRTC) and loaded, so that what follows runs them, not the fallback.
+    let d = DeviceTrainer::from_trainer(&Trainer::new(resident_config()).unwrap(), &gpu).unwrap();
+    assert!(
+        d.own_kernels(),
+        "NVRTC could not compile our kernels (see the warning above)"
+    );
+    device_path_matches_on(&gpu);
 }
 
 fn device_path_matches_on(dev: &Device) {
