@@ -2154,16 +2154,29 @@ enum DeadSet {
 
 impl DeadSet {
     /// Adds the dead features' own gradients into the rows of the full ones, after every
-    /// chunk. By gathers through `inv`, a row block at a time (skipping blocks without a dead
-    /// feature), not a scatter: candle's CUDA scatter along rows walks the rows one after
-    /// another.
+    /// chunk: with our ops, into those rows alone (one addend each, so the same bits every
+    /// run); with candle's, by gathers through `inv`, a row block at a time (skipping blocks
+    /// without a dead feature), not a scatter: candle's CUDA scatter along rows walks the rows
+    /// one after another.
     fn write_back(&self, sae: &DeviceTrainer, acc: &MatrixGrads) -> Result<()> {
         let DeadSet::Few {
-            rows, inv, grads, ..
+            idx,
+            rows,
+            inv,
+            grads,
+            count,
         } = self
         else {
             return Ok(());
         };
+        if sae.own_kernels {
+            // Each dead row once: `crate::pairs`' row adds, one pair per row, touch only them.
+            let ones = Tensor::ones((*count, 1), DType::F32, idx.device())?;
+            for (own, full) in [(&grads.w_enc, &acc.w_enc), (&grads.w_dec, &acc.w_dec)] {
+                crate::pairs::add_pair_rows(full, idx, &ones, own)?;
+            }
+            return Ok(());
+        }
         for (own, full) in [(&grads.w_enc, &acc.w_enc), (&grads.w_dec, &acc.w_dec)] {
             let zero = Tensor::zeros((1, own.dim(1)?), DType::F32, own.device())?;
             let padded = Tensor::cat(&[own, &zero], 0)?;

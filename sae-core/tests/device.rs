@@ -196,9 +196,22 @@ fn every_way_of_taking_auxk_and_the_pairs_matches_the_host_path() {
         let topk = matches!(cfg.sae, ArchitectureConfig::TopK(_));
         for limit in [0, D_SAE] {
             for dense in if topk { vec![false, true] } else { vec![false] } {
-                for chunk in [None, Some(7)] {
+                // With the dead features on their own rows, their gradients go back through our
+                // row adds, or through candle's gathers.
+                let owns = if limit == D_SAE {
+                    vec![true, false]
+                } else {
+                    vec![true]
+                };
+                for (chunk, own) in [None, Some(7)]
+                    .into_iter()
+                    .flat_map(|c| owns.iter().map(move |&o| (c, o)))
+                {
                     let way = |d: DeviceTrainer| {
-                        let d = d.with_compact_aux_limit(limit).with_dense_pairs(dense);
+                        let d = d
+                            .with_compact_aux_limit(limit)
+                            .with_dense_pairs(dense)
+                            .with_own_kernels(own);
                         match chunk {
                             // Row blocks of 3 features too: most hold no dead feature.
                             Some(rows) => d
@@ -209,7 +222,7 @@ fn every_way_of_taking_auxk_and_the_pairs_matches_the_host_path() {
                         }
                     };
                     eprintln!(
-                        "{:?}: limit {limit}, dense {dense}, chunk {chunk:?}",
+                        "{:?}: limit {limit}, dense {dense}, chunk {chunk:?}, own {own}",
                         cfg.sae
                     );
                     let (aux, _, dead) = agree_with(cfg.clone(), &Device::Cpu, STEPS, way);
