@@ -194,9 +194,8 @@ fn main() -> Result<()> {
         if let Some(p) = &args.pairs {
             dev = dev.with_dense_pairs(p == "dense");
         }
-        // The warm-up step is not timed: phases from the timed steps only.
-        let mut timed = None;
         let warm = dev.step(&on_device[0])?.host()?;
+        // The warm-up step is not timed: phases from the timed steps only.
         if args.phases {
             dev = dev.with_phase_timing(true);
         }
@@ -215,14 +214,13 @@ fn main() -> Result<()> {
             l0 += s.host()?.l0;
         }
         if args.phases {
-            timed = Some(
+            phase_seconds = Some(
                 dev.phase_times()
                     .into_iter()
                     .map(|(name, s)| (name.to_string(), (s / args.steps as f64).into()))
                     .collect::<serde_json::Map<String, serde_json::Value>>(),
             );
         }
-        phase_seconds = timed;
         own_kernels = Some(dev.own_kernels());
         (warm.l0, l0, secs)
     } else {

@@ -79,6 +79,12 @@ pub(crate) mod emulation {
     use std::io::Write;
     use std::path::PathBuf;
 
+    /// `v` as the harness reads it: shortest round-trip decimals, space-separated (C's
+    /// `scanf("%a")` and `"%f"` take them exactly).
+    pub(crate) fn floats(v: &[f32]) -> String {
+        v.iter().map(|x| format!("{x:e} ")).collect()
+    }
+
     /// A program built from `sae-core/src/<kernel>` for the CPU: CUDA's thread indices become
     /// globals (`launch_all(grid, block, f)` runs `f` once per thread, one after another),
     /// `__global__` and `__device__` plain functions, `atomicAdd` a plain add (one thread runs

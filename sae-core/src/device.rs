@@ -877,18 +877,26 @@ impl DeviceTrainer {
         if scale != 1.0 {
             x = (x * f64::from(scale))?;
         }
-        let data_init = std::mem::take(&mut self.needs_data_init);
-        if data_init {
-            self.init_b_dec(&x)?;
+        let first = std::mem::take(&mut self.needs_data_init);
+        let target_l0 = self.cfg.encoder_bias_init_l0;
+        if first && (self.cfg.b_dec_init != BDecInit::Zeros || target_l0.is_some()) {
+            // The first batch's inits read the whole group's rows, gathered once.
+            let whole = self.gather_rows(&x)?;
+            self.init_b_dec(&whole)?;
+            if let Some(target) = target_l0 {
+                let centred = if self.apply_b_dec {
+                    whole.broadcast_sub(&self.params[3])?
+                } else {
+                    whole
+                };
+                self.init_encoder_bias(&centred, target)?;
+            }
         }
         let xc = if self.apply_b_dec {
             x.broadcast_sub(&self.params[3])?
         } else {
             x.clone()
         };
-        if let (true, Some(target)) = (data_init, self.cfg.encoder_bias_init_l0) {
-            self.init_encoder_bias(&xc, target)?;
-        }
         let sparsity_scale = self.cfg.sparsity_scale_at(self.step);
         self.mark(Some("inputs"))?;
         // The tokens go through the passes in chunks of `token_chunk` rows (all at once by
@@ -1428,7 +1436,8 @@ impl DeviceTrainer {
                     g_b_enc: Tensor::zeros(d_sae, DType::F32, &self.device)?,
                 });
             }
-            DeadSet::Few { count, .. } | DeadSet::Many { count, .. } => *count,
+            DeadSet::Few { rows, .. } => rows.len(),
+            DeadSet::Many { count, .. } => *count,
         };
         let aux_c = (count as f64 / aux_k as f64).min(1.0) * aux_coefficient;
         let w_dec = &self.params[2];
@@ -1538,7 +1547,6 @@ impl DeviceTrainer {
             inv: Tensor::new(inv.as_slice(), &self.device)?,
             grads: MatrixGrads::zeros(count, self.cfg.d_in, &self.device)?,
             rows,
-            count,
         })
     }
 
@@ -1877,14 +1885,13 @@ impl DeviceTrainer {
     }
 
     /// `b_dec` from the first batch (once per run, on the host: the geometric median is an
-    /// iterative solve that is not worth a kernel), the whole group's rows gathered first, so
-    /// that replicas start where one device would.
+    /// iterative solve that is not worth a kernel) from the whole group's rows `x`, so that
+    /// replicas start where one device would.
     fn init_b_dec(&mut self, x: &Tensor) -> Result<()> {
         let d_in = self.cfg.d_in;
         if self.cfg.b_dec_init == BDecInit::Zeros {
             return Ok(());
         }
-        let x = self.gather_rows(x)?;
         let n = x.dim(0)?;
         // No rows, no estimate (a mean of none is NaN).
         if n > 0
@@ -1903,7 +1910,6 @@ impl DeviceTrainer {
     /// A block of features at a time, each block's `[features, n]` products ranked along the
     /// tokens, from whichever end is nearer the `r`-th.
     fn init_encoder_bias(&mut self, xc: &Tensor, target: usize) -> Result<()> {
-        let xc = self.gather_rows(xc)?;
         let (n, d_sae) = (xc.dim(0)?, self.cfg.d_sae);
         if n == 0 {
             return Ok(());
@@ -1920,13 +1926,13 @@ impl DeviceTrainer {
             let h = gemm_operand(&self.params[0].narrow(0, start, len)?)?.matmul(&xt)?;
             // The r-th largest is the smallest of the r + 1 largest, or the largest of the
             // n - r smallest.
-            let nth = if r < n / 2 {
-                h.gather(&top_k_indices(&h, r + 1)?, 1)?.min(1)?
+            let b = if r < n / 2 {
+                h.gather(&top_k_indices(&h, r + 1)?, 1)?.min(1)?.neg()?
             } else {
+                // The smallest of `-h`'s top `n - r` is minus the largest of those entries.
                 let low = h.neg()?;
                 low.gather(&top_k_indices(&low, n - r)?, 1)?.min(1)?
             };
-            let b = if r < n / 2 { nth.neg()? } else { nth };
             bias.slice_set(&b, 0, start)?;
         }
         self.params[1] = bias;
@@ -2145,7 +2151,6 @@ enum DeadSet {
         /// to every feature by a gather from them with a zero appended.
         inv: Tensor,
         grads: MatrixGrads,
-        count: usize,
     },
     /// More: a mask over every feature (`[d_sae]` f32, 1 for dead), through dense products,
     /// `8 · d_sae · d_in` FLOPs a token.
@@ -2164,14 +2169,13 @@ impl DeadSet {
             rows,
             inv,
             grads,
-            count,
         } = self
         else {
             return Ok(());
         };
         if sae.own_kernels {
             // Each dead row once: `crate::pairs`' row adds, one pair per row, touch only them.
-            let ones = Tensor::ones((*count, 1), DType::F32, idx.device())?;
+            let ones = Tensor::ones((rows.len(), 1), DType::F32, idx.device())?;
             for (own, full) in [(&grads.w_enc, &acc.w_enc), (&grads.w_dec, &acc.w_dec)] {
                 crate::pairs::add_pair_rows(full, idx, &ones, own)?;
             }

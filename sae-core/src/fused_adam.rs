@@ -351,6 +351,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use super::{update_moment, update_weights};
+    use crate::custom_ops::emulation::floats;
 
     fn values(n: usize, seed: f32) -> Vec<f32> {
         (0..n)
@@ -502,7 +503,6 @@ mod tests {
                 want[i][at..at + 3].copy_from_slice(&[a, b, x.to_bits()]);
             }
         }
-        let hex = |v: &[f32]| v.iter().map(|x| format!("{x:e} ")).collect::<String>();
         let hexf = |x: f32| format!("{:e}", x);
         let bf = |v: &[f32]| {
             v.iter()
@@ -519,10 +519,10 @@ mod tests {
             hexf(step as f32),
             hexf(inv as f32),
             hexf(eps as f32),
-            hex(&g),
-            hex(&w),
-            hex(&m),
-            hex(&v),
+            floats(&g),
+            floats(&w),
+            floats(&m),
+            floats(&v),
             bf(&m),
             bf(&v),
         );

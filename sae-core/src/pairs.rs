@@ -361,28 +361,18 @@ mod cuda {
         let w = w
             .as_cuda_slice::<f32>()?
             .slice(offsets(w_l, OP, "rows")?.0..);
-        let (name, len, shape, threads): (&str, usize, candle_core::Shape, usize) = match op.way {
-            Way::Decode => (
-                "pair_decode",
-                tokens * width,
-                (tokens, width).into(),
-                tokens * width,
-            ),
-            Way::Dots => ("pair_dots", pairs, (tokens, k).into(), pairs),
+        // One thread an output element; the kernel's count is of tokens or of pairs.
+        let (name, shape, count): (&str, candle_core::Shape, usize) = match op.way {
+            Way::Decode => ("pair_decode", (tokens, width).into(), tokens),
+            Way::Dots => ("pair_dots", (tokens, k).into(), pairs),
         };
+        let len = shape.elem_count();
         let mut out = dev.alloc_zeros::<f32>(len)?;
-        if threads > 0 {
+        if len > 0 {
             let source = ptx(&PTX, SOURCE, "pair kernels")?;
             let func = dev.get_or_load_custom_func(name, "sae_core_pair_rows", source)?;
             let mut b = func.builder();
-            let (count, k64, width64) = (
-                match op.way {
-                    Way::Decode => tokens as u64,
-                    Way::Dots => pairs as u64,
-                },
-                k as u64,
-                width as u64,
-            );
+            let (count, k64, width64) = (count as u64, k as u64, width as u64);
             b.arg(&mut out);
             b.arg(&features);
             b.arg(&x);
@@ -390,7 +380,7 @@ mod cuda {
             b.arg(&count);
             b.arg(&k64);
             b.arg(&width64);
-            launch_kernel(b, name, threads as u64)?;
+            launch_kernel(b, name, len as u64)?;
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
     }
@@ -408,6 +398,60 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use super::{add_pair_rows, decode_pairs, pair_dots};
+    use crate::custom_ops::emulation::floats;
+
+    /// Pairs of `tokens` tokens with `k` features each (repeated across tokens) in a dictionary
+    /// of `d_sae` rows of `width`; every fifth coefficient is zero, which adds nothing. `rows`:
+    /// `[tokens, width]` (the rows added, or the gradients dotted); `w`: `[d_sae, width]`.
+    struct Case {
+        tokens: usize,
+        k: usize,
+        width: usize,
+        d_sae: usize,
+        features: Vec<u32>,
+        coef: Vec<f32>,
+        rows: Vec<f32>,
+        w: Vec<f32>,
+    }
+
+    impl Case {
+        fn new(tokens: usize, k: usize, width: usize, d_sae: usize) -> Case {
+            let pairs = tokens * k;
+            Case {
+                tokens,
+                k,
+                width,
+                d_sae,
+                features: (0..pairs).map(|i| ((i * 5 + 3) % d_sae) as u32).collect(),
+                coef: (0..pairs)
+                    .map(|i| {
+                        if i % 5 == 0 {
+                            0.0
+                        } else {
+                            (i as f32 * 0.37).cos()
+                        }
+                    })
+                    .collect(),
+                rows: (0..tokens * width)
+                    .map(|i| (i as f32 * 0.11).sin())
+                    .collect(),
+                w: (0..d_sae * width)
+                    .map(|i| (i as f32 * 0.29).sin())
+                    .collect(),
+            }
+        }
+
+        /// Features, coefficients `[tokens, k]`, rows and `w` as tensors on the CPU.
+        fn tensors(&self) -> (Tensor, Tensor, Tensor, Tensor) {
+            let dev = Device::Cpu;
+            (
+                Tensor::new(self.features.as_slice(), &dev).unwrap(),
+                Tensor::from_slice(&self.coef, (self.tokens, self.k), &dev).unwrap(),
+                Tensor::from_slice(&self.rows, (self.tokens, self.width), &dev).unwrap(),
+                Tensor::from_slice(&self.w, (self.d_sae, self.width), &dev).unwrap(),
+            )
+        }
+    }
 
     /// Against candle's `scatter_add` of the outer products, repeated features included, and a
     /// pair with a zero coefficient.
@@ -481,43 +525,21 @@ mod tests {
             return;
         };
 
-        let dev = Device::Cpu;
-        let (tokens, k, width, d_sae) = (7usize, 3usize, 5usize, 4usize);
-        let features: Vec<u32> = (0..tokens * k)
-            .map(|i| ((i * 7 + 3) % d_sae) as u32)
-            .collect();
-        // Zero coefficients too, which add nothing.
-        let coef: Vec<f32> = (0..tokens * k)
-            .map(|i| {
-                if i % 5 == 0 {
-                    0.0
-                } else {
-                    (i as f32 * 0.37).cos()
-                }
-            })
-            .collect();
-        let rows: Vec<f32> = (0..tokens * width)
-            .map(|i| (i as f32 * 0.11).sin())
-            .collect();
-        let acc = Tensor::zeros((d_sae, width), DType::F32, &dev).unwrap();
-        add_pair_rows(
-            &acc,
-            &Tensor::new(features.as_slice(), &dev).unwrap(),
-            &Tensor::from_vec(coef.clone(), (tokens, k), &dev).unwrap(),
-            &Tensor::from_vec(rows.clone(), (tokens, width), &dev).unwrap(),
-        )
-        .unwrap();
+        let c = Case::new(7, 3, 5, 4);
+        let (tokens, k, width, d_sae) = (c.tokens, c.k, c.width, c.d_sae);
+        let acc = Tensor::zeros((d_sae, width), DType::F32, &Device::Cpu).unwrap();
+        let (f, a, r, _) = c.tensors();
+        add_pair_rows(&acc, &f, &a, &r).unwrap();
         let want = acc.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let total = tokens * k * width;
         // One thread, a grid that wraps several times, and the launcher's (256 a block).
         for (grid, block) in [(1, 1), (2, 3), (total.div_ceil(256), 256)] {
             let mut input = format!("{} {k} {width} {d_sae} {grid} {block}\n", tokens * k);
-            for v in &features {
+            for v in &c.features {
                 input += &format!("{v} ");
             }
-            for v in coef.iter().chain(&rows) {
-                input += &format!("{v:.9e} ");
-            }
+            input += &floats(&c.coef);
+            input += &floats(&c.rows);
             let got: Vec<f32> = harness
                 .run(&input)
                 .lines()
@@ -538,29 +560,9 @@ mod tests {
     #[test]
     fn decode_and_dots_are_the_gathered_rows_products() {
         let dev = Device::Cpu;
-        let (tokens, k, width, d_sae) = (6, 3, 5, 7);
-        let features: Vec<u32> = (0..tokens * k)
-            .map(|i| ((i * 5 + 2) % d_sae) as u32)
-            .collect();
-        let coef: Vec<f32> = (0..tokens * k)
-            .map(|i| if i == 4 { 0.0 } else { (i as f32 * 0.3).sin() })
-            .collect();
-        let f = Tensor::new(features.as_slice(), &dev).unwrap();
-        let a = Tensor::from_vec(coef, (tokens, k), &dev).unwrap();
-        let w = Tensor::from_vec(
-            (0..d_sae * width).map(|i| (i as f32 * 0.7).cos()).collect(),
-            (d_sae, width),
-            &dev,
-        )
-        .unwrap();
-        let d = Tensor::from_vec(
-            (0..tokens * width)
-                .map(|i| (i as f32 * 0.2).sin())
-                .collect(),
-            (tokens, width),
-            &dev,
-        )
-        .unwrap();
+        let c = Case::new(6, 3, 5, 7);
+        let (tokens, k, width) = (c.tokens, c.k, c.width);
+        let (f, a, d, w) = c.tensors();
         let rows = w
             .index_select(&f, 0)
             .unwrap()
@@ -625,58 +627,25 @@ mod tests {
         ) else {
             return;
         };
-        let dev = Device::Cpu;
-        let (tokens, k, width, d_sae) = (5usize, 4usize, 9usize, 6usize);
-        let features: Vec<u32> = (0..tokens * k)
-            .map(|i| ((i * 5 + 1) % d_sae) as u32)
-            .collect();
-        let coef: Vec<f32> = (0..tokens * k)
-            .map(|i| {
-                if i % 7 == 3 {
-                    0.0
-                } else {
-                    (i as f32 * 0.41).sin()
-                }
-            })
-            .collect();
-        let d: Vec<f32> = (0..tokens * width)
-            .map(|i| (i as f32 * 0.13).cos())
-            .collect();
-        let w: Vec<f32> = (0..d_sae * width)
-            .map(|i| (i as f32 * 0.29).sin())
-            .collect();
-        let f = Tensor::new(features.as_slice(), &dev).unwrap();
-        let wt = Tensor::from_slice(&w, (d_sae, width), &dev).unwrap();
-        let decoded = decode_pairs(
-            &f,
-            &Tensor::from_slice(&coef, (tokens, k), &dev).unwrap(),
-            &wt,
-        )
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-        let dots = pair_dots(
-            &f,
-            &Tensor::from_slice(&d, (tokens, width), &dev).unwrap(),
-            &wt,
-            k,
-        )
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+        let c = Case::new(5, 4, 9, 6);
+        let (f, a, d, w) = c.tensors();
+        let values = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let decoded = values(decode_pairs(&f, &a, &w).unwrap());
+        let dots = values(pair_dots(&f, &d, &w, c.k).unwrap());
         let want: Vec<u32> = decoded.iter().chain(&dots).map(|v| v.to_bits()).collect();
-        let floats = |v: &[f32]| v.iter().map(|x| format!("{x:e} ")).collect::<String>();
         let input = format!(
-            "{tokens} {k} {width} {d_sae}\n{}\n{}\n{}\n{}\n{}\n",
-            features.iter().map(|f| format!("{f} ")).collect::<String>(),
-            floats(&coef),
-            floats(&d),
-            floats(&w),
-            "",
+            "{} {} {} {}\n{}\n{}\n{}\n{}\n",
+            c.tokens,
+            c.k,
+            c.width,
+            c.d_sae,
+            c.features
+                .iter()
+                .map(|f| format!("{f} "))
+                .collect::<String>(),
+            floats(&c.coef),
+            floats(&c.rows),
+            floats(&c.w),
         );
         let got: Vec<u32> = harness
             .run(&input)
