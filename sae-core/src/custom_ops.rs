@@ -38,8 +38,33 @@ pub(crate) fn offsets(l: &Layout, op: &str, what: &str) -> candle_core::Result<(
 pub(crate) mod cuda {
     use std::sync::OnceLock;
 
-    use candle_core::cuda_backend::cudarc::driver::{LaunchArgs, LaunchConfig};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaView, CudaViewMut, LaunchArgs, LaunchConfig,
+    };
     use candle_core::cuda_backend::cudarc::nvrtc;
+    use candle_core::cuda_backend::{CudaDType, CudaStorage};
+
+    /// The elements of `s` that layout `l` covers (contiguous), as `T`, from their start on.
+    pub(crate) fn view<'a, T: CudaDType>(
+        s: &'a CudaStorage,
+        l: &candle_core::Layout,
+        op: &str,
+        what: &str,
+    ) -> candle_core::Result<CudaView<'a, T>> {
+        Ok(s.as_cuda_slice::<T>()?
+            .slice(super::offsets(l, op, what)?.0..))
+    }
+
+    /// [`view`], mutably.
+    pub(crate) fn view_mut<'a, T: CudaDType>(
+        s: &'a mut CudaStorage,
+        l: &candle_core::Layout,
+        op: &str,
+        what: &str,
+    ) -> candle_core::Result<CudaViewMut<'a, T>> {
+        let start = super::offsets(l, op, what)?.0;
+        Ok(s.as_cuda_slice_mut::<T>()?.slice_mut(start..))
+    }
 
     /// A kernel source's PTX, compiled by NVRTC the first time it is asked for (`cell` keeps
     /// it, or NVRTC's refusal, for the process).

@@ -225,8 +225,7 @@ mod cuda {
     use candle_core::{DType, Layout};
 
     use super::{Moment, OP, Update};
-    use crate::custom_ops::cuda::launch;
-    use crate::custom_ops::offsets;
+    use crate::custom_ops::cuda::{launch, view, view_mut};
 
     const SOURCE: &str = include_str!("fused_adam.cu");
     /// The name the compiled module is cached under on each device.
@@ -236,10 +235,6 @@ mod cuda {
 
     fn ptx() -> candle_core::Result<&'static str> {
         crate::custom_ops::cuda::ptx(&PTX, SOURCE, "Adam kernels")
-    }
-
-    fn start(l: &Layout, what: &str) -> candle_core::Result<usize> {
-        Ok(offsets(l, OP, what)?.0)
     }
 
     pub(super) fn ready(dev: &candle_core::CudaDevice) -> crate::error::Result<()> {
@@ -264,13 +259,8 @@ mod cuda {
             return Ok(());
         }
         let dev = m.device.clone();
-        let grad = grad
-            .as_cuda_slice::<f32>()?
-            .slice(start(grad_l, "the gradient")?..);
-        let clip = clip
-            .as_cuda_slice::<f32>()?
-            .slice(start(clip_l, "the clip factor")?..);
-        let at = start(m_l, "the moment")?;
+        let grad = view::<f32>(grad, grad_l, OP, "the gradient")?;
+        let clip = view::<f32>(clip, clip_l, OP, "the clip factor")?;
         let square = i32::from(op.square);
         let name = match m.dtype() {
             DType::F32 => "adam_moment_f32",
@@ -283,10 +273,10 @@ mod cuda {
         let mut m32;
         let mut m16;
         if m.dtype() == DType::F32 {
-            m32 = m.as_cuda_slice_mut::<f32>()?.slice_mut(at..);
+            m32 = view_mut::<f32>(m, m_l, OP, "the moment")?;
             b.arg(&mut m32);
         } else {
-            m16 = m.as_cuda_slice_mut::<half::bf16>()?.slice_mut(at..);
+            m16 = view_mut::<half::bf16>(m, m_l, OP, "the moment")?;
             b.arg(&mut m16);
         }
         b.arg(&grad);
@@ -315,9 +305,7 @@ mod cuda {
             return Ok(());
         }
         let dev = w.device.clone();
-        let at = start(w_l, "the weights")?;
-        let mut w = w.as_cuda_slice_mut::<f32>()?.slice_mut(at..);
-        let (ms, vs) = (start(m_l, "m")?, start(v_l, "v")?);
+        let mut w = view_mut::<f32>(w, w_l, OP, "the weights")?;
         let name = match (m.dtype(), v.dtype()) {
             (DType::F32, DType::F32) => "adam_update_f32",
             (DType::BF16, DType::BF16) => "adam_update_bf16",
@@ -328,13 +316,13 @@ mod cuda {
         b.arg(&mut w);
         let (m32, v32, m16, v16);
         if m.dtype() == DType::F32 {
-            m32 = m.as_cuda_slice::<f32>()?.slice(ms..);
-            v32 = v.as_cuda_slice::<f32>()?.slice(vs..);
+            m32 = view::<f32>(m, m_l, OP, "m")?;
+            v32 = view::<f32>(v, v_l, OP, "v")?;
             b.arg(&m32);
             b.arg(&v32);
         } else {
-            m16 = m.as_cuda_slice::<half::bf16>()?.slice(ms..);
-            v16 = v.as_cuda_slice::<half::bf16>()?.slice(vs..);
+            m16 = view::<half::bf16>(m, m_l, OP, "m")?;
+            v16 = view::<half::bf16>(v, v_l, OP, "v")?;
             b.arg(&m16);
             b.arg(&v16);
         }

@@ -284,8 +284,7 @@ mod cuda {
     use candle_core::{Layout, Storage};
 
     use super::{Gathered, OP, PairRowsAdd, Way};
-    use crate::custom_ops::cuda::{launch as launch_kernel, ptx};
-    use crate::custom_ops::offsets;
+    use crate::custom_ops::cuda::{launch as launch_kernel, ptx, view, view_mut};
 
     const SOURCE: &str = include_str!("pairs.cu");
     static PTX: OnceLock<Result<String, String>> = OnceLock::new();
@@ -304,17 +303,10 @@ mod cuda {
             candle_core::bail!("pair rows: the features are not on the GPU");
         };
         let dev = acc.device.clone();
-        let features = features
-            .as_cuda_slice::<u32>()?
-            .slice(offsets(features_l, OP, "features")?.0..);
-        let coef_v = coef
-            .as_cuda_slice::<f32>()?
-            .slice(offsets(coef_l, OP, "coefficients")?.0..);
-        let rows_v = rows
-            .as_cuda_slice::<f32>()?
-            .slice(offsets(rows_l, OP, "rows")?.0..);
-        let acc_start = offsets(acc_l, OP, "the accumulator")?.0;
-        let mut acc_v = acc.as_cuda_slice_mut::<f32>()?.slice_mut(acc_start..);
+        let features = view::<u32>(features, features_l, OP, "features")?;
+        let coef_v = view::<f32>(coef, coef_l, OP, "coefficients")?;
+        let rows_v = view::<f32>(rows, rows_l, OP, "rows")?;
+        let mut acc_v = view_mut::<f32>(acc, acc_l, OP, "the accumulator")?;
         let pairs = coef_l.shape().elem_count() as u64;
         let width = acc_l.dims()[1] as u64;
         let k = op.k as u64;
@@ -352,15 +344,9 @@ mod cuda {
         let k = op.k;
         let tokens = pairs / k.max(1);
         let width = w_l.dims()[1];
-        let features = features
-            .as_cuda_slice::<u32>()?
-            .slice(offsets(features_l, OP, "features")?.0..);
-        let x = x
-            .as_cuda_slice::<f32>()?
-            .slice(offsets(x_l, OP, "values")?.0..);
-        let w = w
-            .as_cuda_slice::<f32>()?
-            .slice(offsets(w_l, OP, "rows")?.0..);
+        let features = view::<u32>(features, features_l, OP, "features")?;
+        let x = view::<f32>(x, x_l, OP, "values")?;
+        let w = view::<f32>(w, w_l, OP, "rows")?;
         // One thread an output element; the kernel's count is of tokens or of pairs.
         let (name, shape, count): (&str, candle_core::Shape, usize) = match op.way {
             Way::Decode => ("pair_decode", (tokens, width).into(), tokens),
