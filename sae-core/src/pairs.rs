@@ -386,6 +386,17 @@ mod tests {
     use super::{add_pair_rows, decode_pairs, pair_dots};
     use crate::custom_ops::emulation::floats;
 
+    fn largest_difference(a: Tensor, b: Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     /// Pairs of `tokens` tokens with `k` features each (repeated across tokens) in a dictionary
     /// of `d_sae` rows of `width`; every fifth coefficient is zero, which adds nothing. `rows`:
     /// `[tokens, width]` (the rows added, or the gradients dotted); `w`: `[d_sae, width]`.
@@ -472,14 +483,7 @@ mod tests {
             .contiguous()
             .unwrap();
         let want = start.scatter_add(&idx, &outer, 0).unwrap();
-        let diff = (acc - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = largest_difference(acc, want);
         assert!(diff < 1e-5, "largest difference {diff}");
         assert_eq!(a.dtype(), DType::F32);
     }
@@ -556,14 +560,7 @@ mod tests {
             .unwrap();
         let close = |got: Tensor, want: Tensor, what: &str| {
             assert_eq!(got.dims(), want.dims(), "{what}");
-            let diff = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = largest_difference(got, want);
             assert!(diff < 1e-5, "{what}: largest difference {diff}");
         };
         close(
