@@ -1,21 +1,20 @@
 //! Activations between the host and a CUDA device through page-locked (pinned) host buffers.
 //!
-//! Up, for training ([`Uploader`]): rows are copied into one of two pinned buffers and sent with
-//! an asynchronous copy on the device's stream. The store's prefetch thread goes back to the
-//! disk as soon as the copy is queued, where a copy from ordinary (pageable) memory returns only
-//! once the driver has staged it through its own pinned buffer, and pinned copies run at the
-//! bus's full rate. Two buffers, so that filling one never waits for the copy out of the other.
+//! Up, for training ([`Uploader`]): the store's prefetch thread copies rows into a pinned buffer
+//! and sends them with an asynchronous copy. candle's CUDA device issues work on CUDA's
+//! per-thread default stream, so that copy runs on the prefetch thread's own stream, beside the
+//! training thread's kernels: the upload overlaps the step. The two streams are not ordered
+//! with each other, so the prefetch thread waits for the copy's end (an event, a blocking wait)
+//! before it hands the batch over; the trainer's kernels then never read a batch still in
+//! flight, and the prefetch thread, a few batches ahead, is the only one that waits. A copy from
+//! ordinary (pageable) memory would also be staged through the driver's own buffer, at a
+//! fraction of the bus's rate.
 //!
 //! Down, for harvesting ([`Downloader`]): the forward thread queues each batch's copy into a
-//! pinned buffer and goes on to the next forward pass; the writing thread waits for the copy
-//! when it takes the batch ([`Fetched::finish`]) and hands the buffer back for reuse. A copy to
-//! pageable memory would hold the forward thread until the device had finished the pass.
-//!
-//! Copies are queued on the device's one stream, so stream order puts an upload before any use
-//! of the batch and a download after the pass that made it. A second stream would let copies
-//! overlap kernels too, but cudarc then records and waits on an event at every use of every
-//! tensor (its multi-stream mode), a cost on each of a step's hundreds of kernel launches that
-//! outweighs a copy of about 1.3 ms (`4096 x 2048` f32 at 25 GB/s).
+//! pinned buffer, on its stream right after the pass that made the batch, and goes on to the
+//! next forward pass; the writing thread waits for the copy when it takes the batch
+//! ([`Fetched::finish`]) and hands the buffer back for reuse. A copy to pageable memory would
+//! hold the forward thread until the device had finished the pass.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -110,18 +109,19 @@ mod cuda {
     use std::sync::{Arc, Mutex};
 
     use candle_core::cuda::WrapErr;
-    use candle_core::cuda::cudarc::driver::{CudaStream, PinnedHostSlice};
+    use candle_core::cuda::cudarc::driver::sys::CUevent_flags;
+    use candle_core::cuda::cudarc::driver::{CudaEvent, CudaStream, PinnedHostSlice};
     use candle_core::op::BackpropOp;
     use candle_core::{CudaDevice, CudaStorage, Storage, Tensor};
 
     use crate::error::{Error, Result};
 
-    /// The two staging buffers of uploads.
+    /// The staging buffer of uploads and the event that marks the end of its copy.
     pub(super) struct Staging {
         device: CudaDevice,
         stream: Arc<CudaStream>,
-        buffers: [Option<PinnedHostSlice<f32>>; 2],
-        next: usize,
+        buffer: Option<PinnedHostSlice<f32>>,
+        copied: Option<CudaEvent>,
     }
 
     impl Staging {
@@ -129,30 +129,40 @@ mod cuda {
             Staging {
                 device: device.clone(),
                 stream: device.cuda_stream(),
-                buffers: [None, None],
-                next: 0,
+                buffer: None,
+                copied: None,
             }
         }
 
         pub(super) fn upload(&mut self, rows: &[f32], shape: (usize, usize)) -> Result<Tensor> {
-            let slot = &mut self.buffers[self.next];
-            self.next ^= 1;
-            // Every batch but the last has the same size, so a buffer is made once (twice in
-            // all) and again only for a short last batch.
-            if slot.as_ref().is_none_or(|s| s.len() != rows.len()) {
+            // Every batch but the last has the same size, so the buffer is made once, and again
+            // only for a short last batch.
+            if self.buffer.as_ref().is_none_or(|b| b.len() != rows.len()) {
                 // SAFETY: every element is written below before the copy reads any.
                 let fresh = unsafe { self.stream.context().alloc_pinned::<f32>(rows.len()) };
-                *slot = Some(fresh.w()?);
+                self.buffer = Some(fresh.w()?);
             }
-            let Some(staging) = slot.as_mut() else {
+            let Some(staging) = self.buffer.as_mut() else {
                 unreachable!("the buffer was made above")
             };
-            // Waits for the copy out of this buffer two batches ago, then fills it.
             staging.as_mut_slice().w()?.copy_from_slice(rows);
-            // SAFETY: the copy below writes every element before the tensor is used: both are
-            // ordered on this stream.
+            // SAFETY: the copy below writes every element, and the wait after it ends before the
+            // tensor leaves this thread.
             let mut dst = unsafe { self.stream.alloc::<f32>(rows.len()) }.w()?;
             self.stream.memcpy_htod(&*staging, &mut dst).w()?;
+            // The stream is this thread's (CUDA's per-thread default stream): the trainer's
+            // thread would not wait for it. A blocking event, so the wait sleeps, not spins.
+            let copied = match self.copied.take() {
+                Some(e) => e,
+                None => self
+                    .stream
+                    .context()
+                    .new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+                    .w()?,
+            };
+            copied.record(&self.stream).w()?;
+            copied.synchronize().w()?;
+            self.copied = Some(copied);
             let storage = CudaStorage::wrap_cuda_slice(dst, self.device.clone());
             Ok(Tensor::from_storage(
                 Storage::Cuda(storage),

@@ -86,3 +86,55 @@ fn on_the_gpu_a_harvest_writes_the_cpu_harvests_cache() {
         assert_eq!(gpu_files, cpu_files, "{dtype:?}");
     }
 }
+
+/// The trainer's thread reads a batch the moment it has it, on its own CUDA stream (candle uses
+/// CUDA's per-thread default stream), which does not wait for the prefetch thread's: an upload
+/// must have ended before the batch is handed over. Batches of 32 MiB, a prefetch of one, and
+/// each read back at once, so that a copy still in flight would be read half-written.
+#[test]
+fn on_the_gpu_a_batch_is_whole_when_the_trainer_takes_it() {
+    const HOOK: &str = "blocks.0.hook_resid_post";
+    const WIDTH: usize = 4096;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut source = activation_store::SyntheticSource {
+        widths: vec![(HOOK.to_string(), WIDTH)],
+        delay: std::time::Duration::ZERO,
+    };
+    let mut cfg = HarvestConfig::new(vec![HOOK.to_string()]);
+    cfg.shard_rows = 4096;
+    activation_store::harvest(
+        tmp.path(),
+        &plan(400, 64),
+        &model(),
+        &mut source,
+        &cfg,
+        None,
+    )
+    .unwrap();
+    let cache = ActivationStore::open(tmp.path()).unwrap();
+    let acts = cache.hook(HOOK).unwrap();
+    let cfg = |device: Device| StreamConfig {
+        epochs: Some(1),
+        shuffle: Shuffle::Sequential,
+        prefetch: 1,
+        device,
+        ..StreamConfig::new(2048)
+    };
+    let cpu: Vec<Tensor> = acts
+        .batches(cfg(Device::Cpu))
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    assert!(cpu.len() >= 4, "{} batches: too few to race", cpu.len());
+    let mut taken = 0;
+    for (i, b) in acts.batches(cfg(gpu())).unwrap().enumerate() {
+        let b = b.unwrap();
+        assert_eq!(
+            bits(std::slice::from_ref(&b), WIDTH),
+            bits(&cpu[i..=i], WIDTH),
+            "batch {i} differs from the CPU stream's"
+        );
+        taken += 1;
+    }
+    assert_eq!(taken, cpu.len());
+}

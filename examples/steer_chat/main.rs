@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example steer_chat -- --sae runs/steer_sae/saes/topk_9216
-//! # then open http://127.0.0.1:7878/
+//! # then open http://127.0.0.1:7878/ (on a GPU: a build with --features cuda, and --device cuda)
 //! ```
 //!
 //! The SAE folder needs its `feature_stats.json` (from `find_features --cache`): the labels,
@@ -47,6 +47,9 @@ struct Args {
     /// Jobs at once (more get "busy"); each takes the CPU's cores, so more than a few only share them.
     #[arg(long, default_value_t = Limits::default().max_concurrent)]
     max_concurrent: usize,
+    /// Where the model runs: cpu, or cuda (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 fn main() -> Result<()> {
@@ -74,7 +77,9 @@ fn main() -> Result<()> {
         },
         ..Limits::default()
     };
-    let mut app = ChatApp::load(&model, &args.sae, limits)
+    let device = sae_workbench::cli::device(&args.device)
+        .with_context(|| format!("--device {} (a build with --features cuda?)", args.device))?;
+    let mut app = ChatApp::load_on(&model, &args.sae, limits, &device)
         .with_context(|| format!("loading {} and {}", model.display(), args.sae.display()))?;
     if args.synonyms.exists() {
         let text = std::fs::read_to_string(&args.synonyms)

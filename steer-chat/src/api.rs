@@ -284,6 +284,7 @@ async fn info(State(app): State<Arc<ChatApp>>) -> Json<Value> {
         "model": app.model_name,
         "sae": app.sae_name,
         "hook": app.hook.to_string(),
+        "device": if app.model.device().is_cuda() { "cuda" } else { "cpu" },
         "d_sae": app.sae.d_sae(),
         "n_ctx": app.model.config().n_ctx,
         "max_new_tokens": app.limits.max_new_tokens,

@@ -10,7 +10,7 @@
 //!
 //! | route | |
 //! |---|---|
-//! | `GET /api/info` | model, SAE, hook, number of features, limits |
+//! | `GET /api/info` | model, SAE, hook, device, number of features, limits |
 //! | `GET /api/features?q=sea` | features whose label or top contexts mention `q` (or feature `q` itself) |
 //! | `POST /api/chat` | `{messages, clamps, max_new_tokens, temperature, seed}` → NDJSON stream of `token` events, then `done` with the response, why it stopped and its traits |
 //! | `POST /api/adjust` | `{prompt, feature}` → the adjusted cue, activation before/after, meaning score |
@@ -105,7 +105,18 @@ impl ChatApp {
     /// Unreadable model or SAE, missing feature statistics, an SAE whose hook or width the model
     /// does not have.
     pub fn load(model: &Path, sae: &Path, limits: Limits) -> Result<Self> {
-        let m = Model::load(model, &Device::Cpu)?;
+        Self::load_on(model, sae, limits, &Device::Cpu)
+    }
+
+    /// [`ChatApp::load`] with the model on `device` (a GPU: `Device::new_cuda(0)` in a build with
+    /// candle's `cuda` feature). Each request's generation runs on a worker thread of its own;
+    /// the model's weights are on the device before any starts (`Model::load` waits for their
+    /// copies).
+    ///
+    /// # Errors
+    /// Those of [`ChatApp::load`].
+    pub fn load_on(model: &Path, sae: &Path, limits: Limits, device: &Device) -> Result<Self> {
+        let m = Model::load(model, device)?;
         let s = SaeModel::load(sae)?;
         let stats = FeatureStats::load(sae)?;
         let mut app = Self::new(m, s, stats, limits)?;

@@ -338,6 +338,7 @@ fn bad_requests_get_4xx_and_the_server_keeps_serving() {
     }
     let (s, b) = request(addr, "GET", "/api/info", "");
     assert_eq!(s, 200, "the server stopped serving after bad requests: {b}");
+    assert!(b.contains(r#""device":"cpu""#), "{b}");
 
     server.stop();
 }

@@ -338,6 +338,11 @@ impl Model {
         path: &Path,
     ) -> Result<Model> {
         let net = Transformer::new(&cfg, &params)?;
+        // candle queues a CUDA device's work on the calling thread's own stream (CUDA's
+        // per-thread default stream), which another thread's stream does not wait for: the
+        // weights' copies end here, so that a model loaded on one thread can run on others (a
+        // server's worker threads).
+        device.synchronize()?;
         Ok(Model {
             cfg,
             params,
