@@ -72,6 +72,12 @@ const THRESHOLD_BISECTIONS: usize = 40;
 /// matrix at the limit) grow toward the matrices themselves as the products they save shrink.
 pub const COMPACT_AUX_SHARE: usize = 16;
 
+/// BatchTopK's codes go through the step as (token, feature) pairs, each token's threshold
+/// candidates, while the candidates per token are at most one feature in this many, and as
+/// dense `[rows, d_sae]` matrices beyond: a pair reads its decoder row where it is (memory
+/// bound, and four times per pair), where the dense products run at the matrix units' rate.
+pub const BATCH_PAIRS_SHARE: usize = 8;
+
 /// What sets an architecture's codes and penalty; the rest of the step is shared.
 #[derive(Debug, Clone)]
 enum Rule {
@@ -227,6 +233,9 @@ pub struct DeviceTrainer {
     dense_pairs: bool,
     /// Features AuxK may take on their own rows at most (`d_sae / COMPACT_AUX_SHARE`).
     compact_aux_limit: usize,
+    /// BatchTopK's candidates per token up to which its codes go as pairs (`d_sae /
+    /// BATCH_PAIRS_SHARE`), see [`DeviceTrainer::with_batch_pairs_limit`].
+    batch_pairs_limit: usize,
     /// Where the steps' time goes, when asked for ([`DeviceTrainer::with_phase_timing`]).
     phases: Option<std::sync::Mutex<PhaseClock>>,
     /// Our own ops (`crate::fused_adam`'s Adam, `crate::pairs`' decode and dot products of
@@ -515,6 +524,7 @@ impl DeviceTrainer {
             collective: None,
             dense_pairs: device.is_cuda(),
             compact_aux_limit: cfg.d_sae / COMPACT_AUX_SHARE,
+            batch_pairs_limit: cfg.d_sae / BATCH_PAIRS_SHARE,
             phases: None,
             own_kernels: match crate::fused_adam::ready_on(device)
                 .and_then(|()| crate::pairs::ready_on(device))
@@ -700,6 +710,22 @@ impl DeviceTrainer {
     pub fn with_compact_aux_limit(mut self, features: usize) -> Self {
         self.compact_aux_limit = features;
         self
+    }
+
+    /// Sets up to how many threshold candidates per token BatchTopK's codes go through the step
+    /// as (token, feature) pairs (default `d_sae / BATCH_PAIRS_SHARE`; 0: always as dense
+    /// matrices); tests force either side.
+    #[doc(hidden)]
+    pub fn with_batch_pairs_limit(mut self, candidates: usize) -> Self {
+        self.batch_pairs_limit = candidates;
+        self
+    }
+
+    /// Whether BatchTopK's codes go as pairs with `per_token` candidates a token: our ops read
+    /// the pairs' rows (candle's gather would write `[rows, per_token, d_in]` out), and few
+    /// enough candidates.
+    fn batch_pairs(&self, per_token: usize) -> bool {
+        self.own_kernels && per_token <= self.batch_pairs_limit
     }
 
     /// How many of each token's largest pre-activations BatchTopK's threshold keeps now (0
@@ -1207,16 +1233,53 @@ impl DeviceTrainer {
         aux_k: usize,
         aux_coefficient: f64,
     ) -> Result<Pass> {
-        let (d_in, d_sae) = (self.cfg.d_in, self.cfg.d_sae);
-        let n = x.dim(0)?;
-        let (w_dec, b_dec) = (&self.params[2], &self.params[3]);
         // Main reconstruction from each token's k largest, then ReLU, as (token, feature) pairs:
-        // the selected decoder rows are gathered, never a `[n, d_sae]` code matrix.
-        let k = k.min(d_sae);
+        // never a `[n, d_sae]` code matrix.
+        let k = k.min(self.cfg.d_sae);
         let idx = top_k_indices(pre, k)?;
         self.mark(Some("top-k"))?;
         let vals = pre.gather(&idx, 1)?.relu()?;
         let on = vals.gt(0.0)?.to_dtype(DType::F32)?; // a zero after ReLU is not a code
+        let p = self.pairs_pass(x, xc, &idx, &vals, &on, n_total, acc, &[])?;
+        let aux = self.aux_pass(xc, pre, &p.diff, n_total, acc, dead, aux_k, aux_coefficient)?;
+        self.mark(Some("auxk"))?;
+        Ok(Pass {
+            g_b_enc: (p.g_b_enc + aux.g_b_enc)?,
+            g_b_dec: p.g_b_dec,
+            g_h_sum: None,
+            extra: Vec::new(),
+            sq_err: p.sq_err,
+            sparsity_loss: Tensor::zeros((), DType::F32, &self.device)?,
+            aux_loss: aux.loss,
+            fires: p.fires,
+            active: on.sum_all()?,
+            token_sq_err: None,
+        })
+    }
+
+    /// The reconstruction from (token, feature) pairs and its gradients, for TopK and for
+    /// BatchTopK's candidates. `idx`: `[n, kk]` u32 features; `vals`: their codes, zero where a
+    /// pair is no code; `on`: 1 where it is. Each of Matryoshka's `prefixes` (inner widths)
+    /// reconstructs from the pairs of its features alone, and its error joins the loss and the
+    /// gradients. The decode and the dot products back to each pair are our ops (or, without
+    /// them, the pairs' rows gathered: TopK only); the weight gradients go to the pairs' rows
+    /// (`add_pair_rows`) or, with `dense_pairs`, through code matrices scattered along each
+    /// token's row and dense products.
+    #[allow(clippy::too_many_arguments)]
+    fn pairs_pass(
+        &self,
+        x: &Tensor,
+        xc: &Tensor,
+        idx: &Tensor,
+        vals: &Tensor,
+        on: &Tensor,
+        n_total: usize,
+        acc: &MatrixGrads,
+        prefixes: &[usize],
+    ) -> Result<PairsOut> {
+        let (d_in, d_sae) = (self.cfg.d_in, self.cfg.d_sae);
+        let (n, k) = idx.dims2()?;
+        let (w_dec, b_dec) = (&self.params[2], &self.params[3]);
         let flat = idx.flatten_all()?;
         // Our ops read the pairs' decoder rows where they are; candle's way gathers them into a
         // `[n · k, d_in]` matrix first.
@@ -1225,53 +1288,76 @@ impl DeviceTrainer {
         } else {
             Some(w_dec.index_select(&flat, 0)?.reshape((n, k, d_in))?)
         };
-        let decoded = match &rows {
-            Some(rows) => rows.broadcast_mul(&vals.unsqueeze(2)?)?.sum(1)?,
-            None => crate::pairs::decode_pairs(&flat, &vals, w_dec)?,
+        let decode = |a: &Tensor| -> Result<Tensor> {
+            let decoded = match &rows {
+                Some(rows) => rows.broadcast_mul(&a.unsqueeze(2)?)?.sum(1)?,
+                None => crate::pairs::decode_pairs(&flat, a, w_dec)?,
+            };
+            Ok(decoded.broadcast_add(b_dec)?)
         };
-        let x_hat = decoded.broadcast_add(b_dec)?;
-        let diff = (&x_hat - x)?;
+        let dots = |d: &Tensor| -> Result<Tensor> {
+            Ok(match &rows {
+                Some(rows) => rows.broadcast_mul(&d.unsqueeze(1)?)?.sum(2)?,
+                None => crate::pairs::pair_dots(&flat, d, w_dec, k)?,
+            })
+        };
+        // Scattered along each token's row (a thread per token on CUDA) into a code matrix.
+        let scattered = |v: &Tensor| -> Result<Tensor> {
+            let m = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
+            m.scatter_add_set(idx, v, 1)?;
+            Ok(m)
+        };
+        // `W_dec`'s gradient from codes `a` and their tokens' reconstruction gradients `d`.
+        let add_dec = |a: &Tensor, d: &Tensor| -> Result<()> {
+            if self.dense_pairs {
+                acc.add_dec(self, &scattered(a)?, d)
+            } else {
+                crate::pairs::add_pair_rows(&acc.w_dec, &flat, a, d)
+            }
+        };
+        let diff = (decode(vals)? - x)?;
         let sq_err = diff.sqr()?.sum_all()?;
         let d_xhat = (&diff * (2.0 / n_total as f64))?;
-        let dots = match rows {
-            Some(rows) => rows.broadcast_mul(&d_xhat.unsqueeze(1)?)?.sum(2)?,
-            None => crate::pairs::pair_dots(&flat, &d_xhat, w_dec, k)?,
-        };
-        let g_pairs = (dots * &on)?;
+        let mut g_pairs = dots(&d_xhat)?;
+        let mut g_b_dec = column_sums(&d_xhat)?;
         self.mark(Some("decode"))?;
+        add_dec(vals, &d_xhat)?;
+        let mut inner_loss = None;
+        for &w in prefixes {
+            let keep = idx.lt(w as u32)?.to_dtype(DType::F32)?;
+            let a_w = (vals * &keep)?;
+            let diff_w = (decode(&a_w)? - x)?;
+            let loss_w = (diff_w.sqr()?.sum_all()? / n_total as f64)?;
+            inner_loss = Some(match inner_loss {
+                Some(l) => (l + loss_w)?,
+                None => loss_w,
+            });
+            let d_w = (diff_w * (2.0 / n_total as f64))?;
+            g_pairs = (g_pairs + (dots(&d_w)? * &keep)?)?;
+            add_dec(&a_w, &d_w)?;
+            g_b_dec = (g_b_dec + column_sums(&d_w)?)?;
+        }
+        let g_pairs = (g_pairs * on)?;
         let (g_b_enc, fires) = if self.dense_pairs {
-            // Scattered along each token's row (a thread per token on CUDA) into code matrices
-            // that go through dense products, one at a time.
-            let scattered = |v: &Tensor| -> Result<Tensor> {
-                let m = Tensor::zeros((n, d_sae), DType::F32, &self.device)?;
-                m.scatter_add_set(&idx, v, 1)?;
-                Ok(m)
-            };
-            let codes = scattered(&vals)?;
-            acc.add_dec(self, &codes, &d_xhat)?;
-            let fires = column_sums(&codes.gt(0.0)?.to_dtype(DType::F32)?)?;
-            drop(codes);
+            let fires = column_sums(&scattered(on)?)?;
             let g_codes = scattered(&g_pairs)?;
             acc.add_enc(self, &g_codes, xc)?;
             (column_sums(&g_codes)?, fires)
         } else {
-            let g_b_enc = acc.add_pairs(&flat, &vals, &g_pairs, &d_xhat, xc, d_sae)?;
-            (g_b_enc, per_feature_sums(&flat, &on, d_sae)?)
+            crate::pairs::add_pair_rows(&acc.w_enc, &flat, &g_pairs, xc)?;
+            (
+                per_feature_sums(&flat, &g_pairs, d_sae)?,
+                per_feature_sums(&flat, on, d_sae)?,
+            )
         };
         self.mark(Some("pair gradients"))?;
-        let aux = self.aux_pass(xc, pre, &diff, n_total, acc, dead, aux_k, aux_coefficient)?;
-        self.mark(Some("auxk"))?;
-        Ok(Pass {
-            g_b_enc: (g_b_enc + aux.g_b_enc)?,
-            g_b_dec: column_sums(&d_xhat)?,
-            g_h_sum: None,
-            extra: Vec::new(),
+        Ok(PairsOut {
+            diff,
             sq_err,
-            sparsity_loss: Tensor::zeros((), DType::F32, &self.device)?,
-            aux_loss: aux.loss,
+            g_b_enc,
+            g_b_dec,
             fires,
-            active: on.sum_all()?,
-            token_sq_err: None,
+            inner_loss,
         })
     }
 
@@ -1633,7 +1719,11 @@ impl DeviceTrainer {
     /// above the largest of the tokens' smallest candidates is the full count; a halving below
     /// it that found too few could have found enough over every value, so then the candidates
     /// double and are taken again (one flag read by the host per try). The threshold is then
-    /// the one the bisection over every value finds.
+    /// the one the bisection over every value finds. When the codes are to go as pairs
+    /// (`batch_pairs`), the candidates also double while the threshold is below that largest
+    /// smallest candidate: a token whose every candidate is kept may have more codes than
+    /// candidates. At or above it, every token's codes are among its candidates (a value
+    /// outside them is at most its smallest candidate), so its candidates are its pairs.
     fn threshold_from_candidates(
         &self,
         k: f64,
@@ -1655,8 +1745,13 @@ impl DeviceTrainer {
             let smallest = values.narrow(1, per_token - 1, 1)?;
             let c = self.max_over_group(extreme_or(&smallest, 0.0, |v| v.max(0))?)?;
             let (lo, short) = self.bisect(&values, m, Some(&c))?;
-            let short = short.map_or(Ok(0), |s| s.to_scalar::<u8>())?;
-            if short == 0 {
+            let Some(mut retry) = short else {
+                return Ok(lo);
+            };
+            if self.batch_pairs(per_token) {
+                retry = retry.maximum(&c.gt(&lo)?)?;
+            }
+            if retry.to_scalar::<u8>()? == 0 {
                 return Ok(lo);
             }
             self.candidates
@@ -1666,7 +1761,9 @@ impl DeviceTrainer {
 
     /// BatchTopK's codes: what of the ReLU'd pre-activations is above `threshold` (the batch's
     /// `k · n` largest: the chunked threshold, or with `None` the bisection over this pass's
-    /// values, then the whole batch). Codes are dense, as the standard SAE's.
+    /// values, then the whole batch). While each token's threshold candidates are few
+    /// (`batch_pairs`), they hold all its codes and go through the step as (token, feature)
+    /// pairs, as TopK's do; beyond, the codes are dense, as the standard SAE's.
     /// Returns the pass and the smallest activation kept in it (infinite when none was).
     #[allow(clippy::too_many_arguments)]
     fn batchtopk_pass(
@@ -1686,12 +1783,55 @@ impl DeviceTrainer {
         let d_sae = self.cfg.d_sae;
         let (w_dec, b_dec) = (&self.params[2], &self.params[3]);
         let r = pre.relu()?;
+        // The last try's candidates, when the threshold is found here.
+        let mut candidates = None;
         let threshold = match threshold {
             Some(t) => t.clone(),
             None => self.threshold_from_candidates(k, n_total, |per_token| {
-                Ok(r.gather(&top_k_indices(&r, per_token)?, 1)?)
+                let idx = top_k_indices(&r, per_token)?;
+                let values = r.gather(&idx, 1)?;
+                candidates = Some(idx);
+                Ok(values)
             })?,
         };
+        let per_token = self.candidates.load(Ordering::Relaxed).min(d_sae);
+        if self.batch_pairs(per_token) {
+            let idx = match candidates {
+                Some(idx) => idx,
+                None => top_k_indices(&r, per_token)?,
+            };
+            self.mark(Some("threshold"))?;
+            let values = r.gather(&idx, 1)?;
+            drop(r);
+            let on = values.broadcast_gt(&threshold)?.to_dtype(DType::F32)?;
+            let vals = (&values * &on)?;
+            let kept = on.gt(0.0)?.where_cond(
+                &values,
+                &Tensor::full(f32::INFINITY, values.dims(), &self.device)?,
+            )?;
+            let min_kept = extreme_or(&kept, f32::INFINITY, |v| v.min(0))?;
+            let p = self.pairs_pass(x, xc, &idx, &vals, &on, n_total, acc, inner_widths)?;
+            let aux =
+                self.aux_pass(xc, pre, &p.diff, n_total, acc, dead, aux_k, aux_coefficient)?;
+            self.mark(Some("auxk"))?;
+            let aux_loss = match p.inner_loss {
+                Some(l) => (aux.loss + l)?,
+                None => aux.loss,
+            };
+            let pass = Pass {
+                g_b_enc: (p.g_b_enc + aux.g_b_enc)?,
+                g_b_dec: p.g_b_dec,
+                g_h_sum: None,
+                extra: Vec::new(),
+                sq_err: p.sq_err,
+                sparsity_loss: Tensor::zeros((), DType::F32, &self.device)?,
+                aux_loss,
+                fires: p.fires,
+                active: on.sum_all()?,
+                token_sq_err: None,
+            };
+            return Ok((pass, min_kept));
+        }
         self.mark(Some("threshold"))?;
         let on = r.broadcast_gt(&threshold)?.to_dtype(DType::F32)?;
         let a = (&r * &on)?;
@@ -2263,6 +2403,17 @@ impl Pass {
 
 /// The gradients of `W_enc` and `W_dec` (`[d_sae, d_in]` each), which every pass and chunk adds
 /// into in place: a million-feature step holds one pair of them, not one per term.
+/// What [`DeviceTrainer::pairs_pass`] gives the pass: the reconstruction error `x̂ - x` (for
+/// AuxK), its squared sum, the bias gradients, the firing counts and the prefixes' losses.
+struct PairsOut {
+    diff: Tensor,
+    sq_err: Tensor,
+    g_b_enc: Tensor,
+    g_b_dec: Tensor,
+    fires: Tensor,
+    inner_loss: Option<Tensor>,
+}
+
 struct MatrixGrads {
     w_enc: Tensor,
     w_dec: Tensor,
@@ -2294,25 +2445,6 @@ impl MatrixGrads {
             add_rows(&self.w_dec, &part, start)?;
         }
         Ok(())
-    }
-
-    /// The gradients that (token, feature) pairs give: for pairs with activations `a`,
-    /// gradients `g` with respect to their pre-activations, the reconstruction gradient `d` of
-    /// their tokens and the centred inputs `xc`: `W_dec[f] += Σ a·d`, `W_enc[f] += Σ g·xc`, each
-    /// pair's row added in place (`crate::pairs`). Returns `b_enc`'s, `Σ g` per feature.
-    /// `features`: `[t·k]` u32; `a`, `g`: `[t, k]`; `d`, `xc`: `[t, d_in]`.
-    fn add_pairs(
-        &self,
-        features: &Tensor,
-        a: &Tensor,
-        g: &Tensor,
-        d: &Tensor,
-        xc: &Tensor,
-        d_sae: usize,
-    ) -> Result<Tensor> {
-        crate::pairs::add_pair_rows(&self.w_dec, features, a, d)?;
-        crate::pairs::add_pair_rows(&self.w_enc, features, g, xc)?;
-        per_feature_sums(features, g, d_sae)
     }
 }
 

@@ -89,14 +89,24 @@ fn agree_with(
 /// step and the final weights. Returns the largest AuxK loss and gradient norm seen, and the
 /// dead features after each step.
 fn agree_from(
-    mut host: Trainer,
-    mut device: DeviceTrainer,
+    host: Trainer,
+    device: DeviceTrainer,
     steps: std::ops::Range<u64>,
+) -> (f64, f64, Vec<usize>) {
+    agree_on_batches(host, &mut { device }, steps, batch)
+}
+
+/// [`agree_from`] on the batches `batch_of` gives for each step.
+fn agree_on_batches(
+    mut host: Trainer,
+    device: &mut DeviceTrainer,
+    steps: std::ops::Range<u64>,
+    batch_of: impl Fn(u64) -> Tensor,
 ) -> (f64, f64, Vec<usize>) {
     let mut aux_seen = (0.0f64, 0.0f64);
     let mut dead_counts = Vec::new();
     for s in steps.clone() {
-        let x = batch(s);
+        let x = batch_of(s);
         let h = host.step(&x).unwrap();
         let d = device.step(&x).unwrap().host().unwrap();
         close(&format!("step {s} loss"), h.loss, d.loss);
@@ -182,7 +192,8 @@ fn changing_dead_set_config() -> TrainerConfig {
 /// AuxK three ways: skipped while no feature is dead, on the dead features' own columns and
 /// rows (forced with a limit of every feature), and over every feature with the live ones
 /// masked (a limit of none); TopK's main pairs two ways: their rows scattered, and scattered
-/// code matrices through dense products (CUDA's default). Each takes the host path's steps,
+/// code matrices through dense products (CUDA's default); BatchTopK's and Matryoshka's codes
+/// dense, and as pairs (their threshold candidates) both of those ways. Each takes the host path's steps,
 /// in one pass and in token chunks with small row blocks (the dead features' own gradients add
 /// up across chunks and go back block by block), and so do two replicas, each on half the batch.
 #[test]
@@ -194,8 +205,14 @@ fn every_way_of_taking_auxk_and_the_pairs_matches_the_host_path() {
         matryoshka_config(),
     ] {
         let topk = matches!(cfg.sae, ArchitectureConfig::TopK(_));
+        // (BatchTopK's pairs limit, dense pair gradients)
+        let pairs = if topk {
+            vec![(0, false), (0, true)]
+        } else {
+            vec![(0, false), (D_SAE, false), (D_SAE, true)]
+        };
         for limit in [0, D_SAE] {
-            for dense in if topk { vec![false, true] } else { vec![false] } {
+            for &(pairs_limit, dense) in &pairs {
                 // With the dead features on their own rows, their gradients go back through our
                 // row adds, or through candle's gathers.
                 let owns = if limit == D_SAE {
@@ -210,6 +227,7 @@ fn every_way_of_taking_auxk_and_the_pairs_matches_the_host_path() {
                     let way = |d: DeviceTrainer| {
                         let d = d
                             .with_compact_aux_limit(limit)
+                            .with_batch_pairs_limit(pairs_limit)
                             .with_dense_pairs(dense)
                             .with_own_kernels(own);
                         match chunk {
@@ -222,7 +240,7 @@ fn every_way_of_taking_auxk_and_the_pairs_matches_the_host_path() {
                         }
                     };
                     eprintln!(
-                        "{:?}: limit {limit}, dense {dense}, chunk {chunk:?}, own {own}",
+                        "{:?}: limit {limit}, pairs {pairs_limit}, dense {dense}, chunk {chunk:?}, own {own}",
                         cfg.sae
                     );
                     let (aux, _, dead) = agree_with(cfg.clone(), &Device::Cpu, STEPS, way);
@@ -231,7 +249,9 @@ fn every_way_of_taking_auxk_and_the_pairs_matches_the_host_path() {
                     assert!(dead.iter().any(|&c| c > 0), "{dead:?}");
                 }
                 replicas_agree_with(cfg.clone(), |d| {
-                    d.with_compact_aux_limit(limit).with_dense_pairs(dense)
+                    d.with_compact_aux_limit(limit)
+                        .with_batch_pairs_limit(pairs_limit)
+                        .with_dense_pairs(dense)
                 });
             }
         }
@@ -1176,13 +1196,17 @@ fn a_chunk_of_no_tokens_is_refused() {
 /// pre-activations) and in chunks of 7. Matryoshka from two, in chunks of 3.
 #[test]
 fn too_few_threshold_candidates_double_until_the_threshold_is_exact() {
-    for (cfg, start, rows) in [
-        (batchtopk_config(), 1, None),
-        (batchtopk_config(), 1, Some(7)),
-        (matryoshka_config(), 2, Some(3)),
+    for (cfg, start, rows, pairs_limit) in [
+        (batchtopk_config(), 1, None, 0),
+        (batchtopk_config(), 1, Some(7), 0),
+        (matryoshka_config(), 2, Some(3), 0),
+        (batchtopk_config(), 1, None, D_SAE),
+        (matryoshka_config(), 2, Some(3), D_SAE),
     ] {
         let set_up = |d: DeviceTrainer| {
-            let d = d.with_threshold_candidates(start);
+            let d = d
+                .with_threshold_candidates(start)
+                .with_batch_pairs_limit(pairs_limit);
             match rows {
                 Some(rows) => d.with_token_chunk(rows).unwrap(),
                 None => d,
@@ -1198,6 +1222,32 @@ fn too_few_threshold_candidates_double_until_the_threshold_is_exact() {
             seen = seen.max(d.threshold_candidates());
         }
         assert!(seen > start, "the candidates never doubled from {start}");
+    }
+}
+
+/// One token of each batch is far larger than the others, and about half the features are codes
+/// of it, more than the threshold's candidates per token at first (16 at k = 4): with the codes
+/// as pairs (each token's candidates), the candidates double until they hold every token's
+/// codes, and the pairs are taken from the last try's candidates (in one pass) or again at
+/// the final count (in chunks): the steps are the host path's, the L0 counted exactly.
+#[test]
+fn a_token_with_more_codes_than_candidates_doubles_them_for_the_pairs() {
+    let loud = |s: u64| {
+        let x = batch(s);
+        let first = (x.narrow(0, 0, 1).unwrap() * 30.0).unwrap();
+        Tensor::cat(&[&first, &x.narrow(0, 1, N - 1).unwrap()], 0).unwrap()
+    };
+    for rows in [None, Some(7)] {
+        let host = Trainer::new(batchtopk_config()).unwrap();
+        let mut device = DeviceTrainer::from_trainer(&host, &Device::Cpu)
+            .unwrap()
+            .with_batch_pairs_limit(D_SAE);
+        if let Some(rows) = rows {
+            device = device.with_token_chunk(rows).unwrap();
+        }
+        agree_on_batches(host, &mut device, 0..STEPS, loud);
+        let most = device.threshold_candidates();
+        assert!(most > 16, "the candidates never grew: {most}");
     }
 }
 
