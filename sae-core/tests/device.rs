@@ -995,6 +995,15 @@ fn device_path_matches_on(dev: &Device) {
     ] {
         agree_on(cfg, dev);
     }
+    // BatchTopK's and Matryoshka's codes as pairs (dense here at 64 features), their weight
+    // gradients both ways.
+    for cfg in [batchtopk_config(), matryoshka_config()] {
+        for dense in [false, true] {
+            agree_with(cfg.clone(), dev, STEPS, |d| {
+                d.with_batch_pairs_limit(D_SAE).with_dense_pairs(dense)
+            });
+        }
+    }
     // Through the trainer, batches coming from the host.
     let mut host = Trainer::new(resident_config()).unwrap();
     host.train(&mut source(0..STEPS), Progress::Hidden).unwrap();
