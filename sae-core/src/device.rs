@@ -1936,9 +1936,13 @@ impl DeviceTrainer {
                 "only the standard SAE resamples dead features",
             ));
         };
-        let token_sq_err = &self.gather_rows(token_sq_err)?;
-        let x = &self.gather_rows(x)?;
-        let (n, d_in) = x.dims2()?;
+        // The group's tokens and their errors, in one gather (an all-reduce).
+        let d_in = x.dim(1)?;
+        let both = Tensor::cat(&[x, &token_sq_err.unsqueeze(1)?], 1)?;
+        let both = self.gather_rows(&both)?;
+        let x = &both.narrow(1, 0, d_in)?.contiguous()?;
+        let token_sq_err = &both.narrow(1, d_in, 1)?.squeeze(1)?;
+        let n = x.dim(0)?;
         let window = self.cfg.dead_window_tokens as f64;
         let since = self.tokens_since_fired.to_vec1::<f64>()?;
         let dead: Vec<usize> = (0..since.len()).filter(|&f| since[f] >= window).collect();
