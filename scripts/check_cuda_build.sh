@@ -14,6 +14,14 @@ nvcc --version | tail -1
 for cu in sae-core/src/pairs.cu sae-core/src/fused_adam.cu; do
   nvcc --ptx -arch="sm_$CUDA_COMPUTE_CAP" -o /dev/null "$cu"
 done
+# And as the trainer compiles them there: NVRTC (CUDA 13's, and 12's as PyTorch's wheels carry it),
+# no options, the PTX assembled for the chip (scripts/nvrtc_check.py). NVRTC 13 finds its builtins
+# library through the library path, as gpu_check.sh's run sets it.
+"$venv/bin/pip" install --quiet "nvidia-cuda-nvrtc==13.0.88" "nvidia-cuda-nvrtc-cu12==12.9.86"
+nvrtc13=$root/lib
+nvrtc12=$("$venv/bin/python" -c 'import os, nvidia; print(os.path.join(nvidia.__path__[0], "cuda_nvrtc", "lib"))')
+LD_LIBRARY_PATH="$nvrtc13:$nvrtc12:${LD_LIBRARY_PATH:-}" "$venv/bin/python" scripts/nvrtc_check.py \
+  "$nvrtc13/libnvrtc.so.13" "$nvrtc12/libnvrtc.so.12" --ptxas "$root/bin/ptxas" --arch "sm_$CUDA_COMPUTE_CAP"
 cargo check --workspace --all-targets --features cuda --target-dir "${CUDA_TARGET:-target/cuda-check}"
 # The NCCL collective (sae-core's `nccl` feature), with its test.
 cargo check -p sae-core --all-targets --features nccl --target-dir "${CUDA_TARGET:-target/cuda-check}"
