@@ -80,6 +80,10 @@ struct Args {
     /// Adam's moments on the device path: f32, or bf16 (`DeviceTrainer::with_moment_dtype`).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     moments: String,
+    /// `W_enc` and `W_dec` on the device path: f32, or bf16 (`DeviceTrainer::with_weight_dtype`:
+    /// updates rounded stochastically; needs `--compute bf16`).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    weights: String,
     /// How the device path's TopK pairs reach the gradients: `scatter` (each pair's row added in
     /// place: a loop on the CPU, an atomic-add kernel on CUDA; the CPU's default) or `dense`
     /// (code matrices through dense products, CUDA's default); see
@@ -189,6 +193,11 @@ fn main() -> Result<()> {
             } else {
                 DType::F32
             },
+            weights: if args.weights == "bf16" {
+                DType::BF16
+            } else {
+                DType::F32
+            },
         };
         let mut dev = DeviceTrainer::from_trainer(&trainer, &device)?.with_options(&opts)?;
         if let Some(p) = &args.pairs {
@@ -266,6 +275,7 @@ fn main() -> Result<()> {
         "l0_first_step": warm_l0,
         "token_chunk": args.token_chunk,
         "moments": args.moments,
+        "weights": args.weights,
         "pairs": args.pairs,
         "phase_seconds_per_step": phase_seconds,
         // Whether our own ops ran (false: NVRTC could not compile their kernels, and candle's

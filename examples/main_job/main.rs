@@ -122,9 +122,13 @@ struct Args {
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     moments: String,
     /// Device path only: operands of the matrix products, `f32`, `bf16` or `f16` (f32
-    /// accumulation, f32 weights).
+    /// accumulation).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     compute: String,
+    /// Device path only: `W_enc` and `W_dec` in `f32` or `bf16` (half their memory; updates
+    /// rounded stochastically; needs `--compute bf16`).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    weights: String,
 }
 
 const DEFAULT_SITE: &str = "mlp.hook_post";
@@ -235,14 +239,14 @@ fn check_args(args: &Args) -> Result<Device> {
     let opts = device_options(args)?;
     if device.is_cpu() && opts != DeviceOptions::default() {
         bail!(
-            "--token-chunk, --moments and --compute set the device path's memory and precision; \
-             the CPU trains on the host path, so they need --device cuda"
+            "--token-chunk, --moments, --compute and --weights set the device path's memory and \
+             precision; the CPU trains on the host path, so they need --device cuda"
         );
     }
     Ok(device)
 }
 
-/// The device path's options from `--token-chunk`, `--moments` and `--compute`.
+/// The device path's options from `--token-chunk`, `--moments`, `--compute` and `--weights`.
 fn device_options(args: &Args) -> Result<DeviceOptions> {
     let dtype = |flag: &str, v: &str| -> Result<DType> {
         Ok(match v {
@@ -256,6 +260,7 @@ fn device_options(args: &Args) -> Result<DeviceOptions> {
         compute: dtype("--compute", &args.compute)?,
         token_chunk: args.token_chunk,
         moments: dtype("--moments", &args.moments)?,
+        weights: dtype("--weights", &args.weights)?,
     })
 }
 
@@ -462,7 +467,9 @@ fn train_saes(
             trainer
                 .with_device(device.clone())
                 .with_device_options(device_options(args)?)
-                .with_context(|| format!("{name}: --token-chunk, --moments or --compute"))?,
+                .with_context(|| {
+                    format!("{name}: --token-chunk, --moments, --compute or --weights")
+                })?,
         );
         names.push((name, folder, Some(trainers.len() - 1)));
     }
@@ -1200,6 +1207,13 @@ mod tests {
             (
                 Args {
                     token_chunk: Some(512),
+                    ..base.clone()
+                },
+                "need --device cuda",
+            ),
+            (
+                Args {
+                    weights: "bf16".into(),
                     ..base.clone()
                 },
                 "need --device cuda",

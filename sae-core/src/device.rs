@@ -108,8 +108,9 @@ enum Rule {
 
 /// How a device trainer spends memory and precision; the defaults are f32 everywhere and the
 /// whole batch in one pass. At a million features (d_in 2,048) the training state alone is
-/// 48 GiB of weights and moments in f32: `moments: BF16` takes 16 GiB off, and `token_chunk`
-/// bounds the `[batch, d_sae]` temporaries (16 GiB each at a batch of 4,096).
+/// 48 GiB of weights and moments in f32: `moments: BF16` takes 16 GiB off, `weights: BF16` 8 more
+/// (with bf16 products), and `token_chunk` bounds the `[batch, d_sae]` temporaries (16 GiB each
+/// at a batch of 4,096).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceOptions {
     /// Operands of the matrix products ([`DeviceTrainer::with_compute_dtype`]).
@@ -118,6 +119,8 @@ pub struct DeviceOptions {
     pub token_chunk: Option<usize>,
     /// Adam's moments' dtype ([`DeviceTrainer::with_moment_dtype`]).
     pub moments: DType,
+    /// `W_enc`'s and `W_dec`'s dtype ([`DeviceTrainer::with_weight_dtype`]).
+    pub weights: DType,
 }
 
 impl DeviceOptions {
@@ -125,10 +128,12 @@ impl DeviceOptions {
     ///
     /// # Errors
     /// A configuration error naming the option: a compute dtype other than f32, bf16 or f16;
-    /// moments other than f32 or bf16; a token chunk of 0 rows.
+    /// moments other than f32 or bf16; weights other than f32 or bf16, or bf16 weights with
+    /// products in another dtype; a token chunk of 0 rows.
     pub fn check(&self) -> Result<()> {
         check_compute(self.compute)?;
         check_moments(self.moments)?;
+        check_weights(self.weights, self.compute)?;
         if let Some(rows) = self.token_chunk {
             check_token_chunk(rows)?;
         }
@@ -156,6 +161,23 @@ fn check_moments(dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// bf16 weights take their products in bf16: with f32 products every product would first copy
+/// a weight matrix to f32 (8 GiB at a million features), the memory they were to save.
+fn check_weights(weights: DType, compute: DType) -> Result<()> {
+    match weights {
+        DType::F32 => Ok(()),
+        DType::BF16 if compute == DType::BF16 => Ok(()),
+        DType::BF16 => Err(SaeError::config(
+            "weight dtype",
+            format!("bf16 weights need bf16 products (the compute dtype is {compute:?})"),
+        )),
+        other => Err(SaeError::config(
+            "weight dtype",
+            format!("{other:?}: expected f32 or bf16"),
+        )),
+    }
+}
+
 fn check_token_chunk(rows: usize) -> Result<()> {
     if rows == 0 {
         return Err(SaeError::config(
@@ -172,6 +194,7 @@ impl Default for DeviceOptions {
             compute: DType::F32,
             token_chunk: None,
             moments: DType::F32,
+            weights: DType::F32,
         }
     }
 }
@@ -210,8 +233,8 @@ pub struct DeviceTrainer {
     /// BatchTopK's inference threshold θ (f64, 0-dimensional; zero for the other rules).
     topk_threshold: Tensor,
     /// The dtype of the matrix products' operands (f32 by default; bf16 or f16 run them on a
-    /// GPU's tensor cores, accumulating in f32). Weights, Adam's state and everything else stay
-    /// f32.
+    /// GPU's tensor cores, accumulating in f32). The weights' own dtype is `params[0]`'s
+    /// ([`DeviceTrainer::with_weight_dtype`]); Adam's state is `moments`; the rest stays f32.
     compute: DType,
     /// Rows of the batch per pass (`None`: the whole batch), see [`DeviceTrainer::with_token_chunk`].
     token_chunk: Option<usize>,
@@ -554,12 +577,15 @@ impl DeviceTrainer {
     /// Runs the matrix products with operands in `dtype` (f32, bf16 or f16), results and
     /// accumulation in f32: on a GPU, bf16 products take the tensor cores' bf16 rate (twice
     /// TF32's on an H100) and half the memory traffic. The weights stay f32 (master weights),
-    /// so updates smaller than bf16's resolution are not lost.
+    /// so updates smaller than bf16's resolution are not lost, unless they are kept in bf16
+    /// themselves ([`DeviceTrainer::with_weight_dtype`]).
     ///
     /// # Errors
-    /// A configuration error for any other dtype.
+    /// A configuration error for any other dtype, or for products other than bf16 of bf16
+    /// weights.
     pub fn with_compute_dtype(mut self, dtype: DType) -> Result<Self> {
         check_compute(dtype)?;
+        check_weights(self.params[0].dtype(), dtype)?;
         self.compute = dtype;
         Ok(self)
     }
@@ -570,8 +596,11 @@ impl DeviceTrainer {
     /// Those of [`DeviceTrainer::with_compute_dtype`], [`DeviceTrainer::with_token_chunk`] and
     /// [`DeviceTrainer::with_moment_dtype`].
     pub fn with_options(self, opts: &DeviceOptions) -> Result<Self> {
+        // The weights' dtype before the products' and after, so that either change passes.
         let mut d = self
+            .with_weight_dtype(DType::F32)?
             .with_compute_dtype(opts.compute)?
+            .with_weight_dtype(opts.weights)?
             .with_moment_dtype(opts.moments)?;
         if let Some(rows) = opts.token_chunk {
             d = d.with_token_chunk(rows)?;
@@ -737,9 +766,8 @@ impl DeviceTrainer {
 
     /// Keeps Adam's two moments in `dtype`: bf16 halves them (at a million features and
     /// d_in 2,048, from 32 to 16 GiB), with the update computed in f32 from them and rounded
-    /// back; the weights stay f32, where updates far below bf16's resolution (1/256 of a
-    /// weight) still count. Checkpoints hold the moments as f32 (exactly the bf16 values), so a
-    /// resumed run continues bit for bit.
+    /// back. Checkpoints hold the moments as f32 (exactly the bf16 values), so a resumed run
+    /// continues bit for bit.
     ///
     /// # Errors
     /// A configuration error for a dtype other than f32 or bf16 (f16's range would flush the
@@ -750,6 +778,34 @@ impl DeviceTrainer {
             *t = t.to_dtype(dtype)?;
         }
         self.moments = dtype;
+        Ok(self)
+    }
+
+    /// Keeps `W_enc` and `W_dec` in `dtype`: bf16 halves them (at a million features and d_in
+    /// 2,048, from 16 to 8 GiB) and the products read them as they are, with no copy in bf16
+    /// first; the biases stay f32. Adam computes each update in f32 and rounds the weight back
+    /// with stochastic rounding (`fused_adam::bf16_stochastic`: a weight of 0.03 has bf16
+    /// steps of about 1.2e-4, and an Adam step of `lr` = 1e-4 rounded to nearest would never
+    /// move it; rounded stochastically it moves by `lr` on average), its random bits a hash of
+    /// the seed, the step and the element, so that runs, replicas and a resumed run take the
+    /// same bits. Gradients and Adam's arithmetic stay f32; checkpoints hold the weights as f32
+    /// (the bf16 values exactly).
+    ///
+    /// # Errors
+    /// A configuration error for a dtype other than f32 or bf16, for bf16 weights with products
+    /// in another dtype ([`DeviceTrainer::with_compute_dtype`] first), or where our kernels
+    /// cannot run (the stochastic rounding is theirs); candle errors from the conversion.
+    pub fn with_weight_dtype(mut self, dtype: DType) -> Result<Self> {
+        check_weights(dtype, self.compute)?;
+        if dtype != DType::F32 && !self.own_kernels {
+            return Err(SaeError::config(
+                "weight dtype",
+                "bf16 weights are rounded by our Adam kernels, which cannot run here",
+            ));
+        }
+        for i in [0, 2] {
+            self.params[i] = self.params[i].to_dtype(dtype)?;
+        }
         Ok(self)
     }
 
@@ -768,6 +824,19 @@ impl DeviceTrainer {
     }
 
     /// The element-wise minimum of `t` over the group (the identity alone).
+    /// Each row's L2 norm of a weight matrix, in f32 (bf16 weights a row block at a time).
+    fn row_norms(&self, w: &Tensor) -> Result<Tensor> {
+        if w.dtype() == DType::F32 {
+            return Ok(w.sqr()?.sum(1)?.sqrt()?);
+        }
+        let mut parts = Vec::new();
+        for (start, len) in self.row_blocks(w)? {
+            let b = w.narrow(0, start, len)?.to_dtype(DType::F32)?;
+            parts.push(b.sqr()?.sum(1)?.sqrt()?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
     fn min_over_group(&self, t: Tensor) -> Result<Tensor> {
         match &self.collective {
             Some(c) if c.world_size() > 1 => c.all_reduce_min(&t),
@@ -992,7 +1061,13 @@ impl DeviceTrainer {
         let mut g_b_dec = g_b_dec;
         if self.apply_b_dec {
             let through = g_h_sum.as_ref().unwrap_or(&g_b_enc);
-            g_b_dec = (g_b_dec - through.unsqueeze(0)?.matmul(&self.params[0])?.squeeze(0)?)?;
+            let w_enc = &self.params[0];
+            let back = if w_enc.dtype() == DType::F32 {
+                through.unsqueeze(0)?.matmul(w_enc)?
+            } else {
+                self.mm(&through.unsqueeze(0)?, w_enc)?
+            };
+            g_b_dec = (g_b_dec - back.squeeze(0)?)?;
         }
         // Each replica's gradients are its tokens' share of the whole batch's mean.
         let MatrixGrads {
@@ -1007,7 +1082,8 @@ impl DeviceTrainer {
             // Remove each row's component along its decoder row (in place, by row blocks).
             let w_dec = &self.params[2];
             for (start, len) in self.row_blocks(&g_w_dec)? {
-                let (g, w) = (g_w_dec.narrow(0, start, len)?, w_dec.narrow(0, start, len)?);
+                let g = g_w_dec.narrow(0, start, len)?;
+                let w = w_dec.narrow(0, start, len)?.to_dtype(DType::F32)?;
                 let ww = w.sqr()?.sum_keepdim(1)?.maximum(1e-30)?;
                 let c = ((&g * &w)?.sum_keepdim(1)? / ww)?;
                 g_w_dec.slice_set(&(g - w.broadcast_mul(&c)?)?, 0, start)?;
@@ -1048,9 +1124,20 @@ impl DeviceTrainer {
         // there) and the update reads what is stored.
         for (i, g) in grads.iter().enumerate() {
             let (p, m_all, v_all) = (&self.params[i], &self.m[i], &self.v[i]);
+            if !self.own_kernels && p.dtype() != DType::F32 {
+                return Err(SaeError::config(
+                    "weight dtype",
+                    "bf16 weights are rounded by our Adam kernels, which are off",
+                ));
+            }
             if self.own_kernels {
                 crate::fused_adam::update_moment(m_all, g, &clip, b1, false)?;
                 crate::fused_adam::update_moment(v_all, g, &clip, b2, true)?;
+                // Stochastic rounding's bits (bf16 weights): from the seed, the step and the
+                // parameter, the same on every replica and in a resumed run.
+                let seed = crate::fused_adam::mix64(
+                    self.cfg.seed ^ crate::fused_adam::mix64(self.adam_t * 8 + i as u64),
+                );
                 crate::fused_adam::update_weights(
                     p,
                     m_all,
@@ -1058,6 +1145,7 @@ impl DeviceTrainer {
                     step_size,
                     inv_sqrt_bc2,
                     self.cfg.adam_eps,
+                    seed,
                 )?;
             } else {
                 for (start, len) in self.row_blocks(g)? {
@@ -1077,10 +1165,10 @@ impl DeviceTrainer {
             if i == 2 && self.unit_norm {
                 // Decoder rows back to unit norm, by row blocks.
                 for (start, len) in self.row_blocks(p)? {
-                    let w = p.narrow(0, start, len)?;
+                    let w = p.narrow(0, start, len)?.to_dtype(DType::F32)?;
                     let norm = w.sqr()?.sum_keepdim(1)?.sqrt()?;
                     let safe = norm.gt(0.0)?.where_cond(&norm, &norm.ones_like()?)?;
-                    p.slice_set(&w.broadcast_div(&safe)?, 0, start)?;
+                    p.slice_set(&w.broadcast_div(&safe)?.to_dtype(p.dtype())?, 0, start)?;
                 }
             }
         }
@@ -1476,7 +1564,7 @@ impl DeviceTrainer {
         acc: &MatrixGrads,
     ) -> Result<DecoderNormL1> {
         let w_dec = &self.params[2];
-        let norms = w_dec.sqr()?.sum(1)?.sqrt()?; // [d_sae]
+        let norms = self.row_norms(w_dec)?; // [d_sae]
         let penalty = acts.broadcast_mul(&norms.unsqueeze(0)?)?.sum_all()?;
         let nonzero = norms.gt(0.0)?;
         let safe = nonzero.where_cond(&norms, &norms.ones_like()?)?;
@@ -1486,6 +1574,7 @@ impl DeviceTrainer {
         for (start, len) in self.row_blocks(w_dec)? {
             let g = w_dec
                 .narrow(0, start, len)?
+                .to_dtype(DType::F32)?
                 .broadcast_mul(&coef.narrow(0, start, len)?)?;
             add_rows(&acc.w_dec, &g, start)?;
         }
@@ -1955,7 +2044,7 @@ impl DeviceTrainer {
             return Ok(());
         }
         let w_enc = &self.params[0];
-        let enc_norms = w_enc.sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
+        let enc_norms = self.row_norms(w_enc)?.to_vec1::<f32>()?;
         let live: Vec<f32> = (0..since.len())
             .filter(|&f| since[f] < window)
             .map(|f| enc_norms[f])
@@ -1984,8 +2073,10 @@ impl DeviceTrainer {
         let f_rows = f.unsqueeze(1)?.broadcast_as((k, d_in))?.contiguous()?;
         // Decoder rows: the unit inputs; encoder rows: the same, at 0.2 of the live mean norm;
         // encoder biases zero; those rows' Adam moments zero; the features count as just fired.
-        self.params[2].scatter_set(&f_rows, &unit, 0)?;
-        self.params[0].scatter_set(&f_rows, &(&unit * f64::from(0.2 * mean_live))?, 0)?;
+        let (enc, dec) = (self.params[0].dtype(), self.params[2].dtype());
+        self.params[2].scatter_set(&f_rows, &unit.to_dtype(dec)?, 0)?;
+        let enc_rows = (&unit * f64::from(0.2 * mean_live))?.to_dtype(enc)?;
+        self.params[0].scatter_set(&f_rows, &enc_rows, 0)?;
         let zeros = Tensor::zeros(k, DType::F32, &self.device)?;
         self.params[1].scatter_set(&f, &zeros, 0)?;
         for i in 0..3 {
@@ -2067,7 +2158,8 @@ impl DeviceTrainer {
         for start in (0..d_sae).step_by(rows) {
             let len = rows.min(d_sae - start);
             // In f32 whatever the compute dtype: the host's products are f32.
-            let h = gemm_operand(&self.params[0].narrow(0, start, len)?)?.matmul(&xt)?;
+            let w = self.params[0].narrow(0, start, len)?.to_dtype(DType::F32)?;
+            let h = gemm_operand(&w)?.matmul(&xt)?;
             // The r-th largest is the smallest of the r + 1 largest, or the largest of the
             // n - r smallest.
             let b = if r < n / 2 {

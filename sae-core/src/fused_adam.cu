@@ -59,3 +59,44 @@ extern "C" __global__ void adam_update_bf16(float *w, const unsigned short *m,
     w[i] = updated(w[i], bf16_to_f32(m[i]), bf16_to_f32(v[i]), step_size, inv_sqrt_bc2, eps);
   }
 }
+
+// bf16 weights (`DeviceOptions::weights`): the update is computed in f32 from the stored bf16
+// weight and rounded back stochastically, up in magnitude with the probability of the fraction
+// that bf16 drops, so that updates far below bf16's resolution still count on average. The random
+// 16 bits are a hash of (seed, element): the same bits on every run, device and replica.
+__device__ unsigned long long mix64(unsigned long long z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+__device__ unsigned short f32_to_bf16_stochastic(float f, unsigned long long seed,
+                                                 unsigned long long i) {
+  unsigned int u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);  // NaN stays NaN
+  if ((u & 0x7fffffffu) == 0x7f800000u) return (unsigned short)(u >> 16);          // and infinity
+  unsigned int r = (unsigned int)(mix64(seed + (i + 1) * 0x9E3779B97F4A7C15ull) >> 48);
+  return (unsigned short)((u + r) >> 16);
+}
+
+extern "C" __global__ void adam_update_f32_w16(unsigned short *w, const float *m, const float *v,
+                                               float step_size, float inv_sqrt_bc2, float eps,
+                                               unsigned long long seed, unsigned long long n) {
+  for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (unsigned long long)gridDim.x * blockDim.x) {
+    float nw = updated(bf16_to_f32(w[i]), m[i], v[i], step_size, inv_sqrt_bc2, eps);
+    w[i] = f32_to_bf16_stochastic(nw, seed, i);
+  }
+}
+
+extern "C" __global__ void adam_update_bf16_w16(unsigned short *w, const unsigned short *m,
+                                                const unsigned short *v, float step_size,
+                                                float inv_sqrt_bc2, float eps,
+                                                unsigned long long seed, unsigned long long n) {
+  for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (unsigned long long)gridDim.x * blockDim.x) {
+    float nw = updated(bf16_to_f32(w[i]), bf16_to_f32(m[i]), bf16_to_f32(v[i]), step_size,
+                       inv_sqrt_bc2, eps);
+    w[i] = f32_to_bf16_stochastic(nw, seed, i);
+  }
+}

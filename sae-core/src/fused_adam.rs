@@ -38,8 +38,9 @@ pub(crate) fn update_moment(
     Ok(())
 }
 
-/// `w = w - (m / (sqrt(v) · inv_sqrt_bc2 + eps)) · step_size`, in place. `w`: f32; `m`, `v`:
-/// f32 or bf16, both the same, of `w`'s shape.
+/// `w = w - (m / (sqrt(v) · inv_sqrt_bc2 + eps)) · step_size`, in place. `w`: f32, or bf16
+/// (computed in f32 and rounded back stochastically: [`bf16_stochastic`] with `seed`); `m`,
+/// `v`: f32 or bf16, both the same, of `w`'s shape.
 pub(crate) fn update_weights(
     w: &Tensor,
     m: &Tensor,
@@ -47,6 +48,7 @@ pub(crate) fn update_weights(
     step_size: f64,
     inv_sqrt_bc2: f64,
     eps: f64,
+    seed: u64,
 ) -> Result<()> {
     w.inplace_op3(
         &m.contiguous()?,
@@ -55,9 +57,38 @@ pub(crate) fn update_weights(
             step_size: step_size as f32,
             inv_sqrt_bc2: inv_sqrt_bc2 as f32,
             eps: eps as f32,
+            seed,
         },
     )?;
     Ok(())
+}
+
+/// splitmix64's finaliser: the random bits of stochastic rounding.
+pub(crate) fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `x` as bf16, rounded stochastically: up in magnitude with the probability of the fraction
+/// bf16 drops (16 random bits, from `seed` and the element's index `i`, added below the kept
+/// bits), so that the rounding is right on average and an update far below bf16's resolution
+/// (an Adam step of `lr` = 1e-4 on a weight of 0.03 is about a third of one bf16 step there)
+/// still moves the weight in expectation, where rounding to nearest would drop it every time.
+/// NaN and infinity stay what they are. The CUDA kernels compute the same bits.
+pub(crate) fn bf16_stochastic(x: f32, seed: u64, i: u64) -> half::bf16 {
+    let u = x.to_bits();
+    if u & 0x7fff_ffff >= 0x7f80_0000 {
+        // NaN (kept a quiet NaN) or infinity.
+        let quiet = if u & 0x7fff_ffff > 0x7f80_0000 {
+            0x40
+        } else {
+            0
+        };
+        return half::bf16::from_bits((u >> 16) as u16 | quiet);
+    }
+    let r = (mix64(seed.wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))) >> 48) as u32;
+    half::bf16::from_bits((u.wrapping_add(r) >> 16) as u16)
 }
 
 /// Whether the passes can run on `device`: on CUDA, whether NVRTC compiled their kernels and
@@ -92,12 +123,45 @@ struct Update {
     step_size: f32,
     inv_sqrt_bc2: f32,
     eps: f32,
+    /// Stochastic rounding's seed, for bf16 weights.
+    seed: u64,
 }
 
 impl Update {
     fn of(&self, w: f32, m: f32, v: f32) -> f32 {
         let denom = v.sqrt() * self.inv_sqrt_bc2 + self.eps;
         w - (m / denom) * self.step_size
+    }
+
+    /// The update over every element, whatever the weights' and moments' types.
+    fn apply<W: Weight, M: Copy + Into<f32>>(&self, w: &mut [W], m: &[M], v: &[M]) {
+        for (i, ((w, &m), &v)) in w.iter_mut().zip(m).zip(v).enumerate() {
+            *w = W::store(self.of(w.load(), m.into(), v.into()), self.seed, i as u64);
+        }
+    }
+}
+
+/// A stored weight: f32 as it is, bf16 rounded stochastically.
+trait Weight: Copy {
+    fn load(self) -> f32;
+    fn store(x: f32, seed: u64, i: u64) -> Self;
+}
+
+impl Weight for f32 {
+    fn load(self) -> f32 {
+        self
+    }
+    fn store(x: f32, _: u64, _: u64) -> Self {
+        x
+    }
+}
+
+impl Weight for half::bf16 {
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    fn store(x: f32, seed: u64, i: u64) -> Self {
+        bf16_stochastic(x, seed, i)
     }
 }
 
@@ -175,28 +239,29 @@ impl candle_core::InplaceOp3 for Update {
         v: &CpuStorage,
         v_l: &Layout,
     ) -> candle_core::Result<()> {
-        let CpuStorage::F32(w) = w else {
-            candle_core::bail!("adam: the weights must be f32");
-        };
-        let w = part_mut(w, w_l, OP, "the weights")?;
-        match (m, v) {
-            (CpuStorage::F32(m), CpuStorage::F32(v)) => {
+        let n = w_l.shape().elem_count();
+        same_len(n, m_l.shape().elem_count(), "m")?;
+        same_len(n, v_l.shape().elem_count(), "v")?;
+        match (w, m, v) {
+            (CpuStorage::F32(w), CpuStorage::F32(m), CpuStorage::F32(v)) => {
                 let (m, v) = (part(m, m_l, OP, "m")?, part(v, v_l, OP, "v")?);
-                same_len(w.len(), m.len(), "m")?;
-                same_len(w.len(), v.len(), "v")?;
-                for ((w, &m), &v) in w.iter_mut().zip(m).zip(v) {
-                    *w = self.of(*w, m, v);
-                }
+                self.apply(part_mut(w, w_l, OP, "the weights")?, m, v);
             }
-            (CpuStorage::BF16(m), CpuStorage::BF16(v)) => {
+            (CpuStorage::F32(w), CpuStorage::BF16(m), CpuStorage::BF16(v)) => {
                 let (m, v) = (part(m, m_l, OP, "m")?, part(v, v_l, OP, "v")?);
-                same_len(w.len(), m.len(), "m")?;
-                same_len(w.len(), v.len(), "v")?;
-                for ((w, m), v) in w.iter_mut().zip(m).zip(v) {
-                    *w = self.of(*w, m.to_f32(), v.to_f32());
-                }
+                self.apply(part_mut(w, w_l, OP, "the weights")?, m, v);
             }
-            _ => candle_core::bail!("adam: m and v must both be f32 or both bf16"),
+            (CpuStorage::BF16(w), CpuStorage::F32(m), CpuStorage::F32(v)) => {
+                let (m, v) = (part(m, m_l, OP, "m")?, part(v, v_l, OP, "v")?);
+                self.apply(part_mut(w, w_l, OP, "the weights")?, m, v);
+            }
+            (CpuStorage::BF16(w), CpuStorage::BF16(m), CpuStorage::BF16(v)) => {
+                let (m, v) = (part(m, m_l, OP, "m")?, part(v, v_l, OP, "v")?);
+                self.apply(part_mut(w, w_l, OP, "the weights")?, m, v);
+            }
+            _ => candle_core::bail!(
+                "adam: the weights must be f32 or bf16, and m and v both f32 or both bf16"
+            ),
         }
         Ok(())
     }
@@ -305,15 +370,29 @@ mod cuda {
             return Ok(());
         }
         let dev = w.device.clone();
-        let mut w = view_mut::<f32>(w, w_l, OP, "the weights")?;
-        let name = match (m.dtype(), v.dtype()) {
-            (DType::F32, DType::F32) => "adam_update_f32",
-            (DType::BF16, DType::BF16) => "adam_update_bf16",
+        let wide = match w.dtype() {
+            DType::F32 => true,
+            DType::BF16 => false,
+            other => candle_core::bail!("adam: weights in {other:?}"),
+        };
+        let name = match (m.dtype(), v.dtype(), wide) {
+            (DType::F32, DType::F32, true) => "adam_update_f32",
+            (DType::BF16, DType::BF16, true) => "adam_update_bf16",
+            (DType::F32, DType::F32, false) => "adam_update_f32_w16",
+            (DType::BF16, DType::BF16, false) => "adam_update_bf16_w16",
             _ => candle_core::bail!("adam: m and v must both be f32 or both bf16"),
         };
         let func = dev.get_or_load_custom_func(name, MODULE, ptx()?)?;
         let mut b = func.builder();
-        b.arg(&mut w);
+        // bf16 weights go to the kernel as their raw 16-bit words.
+        let (mut w32, mut w16);
+        if wide {
+            w32 = view_mut::<f32>(w, w_l, OP, "the weights")?;
+            b.arg(&mut w32);
+        } else {
+            w16 = view_mut::<half::bf16>(w, w_l, OP, "the weights")?;
+            b.arg(&mut w16);
+        }
         let (m32, v32, m16, v16);
         if m.dtype() == DType::F32 {
             m32 = view::<f32>(m, m_l, OP, "m")?;
@@ -329,6 +408,9 @@ mod cuda {
         b.arg(&op.step_size);
         b.arg(&op.inv_sqrt_bc2);
         b.arg(&op.eps);
+        if !wide {
+            b.arg(&op.seed);
+        }
         b.arg(&n);
         launch(b, name, n)
     }
@@ -377,7 +459,7 @@ mod tests {
             let (pm, pv, pw) = (m0.copy().unwrap(), v0.copy().unwrap(), w0.copy().unwrap());
             update_moment(&pm, &g, &clip, b1, false).unwrap();
             update_moment(&pv, &g, &clip, b2, true).unwrap();
-            update_weights(&pw, &pm, &pv, step, inv, eps).unwrap();
+            update_weights(&pw, &pm, &pv, step, inv, eps, 0).unwrap();
             let bits = |x: &Tensor| -> Vec<u32> {
                 f32_of(x)
                     .to_vec1::<f32>()
@@ -434,6 +516,154 @@ mod tests {
         }
     }
 
+    /// Stochastic rounding is right on average: values a third and two thirds of a bf16 step
+    /// above one (either sign) round to the two neighbours in those proportions, where rounding
+    /// to nearest would give one neighbour every time; bf16 values, NaN and infinity stay.
+    #[test]
+    fn stochastic_rounding_is_right_on_average() {
+        let n = 100_000u64;
+        for base in [1.0f32, -0.03] {
+            let lo = half::bf16::from_f32(base);
+            let step = half::bf16::from_bits(lo.to_bits() + 1).to_f32() - lo.to_f32();
+            for frac in [1.0 / 3.0, 2.0 / 3.0] {
+                let x = lo.to_f32() + step * frac;
+                let mean = (0..n)
+                    .map(|i| f64::from(super::bf16_stochastic(x, 7, i).to_f32()))
+                    .sum::<f64>()
+                    / n as f64;
+                let err = (mean - f64::from(x)).abs() / f64::from(step.abs());
+                assert!(err < 0.01, "{x}: mean {mean}, {err} of a step off");
+                let nearest = half::bf16::from_f32(x).to_f32();
+                assert!((f64::from(nearest) - f64::from(x)).abs() > 0.3 * f64::from(step.abs()));
+            }
+            assert_eq!(super::bf16_stochastic(lo.to_f32(), 7, 3), lo);
+        }
+        assert!(super::bf16_stochastic(f32::NAN, 7, 3).is_nan());
+        assert_eq!(
+            super::bf16_stochastic(f32::NEG_INFINITY, 7, 3).to_f32(),
+            f32::NEG_INFINITY
+        );
+        // The largest finite value rounds up to infinity with the dropped fraction's chance,
+        // never past it to NaN.
+        let top = f32::from_bits(0x7f7f_ffff);
+        assert!((0..1000).all(|i| !super::bf16_stochastic(top, 7, i).is_nan()));
+    }
+
+    /// bf16 weights under updates far below their resolution: a thousand Adam steps that each
+    /// move a weight of 0.03 by 1e-5 (a twelfth of a bf16 step there) take it to 0.02 on
+    /// average over a thousand weights, where rounding to nearest would leave it at 0.03.
+    #[test]
+    fn small_updates_to_bf16_weights_add_up() {
+        let dev = Device::Cpu;
+        let n = 1000;
+        let w = Tensor::full(0.03f32, n, &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let w0 = w.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap()[0];
+        // m / sqrt(v) = 1 with eps 0: each step subtracts step_size.
+        let m = Tensor::full(1.0f32, n, &dev).unwrap();
+        let v = Tensor::full(1.0f32, n, &dev).unwrap();
+        for step in 0..1000u64 {
+            update_weights(&w, &m, &v, 1e-5, 1.0, 0.0, step).unwrap();
+        }
+        let after = w.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+        let mean = after.iter().map(|&x| f64::from(x)).sum::<f64>() / n as f64;
+        let want = f64::from(w0) - 1000.0 * 1e-5;
+        assert!(
+            (mean - want).abs() < 0.02 * 1000.0 * 1e-5,
+            "mean {mean}, expected {want}"
+        );
+    }
+
+    /// The bf16-weight kernels (`adam_update_*_w16`), built for the CPU as above on a wrapping
+    /// grid: the CPU pass's bits, f32 and bf16 moments, a NaN and an infinity among the
+    /// updates.
+    #[test]
+    fn the_cuda_bf16_weight_kernels_round_as_the_cpu_pass_does() {
+        let Some(harness) = crate::custom_ops::emulation::Harness::build(
+            "fused_adam.cu",
+            r#"
+  unsigned long long n, seed; float step, inv, eps;
+  if (scanf("%llu %llu %a %a %a", &n, &seed, &step, &inv, &eps) != 5) return 2;
+  unsigned short *w = new unsigned short[n], *w2 = new unsigned short[n];
+  float *m = new float[n], *v = new float[n];
+  unsigned short *m16 = new unsigned short[n], *v16 = new unsigned short[n];
+  for (unsigned long long i = 0; i < n; i++) { unsigned x; scanf("%x", &x); w[i] = x; w2[i] = x; }
+  for (unsigned long long i = 0; i < n; i++) scanf("%a", &m[i]);
+  for (unsigned long long i = 0; i < n; i++) scanf("%a", &v[i]);
+  for (unsigned long long i = 0; i < n; i++) { unsigned x; scanf("%x", &x); m16[i] = x; }
+  for (unsigned long long i = 0; i < n; i++) { unsigned x; scanf("%x", &x); v16[i] = x; }
+  launch_all(2, 3, [&] { adam_update_f32_w16(w, m, v, step, inv, eps, seed, n); });
+  launch_all(2, 3, [&] { adam_update_bf16_w16(w2, m16, v16, step, inv, eps, seed, n); });
+  for (unsigned long long i = 0; i < n; i++) printf("%04x %04x\n", w[i], w2[i]);
+  return 0;"#,
+        ) else {
+            return;
+        };
+        let dev = Device::Cpu;
+        let n = 29;
+        let (step, inv, eps, seed) = (3e-3f64, 1.7f64, 1e-8f64, 0xDEAD_BEEF_u64);
+        let mut m = values(n, 3.0);
+        let v: Vec<f32> = values(n, 4.0).iter().map(|x| x.abs()).collect();
+        m[0] = f32::NAN;
+        m[1] = f32::INFINITY;
+        let w: Vec<f32> = values(n, 2.0);
+        let t = |x: &[f32], dtype| {
+            Tensor::from_slice(x, n, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let words = |x: &Tensor| -> Vec<u16> {
+            x.to_vec1::<half::bf16>()
+                .unwrap()
+                .iter()
+                .map(|h| h.to_bits())
+                .collect()
+        };
+        let mut want = Vec::new();
+        for moments in [DType::F32, DType::BF16] {
+            let pw = t(&w, DType::BF16);
+            update_weights(&pw, &t(&m, moments), &t(&v, moments), step, inv, eps, seed).unwrap();
+            want.push(words(&pw));
+        }
+        let hex = |x: &[u16]| x.iter().map(|h| format!("{h:x} ")).collect::<String>();
+        let input = format!(
+            "{n} {seed} {:e} {:e} {:e}\n{}\n{}\n{}\n{}\n{}\n",
+            step as f32,
+            inv as f32,
+            eps as f32,
+            hex(&words(&t(&w, DType::BF16))),
+            floats(&m),
+            floats(&v),
+            hex(&words(&t(&m, DType::BF16))),
+            hex(&words(&t(&v, DType::BF16))),
+        );
+        let got: Vec<Vec<u16>> = harness
+            .run(&input)
+            .lines()
+            .map(|l| {
+                l.split_whitespace()
+                    .map(|h| u16::from_str_radix(h, 16).unwrap())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(got.len(), n);
+        for (i, g) in got.iter().enumerate() {
+            for (j, want) in want.iter().enumerate() {
+                let same = g[j] == want[i]
+                    || (half::bf16::from_bits(g[j]).is_nan()
+                        && half::bf16::from_bits(want[i]).is_nan());
+                assert!(
+                    same,
+                    "element {i}, moments {j}: kernel {:x}, CPU {:x}",
+                    g[j], want[i]
+                );
+            }
+        }
+    }
+
     fn run_harness(
         harness: &crate::custom_ops::emulation::Harness,
         b1: f64,
@@ -463,7 +693,7 @@ mod tests {
             );
             update_moment(&pm, &t(&g), &clip_t, b1, false).unwrap();
             update_moment(&pv, &t(&g), &clip_t, b2, true).unwrap();
-            update_weights(&pw, &pm, &pv, step, inv, eps).unwrap();
+            update_weights(&pw, &pm, &pv, step, inv, eps, 0).unwrap();
             let word = |x: &Tensor| -> Vec<u32> {
                 match moments {
                     DType::F32 => x

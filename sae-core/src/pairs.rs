@@ -138,6 +138,57 @@ enum Way {
     Dots,
 }
 
+impl Gathered {
+    fn cpu<W: Copy + Into<f32> + Sync>(
+        &self,
+        features: &[u32],
+        x: &[f32],
+        w: &[W],
+        w_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (d_sae, width) = w_l.shape().dims2()?;
+        let k = self.k;
+        if let Some(&f) = features.iter().find(|&&f| f as usize >= d_sae) {
+            candle_core::bail!("pair rows: feature {f} of a dictionary of {d_sae}");
+        }
+        let row = |f: u32| &w[f as usize * width..][..width];
+        match self.way {
+            Way::Decode => {
+                let tokens = features.len() / k.max(1);
+                let mut out = vec![0f32; tokens * width];
+                out.par_chunks_mut(width.max(1))
+                    .enumerate()
+                    .for_each(|(t, out)| {
+                        for j in 0..k {
+                            let a = x[t * k + j];
+                            if a != 0.0 {
+                                for (o, &v) in out.iter_mut().zip(row(features[t * k + j])) {
+                                    *o += a * v.into();
+                                }
+                            }
+                        }
+                    });
+                Ok((CpuStorage::F32(out), (tokens, width).into()))
+            }
+            Way::Dots => {
+                let out: Vec<f32> = features
+                    .par_iter()
+                    .enumerate()
+                    .map(|(p, &f)| {
+                        let d = &x[(p / k) * width..][..width];
+                        d.iter()
+                            .zip(row(f))
+                            .fold(0f32, |s, (&a, &b)| s + a * b.into())
+                    })
+                    .collect();
+                let tokens = features.len() / k.max(1);
+                Ok((CpuStorage::F32(out), (tokens, k).into()))
+            }
+        }
+    }
+}
+
 impl candle_core::CustomOp3 for Gathered {
     fn name(&self) -> &'static str {
         match self.way {
@@ -155,50 +206,16 @@ impl candle_core::CustomOp3 for Gathered {
         w: &CpuStorage,
         w_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        use rayon::prelude::*;
-        let (CpuStorage::U32(features), CpuStorage::F32(x), CpuStorage::F32(w)) = (features, x, w)
-        else {
-            candle_core::bail!("pair rows: expected u32 features and f32 values and rows");
+        let (CpuStorage::U32(features), CpuStorage::F32(x)) = (features, x) else {
+            candle_core::bail!("pair rows: expected u32 features and f32 values");
         };
         let features = part(features, features_l, OP, "features")?;
         let x = part(x, x_l, OP, "values")?;
-        let w = part(w, w_l, OP, "rows")?;
-        let (d_sae, width) = w_l.shape().dims2()?;
-        let k = self.k;
-        if let Some(&f) = features.iter().find(|&&f| f as usize >= d_sae) {
-            candle_core::bail!("pair rows: feature {f} of a dictionary of {d_sae}");
-        }
-        let row = |f: u32| &w[f as usize * width..][..width];
-        match self.way {
-            Way::Decode => {
-                let tokens = features.len() / k.max(1);
-                let mut out = vec![0f32; tokens * width];
-                out.par_chunks_mut(width.max(1))
-                    .enumerate()
-                    .for_each(|(t, out)| {
-                        for j in 0..k {
-                            let a = x[t * k + j];
-                            if a != 0.0 {
-                                for (o, v) in out.iter_mut().zip(row(features[t * k + j])) {
-                                    *o += a * v;
-                                }
-                            }
-                        }
-                    });
-                Ok((CpuStorage::F32(out), (tokens, width).into()))
-            }
-            Way::Dots => {
-                let out: Vec<f32> = features
-                    .par_iter()
-                    .enumerate()
-                    .map(|(p, &f)| {
-                        let d = &x[(p / k) * width..][..width];
-                        d.iter().zip(row(f)).fold(0f32, |s, (a, b)| s + a * b)
-                    })
-                    .collect();
-                let tokens = features.len() / k.max(1);
-                Ok((CpuStorage::F32(out), (tokens, k).into()))
-            }
+        // bf16 rows (`DeviceOptions::weights`) are widened exactly as they are read.
+        match w {
+            CpuStorage::F32(w) => self.cpu(features, x, part(w, w_l, OP, "rows")?, w_l),
+            CpuStorage::BF16(w) => self.cpu(features, x, part(w, w_l, OP, "rows")?, w_l),
+            _ => candle_core::bail!("pair rows: expected f32 or bf16 rows"),
         }
     }
 
@@ -279,9 +296,10 @@ impl candle_core::InplaceOp3 for PairRowsAdd<'_> {
 mod cuda {
     use std::sync::OnceLock;
 
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::CudaStorage;
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::{Layout, Storage};
+    use candle_core::{DType, Layout, Storage};
 
     use super::{Gathered, OP, PairRowsAdd, Way};
     use crate::custom_ops::cuda::{launch as launch_kernel, ptx, view, view_mut};
@@ -346,11 +364,18 @@ mod cuda {
         let width = w_l.dims()[1];
         let features = view::<u32>(features, features_l, OP, "features")?;
         let x = view::<f32>(x, x_l, OP, "values")?;
-        let w = view::<f32>(w, w_l, OP, "rows")?;
+        // bf16 rows go to the kernels as their raw 16-bit words.
+        let wide = match w.dtype() {
+            DType::F32 => true,
+            DType::BF16 => false,
+            other => candle_core::bail!("pair rows: rows in {other:?}"),
+        };
         // One thread an output element; the kernel's count is of tokens or of pairs.
-        let (name, shape, count): (&str, candle_core::Shape, usize) = match op.way {
-            Way::Decode => ("pair_decode", (tokens, width).into(), tokens),
-            Way::Dots => ("pair_dots", (tokens, k).into(), pairs),
+        let (name, shape, count): (&str, candle_core::Shape, usize) = match (op.way, wide) {
+            (Way::Decode, true) => ("pair_decode", (tokens, width).into(), tokens),
+            (Way::Decode, false) => ("pair_decode_w16", (tokens, width).into(), tokens),
+            (Way::Dots, true) => ("pair_dots", (tokens, k).into(), pairs),
+            (Way::Dots, false) => ("pair_dots_w16", (tokens, k).into(), pairs),
         };
         let len = shape.elem_count();
         let mut out = dev.alloc_zeros::<f32>(len)?;
@@ -362,7 +387,14 @@ mod cuda {
             b.arg(&mut out);
             b.arg(&features);
             b.arg(&x);
-            b.arg(&w);
+            let (w32, w16);
+            if wide {
+                w32 = view::<f32>(w, w_l, OP, "rows")?;
+                b.arg(&w32);
+            } else {
+                w16 = view::<half::bf16>(w, w_l, OP, "rows")?;
+                b.arg(&w16);
+            }
             b.arg(&count);
             b.arg(&k64);
             b.arg(&width64);
@@ -585,8 +617,33 @@ mod tests {
         assert!(e.contains("feature 9 of a dictionary of 7"), "{e}");
     }
 
+    /// With bf16 rows (`DeviceOptions::weights`) the ops compute what they compute on the same
+    /// rows widened to f32, bit for bit: the widening is exact and the order the same.
+    #[test]
+    fn bf16_rows_are_read_as_their_f32_values() {
+        let c = Case::new(6, 3, 5, 7);
+        let (f, a, d, w) = c.tensors();
+        let w16 = w.to_dtype(DType::BF16).unwrap();
+        let wide = w16.to_dtype(DType::F32).unwrap();
+        let bits = |t: Tensor| -> Vec<u32> {
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        assert_eq!(
+            bits(decode_pairs(&f, &a, &w16).unwrap()),
+            bits(decode_pairs(&f, &a, &wide).unwrap())
+        );
+        assert_eq!(
+            bits(pair_dots(&f, &d, &w16, c.k).unwrap()),
+            bits(pair_dots(&f, &d, &wide, c.k).unwrap())
+        );
+        // And bf16 is not f32 here: the rows did round.
+        assert_ne!(bits(wide), bits(w));
+    }
+
     /// The CUDA source's decode and dot-product kernels, built for the CPU as above, on a
-    /// wrapping grid: the CPU ops' results bit for bit (both add in the same order).
+    /// wrapping grid: the CPU ops' results bit for bit (both add in the same order), with f32
+    /// rows and with bf16 ones (the `_w16` kernels).
     #[test]
     fn the_cuda_decode_and_dots_source_computes_what_the_cpu_ops_compute() {
         let Some(harness) = crate::custom_ops::emulation::Harness::build(
@@ -602,8 +659,14 @@ mod tests {
   for (unsigned long long i = 0; i < pairs; i++) scanf("%a", &coef[i]);
   for (unsigned long long i = 0; i < tokens * width; i++) scanf("%a", &d[i]);
   for (unsigned long long i = 0; i < d_sae * width; i++) scanf("%a", &w[i]);
+  unsigned short *w16 = new unsigned short[d_sae * width];
+  for (unsigned long long i = 0; i < d_sae * width; i++) { unsigned x; scanf("%x", &x); w16[i] = x; }
   launch_all(2, 3, [&] { pair_decode(decoded, features, coef, w, tokens, k, width); });
   launch_all(2, 3, [&] { pair_dots(dots, features, d, w, pairs, k, width); });
+  for (unsigned long long i = 0; i < tokens * width; i++) printf("%08x\n", __float_as_uint(decoded[i]));
+  for (unsigned long long i = 0; i < pairs; i++) printf("%08x\n", __float_as_uint(dots[i]));
+  launch_all(2, 3, [&] { pair_decode_w16(decoded, features, coef, w16, tokens, k, width); });
+  launch_all(2, 3, [&] { pair_dots_w16(dots, features, d, w16, pairs, k, width); });
   for (unsigned long long i = 0; i < tokens * width; i++) printf("%08x\n", __float_as_uint(decoded[i]));
   for (unsigned long long i = 0; i < pairs; i++) printf("%08x\n", __float_as_uint(dots[i]));
   return 0;"#,
@@ -613,11 +676,23 @@ mod tests {
         let c = Case::new(5, 4, 9, 6);
         let (f, a, d, w) = c.tensors();
         let values = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let decoded = values(decode_pairs(&f, &a, &w).unwrap());
-        let dots = values(pair_dots(&f, &d, &w, c.k).unwrap());
-        let want: Vec<u32> = decoded.iter().chain(&dots).map(|v| v.to_bits()).collect();
+        let w16 = w.to_dtype(DType::BF16).unwrap();
+        let mut want = Vec::new();
+        for w in [&w, &w16] {
+            let decoded = values(decode_pairs(&f, &a, w).unwrap());
+            let dots = values(pair_dots(&f, &d, w, c.k).unwrap());
+            want.extend(decoded.iter().chain(&dots).map(|v| v.to_bits()));
+        }
+        let words: String = w16
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<half::bf16>()
+            .unwrap()
+            .iter()
+            .map(|h| format!("{:x} ", h.to_bits()))
+            .collect();
         let input = format!(
-            "{} {} {} {}\n{}\n{}\n{}\n{}\n",
+            "{} {} {} {}\n{}\n{}\n{}\n{}\n{}\n",
             c.tokens,
             c.k,
             c.width,
@@ -629,6 +704,7 @@ mod tests {
             floats(&c.coef),
             floats(&c.rows),
             floats(&c.w),
+            words,
         );
         let got: Vec<u32> = harness
             .run(&input)
