@@ -593,8 +593,8 @@ impl DeviceTrainer {
     /// Applies every option of `opts`.
     ///
     /// # Errors
-    /// Those of [`DeviceTrainer::with_compute_dtype`], [`DeviceTrainer::with_token_chunk`] and
-    /// [`DeviceTrainer::with_moment_dtype`].
+    /// Those of [`DeviceTrainer::with_compute_dtype`], [`DeviceTrainer::with_token_chunk`],
+    /// [`DeviceTrainer::with_moment_dtype`] and [`DeviceTrainer::with_weight_dtype`].
     pub fn with_options(self, opts: &DeviceOptions) -> Result<Self> {
         // The weights' dtype before the products' and after, so that either change passes.
         let mut d = self
