@@ -1328,7 +1328,41 @@ impl DeviceTrainer {
         self.mark(Some("top-k"))?;
         let vals = pre.gather(&idx, 1)?.relu()?;
         let on = vals.gt(0.0)?.to_dtype(DType::F32)?; // a zero after ReLU is not a code
-        let p = self.pairs_pass(x, xc, &idx, &vals, &on, n_total, acc, &[])?;
+        let pairs = Pairs {
+            idx: &idx,
+            vals: &vals,
+            on: &on,
+            prefixes: &[],
+        };
+        self.pairs_and_aux_pass(
+            x,
+            xc,
+            pre,
+            &pairs,
+            n_total,
+            acc,
+            dead,
+            aux_k,
+            aux_coefficient,
+        )
+    }
+
+    /// The pass of codes that are (token, feature) pairs (TopK's, BatchTopK's as candidates):
+    /// their reconstruction and gradients (`pairs_pass`), then AuxK on the dead features.
+    #[allow(clippy::too_many_arguments)]
+    fn pairs_and_aux_pass(
+        &self,
+        x: &Tensor,
+        xc: &Tensor,
+        pre: &Tensor,
+        pairs: &Pairs<'_>,
+        n_total: usize,
+        acc: &MatrixGrads,
+        dead: &DeadSet,
+        aux_k: usize,
+        aux_coefficient: f64,
+    ) -> Result<Pass> {
+        let p = self.pairs_pass(x, xc, pairs, n_total, acc)?;
         let aux = self.aux_pass(xc, pre, &p.diff, n_total, acc, dead, aux_k, aux_coefficient)?;
         self.mark(Some("auxk"))?;
         Ok(Pass {
@@ -1338,33 +1372,36 @@ impl DeviceTrainer {
             extra: Vec::new(),
             sq_err: p.sq_err,
             sparsity_loss: Tensor::zeros((), DType::F32, &self.device)?,
-            aux_loss: aux.loss,
+            aux_loss: match p.inner_loss {
+                Some(l) => (aux.loss + l)?,
+                None => aux.loss,
+            },
             fires: p.fires,
-            active: on.sum_all()?,
+            active: pairs.on.sum_all()?,
             token_sq_err: None,
         })
     }
 
     /// The reconstruction from (token, feature) pairs and its gradients, for TopK and for
-    /// BatchTopK's candidates. `idx`: `[n, kk]` u32 features; `vals`: their codes, zero where a
-    /// pair is no code; `on`: 1 where it is. Each of Matryoshka's `prefixes` (inner widths)
-    /// reconstructs from the pairs of its features alone, and its error joins the loss and the
-    /// gradients. The decode and the dot products back to each pair are our ops (or, without
+    /// BatchTopK's candidates. Each of Matryoshka's prefixes (inner widths) reconstructs from
+    /// the pairs of its features alone, and its error joins the loss and the gradients. The decode and the dot products back to each pair are our ops (or, without
     /// them, the pairs' rows gathered: TopK only); the weight gradients go to the pairs' rows
     /// (`add_pair_rows`) or, with `dense_pairs`, through code matrices scattered along each
     /// token's row and dense products.
-    #[allow(clippy::too_many_arguments)]
     fn pairs_pass(
         &self,
         x: &Tensor,
         xc: &Tensor,
-        idx: &Tensor,
-        vals: &Tensor,
-        on: &Tensor,
+        pairs: &Pairs<'_>,
         n_total: usize,
         acc: &MatrixGrads,
-        prefixes: &[usize],
     ) -> Result<PairsOut> {
+        let Pairs {
+            idx,
+            vals,
+            on,
+            prefixes,
+        } = *pairs;
         let (d_in, d_sae) = (self.cfg.d_in, self.cfg.d_sae);
         let (n, k) = idx.dims2()?;
         let (w_dec, b_dec) = (&self.params[2], &self.params[3]);
@@ -1899,26 +1936,23 @@ impl DeviceTrainer {
                 &Tensor::full(f32::INFINITY, values.dims(), &self.device)?,
             )?;
             let min_kept = extreme_or(&kept, f32::INFINITY, |v| v.min(0))?;
-            let p = self.pairs_pass(x, xc, &idx, &vals, &on, n_total, acc, inner_widths)?;
-            let aux =
-                self.aux_pass(xc, pre, &p.diff, n_total, acc, dead, aux_k, aux_coefficient)?;
-            self.mark(Some("auxk"))?;
-            let aux_loss = match p.inner_loss {
-                Some(l) => (aux.loss + l)?,
-                None => aux.loss,
+            let pairs = Pairs {
+                idx: &idx,
+                vals: &vals,
+                on: &on,
+                prefixes: inner_widths,
             };
-            let pass = Pass {
-                g_b_enc: (p.g_b_enc + aux.g_b_enc)?,
-                g_b_dec: p.g_b_dec,
-                g_h_sum: None,
-                extra: Vec::new(),
-                sq_err: p.sq_err,
-                sparsity_loss: Tensor::zeros((), DType::F32, &self.device)?,
-                aux_loss,
-                fires: p.fires,
-                active: on.sum_all()?,
-                token_sq_err: None,
-            };
+            let pass = self.pairs_and_aux_pass(
+                x,
+                xc,
+                pre,
+                &pairs,
+                n_total,
+                acc,
+                dead,
+                aux_k,
+                aux_coefficient,
+            )?;
             return Ok((pass, min_kept));
         }
         self.mark(Some("threshold"))?;
@@ -2499,6 +2533,15 @@ impl Pass {
 
 /// The gradients of `W_enc` and `W_dec` (`[d_sae, d_in]` each), which every pass and chunk adds
 /// into in place: a million-feature step holds one pair of them, not one per term.
+/// Codes as (token, feature) pairs: `idx` `[n, kk]` u32 features, `vals` their codes (zero
+/// where a pair is no code), `on` 1 where it is; Matryoshka's inner widths in `prefixes`.
+struct Pairs<'a> {
+    idx: &'a Tensor,
+    vals: &'a Tensor,
+    on: &'a Tensor,
+    prefixes: &'a [usize],
+}
+
 /// What [`DeviceTrainer::pairs_pass`] gives the pass: the reconstruction error `x̂ - x` (for
 /// AuxK), its squared sum, the bias gradients, the firing counts and the prefixes' losses.
 struct PairsOut {
