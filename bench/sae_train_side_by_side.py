@@ -3,7 +3,7 @@
 the other in one invocation (timings here swing ~30% between runs: compare the ratio taken
 together), printing each side's JSON line and one ratio line per architecture.
 
-    python3 bench/sae_train_side_by_side.py [--archs topk,standard] [--d-in 1536] [--d-sae 12288]
+    python3 bench/sae_train_side_by_side.py [--archs topk,standard,batchtopk] [--d-in 1536] [--d-sae 12288]
                                            [--batch 4096] [--steps 3] [--k 32] [--target-l0 32]
 
 Needs `cargo` and the venv of bench/setup_venv.sh (override with --python).

@@ -19,13 +19,14 @@ import time
 import torch
 import sae_lens
 from sae_lens.saes.sae import TrainStepInput
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="topk", choices=["standard", "topk"])
+    ap.add_argument("--arch", default="topk", choices=["standard", "topk", "batchtopk"])
     ap.add_argument("--d-in", type=int, default=1536)
     ap.add_argument("--d-sae", type=int, default=12288)
     ap.add_argument("--batch", type=int, default=4096)
@@ -47,6 +48,10 @@ def main():
     torch.manual_seed(0)
     if args.arch == "topk":
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=args.d_in, d_sae=args.d_sae, k=args.k))
+        coefficients = {}
+    elif args.arch == "batchtopk":
+        sae = BatchTopKTrainingSAE(
+            BatchTopKTrainingSAEConfig(d_in=args.d_in, d_sae=args.d_sae, k=args.k))
         coefficients = {}
     else:
         sae = StandardTrainingSAE(
@@ -98,7 +103,7 @@ def main():
         "bench": "sae_train_step", "impl": f"sae-lens {sae_lens.__version__} (torch {torch.__version__})",
         "device": args.device, "dtype": "f32 (tf32 products)" if args.tf32 else "f32",
         "arch": args.arch, "dead_tokens": args.dead_tokens, "d_in": args.d_in, "d_sae": args.d_sae,
-        "batch": args.batch, "k": args.k if args.arch == "topk" else None,
+        "batch": args.batch, "k": args.k if args.arch != "standard" else None,
         "target_l0": args.target_l0 if args.arch == "standard" else None,
         "threads": torch.get_num_threads(), "steps": args.steps, "seconds_per_step": secs / args.steps,
         "tokens_per_s": tps, "gflops": 12.0 * args.d_in * args.d_sae * tps / 1e9,

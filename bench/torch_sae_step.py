@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
-"""An SAE training step in plain PyTorch, written the way SAELens 6 trains (its `TopKTrainingSAE`
-and `StandardTrainingSAE` with `SAETrainer._train_step`), for machines that have PyTorch but not
-SAELens (the GPU machine: SAELens's dependencies do not fit what travels there).
+"""An SAE training step in plain PyTorch, written the way SAELens 6 trains (its `TopKTrainingSAE`,
+`BatchTopKTrainingSAE` and `StandardTrainingSAE` with `SAETrainer._train_step`), for machines that
+have PyTorch but not SAELens (the GPU machine: SAELens's dependencies do not fit what travels
+there).
 
 What it does, per step, as SAELens does it:
   * encode densely: `hidden_pre = (x - b_dec) @ W_enc + b_enc`, `[batch, d_sae]`;
   * topk: `torch.topk(hidden_pre, k)`, ReLU, scattered into a dense `[batch, d_sae]` matrix;
+    batchtopk: `relu(hidden_pre)` flattened, `torch.topk` of its `k * batch` largest over the
+    whole batch, scattered back (SAELens's `BatchTopK`);
     standard: `relu(hidden_pre)`;
   * decode densely: `acts @ W_dec + b_dec`; MSE summed over d_in, averaged over tokens;
-  * topk: AuxK on features dead for `--dead-tokens` tokens (top `aux_k = d_in / 2` of their
+  * topk, batchtopk: AuxK on features dead for `--dead-tokens` tokens (top `aux_k = d_in / 2` of their
     pre-activations, reconstructing the residual, scaled by `min(n_dead / aux_k, 1)`);
     standard: L1 of the activations weighted by decoder-row norms;
   * backward, gradient-norm clip to 1, Adam; unit-norm decoder rows for standard (the parallel
@@ -29,7 +32,7 @@ import torch
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arch", default="topk", choices=["topk", "standard"])
+    ap.add_argument("--arch", default="topk", choices=["topk", "batchtopk", "standard"])
     ap.add_argument("--d-in", type=int, default=2048)
     ap.add_argument("--d-sae", type=int, default=65536)
     ap.add_argument("--batch", type=int, default=4096)
@@ -74,6 +77,11 @@ def main():
         if args.arch == "topk":
             top = hidden_pre.topk(args.k, dim=-1)
             acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values.relu())
+        elif args.arch == "batchtopk":
+            flat = hidden_pre.relu().flatten()
+            top = flat.topk(args.k * hidden_pre.shape[0], dim=-1)
+            acts = torch.zeros_like(flat).scatter(-1, top.indices, top.values)
+            acts = acts.reshape(hidden_pre.shape)
         else:
             acts = hidden_pre.relu()
         x_hat = acts @ p["W_dec"] + p["b_dec"]
@@ -84,7 +92,7 @@ def main():
             since_fired.add_(n)
             since_fired[fired] = 0
             dead = since_fired >= args.dead_tokens
-        if args.arch == "topk":
+        if args.arch in ("topk", "batchtopk"):
             n_dead = int(dead.sum())
             if n_dead > 0:
                 k_aux = min(aux_k, n_dead)
@@ -130,7 +138,7 @@ def main():
         "d_in": d_in,
         "d_sae": d_sae,
         "batch": n,
-        "k": args.k if args.arch == "topk" else None,
+        "k": args.k if args.arch != "standard" else None,
         "steps": args.steps,
         "dead_tokens": args.dead_tokens,
         "seconds_per_step": secs / args.steps,

@@ -265,6 +265,10 @@ for rows in "" $batch $chunk; do
     --arch batchtopk --device "$dev" --d-in $d_in --d-sae "$n" --batch $batch --steps $steps \
     --dead-tokens 0 --compute bf16 ${rows:+--token-chunk $rows}
 done
+# And the same step as SAELens's BatchTopK takes it (the whole batch's top k·n over a dense
+# [batch, d_sae] matrix), bf16 autocast.
+record "torch batchtopk $n bf16" 150 "$py" bench/torch_sae_step.py --arch batchtopk --device "$dev" \
+  --d-in $d_in --d-sae "$n" --batch $batch --steps $steps --dead-tokens 0 --bf16
 
 # Last, the million features again with the weights themselves in bf16 (updates rounded
 # stochastically): 8 GiB less state than the row above.
