@@ -1307,6 +1307,14 @@ fn bf16_weights_follow_the_f32_run() {
     };
     assert!(in_bf16("W_enc") && in_bf16("W_dec"));
     assert!(!in_bf16("b_enc") && !in_bf16("b_dec"));
+    // Resampling writes its rows into the bf16 matrices (after steps 7 and 14) and follows the
+    // f32 run too.
+    follows_the_f32_run_for(
+        vec![resampling_config()],
+        "bf16 weights, resampled",
+        0.05,
+        narrow,
+    );
     let fresh = || DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap();
     let e = fresh().with_weight_dtype(DType::BF16).unwrap_err();
     assert!(e.to_string().contains("bf16 products"), "{e}");
@@ -1492,12 +1500,21 @@ fn device_options_the_path_cannot_take_are_refused_up_front() {
 /// every architecture, with and without token chunks.
 #[test]
 fn a_replica_with_no_rows_keeps_the_group_in_step() {
-    for cfg in every_architecture() {
+    // BatchTopK's and Matryoshka's codes as pairs too (dense at this size by default).
+    let as_pairs = [batchtopk_config(), matryoshka_config()].map(|c| (c, D_SAE));
+    for (cfg, pairs_limit) in every_architecture()
+        .map(|c| (c, 0))
+        .into_iter()
+        .chain(as_pairs)
+    {
         for chunk in [None, Some(7)] {
             let start = Trainer::new(cfg.clone()).unwrap();
-            let chunked = |d: DeviceTrainer| match chunk {
-                Some(rows) => d.with_token_chunk(rows).unwrap(),
-                None => d,
+            let chunked = |d: DeviceTrainer| {
+                let d = d.with_batch_pairs_limit(pairs_limit);
+                match chunk {
+                    Some(rows) => d.with_token_chunk(rows).unwrap(),
+                    None => d,
+                }
             };
             let mut whole = chunked(DeviceTrainer::from_trainer(&start, &Device::Cpu).unwrap());
             let done = on_replicas(&start, 2, chunked, |rank, mut d| {
