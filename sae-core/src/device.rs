@@ -824,11 +824,9 @@ impl DeviceTrainer {
     }
 
     /// The element-wise minimum of `t` over the group (the identity alone).
-    /// Each row's L2 norm of a weight matrix, in f32 (bf16 weights a row block at a time).
+    /// Each row's L2 norm of a weight matrix, in f32, a row block at a time: the squares are a
+    /// block's temporary, not a matrix's (8 GiB at a million features), whatever the dtype.
     fn row_norms(&self, w: &Tensor) -> Result<Tensor> {
-        if w.dtype() == DType::F32 {
-            return Ok(w.sqr()?.sum(1)?.sqrt()?);
-        }
         let mut parts = Vec::new();
         for (start, len) in self.row_blocks(w)? {
             let b = w.narrow(0, start, len)?.to_dtype(DType::F32)?;
@@ -1929,13 +1927,7 @@ impl DeviceTrainer {
             self.mark(Some("threshold"))?;
             let values = r.gather(&idx, 1)?;
             drop(r);
-            let on = values.broadcast_gt(&threshold)?.to_dtype(DType::F32)?;
-            let vals = (&values * &on)?;
-            let kept = on.gt(0.0)?.where_cond(
-                &values,
-                &Tensor::full(f32::INFINITY, values.dims(), &self.device)?,
-            )?;
-            let min_kept = extreme_or(&kept, f32::INFINITY, |v| v.min(0))?;
+            let (on, vals, min_kept) = above_threshold(&values, &threshold)?;
             let pairs = Pairs {
                 idx: &idx,
                 vals: &vals,
@@ -1956,12 +1948,7 @@ impl DeviceTrainer {
             return Ok((pass, min_kept));
         }
         self.mark(Some("threshold"))?;
-        let on = r.broadcast_gt(&threshold)?.to_dtype(DType::F32)?;
-        let a = (&r * &on)?;
-        let kept = on
-            .gt(0.0)?
-            .where_cond(&r, &Tensor::full(f32::INFINITY, r.dims(), &self.device)?)?;
-        let min_kept = extreme_or(&kept, f32::INFINITY, |v| v.min(0))?;
+        let (on, a, min_kept) = above_threshold(&r, &threshold)?;
         drop(r);
         let x_hat = self.mm(&a, w_dec)?.broadcast_add(b_dec)?;
         let diff = (&x_hat - x)?;
@@ -2658,6 +2645,19 @@ fn to_host(names: &[&str], set: &[Tensor]) -> Result<Params> {
 
 /// `reduce` over all of `t`'s values flattened, or `empty` (0-dimensional f32) when it has none
 /// (candle refuses to reduce nothing; a replica may have no rows).
+/// BatchTopK's codes among ReLU'd pre-activations `values`: 1 where above `threshold` (as
+/// f32), the values there (zero elsewhere), and the smallest of them (infinite when none is).
+fn above_threshold(values: &Tensor, threshold: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let mask = values.broadcast_gt(threshold)?;
+    let on = mask.to_dtype(DType::F32)?;
+    let codes = (values * &on)?;
+    let kept = mask.where_cond(
+        values,
+        &Tensor::full(f32::INFINITY, values.dims(), values.device())?,
+    )?;
+    Ok((on, codes, extreme_or(&kept, f32::INFINITY, |v| v.min(0))?))
+}
+
 fn extreme_or(
     t: &Tensor,
     empty: f32,
