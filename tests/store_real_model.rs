@@ -18,6 +18,11 @@ fn harvested_rows_equal_a_direct_forward_pass_at_their_provenance() {
     };
     let model = Model::load(&path, &Device::Cpu).unwrap();
     let mut source = HookedModel::new(model);
+    // SmolLM2's GGUF says 8,192 positions; windows past them are refused up front.
+    assert_eq!(source.model().config().n_ctx, 8192);
+    source.check_context(8192).unwrap();
+    let e = source.check_context(8193).unwrap_err().to_string();
+    assert!(e.contains("8193") && e.contains("8192"), "{e}");
     let docs: Vec<_> = load_corpus(&root, CorpusName::MobyDick)
         .unwrap()
         .into_iter()

@@ -50,6 +50,24 @@ impl HookedModel {
         Ok(())
     }
 
+    /// Checks that windows of `context_len` tokens fit the model's context, so that a harvest
+    /// asking for longer ones fails before reading the corpora rather than at the first pass.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming both lengths.
+    pub fn check_context(&self, context_len: usize) -> Result<()> {
+        let n_ctx = self.model.config().n_ctx;
+        if context_len > n_ctx {
+            return Err(Error::Config {
+                field: "context_len",
+                message: format!(
+                    "{context_len} tokens exceed the model's context of {n_ctx} tokens"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// The model file's sha256 and a tokenizer description, for the manifest.
     pub fn identity(&self) -> Result<ModelIdentity> {
         let tok = self.model.tokenizer()?;

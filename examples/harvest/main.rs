@@ -106,6 +106,7 @@ fn main() -> Result<()> {
         .with_context(|| format!("loading {}", path.display()))?;
     let mut model = HookedModel::new(model);
     model.check_hooks(&args.hooks)?;
+    model.check_context(args.context)?;
     let identity = model.identity()?;
     let bos = model.bos()?;
 

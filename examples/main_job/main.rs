@@ -169,11 +169,14 @@ fn run(args: &Args) -> Result<()> {
     std::fs::create_dir_all(&report_dir)
         .with_context(|| format!("creating {}", report_dir.display()))?;
     let hook = format!("blocks.{}.{}", args.layer, args.site);
-    check_run_folder(&args)?;
+    let first_run = check_run_folder(&args)?;
     let memory = memory::MemoryLog::start(&report_dir.join("memory.csv"), MEMORY_EVERY)?;
 
     let mut prepared = prepare(&args, &device, &hook)?;
     check_sae_sizes(&args, &hook, prepared.hooked.model())?;
+    if let Some(record) = first_run {
+        record.write()?;
+    }
     let harvested = harvest_caches(&args, &mut prepared, &hook)?;
     let trained = train_saes(&args, &device, &hook, &prepared, &harvested)?;
     let evaluated = evaluate(&args, &device, &hook, &prepared, &trained, &report_dir)?;
@@ -313,6 +316,7 @@ fn prepare(args: &Args, device: &Device, hook: &str) -> Result<Prepared> {
         .with_context(|| format!("loading model {}", model_path.display()))?;
     let mut hooked = HookedModel::new(model);
     hooked.check_hooks(&[hook.to_string()])?;
+    hooked.check_context(args.context)?;
     let bos = hooked.bos()?;
     let identity = hooked.identity()?;
     stage("reading and tokenizing the corpora");
@@ -775,9 +779,10 @@ const STATE_FLAGS: [&str; 13] = [
 
 /// A rerun into the same `--out` resumes and reuses what is there, which is only right if it asks
 /// for the same run: otherwise a `--k 128` run would silently report the `k = 32` SAE it found.
-/// The first run records its flags in `run_args.json`; a later one with different values for any
-/// of [`STATE_FLAGS`] is refused, naming them.
-fn check_run_folder(args: &Args) -> Result<()> {
+/// The first run records its flags in `run_args.json` (once the model has taken them: a run
+/// refused for a layer the model lacks leaves no record to refuse the corrected one); a later
+/// one with different values for any of [`STATE_FLAGS`] is refused, naming them.
+fn check_run_folder(args: &Args) -> Result<Option<RunRecord>> {
     let path = args.out.join("run_args.json");
     let now = serde_json::to_value(args)?;
     if let Ok(text) = std::fs::read_to_string(&path) {
@@ -806,10 +811,26 @@ fn check_run_folder(args: &Args) -> Result<()> {
                 differ.join("; ")
             );
         }
-        return Ok(());
+        return Ok(None);
     }
-    std::fs::write(&path, serde_json::to_string_pretty(&now)?)
-        .with_context(|| format!("writing {}", path.display()))
+    Ok(Some(RunRecord {
+        text: serde_json::to_string_pretty(&now)?,
+        path,
+    }))
+}
+
+/// The flags of a first run into `--out`, to be written once they are known to work.
+#[derive(Debug)]
+struct RunRecord {
+    path: PathBuf,
+    text: String,
+}
+
+impl RunRecord {
+    fn write(self) -> Result<()> {
+        std::fs::write(&self.path, self.text)
+            .with_context(|| format!("writing {}", self.path.display()))
+    }
 }
 
 fn stage(msg: &str) {
@@ -1104,6 +1125,41 @@ mod tests {
             check_sae_sizes(&scores, &hook(&scores), &model).unwrap_err()
         );
         assert!(msg.contains("not a per-token activation"), "{msg}");
+    }
+
+    /// A rerun with other state flags is refused once a run has recorded its own; a run that
+    /// failed before the model took its flags records none, so its corrected rerun goes ahead.
+    #[test]
+    fn only_a_run_that_started_claims_its_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = small(dir.path());
+        let other = Args {
+            k: 64,
+            ..first.clone()
+        };
+        let record = check_run_folder(&first)
+            .unwrap()
+            .expect("a first run records");
+        assert!(
+            check_run_folder(&other).unwrap().is_some(),
+            "nothing written yet"
+        );
+        record.write().unwrap();
+        let msg = format!("{:#}", check_run_folder(&other).unwrap_err());
+        assert!(msg.contains("--k 32 there, 64 now"), "{msg}");
+        assert!(check_run_folder(&first).unwrap().is_none());
+
+        if assets_present() {
+            let dir = tempfile::tempdir().unwrap();
+            let typo = Args {
+                layer: 99,
+                ..small(dir.path())
+            };
+            let msg = format!("{:#}", run(&typo).unwrap_err());
+            assert!(msg.contains("blocks.99"), "{msg}");
+            assert!(!dir.path().join("run_args.json").exists());
+            assert!(check_run_folder(&small(dir.path())).unwrap().is_some());
+        }
     }
 
     /// Arguments that would waste an hour before failing, or divide by zero, are refused first,

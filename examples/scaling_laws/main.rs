@@ -384,6 +384,7 @@ fn main() -> Result<()> {
     }
     let mut hooked = HookedModel::new(model);
     hooked.check_hooks(std::slice::from_ref(&hook))?;
+    hooked.check_context(args.context)?;
     let bos = hooked.bos()?;
     let identity = hooked.identity()?;
     let docs = store::load_corpora(&store::default_corpora_root(), &CorpusName::ALL)?;

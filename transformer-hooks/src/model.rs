@@ -659,6 +659,18 @@ impl Model {
         if b == 0 || s == 0 {
             return Err(Error::invalid("tokens", format!("empty batch [{b}, {s}]")));
         }
+        // Positions past the trained context are extrapolated (RoPE) or missing (learned
+        // positions): activations from them are not the model's, so refuse, as
+        // TransformerLens's `n_ctx` does, rather than hand back plausible numbers.
+        if s > self.cfg.n_ctx {
+            return Err(Error::invalid(
+                "sequence length",
+                format!(
+                    "{s} positions exceed the model's context of {} tokens",
+                    self.cfg.n_ctx
+                ),
+            ));
+        }
         if tokens.dtype().is_float() {
             return Err(Error::invalid(
                 "tokens",

@@ -383,6 +383,35 @@ fn bad_tokens_are_named() {
     assert!(model.logprobs(&some_tokens(1, 1, v as usize)).is_err());
 }
 
+/// A sequence longer than the model's context is refused by every family (rotary ones would
+/// otherwise extrapolate silently), naming the length and the context; at the context it runs.
+#[test]
+fn sequences_past_the_context_are_refused() {
+    for family in ["llama", "qwen2", "gemma3", "gpt2"] {
+        let model = tiny(family);
+        let (n_ctx, v) = (model.config().n_ctx, model.config().vocab_size);
+        assert!(
+            model
+                .forward(&some_tokens(1, n_ctx, v), &mut Hooks::new())
+                .is_ok()
+        );
+        let long = some_tokens(1, n_ctx + 1, v);
+        let e = model.forward(&long, &mut Hooks::new()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("{} positions", n_ctx + 1)) && msg.contains(&n_ctx.to_string()),
+            "{family}: {msg}"
+        );
+        assert!(model.logprobs(&long).is_err(), "{family}");
+        assert!(
+            model
+                .run_with_cache(&long, &[HookPoint::mlp_post(0)])
+                .is_err(),
+            "{family}"
+        );
+    }
+}
+
 #[test]
 fn bad_generation_options_are_errors() {
     let model = tiny("llama");
