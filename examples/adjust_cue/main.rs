@@ -32,7 +32,7 @@ use sae_workbench::steering::cue::{
     AdjustOptions, Adjustment, Candidate, EditKind, adjust, grammar_jump, meaning_score,
     parse_synonyms, sense_similarity, text_nll, token_nlls,
 };
-use sae_workbench::steering::{FeatureStats, activations, sae_hook};
+use sae_workbench::steering::{FeatureStats, activations, sae_hook_in};
 use sae_workbench::transformer_hooks::{
     self as transformer_hooks, ChatMessage, GenerateOptions, Hooks, Model, assets,
 };
@@ -149,7 +149,7 @@ fn main() -> Result<()> {
         Model::load(&path, &device).with_context(|| format!("loading {}", path.display()))?;
     let sae =
         SaeModel::load(&args.sae).with_context(|| format!("loading SAE {}", args.sae.display()))?;
-    let hook = sae_hook(&sae)?;
+    let hook = sae_hook_in(&sae, &model)?;
     let stats = FeatureStats::load(&args.sae).ok();
     if let Some(p) = &args.calibrate {
         calibrate(&model, &args, p)?;

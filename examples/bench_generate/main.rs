@@ -15,7 +15,7 @@ use clap::Parser;
 use rand::{Rng, SeedableRng};
 use sae_workbench::activation_store::{self as store, CorpusName, Split, SplitSpec, WindowPlan};
 use sae_workbench::sae_core::{ArchitectureConfig, SaeModel, TopKTraining, Trainer, TrainerConfig};
-use sae_workbench::steering::{FeatureEdit, Steering, sae_hook};
+use sae_workbench::steering::{FeatureEdit, Steering, sae_hook_in};
 use sae_workbench::transformer_hooks::candle_core::Tensor;
 use sae_workbench::transformer_hooks::candle_core::quantized::GgmlDType;
 use sae_workbench::transformer_hooks::{
@@ -125,7 +125,7 @@ fn main() -> Result<()> {
         }
     };
     let sae = SaeModel::load(&sae_dir).with_context(|| format!("loading {}", sae_dir.display()))?;
-    let hook = sae_hook(&sae)?;
+    let hook = sae_hook_in(&sae, &model)?;
     let steer = Steering::new(
         &sae,
         hook,

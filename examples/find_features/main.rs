@@ -19,7 +19,9 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use sae_workbench::activation_store::ActivationStore;
 use sae_workbench::sae_core::SaeModel;
-use sae_workbench::steering::{ContrastText, FeatureStats, contrast, features_in, sae_hook};
+use sae_workbench::steering::{
+    ContrastText, FeatureStats, contrast, features_in, sae_hook, sae_hook_in,
+};
 use sae_workbench::transformer_hooks::{
     self as transformer_hooks, ChatMessage, Model, Tokenizer, assets,
 };
@@ -140,6 +142,7 @@ fn main() -> Result<()> {
     }
     let model =
         Model::load(&path, &device).with_context(|| format!("loading {}", path.display()))?;
+    sae_hook_in(&sae, &model)?;
 
     if let (Some(a), Some(b)) = (&args.contrast_a, &args.contrast_b) {
         let (ta, tb) = (read_texts(&model, a)?, read_texts(&model, b)?);

@@ -24,7 +24,7 @@ use sae_workbench::metrics::plots::{Series, plot_lines};
 use sae_workbench::sae_core::SaeModel;
 use sae_workbench::steering::{
     FeatureEdit, FeatureStats, Scope, Steering, WordList, agrees, bootstrap_mean,
-    bootstrap_paired_diff, sae_hook,
+    bootstrap_paired_diff, sae_hook_in,
 };
 use sae_workbench::steering::{log_mass, mean_kl, response_nll};
 use sae_workbench::transformer_hooks::candle_core::{Device, Tensor};
@@ -204,7 +204,7 @@ fn main() -> Result<()> {
     let tok = model.tokenizer()?;
     let sae =
         SaeModel::load(&args.sae).with_context(|| format!("loading SAE {}", args.sae.display()))?;
-    let hook = sae_hook(&sae)?;
+    let hook = sae_hook_in(&sae, &model)?;
     let stats = FeatureStats::load(&args.sae)?;
     let maxes: Vec<f32> = args
         .feature

@@ -21,7 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sae_workbench::metrics::html::escape_html;
 use sae_workbench::sae_core::SaeModel;
 use sae_workbench::steering::{
-    FeatureEdit, FeatureStats, Steering, Trait, TraitOptions, sae_hook, traits,
+    FeatureEdit, FeatureStats, Steering, Trait, TraitOptions, sae_hook_in, traits,
 };
 use sae_workbench::transformer_hooks::{
     self as transformer_hooks, ChatMessage, GenerateOptions, Hooks, Model, Sampling, assets,
@@ -120,7 +120,7 @@ fn main() -> Result<()> {
     let tok = model.tokenizer()?;
     let sae =
         SaeModel::load(&args.sae).with_context(|| format!("loading SAE {}", args.sae.display()))?;
-    let hook = sae_hook(&sae)?;
+    let hook = sae_hook_in(&sae, &model)?;
     let stats = FeatureStats::load(&args.sae)?;
     if let Some(f) = args.expect
         && f >= sae.d_sae()

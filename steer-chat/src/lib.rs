@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sae_core::SaeModel;
 use steering::cue::{Synonyms, Thesaurus};
-use steering::{FeatureStats, TraitOptions, sae_hook};
+use steering::{FeatureStats, TraitOptions, sae_hook_in};
 use transformer_hooks::candle_core::Device;
 use transformer_hooks::{HookPoint, Model};
 
@@ -131,10 +131,11 @@ impl ChatApp {
     /// Wraps what is already loaded.
     ///
     /// # Errors
-    /// Statistics of another dictionary size, an SAE without a hook name, a hook the model lacks,
+    /// Statistics of another dictionary size, an SAE without a hook name, a hook the model lacks
+    /// or of another width than the SAE's `d_in`,
     /// limits of zero.
     pub fn new(model: Model, sae: SaeModel, stats: FeatureStats, limits: Limits) -> Result<Self> {
-        let hook = sae_hook(&sae)?;
+        let hook = sae_hook_in(&sae, &model)?;
         if stats.d_sae() != sae.d_sae() {
             return Err(ChatError::Setup(format!(
                 "the feature statistics cover {} features, the SAE has {}",
@@ -142,7 +143,6 @@ impl ChatApp {
                 sae.d_sae()
             )));
         }
-        hook.check(model.config())?;
         if limits.max_new_tokens == 0
             || limits.max_concurrent == 0
             || limits.traits.top == 0

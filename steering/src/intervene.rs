@@ -17,7 +17,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use sae_core::SaeModel;
-use transformer_hooks::{HookPoint, Hooks, Intervention};
+use transformer_hooks::{HookPoint, Hooks, Intervention, Model};
 
 use crate::error::{Result, SteeringError};
 
@@ -210,6 +210,30 @@ impl<'s> Steering<'s> {
     pub fn hooks(&self) -> Hooks<'_> {
         Hooks::new().intervene(self.hook, self.intervention())
     }
+}
+
+/// [`sae_hook`], checked against `model`: the hook exists there and gives the SAE's `d_in`
+/// values a token. An SAE from another model (or another layer's width) is refused before any
+/// pass, naming the hook and both widths, rather than at the first encode.
+///
+/// # Errors
+/// Those of [`sae_hook`]; a hook the model lacks; [`SteeringError::SaeHook`] for a hook that
+/// is not a per-token activation or another width.
+pub fn sae_hook_in(sae: &SaeModel, model: &Model) -> Result<HookPoint> {
+    let hook = sae_hook(sae)?;
+    hook.check(model.config())?;
+    let reason = match hook.width(model.config()) {
+        None => "it is not one activation vector per token".to_string(),
+        Some(w) if w != sae.d_in() => format!(
+            "the SAE reads {} values a token (d_in), the model's hook gives {w}",
+            sae.d_in()
+        ),
+        Some(_) => return Ok(hook),
+    };
+    Err(SteeringError::SaeHook {
+        hook: hook.to_string(),
+        reason,
+    })
 }
 
 /// The hook point an SAE was trained on, from its config (`hook_name`).

@@ -44,7 +44,7 @@ pub use features::{
     ContrastHit, ContrastText, FeatureStats, PromptHit, STATS_FILE, SearchHit, TopContext,
     activations, contrast, features_in,
 };
-pub use intervene::{Edit, FeatureEdit, Scope, Steering, sae_hook};
+pub use intervene::{Edit, FeatureEdit, Scope, Steering, sae_hook, sae_hook_in};
 pub use measure::{
     WordList, agrees, bootstrap_mean, bootstrap_paired_diff, log_mass, mean_kl, response_nll,
 };

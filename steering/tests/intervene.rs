@@ -192,3 +192,38 @@ fn bad_edits_are_refused_with_the_reason() {
     let err = s.apply(&wrong, 0).unwrap_err();
     assert!(err.to_string().contains("width 7"), "{err}");
 }
+
+/// An SAE is checked against the model it is about to steer: its hook must be there and give
+/// its `d_in`; each refusal names the hook and, for a width, both widths.
+#[test]
+fn an_sae_from_another_model_is_refused_naming_both_widths() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../transformer-hooks/tests/fixtures/tiny/llama");
+    let model = transformer_hooks::Model::load(&dir, &Device::Cpu).unwrap();
+    let with_hook = |d_in: usize, hook: &str| {
+        let mut common = CommonConfig::new(d_in, D_SAE);
+        common.metadata.hook_name = Some(hook.to_string());
+        let sae = TopKSae::init(d_in, D_SAE, TopKTraining::new(2), 1).unwrap();
+        let cfg = TopKConfig {
+            k: 2,
+            rescale_acts_by_decoder_norm: false,
+            common,
+        };
+        SaeModel::from_parts(SaeConfig::TopK(cfg), Box::new(sae), None)
+    };
+    // The tiny Llama: d_model 32, MLP 48 wide, 3 layers.
+    let ok = steering::sae_hook_in(&with_hook(48, "blocks.1.mlp.hook_post"), &model).unwrap();
+    assert_eq!(ok, HookPoint::mlp_post(1));
+    assert!(steering::sae_hook_in(&with_hook(32, "blocks.2.hook_resid_post"), &model).is_ok());
+    let e = steering::sae_hook_in(&with_hook(32, "blocks.1.mlp.hook_post"), &model).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, SteeringError::SaeHook { .. }), "{msg}");
+    assert!(
+        msg.contains("blocks.1.mlp.hook_post") && msg.contains("32") && msg.contains("48"),
+        "{msg}"
+    );
+    let e = steering::sae_hook_in(&with_hook(48, "blocks.7.mlp.hook_post"), &model).unwrap_err();
+    assert!(e.to_string().contains("blocks.7.mlp.hook_post"), "{e}");
+    let e = steering::sae_hook_in(&with_hook(8, "blocks.1.attn.hook_pattern"), &model);
+    assert!(e.is_err());
+}
