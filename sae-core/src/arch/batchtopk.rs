@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use super::standard::default_init_norm;
 use super::{
     Batch, DecoderNorm, FileTensor, PartialReconstruction, Sae, StepContext, StepOutput,
-    TrainableSae, centered, check_params, dead_features_aux, export_tensors, init_linear,
-    reconstruction, relu_family_backward, select_codes, unit_norm_constrain,
+    TrainableSae, centered, check_params, dead_features_aux, export_tensors, host_preacts,
+    init_linear, reconstruction, relu_family_backward, select_codes, unit_norm_constrain,
 };
 use crate::SparseCodes;
 use crate::config::{CommonConfig, JumpReluConfig, SaeConfig};
@@ -328,14 +328,13 @@ impl Sae for BatchTopKSae {
     }
     /// Inference form: JumpReLU with the learned global threshold.
     fn encode_host(&self, x: &[f32], n: usize) -> Result<SparseCodes> {
-        let xc = centered(&self.params, x, self.d_in, self.cfg.apply_b_dec_to_input)?;
-        let pre = kernels::encoder_preacts(
-            &xc,
+        let pre = host_preacts(
+            &self.params,
+            x,
             n,
             self.d_in,
-            self.params.data("W_enc")?,
             self.d_sae,
-            &candle_core::Device::Cpu,
+            self.cfg.apply_b_dec_to_input,
         )?;
         let b_enc = self.params.data("b_enc")?;
         let thr = vec![self.threshold as f32; self.d_sae];

@@ -248,6 +248,20 @@ pub(crate) fn centered(
     ))
 }
 
+/// Inference's pre-activations on the CPU, before `b_enc`: the input centred (where the SAE
+/// subtracts `b_dec`) times `W_enc`, which every architecture's `encode_host` starts from.
+pub(crate) fn host_preacts(
+    params: &Params,
+    x: &[f32],
+    n: usize,
+    d_in: usize,
+    d_sae: usize,
+    apply_b_dec: bool,
+) -> Result<kernels::PreActs> {
+    let xc = centered(params, x, d_in, apply_b_dec)?;
+    kernels::encoder_preacts(&xc, n, d_in, params.data("W_enc")?, d_sae, &Device::Cpu)
+}
+
 /// `Σ a_f W_dec[f] + b_dec`.
 pub(crate) fn linear_decode(
     params: &Params,
