@@ -16,13 +16,13 @@ use crate::config::{Architecture, ModelConfig};
 use crate::error::Result;
 use crate::weights::{Checkpoint, Format, GgufMeta, HfConfig, Weights};
 
-const GLOBAL: &[Name] = &[
+pub(super) const GLOBAL: &[Name] = &[
     name("embed.weight", "token_embd.weight", "embed_tokens.weight"),
     name("ln_final.weight", "output_norm.weight", "norm.weight"),
     name("unembed.weight", "output.weight", "lm_head.weight"),
 ];
 
-const BLOCK: &[Name] = &[
+pub(super) const BLOCK: &[Name] = &[
     name("ln1.weight", "attn_norm.weight", "input_layernorm.weight"),
     name("attn.q.weight", "attn_q.weight", "self_attn.q_proj.weight"),
     name("attn.q.bias", "attn_q.bias", "self_attn.q_proj.bias"),
