@@ -16,6 +16,35 @@
 //! - The adapter to `transformer-hooks` models ([`HookedSplice`]) and token windows from text
 //!   ([`token_batches`]).
 //! - Next-token log-probabilities and KL from logits ([`next_token_log_probs`], [`HostLogits`]).
+//!
+//! Loss recovered for an SAE on its own hook (`examples/eval_sae` is this with flags):
+//!
+//! ```no_run
+//! use candle_core::Device;
+//! use metrics::{HookedSplice, SplicedConfig, evaluate_spliced, token_batches};
+//! use sae_core::SaeModel;
+//! use transformer_hooks::Model;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let model = Model::load("assets/models/SmolLM2-135M-Instruct.Q4_1.gguf".as_ref(), &Device::Cpu)?;
+//! let sae = SaeModel::load("runs/main/saes/topk")?;
+//! let mut target = HookedSplice::new(&model, sae.hook_name().ok_or("no hook_name")?)?;
+//! target.check_sae(&sae)?; // the hook's width is the SAE's d_in
+//!
+//! let tok = model.tokenizer()?;
+//! let ids = tok.encode("It is a truth universally acknowledged, ...", false)?;
+//! // Windows of 128 tokens, each starting with BOS, 8 to a forward pass.
+//! let batches = token_batches(&ids, tok.bos_id(), 128, 8, &Device::Cpu)?;
+//! let eval = evaluate_spliced(&mut target, &sae, &batches, &SplicedConfig::default(), None)?;
+//! println!(
+//!     "loss recovered {:.1}% (zero ablation), FVU {:.3}, L0 {:.1}",
+//!     100.0 * eval.spliced.loss_recovered_zero,
+//!     eval.reconstruction.fvu,
+//!     eval.reconstruction.l0
+//! );
+//! # Ok(())
+//! # }
+//! ```
 
 mod ablation;
 mod error;

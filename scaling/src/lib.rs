@@ -20,6 +20,17 @@
 //! * [`tokens_to_convergence`]: per dictionary size, the budget at which the loss comes within
 //!   5% of its fitted asymptote, and how that grows with the number of features.
 //!
+//! Recovering Gao et al.'s frontier law from points on it:
+//!
+//! ```
+//! use scaling::fit_offset_power_law;
+//!
+//! let compute: Vec<f64> = (0..8).map(|i| 10f64.powi(i)).collect();
+//! let loss: Vec<f64> = compute.iter().map(|c| 0.09 + 0.056 * c.powf(-0.084)).collect();
+//! let fitted = fit_offset_power_law(&compute, &loss).unwrap();
+//! assert!((fitted.law.a - 0.09).abs() < 1e-3 && (fitted.law.alpha - 0.084).abs() < 1e-3);
+//! ```
+//!
 //! The linear algebra is 3x3 (three parameters at most), solved here by Cholesky on `ndarray`
 //! arrays; LAPACK (`ndarray-linalg`) would make a system OpenBLAS a build requirement of the
 //! workspace for no gain at this size.
