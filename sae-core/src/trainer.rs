@@ -842,8 +842,15 @@ impl Trainer {
     ///
     /// # Errors
     /// [`SaeError::WrongDIn`] for a batch of another width; a config error for an architecture
-    /// without an encoder bias to set this way (TopK, BatchTopK).
+    /// without an encoder bias to set this way (TopK, BatchTopK), or a target outside
+    /// `1..=d_sae` (0 would silence every feature, more than `d_sae` cannot be reached).
     pub fn set_encoder_bias_for_l0(&mut self, batch: &HostBatch, target: usize) -> Result<()> {
+        if target == 0 || target > self.cfg.d_sae {
+            return Err(SaeError::config(
+                "encoder bias for a target L0",
+                format!("target {target}: must be in 1..={} (d_sae)", self.cfg.d_sae),
+            ));
+        }
         if batch.d_in != self.cfg.d_in {
             return Err(SaeError::WrongDIn {
                 what: "batch for the encoder-bias init".into(),

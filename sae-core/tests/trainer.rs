@@ -716,3 +716,31 @@ fn only_the_newest_checkpoints_stay_on_disk() {
     let resumed = Trainer::resume(dir.path().join("step_000000005")).unwrap();
     assert_eq!(resumed.step_count(), 5);
 }
+
+/// The encoder bias set for a target L0 gives about that L0 on the batch it was set from (each
+/// feature fires on `target / d_sae` of its tokens), and targets outside `1..=d_sae` are
+/// refused, naming the range, rather than clamped to an SAE with no live or no quiet feature.
+#[test]
+fn the_encoder_bias_for_a_target_l0_gives_that_l0() {
+    let standard = ArchitectureConfig::Standard(StandardTraining::default());
+    let mut t = Trainer::new(config(standard, 8)).unwrap();
+    let big = Tensor::from_vec(
+        gaussian_batch(960, D_IN, 1.0, 77),
+        (960, D_IN),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let hb = HostBatch::from_tensor(&big, D_IN).unwrap();
+    for target in [2, 6, 12] {
+        t.set_encoder_bias_for_l0(&hb, target).unwrap();
+        let l0 = t.sae().encode_host(&hb.x, hb.n).unwrap().nnz() as f64 / hb.n as f64;
+        assert!((l0 - target as f64).abs() < 0.1, "target {target}: L0 {l0}");
+    }
+    for bad in [0, D_SAE + 1] {
+        let e = t.set_encoder_bias_for_l0(&hb, bad).unwrap_err().to_string();
+        assert!(e.contains(&format!("1..={D_SAE}")), "{e}");
+    }
+    let topk = ArchitectureConfig::TopK(TopKTraining::new(3));
+    let mut t = Trainer::new(config(topk, 8)).unwrap();
+    assert!(t.set_encoder_bias_for_l0(&hb, 3).is_err());
+}
