@@ -27,7 +27,7 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let model = Model::load("assets/models/SmolLM2-135M-Instruct.Q4_1.gguf".as_ref(), &Device::Cpu)?;
-//! let sae = SaeModel::load("runs/main/saes/topk")?;
+//! let sae = SaeModel::load("runs/main/saes/topk_12288")?;
 //! let mut target = HookedSplice::new(&model, sae.hook_name().ok_or("no hook_name")?)?;
 //! target.check_sae(&sae)?; // the hook's width is the SAE's d_in
 //!
