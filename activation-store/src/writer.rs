@@ -247,12 +247,50 @@ impl CacheWriter {
                 m.plan_sha256.clone(),
             );
         }
-        if *settings != manifest.settings {
-            return mismatch(
-                "settings",
-                format!("{settings:?}"),
-                format!("{:?}", manifest.settings),
-            );
+        let (a, b) = (settings, &manifest.settings);
+        let differs: [(&'static str, bool, String, String); 6] = [
+            (
+                "dtype",
+                a.dtype != b.dtype,
+                format!("{:?}", a.dtype),
+                format!("{:?}", b.dtype),
+            ),
+            (
+                "shard_rows",
+                a.shard_rows != b.shard_rows,
+                a.shard_rows.to_string(),
+                b.shard_rows.to_string(),
+            ),
+            (
+                "batch_windows",
+                a.batch_windows != b.batch_windows,
+                a.batch_windows.to_string(),
+                b.batch_windows.to_string(),
+            ),
+            (
+                "exclude_bos",
+                a.exclude_bos != b.exclude_bos,
+                a.exclude_bos.to_string(),
+                b.exclude_bos.to_string(),
+            ),
+            (
+                "exclude_token_ids",
+                a.exclude_token_ids != b.exclude_token_ids,
+                format!("{:?}", a.exclude_token_ids),
+                format!("{:?}", b.exclude_token_ids),
+            ),
+            (
+                "outlier_factor",
+                a.outlier_factor != b.outlier_factor,
+                format!("{:?}", a.outlier_factor),
+                format!("{:?}", b.outlier_factor),
+            ),
+        ];
+        if let Some((field, _, expected, found)) = differs.into_iter().find(|d| d.1) {
+            return mismatch(field, expected, found);
+        }
+        if a != b {
+            return mismatch("settings", format!("{a:?}"), format!("{b:?}"));
         }
         let w = CacheWriter {
             dir: dir.to_path_buf(),

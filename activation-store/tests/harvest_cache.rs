@@ -211,10 +211,28 @@ fn resuming_with_other_settings_or_model_is_refused() {
     )
     .unwrap_err();
     assert!(
+        matches!(e, Error::ManifestMismatch { field: "dtype", .. }),
+        "{e}"
+    );
+    // The message names the one setting that differs, with both values.
+    let msg = e.to_string();
+    assert!(msg.contains("dtype = F32, but F16 was asked for"), "{msg}");
+    let mut cfg = config(100);
+    cfg.exclude_bos = !cfg.exclude_bos;
+    let e = harvest(
+        tmp.path(),
+        &plan,
+        &model(),
+        &mut source(Duration::ZERO),
+        &cfg,
+        None,
+    )
+    .unwrap_err();
+    assert!(
         matches!(
             e,
             Error::ManifestMismatch {
-                field: "settings",
+                field: "exclude_bos",
                 ..
             }
         ),
