@@ -1,10 +1,12 @@
-//! Files: SAELens v6 folders, older SAELens folders, sparsify folders; atomic writes.
+//! Files: SAELens v6 folders, older SAELens folders, sparsify and dictionary_learning folders;
+//! atomic writes.
 //!
 //! | layout | config | weights |
 //! |---|---|---|
 //! | SAELens v6 | `cfg.json` (tagged by `architecture`, provenance under `metadata`) | `sae_weights.safetensors`: `W_enc` `[d_in, d_sae]`, `b_enc`, `W_dec` `[d_sae, d_in]`, `b_dec`, + `threshold` (jumprelu) or `b_gate`/`b_mag`/`r_mag` (gated); optional `sparsity.safetensors` (`sparsity`: log10 firing rate) |
 //! | SAELens < 6 | flat `cfg.json` (`hook_name` at top level, `activation_fn_kwargs.k`, boolean `normalize_activations`) | as v6 (JumpReLU may hold `log_threshold`) |
 //! | sparsify | `cfg.json` with `expansion_factor`/`num_latents`, `k`, `d_in` | `sae.safetensors`: `encoder.weight` `[d_sae, d_in]`, `encoder.bias`, `W_dec`, `b_dec` |
+//! | dictionary_learning | `config.json`: `trainer.dict_class` (`AutoEncoder`, `AutoEncoderTopK`, `BatchTopKSAE`, `JumpReluAutoEncoder`, `GatedAutoEncoder`), `k`, `lm_name`, `submodule_name` | `ae.pt` (a torch state dict): `encoder.weight` `[d_sae, d_in]`, `decoder.weight` `[d_in, d_sae]`, biases and buffers under the class's names |
 //!
 //! Every file is written to a temporary name in the same folder, synced, and renamed over the
 //! target, so a crash never leaves a half-written file under the real name.
@@ -20,6 +22,8 @@ use crate::arch::FileTensor;
 use crate::config::SaeConfig;
 use crate::error::{Result, SaeError};
 
+mod dictionary_learning;
+
 /// SAELens's config file name.
 pub const CFG_FILE: &str = "cfg.json";
 /// SAELens's weights file name.
@@ -28,6 +32,9 @@ pub const WEIGHTS_FILE: &str = "sae_weights.safetensors";
 pub const SPARSITY_FILE: &str = "sparsity.safetensors";
 /// sparsify's weights file name.
 pub const SPARSIFY_WEIGHTS_FILE: &str = "sae.safetensors";
+/// dictionary_learning's weights file name (a torch state dict) and its config beside it.
+pub const DICTIONARY_LEARNING_WEIGHTS_FILE: &str = "ae.pt";
+pub const DICTIONARY_LEARNING_CFG_FILE: &str = "config.json";
 
 /// A tensor read from a file, converted to f32.
 #[derive(Debug, Clone, PartialEq)]
@@ -273,12 +280,16 @@ pub struct LoadedFiles {
     pub w_enc_feature_major: bool,
 }
 
-/// Reads `cfg.json` and the weights of an SAELens (any version) or sparsify folder.
+/// Reads `cfg.json` and the weights of an SAELens (any version) or sparsify folder, or a
+/// dictionary_learning folder (`ae.pt` and `config.json`, no `cfg.json`).
 ///
 /// # Errors
 /// Missing files, corrupt safetensors, unknown architecture, invalid config.
 pub fn load_sae_files(dir: &Path) -> Result<LoadedFiles> {
     let cfg_path = dir.join(CFG_FILE);
+    if !cfg_path.exists() && dir.join(DICTIONARY_LEARNING_WEIGHTS_FILE).exists() {
+        return dictionary_learning::load(dir);
+    }
     let value = read_json(&cfg_path)?;
     let cfg = SaeConfig::from_json_value(value, &cfg_path)?;
     let saelens = dir.join(WEIGHTS_FILE);

@@ -35,7 +35,8 @@ impl std::fmt::Debug for SaeModel {
 }
 
 impl SaeModel {
-    /// Loads a SAELens (v6 or older) or sparsify folder.
+    /// Loads a SAELens (v6 or older), sparsify or dictionary_learning (`ae.pt` + `config.json`)
+    /// folder; [`SaeModel::save`] writes any of them as SAELens v6.
     ///
     /// # Errors
     /// Missing or corrupt files, unknown architecture, a missing tensor or one of the wrong shape

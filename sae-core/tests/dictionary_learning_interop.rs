@@ -1,0 +1,119 @@
+//! Interop with dictionary_learning (Marks et al.): folders written by
+//! `scripts/dictionary_learning_fixtures.py` with that library's own classes (`ae.pt` and
+//! `config.json`) load as SAEs whose codes and reconstructions are the library's own `encode`
+//! and `decode`, within 1e-5; saved again they are SAELens folders giving the same numbers.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use sae_core::io::read_safetensors;
+use sae_core::{SaeError, SaeModel};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/dictionary_learning")
+        .join(name)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(u, v)| (u - v).abs())
+        .fold(0.0, f32::max)
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Codes and reconstructions of `sae` against the library's, from `dir`'s expected outputs.
+fn check(name: &str, sae: &SaeModel) {
+    let t = read_safetensors(&fixture(name).join("expected.safetensors")).unwrap();
+    let x = &t["x"];
+    let x = Tensor::from_slice(&x.data, (x.shape[0], x.shape[1]), &Device::Cpu).unwrap();
+    let (acts, recon) = (&t["feature_acts"].data, &t["recon"].data);
+    assert!(acts.iter().any(|v| *v != 0.0), "{name}: no active codes");
+    let ours = sae.encode(&x).unwrap();
+    let da = max_diff(&flat(&ours), acts);
+    assert!(
+        da <= 1e-5,
+        "{name}: codes differ from dictionary_learning's by {da}"
+    );
+    let dr = max_diff(&flat(&sae.forward(&x).unwrap()), recon);
+    assert!(dr <= 1e-5, "{name}: reconstructions differ by {dr}");
+}
+
+#[test]
+fn every_class_reproduces_dictionary_learning() {
+    for (name, arch, hook) in [
+        ("standard", "standard", "blocks.3.hook_resid_post"),
+        ("topk", "topk", "blocks.3.hook_mlp_out"),
+        ("batchtopk", "jumprelu", "blocks.3.hook_resid_post"),
+        ("jumprelu", "jumprelu", "blocks.3.hook_resid_post"),
+        ("gated", "gated", "blocks.3.hook_resid_post"),
+    ] {
+        let sae = SaeModel::load(fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(sae.config().architecture(), arch, "{name}");
+        assert_eq!((sae.d_in(), sae.d_sae()), (6, 10), "{name}");
+        assert_eq!(sae.hook_name(), Some(hook), "{name}");
+        assert_eq!(
+            sae.config().metadata().model_name.as_deref(),
+            Some("tiny-fixture"),
+            "{name}"
+        );
+        check(name, &sae);
+
+        // Saved here it is an SAELens folder with the same numbers.
+        let out = tempfile::tempdir().unwrap();
+        sae.save(out.path()).unwrap();
+        assert!(out.path().join("cfg.json").exists());
+        check(name, &SaeModel::load(out.path()).unwrap());
+    }
+}
+
+fn copy(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["ae.pt", "config.json"] {
+        std::fs::copy(fixture(name).join(f), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn damaged_dictionary_learning_folders_are_named() {
+    // A truncated state dict.
+    let dir = copy("topk");
+    let pt = dir.path().join("ae.pt");
+    let bytes = std::fs::read(&pt).unwrap();
+    std::fs::write(&pt, &bytes[..bytes.len() / 2]).unwrap();
+    let e = SaeModel::load(dir.path()).unwrap_err();
+    assert!(matches!(e, SaeError::CorruptFile { .. }), "{e}");
+    assert!(e.to_string().contains("ae.pt"), "{e}");
+
+    // A class this crate does not read, and a config without the trainer section.
+    let dir = copy("topk");
+    let cfg = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("AutoEncoderTopK", "MatryoshkaBatchTopKSAE"),
+    )
+    .unwrap();
+    let e = SaeModel::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("MatryoshkaBatchTopKSAE"), "{e}");
+    std::fs::write(&cfg, "{\"dict_class\": \"AutoEncoderTopK\"}").unwrap();
+    let e = SaeModel::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("trainer"), "{e}");
+
+    // A state dict of another class than the config says: the missing tensor is named.
+    let dir = copy("jumprelu");
+    let cfg = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("JumpReluAutoEncoder", "AutoEncoderTopK")).unwrap();
+    let e = SaeModel::load(dir.path()).unwrap_err();
+    assert!(
+        matches!(&e, SaeError::MissingTensor { name, .. } if name == "encoder.weight"),
+        "{e}"
+    );
+}
