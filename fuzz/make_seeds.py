@@ -119,7 +119,7 @@ def tiny_gguf(family, arch, tokenizer, name=None):
 
 def main():
     if SEEDS.exists():
-        for t in ["gguf", "hf_config", "tokenizer_json", "sae_cfg", "sae_weights", "rdata"]:
+        for t in ["gguf", "hf_config", "tokenizer_json", "sae_cfg", "sae_weights", "sae_torch_state", "rdata"]:
             shutil.rmtree(SEEDS / t, ignore_errors=True)
     tiny_gguf("llama", "llama", "bpe")
     tiny_gguf("gemma3", "gemma3", "bpe")
@@ -164,6 +164,9 @@ def main():
         name = str(d.parent.relative_to(fx)).replace("/", "_")
         out("sae_cfg", f"{name}.json", dialect + d.read_bytes())
     out("sae_weights", "topk.safetensors", (fx / "topk" / "sae_weights.safetensors").read_bytes())
+    dl = ROOT / "tests" / "fixtures" / "dictionary_learning"
+    out("sae_torch_state", "topk.pt", b"\x00" + (dl / "topk" / "ae.pt").read_bytes())
+    out("sae_torch_state", "gated.pt", b"\x01" + (dl / "gated" / "ae.pt").read_bytes())
     # R: the hand-built sample of rdata.rs's tests and the decompressed index of a real corpus.
     def be(i):
         return struct.pack(">i", i)

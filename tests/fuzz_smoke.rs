@@ -143,6 +143,11 @@ fn sae_weights() {
 }
 
 #[test]
+fn sae_torch_state() {
+    run("sae_torch_state", entries::sae_torch_state, 1500, 1);
+}
+
+#[test]
 fn rdata() {
     run("rdata", entries::rdata, 20000, 0);
 }

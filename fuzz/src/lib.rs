@@ -134,6 +134,31 @@ pub fn sae_weights(data: &[u8]) {
     let _ = SaeModel::load(dir);
 }
 
+/// A dictionary_learning SAE's `ae.pt` (a torch state dict: a zip holding a pickle) beside a
+/// valid `config.json`, the first byte choosing an AutoEncoderTopK's or a GatedAutoEncoder's.
+pub fn sae_torch_state(data: &[u8]) {
+    static DIRS: OnceLock<[PathBuf; 2]> = OnceLock::new();
+    let dirs = DIRS.get_or_init(|| {
+        ["topk", "gated"].map(|class| {
+            folder_with(
+                &format!("sae_pt_{class}"),
+                &[(
+                    &format!("tests/fixtures/dictionary_learning/{class}/config.json"),
+                    "config.json",
+                )],
+            )
+        })
+    });
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let dir = &dirs[usize::from(first & 1)];
+    write(&dir.join("ae.pt"), rest);
+    if let Ok(sae) = SaeModel::load(dir) {
+        let _ = sae.config().d_sae();
+    }
+}
+
 /// The first shard's files of the fixture cache: each hook's rows, then the provenance.
 pub fn shard_files() -> [String; 3] {
     [
