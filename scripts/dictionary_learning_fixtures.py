@@ -104,6 +104,22 @@ ae = batch_top_k.BatchTopKSAE(D_IN, D_SAE, k=3)
 randomize(ae, gen)
 write("batchtopk", ae, "BatchTopKSAE", gen, {"k": 3}, prepare=median_threshold)
 
+matryoshka = load(
+    "dictionary_learning.trainers.matryoshka_batch_top_k", root / "trainers/matryoshka_batch_top_k.py"
+)
+
+
+def median_threshold_wenc(ae, x):
+    with t.no_grad():
+        post = t.relu((x - ae.b_dec) @ ae.W_enc + ae.b_enc)
+        ae.threshold.fill_(post[post > 0].median().item())
+        assert (ae.encode(x) != 0).sum() < (post > 0).sum()
+
+
+ae = matryoshka.MatryoshkaBatchTopKSAE(D_IN, D_SAE, k=3, group_sizes=[2, 3, 5])
+randomize(ae, gen)
+write("matryoshka", ae, "MatryoshkaBatchTopKSAE", gen, {"k": 3}, prepare=median_threshold_wenc)
+
 ae = dictionary.JumpReluAutoEncoder(D_IN, D_SAE)
 randomize(ae, gen)
 with t.no_grad():

@@ -50,6 +50,7 @@ fn every_class_reproduces_dictionary_learning() {
         ("standard", "standard", "blocks.3.hook_resid_post"),
         ("topk", "topk", "blocks.3.hook_mlp_out"),
         ("batchtopk", "jumprelu", "blocks.3.hook_resid_post"),
+        ("matryoshka", "jumprelu", "blocks.3.hook_resid_post"),
         ("jumprelu", "jumprelu", "blocks.3.hook_resid_post"),
         ("gated", "gated", "blocks.3.hook_resid_post"),
     ] {
@@ -95,13 +96,9 @@ fn damaged_dictionary_learning_folders_are_named() {
     let dir = copy("topk");
     let cfg = dir.path().join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("AutoEncoderTopK", "MatryoshkaBatchTopKSAE"),
-    )
-    .unwrap();
+    std::fs::write(&cfg, text.replace("AutoEncoderTopK", "AutoEncoderNew")).unwrap();
     let e = SaeModel::load(dir.path()).unwrap_err().to_string();
-    assert!(e.contains("MatryoshkaBatchTopKSAE"), "{e}");
+    assert!(e.contains("AutoEncoderNew"), "{e}");
     std::fs::write(&cfg, "{\"dict_class\": \"AutoEncoderTopK\"}").unwrap();
     let e = SaeModel::load(dir.path()).unwrap_err().to_string();
     assert!(e.contains("trainer"), "{e}");

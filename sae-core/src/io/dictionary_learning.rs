@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `AutoEncoder` | standard | the pre-encoder bias is `bias` |
 //! | `AutoEncoderTopK` | topk | ReLU before the top k rather than after: the same non-zero codes |
-//! | `BatchTopKSAE` | jumprelu, one threshold for every feature | its inference form (`use_threshold`, the default): `ReLU(v) · [ReLU(v) > θ]` |
+//! | `BatchTopKSAE`, `MatryoshkaBatchTopKSAE` | jumprelu, one threshold for every feature | their inference form (`use_threshold`, the default): `ReLU(v) · [ReLU(v) > θ]`; Matryoshka's nested groups only shape its training |
 //! | `JumpReluAutoEncoder` | jumprelu | `b_dec` is not subtracted from the input (`apply_b_dec_to_input` is false there) |
 //! | `GatedAutoEncoder` | gated | `gate_bias`, `mag_bias`, `decoder_bias` |
 //!
@@ -75,17 +75,18 @@ pub(super) fn load(dir: &Path) -> Result<LoadedFiles> {
                 "AutoEncoderTopK" => ("topk", true, true),
                 _ => {
                     let theta = scalar(&take("threshold")?, "threshold", &weights_file)?;
-                    let d_sae = tensors["b_enc"].data.len();
-                    tensors.insert(
-                        "threshold".to_string(),
-                        HostTensor {
-                            shape: vec![d_sae],
-                            data: vec![theta; d_sae],
-                        },
-                    );
+                    tensors.insert("threshold".to_string(), every_feature(theta, &tensors));
                     ("jumprelu", true, true)
                 }
             }
+        }
+        "MatryoshkaBatchTopKSAE" => {
+            for name in ["W_enc", "b_enc", "W_dec", "b_dec"] {
+                tensors.insert(name.to_string(), take(name)?);
+            }
+            let theta = scalar(&take("threshold")?, "threshold", &weights_file)?;
+            tensors.insert("threshold".to_string(), every_feature(theta, &tensors));
+            ("jumprelu", true, false)
         }
         "JumpReluAutoEncoder" => {
             for name in ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"] {
@@ -107,7 +108,8 @@ pub(super) fn load(dir: &Path) -> Result<LoadedFiles> {
                 file: cfg_path,
                 reason: format!(
                     "dictionary_learning class {other}: this crate reads AutoEncoder, \
-                     AutoEncoderTopK, BatchTopKSAE, JumpReluAutoEncoder and GatedAutoEncoder"
+                     AutoEncoderTopK, BatchTopKSAE, MatryoshkaBatchTopKSAE, \
+                     JumpReluAutoEncoder and GatedAutoEncoder"
                 ),
             });
         }
@@ -176,6 +178,15 @@ fn read_state_dict(path: &Path) -> Result<HashMap<String, HostTensor>> {
             Ok((name, HostTensor { shape, data }))
         })
         .collect()
+}
+
+/// BatchTopK's one inference threshold as JumpReLU's per-feature ones.
+fn every_feature(theta: f32, tensors: &HashMap<String, HostTensor>) -> HostTensor {
+    let d_sae = tensors["b_enc"].data.len();
+    HostTensor {
+        shape: vec![d_sae],
+        data: vec![theta; d_sae],
+    }
 }
 
 /// A `[rows, cols]` matrix as `[cols, rows]` (torch's `decoder.weight` is `[d_in, d_sae]`).
