@@ -21,7 +21,7 @@ use crate::{SMALL_M, SendPtr, f32_slice};
 /// Rows of `W` per panel: two AVX-512 vectors.
 const PANEL: usize = 32;
 
-/// A `[n, k]` weight in panels of [`PANEL`] rows, each `k`-major, the last one zero-padded.
+/// A `[n, k]` weight in panels of `PANEL` (32) rows, each `k`-major, the last one zero-padded.
 pub struct PackedWeight {
     data: Vec<f32>,
     n: usize,

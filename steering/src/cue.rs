@@ -9,7 +9,7 @@
 //! * **Edits**: delete the responsible words (one, then two, then three, most responsible first),
 //!   drop the sentence or comma clause holding the most responsible word, replace a word or a
 //!   phrase by a near-synonym from a list (hand-written, or WordNet's through
-//!   [`synonyms_from_groups`]), or take a rephrasing (the caller's: e.g. the model's own, asked
+//!   [`Thesaurus::synonyms_for`]), or take a rephrasing (the caller's: e.g. the model's own, asked
 //!   to avoid the word).
 //! * **Meaning kept**: [`meaning_score`], the change in the mean log-probability of the original
 //!   prompt's (greedy) answer when the edited prompt is asked instead. 0: the edited prompt
