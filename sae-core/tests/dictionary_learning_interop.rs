@@ -92,6 +92,15 @@ fn damaged_dictionary_learning_folders_are_named() {
     assert!(matches!(e, SaeError::CorruptFile { .. }), "{e}");
     assert!(e.to_string().contains("ae.pt"), "{e}");
 
+    // A state dict whose pickle holds a tensor's arguments as a tuple too short: candle's
+    // reader panics on it (found by libFuzzer); here it is an error naming the file.
+    let dir = copy("gated");
+    let damaged = fixture("damaged/ae_short_tuple.pt");
+    std::fs::copy(&damaged, dir.path().join("ae.pt")).unwrap();
+    let e = SaeModel::load(dir.path()).unwrap_err();
+    assert!(matches!(e, SaeError::CorruptFile { .. }), "{e}");
+    assert!(e.to_string().contains("ae.pt"), "{e}");
+
     // A class this crate does not read, and a config without the trainer section.
     let dir = copy("topk");
     let cfg = dir.path().join("config.json");

@@ -157,7 +157,9 @@ pub(super) fn load(dir: &Path) -> Result<LoadedFiles> {
     })
 }
 
-/// Every tensor of a `torch.save` state dict, as f32.
+/// Every tensor of a `torch.save` state dict, as f32. candle's reader indexes the pickle's
+/// tuples without checking their length (a damaged file panics in `rebuild_args`; found by
+/// libFuzzer), so it runs under `catch_unwind`: a bad file is an error naming it, not a crash.
 fn read_state_dict(path: &Path) -> Result<HashMap<String, HostTensor>> {
     if !path.exists() {
         return Err(SaeError::io(
@@ -165,8 +167,20 @@ fn read_state_dict(path: &Path) -> Result<HashMap<String, HostTensor>> {
             std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         ));
     }
-    let read = candle_core::pickle::read_all(path)
-        .map_err(|e| corrupt(path, &format!("not a torch state dict ({e})")))?;
+    let read = match std::panic::catch_unwind(|| candle_core::pickle::read_all(path)) {
+        Ok(read) => read.map_err(|e| corrupt(path, &format!("not a torch state dict ({e})")))?,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_default();
+            return Err(corrupt(
+                path,
+                &format!("candle's torch reader could not read it ({msg})"),
+            ));
+        }
+    };
     read.into_iter()
         .map(|(name, t)| {
             let shape = t.dims().to_vec();
