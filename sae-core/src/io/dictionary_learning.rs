@@ -23,6 +23,7 @@ use super::{
     DICTIONARY_LEARNING_CFG_FILE, DICTIONARY_LEARNING_WEIGHTS_FILE, HostTensor, LoadedFiles,
     read_json,
 };
+use crate::arch::transpose;
 use crate::config::SaeConfig;
 use crate::error::{Result, SaeError};
 
@@ -208,15 +209,9 @@ fn transposed(t: HostTensor) -> HostTensor {
     let &[rows, cols] = t.shape.as_slice() else {
         return t; // the shape check after the load names it
     };
-    let mut data = vec![0.0; t.data.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            data[c * rows + r] = t.data[r * cols + c];
-        }
-    }
     HostTensor {
         shape: vec![cols, rows],
-        data,
+        data: transpose(&t.data, rows, cols),
     }
 }
 
