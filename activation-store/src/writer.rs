@@ -196,6 +196,41 @@ pub struct CacheWriter {
     manifest: Manifest,
 }
 
+/// The first setting in which `asked` and `found` differ, with both values. Destructured in
+/// full, so a setting added to [`CacheSettings`] cannot be left out of the comparison.
+fn first_difference(
+    asked: &CacheSettings,
+    found: &CacheSettings,
+) -> Option<(&'static str, String, String)> {
+    fn differ<T: PartialEq + std::fmt::Debug>(
+        name: &'static str,
+        a: &T,
+        b: &T,
+    ) -> Option<(&'static str, String, String)> {
+        (a != b).then(|| (name, format!("{a:?}"), format!("{b:?}")))
+    }
+    let CacheSettings {
+        dtype,
+        shard_rows,
+        batch_windows,
+        exclude_bos,
+        exclude_token_ids,
+        outlier_factor,
+    } = asked;
+    differ("dtype", dtype, &found.dtype)
+        .or_else(|| differ("shard_rows", shard_rows, &found.shard_rows))
+        .or_else(|| differ("batch_windows", batch_windows, &found.batch_windows))
+        .or_else(|| differ("exclude_bos", exclude_bos, &found.exclude_bos))
+        .or_else(|| {
+            differ(
+                "exclude_token_ids",
+                exclude_token_ids,
+                &found.exclude_token_ids,
+            )
+        })
+        .or_else(|| differ("outlier_factor", outlier_factor, &found.outlier_factor))
+}
+
 impl CacheWriter {
     /// Opens the cache in `dir` for appending when its manifest exists, checking that it was made
     /// from the same source with the same settings, and deletes files of uncommitted shards.
@@ -247,50 +282,8 @@ impl CacheWriter {
                 m.plan_sha256.clone(),
             );
         }
-        let (a, b) = (settings, &manifest.settings);
-        let differs: [(&'static str, bool, String, String); 6] = [
-            (
-                "dtype",
-                a.dtype != b.dtype,
-                format!("{:?}", a.dtype),
-                format!("{:?}", b.dtype),
-            ),
-            (
-                "shard_rows",
-                a.shard_rows != b.shard_rows,
-                a.shard_rows.to_string(),
-                b.shard_rows.to_string(),
-            ),
-            (
-                "batch_windows",
-                a.batch_windows != b.batch_windows,
-                a.batch_windows.to_string(),
-                b.batch_windows.to_string(),
-            ),
-            (
-                "exclude_bos",
-                a.exclude_bos != b.exclude_bos,
-                a.exclude_bos.to_string(),
-                b.exclude_bos.to_string(),
-            ),
-            (
-                "exclude_token_ids",
-                a.exclude_token_ids != b.exclude_token_ids,
-                format!("{:?}", a.exclude_token_ids),
-                format!("{:?}", b.exclude_token_ids),
-            ),
-            (
-                "outlier_factor",
-                a.outlier_factor != b.outlier_factor,
-                format!("{:?}", a.outlier_factor),
-                format!("{:?}", b.outlier_factor),
-            ),
-        ];
-        if let Some((field, _, expected, found)) = differs.into_iter().find(|d| d.1) {
+        if let Some((field, expected, found)) = first_difference(settings, &manifest.settings) {
             return mismatch(field, expected, found);
-        }
-        if a != b {
-            return mismatch("settings", format!("{a:?}"), format!("{b:?}"));
         }
         let w = CacheWriter {
             dir: dir.to_path_buf(),

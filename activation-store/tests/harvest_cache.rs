@@ -199,17 +199,23 @@ fn resuming_with_other_settings_or_model_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let plan = plan(10, 16);
     run(tmp.path(), &plan, &config(100));
+    // A second harvest into the same folder, which must be refused.
+    let refused = |plan: &activation_store::WindowPlan,
+                   model: &activation_store::ModelIdentity,
+                   cfg: &HarvestConfig| {
+        harvest(
+            tmp.path(),
+            plan,
+            model,
+            &mut source(Duration::ZERO),
+            cfg,
+            None,
+        )
+        .unwrap_err()
+    };
     let mut cfg = config(100);
     cfg.dtype = StoreDtype::F16;
-    let e = harvest(
-        tmp.path(),
-        &plan,
-        &model(),
-        &mut source(Duration::ZERO),
-        &cfg,
-        None,
-    )
-    .unwrap_err();
+    let e = refused(&plan, &model(), &cfg);
     assert!(
         matches!(e, Error::ManifestMismatch { field: "dtype", .. }),
         "{e}"
@@ -219,15 +225,7 @@ fn resuming_with_other_settings_or_model_is_refused() {
     assert!(msg.contains("dtype = F32, but F16 was asked for"), "{msg}");
     let mut cfg = config(100);
     cfg.exclude_bos = !cfg.exclude_bos;
-    let e = harvest(
-        tmp.path(),
-        &plan,
-        &model(),
-        &mut source(Duration::ZERO),
-        &cfg,
-        None,
-    )
-    .unwrap_err();
+    let e = refused(&plan, &model(), &cfg);
     assert!(
         matches!(
             e,
@@ -240,38 +238,14 @@ fn resuming_with_other_settings_or_model_is_refused() {
     );
     let mut other = model();
     other.model_sha256 = "11".repeat(32);
-    let e = harvest(
-        tmp.path(),
-        &plan,
-        &other,
-        &mut source(Duration::ZERO),
-        &config(100),
-        None,
-    )
-    .unwrap_err();
+    let e = refused(&plan, &other, &config(100));
     assert!(e.to_string().contains(&"11".repeat(32)), "{e}");
     let other_plan = common::plan(11, 16);
-    let e = harvest(
-        tmp.path(),
-        &other_plan,
-        &model(),
-        &mut source(Duration::ZERO),
-        &config(100),
-        None,
-    )
-    .unwrap_err();
+    let e = refused(&other_plan, &model(), &config(100));
     assert!(e.to_string().contains("plan_sha256"), "{e}");
     let mut one_hook = config(100);
     one_hook.hooks.pop();
-    let e = harvest(
-        tmp.path(),
-        &plan,
-        &model(),
-        &mut source(Duration::ZERO),
-        &one_hook,
-        None,
-    )
-    .unwrap_err();
+    let e = refused(&plan, &model(), &one_hook);
     assert!(
         matches!(e, Error::ManifestMismatch { field: "hooks", .. }),
         "{e}"
