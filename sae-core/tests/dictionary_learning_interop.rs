@@ -3,10 +3,11 @@
 //! `config.json`) load as SAEs whose codes and reconstructions are the library's own `encode`
 //! and `decode`, within 1e-5; saved again they are SAELens folders giving the same numbers.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
-use sae_core::io::read_safetensors;
+use common::{expected, flat, max_diff};
 use sae_core::{SaeError, SaeModel};
 
 fn fixture(name: &str) -> PathBuf {
@@ -15,32 +16,17 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(u, v)| (u - v).abs())
-        .fold(0.0, f32::max)
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
-}
-
 /// Codes and reconstructions of `sae` against the library's, from `dir`'s expected outputs.
 fn check(name: &str, sae: &SaeModel) {
-    let t = read_safetensors(&fixture(name).join("expected.safetensors")).unwrap();
-    let x = &t["x"];
-    let x = Tensor::from_slice(&x.data, (x.shape[0], x.shape[1]), &Device::Cpu).unwrap();
-    let (acts, recon) = (&t["feature_acts"].data, &t["recon"].data);
-    assert!(acts.iter().any(|v| *v != 0.0), "{name}: no active codes");
-    let ours = sae.encode(&x).unwrap();
-    let da = max_diff(&flat(&ours), acts);
+    let e = expected(&fixture(name));
+    assert!(e.acts.iter().any(|v| *v != 0.0), "{name}: no active codes");
+    let ours = sae.encode(&e.x).unwrap();
+    let da = max_diff(&flat(&ours), &e.acts);
     assert!(
         da <= 1e-5,
         "{name}: codes differ from dictionary_learning's by {da}"
     );
-    let dr = max_diff(&flat(&sae.forward(&x).unwrap()), recon);
+    let dr = max_diff(&flat(&sae.forward(&e.x).unwrap()), &e.recon);
     assert!(dr <= 1e-5, "{name}: reconstructions differ by {dr}");
 }
 

@@ -3,10 +3,12 @@
 //! `tests/fixtures/saelens/from_rust/`, regenerated with `SAE_WRITE_FIXTURES=1`) are the ones the
 //! script's `check-rust` step loads back into SAELens.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use sae_core::io::read_safetensors;
+use common::{expected, flat, max_diff};
 use sae_core::{
     ActivationNormalization, ArchitectureConfig, BatchTopKTraining, GatedTraining, HostBatch,
     JumpReluTraining, SaeConfig, SaeModel, StandardTraining, TopKTraining, Trainer, TrainerConfig,
@@ -14,34 +16,6 @@ use sae_core::{
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/saelens")
-}
-
-struct Expected {
-    x: Tensor,
-    acts: Vec<f32>,
-    recon: Vec<f32>,
-}
-
-fn expected(dir: &Path) -> Expected {
-    let t = read_safetensors(&dir.join("expected.safetensors")).unwrap();
-    let x = &t["x"];
-    Expected {
-        x: Tensor::from_slice(&x.data, (x.shape[0], x.shape[1]), &Device::Cpu).unwrap(),
-        acts: t["feature_acts"].data.clone(),
-        recon: t["recon"].data.clone(),
-    }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(u, v)| (u - v).abs())
-        .fold(0.0, f32::max)
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
 fn check_dir(name: &str) -> SaeModel {
