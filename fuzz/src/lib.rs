@@ -111,11 +111,17 @@ pub fn sae_cfg(data: &[u8]) {
             ),
         ]
     });
+    load_sae_with(dirs, "cfg.json", data);
+}
+
+/// Writes `data` after its first byte as `file` in the folder that byte's low bit chooses, and
+/// loads the SAE there.
+fn load_sae_with(dirs: &[PathBuf; 2], file: &str, data: &[u8]) {
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
     let dir = &dirs[usize::from(first & 1)];
-    write(&dir.join("cfg.json"), rest);
+    write(&dir.join(file), rest);
     if let Ok(sae) = SaeModel::load(dir) {
         let _ = sae.config().d_sae();
     }
@@ -149,14 +155,7 @@ pub fn sae_torch_state(data: &[u8]) {
             )
         })
     });
-    let Some((&first, rest)) = data.split_first() else {
-        return;
-    };
-    let dir = &dirs[usize::from(first & 1)];
-    write(&dir.join("ae.pt"), rest);
-    if let Ok(sae) = SaeModel::load(dir) {
-        let _ = sae.config().d_sae();
-    }
+    load_sae_with(dirs, "ae.pt", data);
 }
 
 /// The first shard's files of the fixture cache: each hook's rows, then the provenance.
