@@ -15,6 +15,8 @@
 //!   and the feature pages built from them ([`build_feature_page`]).
 //! - The adapter to `transformer-hooks` models ([`HookedSplice`]) and token windows from text
 //!   ([`token_batches`]).
+//! - Sparse probing (SAEBench's): how well k latents, against k neurons, tell a class of texts
+//!   from the rest ([`sparse_probing`], on features from [`pooled_window_features`]).
 //! - Next-token log-probabilities and KL from logits ([`next_token_log_probs`], [`HostLogits`]).
 //!
 //! Loss recovered for an SAE on its own hook (`examples/eval_sae` is this with flags):
@@ -54,6 +56,7 @@ pub mod html;
 mod nll;
 mod pages;
 pub mod plots;
+mod probing;
 mod reconstruction;
 mod sae_ops;
 mod spliced;
@@ -67,6 +70,11 @@ pub use hooked::{HookedSplice, token_batches};
 pub use nll::{HostLogits, kl_per_position, log_softmax, next_token_log_probs};
 pub use pages::{
     PageConfig, TokenSource, auto_label, build_feature_page, feature_file_name, write_pages,
+};
+pub use probing::{
+    ClassProbing, LabelledFeatures, LogisticProbe, MAX_PROBE_ITERATIONS, PooledFeatures,
+    ProbingConfig, TopKProbe, balanced_one_vs_rest, pooled_window_features, sparse_probing,
+    top_k_by_mean_difference,
 };
 pub use reconstruction::{
     DEFAULT_DENSE_THRESHOLD, DensityHistogram, FeatureDensity, ReconstructionAccumulator,
