@@ -99,6 +99,10 @@ struct Args {
     /// `cpu`, or `cuda` (build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Join each document's lines with single spaces before tokenizing, so that no class can be
+    /// told by its layout (verse lines, paragraph breaks) rather than its words.
+    #[arg(long)]
+    flatten_whitespace: bool,
     /// Output folder.
     #[arg(long, default_value = "runs/sparse_probing")]
     out: PathBuf,
@@ -412,7 +416,18 @@ fn main() -> anyhow::Result<()> {
     eprintln!("tokenizing {} documents", needed.len());
     let tokens: HashMap<usize, Vec<u32>> = needed
         .par_iter()
-        .map(|&d| Ok((d, tok.encode(&docs[d].text, false)?)))
+        .map(|&d| {
+            let text = &docs[d].text;
+            let ids = if args.flatten_whitespace {
+                tok.encode(
+                    &text.split_whitespace().collect::<Vec<_>>().join(" "),
+                    false,
+                )?
+            } else {
+                tok.encode(text, false)?
+            };
+            Ok((d, ids))
+        })
         .collect::<transformer_hooks::Result<_>>()?;
     // Each document's full windows, in an order seeded by the run's seed and the document's id.
     let doc_windows: HashMap<usize, Vec<usize>> = tokens
@@ -589,6 +604,7 @@ fn main() -> anyhow::Result<()> {
         "hook": hook,
         "saes": args.sae,
         "context": args.context,
+        "flatten_whitespace": args.flatten_whitespace,
         "train_per_class": args.train_per_class,
         "test_per_class": args.test_per_class,
         "windows": windows.len(),
@@ -1002,6 +1018,59 @@ mod tests {
             "sonnets",
         ] {
             assert_eq!(shakespeare_genre(poem), None);
+        }
+    }
+
+    #[test]
+    fn windows_are_held_out_by_document_and_spread_over_documents() {
+        let docs: Vec<Document> = (0..12)
+            .map(|i| Document {
+                id: format!("c/{i:02}"),
+                text: String::new(),
+            })
+            .collect();
+        // Documents 0-7 are class 0, 8-11 class 1; each has three windows.
+        let task = Task {
+            name: "t",
+            about: "",
+            classes: vec!["a".into(), "b".into()],
+            docs: (0..12).map(|d| (d, usize::from(d >= 8))).collect(),
+        };
+        let doc_windows: HashMap<usize, Vec<usize>> =
+            (0..12).map(|d| (d, vec![200, 100, 0])).collect();
+        let args = Args::parse_from([
+            "sparse_probing",
+            "--sae",
+            "x",
+            "--train-per-class",
+            "5",
+            "--test-per-class",
+            "4",
+        ]);
+        let (train, test) = choose_windows(&task, &docs, &doc_windows, &args);
+        let docs_of = |l: &Labelled, c: usize| -> Vec<usize> {
+            l.iter().filter(|w| w.1 == c).map(|w| w.0.0).collect()
+        };
+        // Class 0: documents 3 and 7 (every fourth by id) are held out.
+        assert_eq!(
+            docs_of(&train, 0),
+            vec![0, 1, 2, 4, 5],
+            "one window from each of five documents first"
+        );
+        assert!(
+            train.iter().filter(|w| w.1 == 0).all(|w| w.0.1 == 200),
+            "each document's first window in its order"
+        );
+        assert_eq!(docs_of(&test, 0), vec![3, 7, 3, 7]);
+        // Class 1: document 11 held out, its three windows all that the test split can have.
+        assert_eq!(docs_of(&train, 1), vec![8, 9, 10, 8, 9]);
+        assert_eq!(docs_of(&test, 1), vec![11, 11, 11]);
+        for (tr, _) in &train {
+            assert!(
+                !test.iter().any(|(te, _)| te.0 == tr.0),
+                "document {} in both splits",
+                tr.0
+            );
         }
     }
 
