@@ -310,7 +310,7 @@ struct TaskResult {
     test_windows: usize,
     /// Source name → one result per class.
     probes: BTreeMap<String, Vec<ClassProbing>>,
-    /// Source name → the tokens each class's top-1 dimension fires on most (SAEs only).
+    /// SAE name → for each class, where its top-1 latent fires most (context, activation).
     top1_tokens: BTreeMap<String, Vec<Vec<(String, f32)>>>,
 }
 
@@ -617,7 +617,15 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&json_path, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
     plots(&results, &source_names, &cfg, &args.out)?;
-    let html = report(&results, &source_names, &cfg, &summary, &hook, &model_path);
+    let html = report(
+        &results,
+        &source_names,
+        &cfg,
+        &summary,
+        &hook,
+        &model_path,
+        args.flatten_whitespace,
+    );
     let html_path = args.out.join("report.html");
     std::fs::write(&html_path, html).with_context(|| format!("writing {}", html_path.display()))?;
 
@@ -688,7 +696,9 @@ fn hook_rows(
     Ok(out)
 }
 
-/// The tokens on which `latent` fires most, its activations summed by token (top 6).
+/// Where `latent` fires most: its five highest activations on distinct tokens, each shown with
+/// the four tokens before it (`…of the [Congress]`). Summing by token would instead favour the
+/// commonest tokens (commas, "the") for any latent that fires a little everywhere.
 fn top_tokens(
     model: &Model,
     sae: &SaeModel,
@@ -697,25 +707,36 @@ fn top_tokens(
     skip: usize,
 ) -> anyhow::Result<Vec<(String, f32)>> {
     let tok = model.tokenizer()?;
-    let mut by_token: HashMap<u32, f32> = HashMap::new();
-    for (rows, ids, len) in acts {
+    let mut hits: Vec<(f32, usize, usize)> = Vec::new(); // (activation, chunk, row)
+    for (ci, (rows, _, len)) in acts.iter().enumerate() {
         let codes = sae.encode_sparse(rows)?;
-        for (i, &id) in ids.iter().enumerate() {
+        for i in 0..codes.n_tokens {
             if i % len < skip {
                 continue;
             }
             let (fs, vs) = codes.row(i);
             if let Some(p) = fs.iter().position(|&f| f as usize == latent) {
-                *by_token.entry(id).or_default() += vs[p];
+                hits.push((vs[p], ci, i));
             }
         }
     }
-    let mut v: Vec<(u32, f32)> = by_token.into_iter().collect();
-    v.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    v.truncate(6);
-    v.into_iter()
-        .map(|(id, s)| Ok((tok.decode(&[id])?, s)))
-        .collect()
+    hits.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    for (v, ci, i) in hits {
+        let (_, ids, len) = &acts[ci];
+        if seen.contains(&ids[i]) {
+            continue;
+        }
+        seen.push(ids[i]);
+        let from = (i - i % len + skip).max(i.saturating_sub(4));
+        let before = tok.decode(&ids[from..i])?;
+        out.push((format!("…{before}[{}]", tok.decode(&ids[i..=i])?), v));
+        if out.len() == 5 {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// Mean held-out accuracy per source: over every class of every task, and per task.
@@ -825,6 +846,7 @@ fn report(
     summary: &serde_json::Value,
     hook: &str,
     model: &Path,
+    flattened: bool,
 ) -> String {
     use metrics::html::escape_html as esc;
     let mut h = format!(
@@ -836,12 +858,18 @@ fn report(
          window; its vector is the mean over its tokens of the hook's activations (\"neurons\") or \
          of an SAE's codes. For each class against the rest (balanced), the k dimensions with the \
          largest difference of means are kept and an L2 logistic probe (C = {}) is fitted; the \
-         numbers are accuracy on windows from held-out documents.</p>\
+         numbers are accuracy on windows from held-out documents.{}</p>\
          <img src=\"accuracy_vs_k.png\" width=\"640\"> <img src=\"top1_by_task.png\" width=\"640\">\
          <h2>Mean over all classes</h2><table><tr><th class=l>source</th>",
         esc(hook),
         esc(&model.display().to_string()),
-        cfg.c
+        cfg.c,
+        if flattened {
+            " Each document's lines were joined with single spaces (<code>--flatten-whitespace</code>): \
+             no class can be told by its layout."
+        } else {
+            ""
+        }
     );
     for &k in &cfg.ks {
         h += &format!("<th>top-{k}</th>");
@@ -882,7 +910,8 @@ fn report(
                 h += &format!("<th>{} top-{k}</th>", esc(s));
             }
         }
-        h += "<th class=l>each SAE's top-1 latent: the tokens it fires on most in held-out windows</th></tr>";
+        h += "<th class=l>each SAE's top-1 latent: where it fires most in the class's held-out \
+              windows (distinct tokens, ⏎ = line break)</th></tr>";
         for (c, class) in r.classes.iter().enumerate() {
             h += &format!("<tr><td class=l>{}</td>", esc(class));
             for s in sources {
@@ -901,7 +930,7 @@ fn report(
                 if let (Some(l), Some(toks)) = (latent, toks) {
                     let list: Vec<String> = toks
                         .iter()
-                        .map(|(t, _)| format!("<code>{}</code>", esc(&format!("{t:?}"))))
+                        .map(|(t, v)| format!("<code>{}</code> {v:.1}", esc(&t.replace('\n', "⏎"))))
                         .collect();
                     cells.push(format!("{}: #{l} {}", esc(s), list.join(" ")));
                 }
