@@ -373,6 +373,7 @@ fn main() -> anyhow::Result<()> {
         .model
         .clone()
         .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
+    let model_path = std::fs::canonicalize(&model_path).unwrap_or(model_path);
     let model = Model::load(&model_path, &device).with_context(|| {
         format!(
             "loading model {} (python3 scripts/fetch_assets.py smollm2)",
@@ -831,7 +832,7 @@ fn plots(
             &grid,
             sources,
             &cols,
-            "Top-1 accuracy per task: one neuron against one SAE latent",
+            "Top-1 accuracy per task (mean over classes)",
             (0.5, 1.0),
             &out.join("top1_by_task.png"),
         )?;
