@@ -740,6 +740,26 @@ fn top_tokens(
     Ok(out)
 }
 
+/// The SAE's top-k accuracy less the neurons', class by class (the same rows in both): mean,
+/// standard error over the classes, and how many classes each side wins. A mean gap within two
+/// standard errors is not a difference these tasks can show.
+fn paired_difference(results: &[TaskResult], sae: &str, k: usize) -> serde_json::Value {
+    let d: Vec<f64> = results
+        .iter()
+        .flat_map(|r| r.probes[sae].iter().zip(&r.probes["neurons"]))
+        .filter_map(|(a, b)| Some(a.top_k_accuracy(k)? - b.top_k_accuracy(k)?))
+        .collect();
+    let m = mean(d.iter().copied());
+    let var = d.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (d.len().max(2) - 1) as f64;
+    serde_json::json!({
+        "mean": m,
+        "standard_error": (var / d.len().max(1) as f64).sqrt(),
+        "classes_sae_better": d.iter().filter(|&&x| x > 0.0).count(),
+        "classes_neurons_better": d.iter().filter(|&&x| x < 0.0).count(),
+        "classes": d.len(),
+    })
+}
+
 /// Mean held-out accuracy per source: over every class of every task, and per task.
 fn summarise(results: &[TaskResult], sources: &[String], cfg: &ProbingConfig) -> serde_json::Value {
     let mut out = serde_json::Map::new();
@@ -752,6 +772,12 @@ fn summarise(results: &[TaskResult], sources: &[String], cfg: &ProbingConfig) ->
             let acc = mean(all.iter().filter_map(|c| c.top_k_accuracy(k)));
             m.insert(format!("top_{k}"), acc.into());
             m.insert(format!("{prefix}_top_{k}_test_accuracy"), acc.into());
+            if s != "neurons" {
+                m.insert(
+                    format!("top_{k}_minus_neurons"),
+                    paired_difference(results, s, k),
+                );
+            }
         }
         if cfg.full {
             let acc = mean(all.iter().filter_map(|c| c.full_test_accuracy));

@@ -449,6 +449,27 @@ fn gather(f: &LabelledFeatures<'_>, rows: &[usize], cols: Option<&[usize]>) -> V
 /// (dimensions chosen on `train`), and the full-width probe if asked; accuracy on `test`.
 /// Classes run in parallel.
 ///
+/// ```
+/// use metrics::{LabelledFeatures, ProbingConfig, sparse_probing};
+///
+/// // Thirty texts of three classes, three dimensions each: class c raises dimension c.
+/// let row = |c: usize, noise: f32| -> Vec<f32> {
+///     (0..3).map(|j| if j == c { 2.0 + noise } else { noise }).collect()
+/// };
+/// let (mut x, mut labels) = (Vec::new(), Vec::new());
+/// for i in 0..30 {
+///     x.extend(row(i % 3, 0.1 * (i % 5) as f32));
+///     labels.push(i % 3);
+/// }
+/// let classes = ["a", "b", "c"].map(String::from);
+/// let data = LabelledFeatures { x: &x, d: 3, labels: &labels };
+/// let res = sparse_probing(data, data, &classes, &ProbingConfig::default()).unwrap();
+/// for (c, class) in res.iter().enumerate() {
+///     assert_eq!(class.top_k[0].features, vec![c]); // the dimension that marks the class
+///     assert_eq!(class.top_k_accuracy(1), Some(1.0));
+/// }
+/// ```
+///
 /// # Errors
 /// Shapes that disagree, labels past `classes`, non-finite features, a class without rows in
 /// either split, `k = 0`.
