@@ -938,7 +938,7 @@ fn report(
             }
         }
         h += "<th class=l>each SAE's top-1 latent: where it fires most in the class's held-out \
-              windows (distinct tokens, ⏎ = line break)</th></tr>";
+              windows (distinct tokens, ⏎ = line break); (+) higher on the class, (−) lower</th></tr>";
         for (c, class) in r.classes.iter().enumerate() {
             h += &format!("<tr><td class=l>{}</td>", esc(class));
             for s in sources {
@@ -952,14 +952,18 @@ fn report(
             }
             let mut cells = Vec::new();
             for s in sources.iter().skip(1) {
-                let latent = r.probes[s][c].top_k.first().map(|t| t.features[0]);
+                // Its probe weight's sign: whether the latent is higher (+) or lower (−) on the class.
+                let latent = r.probes[s][c]
+                    .top_k
+                    .first()
+                    .map(|t| (t.features[0], if t.weights[0] >= 0.0 { "+" } else { "−" }));
                 let toks = r.top1_tokens.get(s).and_then(|v| v.get(c));
-                if let (Some(l), Some(toks)) = (latent, toks) {
+                if let (Some((l, sign)), Some(toks)) = (latent, toks) {
                     let list: Vec<String> = toks
                         .iter()
                         .map(|(t, v)| format!("<code>{}</code> {v:.1}", esc(&t.replace('\n', "⏎"))))
                         .collect();
-                    cells.push(format!("{}: #{l} {}", esc(s), list.join(" ")));
+                    cells.push(format!("{}: #{l} ({sign}) {}", esc(s), list.join(" ")));
                 }
             }
             h += &format!("<td class=l>{}</td></tr>", cells.join("<br>"));
