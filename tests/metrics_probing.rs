@@ -31,7 +31,7 @@ fn a_neuron_tells_shakespeare_from_the_state_of_the_union() {
             .enumerate()
         {
             let ids = tok
-                .encode(&d.text[..d.text.len().min(20_000)], false)
+                .encode(&d.text[..d.text.floor_char_boundary(20_000)], false)
                 .unwrap();
             for r in chunk_ranges(ids.len(), context, true).skip(3).take(2) {
                 let mut w = vec![bos];
