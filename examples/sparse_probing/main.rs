@@ -273,9 +273,9 @@ fn choose_windows(
             (&kept, &mut train, args.train_per_class),
             (&held, &mut test, args.test_per_class),
         ] {
-            let orders: Vec<(usize, Vec<usize>)> = split
+            let orders: Vec<(usize, &[usize])> = split
                 .iter()
-                .map(|&(_, d)| (d, doc_windows.get(&d).cloned().unwrap_or_default()))
+                .map(|&(_, d)| (d, doc_windows.get(&d).map_or(&[][..], Vec::as_slice)))
                 .collect();
             let mut taken = 0;
             let mut round = 0;
@@ -317,6 +317,13 @@ struct TaskResult {
 fn mean(v: impl IntoIterator<Item = f64>) -> f64 {
     let v: Vec<f64> = v.into_iter().collect();
     v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// The mean of `v` and its standard error (sample variance over n - 1).
+fn mean_and_se(v: &[f64]) -> (f64, f64) {
+    let m = mean(v.iter().copied());
+    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len().max(2) - 1) as f64;
+    (m, (var / v.len().max(1) as f64).sqrt())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -749,11 +756,10 @@ fn paired_difference(results: &[TaskResult], sae: &str, k: usize) -> serde_json:
         .flat_map(|r| r.probes[sae].iter().zip(&r.probes["neurons"]))
         .filter_map(|(a, b)| Some(a.top_k_accuracy(k)? - b.top_k_accuracy(k)?))
         .collect();
-    let m = mean(d.iter().copied());
-    let var = d.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (d.len().max(2) - 1) as f64;
+    let (m, se) = mean_and_se(&d);
     serde_json::json!({
         "mean": m,
-        "standard_error": (var / d.len().max(1) as f64).sqrt(),
+        "standard_error": se,
         "classes_sae_better": d.iter().filter(|&&x| x > 0.0).count(),
         "classes_neurons_better": d.iter().filter(|&&x| x < 0.0).count(),
         "classes": d.len(),
@@ -822,10 +828,7 @@ fn plots(
                         .iter()
                         .flat_map(|r| r.probes[s].iter().filter_map(|c| c.top_k_accuracy(k)))
                         .collect();
-                    let m = mean(v.iter().copied());
-                    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>()
-                        / (v.len().max(2) - 1) as f64;
-                    let se = (var / v.len().max(1) as f64).sqrt();
+                    let (m, se) = mean_and_se(&v);
                     (k as f64, m, m - se, m + se)
                 })
                 .collect();

@@ -517,15 +517,14 @@ pub fn sparse_probing(
             let (te_rows, te_y) =
                 balanced_one_vs_rest(test.labels, classes.len(), c, cfg.seed.wrapping_add(1));
             let mut unconverged = 0;
+            let tr_all = gather(&train, &tr_rows, None);
             let full_test_accuracy = if cfg.full {
-                let probe =
-                    LogisticProbe::fit(&gather(&train, &tr_rows, None), train.d, &tr_y, cfg.c)?;
+                let probe = LogisticProbe::fit(&tr_all, train.d, &tr_y, cfg.c)?;
                 unconverged += usize::from(!probe.converged);
                 Some(probe.accuracy(&gather(&test, &te_rows, None), &te_y))
             } else {
                 None
             };
-            let tr_all = gather(&train, &tr_rows, None);
             let mut top_k = Vec::with_capacity(cfg.ks.len());
             for &k in &cfg.ks {
                 let features = top_k_by_mean_difference(&tr_all, train.d, &tr_y, k);
@@ -822,37 +821,24 @@ mod tests {
     #[test]
     fn bad_inputs_are_named() {
         let names = vec!["a".to_string(), "b".to_string()];
+        fn feats<'a>(x: &'a [f32], labels: &'a [usize]) -> LabelledFeatures<'a> {
+            LabelledFeatures { x, d: 2, labels }
+        }
         let x = vec![0.0f32, 1.0, 1.0, 0.0];
-        let ok = LabelledFeatures {
-            x: &x,
-            d: 2,
-            labels: &[0, 1],
-        };
+        let ok = feats(&x, &[0, 1]);
         let err = |r: Result<Vec<ClassProbing>>| r.unwrap_err().to_string();
-        let one = LabelledFeatures {
-            x: &x,
-            d: 2,
-            labels: &[0, 0],
-        };
+        let one = feats(&x, &[0, 0]);
         assert!(
             err(sparse_probing(ok, one, &names, &ProbingConfig::default()))
                 .contains("class `b`: it has no test texts")
         );
-        let short = LabelledFeatures {
-            x: &x[..3],
-            d: 2,
-            labels: &[0, 1],
-        };
+        let short = feats(&x[..3], &[0, 1]);
         assert!(
             err(sparse_probing(short, ok, &names, &ProbingConfig::default()))
                 .contains("training features")
         );
         let nan = vec![0.0f32, f32::NAN, 1.0, 0.0];
-        let bad = LabelledFeatures {
-            x: &nan,
-            d: 2,
-            labels: &[0, 1],
-        };
+        let bad = feats(&nan, &[0, 1]);
         assert!(
             err(sparse_probing(ok, bad, &names, &ProbingConfig::default())).contains("not finite")
         );
@@ -861,11 +847,7 @@ mod tests {
             ..ProbingConfig::default()
         };
         assert!(err(sparse_probing(ok, ok, &names, &cfg)).contains("k must be at least 1"));
-        let past = LabelledFeatures {
-            x: &x,
-            d: 2,
-            labels: &[0, 2],
-        };
+        let past = feats(&x, &[0, 2]);
         assert!(
             err(sparse_probing(past, ok, &names, &ProbingConfig::default()))
                 .contains("class 2, but there are 2 classes")
