@@ -17,6 +17,8 @@
 //!   ([`token_batches`]).
 //! - Sparse probing (SAEBench's): how well k latents, against k neurons, tell a class of texts
 //!   from the rest ([`sparse_probing`], on features from [`pooled_window_features`]).
+//! - Targeted probe perturbation (SAEBench's TPP): ablating the latents that matter to one
+//!   class's probe should blind that probe and spare the others ([`targeted_probe_perturbation`]).
 //! - Next-token log-probabilities and KL from logits ([`next_token_log_probs`], [`HostLogits`]).
 //!
 //! Loss recovered for an SAE on its own hook (`examples/eval_sae` is this with flags):
@@ -62,6 +64,7 @@ mod sae_ops;
 mod spliced;
 #[cfg(test)]
 mod testutil;
+mod tpp;
 
 pub use ablation::{ContextAblation, TokenEffects, ablate_feature, top_logit_effects};
 pub use error::{MetricsError, Result};
@@ -85,4 +88,7 @@ pub use spliced::{
     GroupEvaluation, HookEdit, MeanActivation, SpliceTarget, SplicedConfig, SplicedEvaluation,
     SplicedNll, TokenGroups, evaluate_spliced, evaluate_spliced_grouped, evaluate_spliced_many,
     loss_recovered, splice_positions,
+};
+pub use tpp::{
+    ClassProbes, TppAblation, TppClass, TppConfig, TppSource, targeted_probe_perturbation, tpp_mean,
 };

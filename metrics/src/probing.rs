@@ -429,7 +429,7 @@ impl ClassProbing {
     }
 }
 
-fn gather(f: &LabelledFeatures<'_>, rows: &[usize], cols: Option<&[usize]>) -> Vec<f32> {
+pub(crate) fn gather(f: &LabelledFeatures<'_>, rows: &[usize], cols: Option<&[usize]>) -> Vec<f32> {
     match cols {
         None => rows
             .iter()
@@ -443,6 +443,41 @@ fn gather(f: &LabelledFeatures<'_>, rows: &[usize], cols: Option<&[usize]>) -> V
             })
             .collect(),
     }
+}
+
+/// The checks every probing evaluation makes on its two splits: shapes, labels and values,
+/// one width for both, at least two classes, and every class present in each split.
+pub(crate) fn check_splits(
+    train: LabelledFeatures<'_>,
+    test: LabelledFeatures<'_>,
+    classes: &[String],
+) -> Result<()> {
+    train.check("training", classes.len())?;
+    test.check("test", classes.len())?;
+    if train.d != test.d {
+        return Err(shape_err(
+            "test features",
+            format!("{} values a row (as in training)", train.d),
+            format!("{}", test.d),
+        ));
+    }
+    for (c, name) in classes.iter().enumerate() {
+        for (split, f) in [("training", &train), ("test", &test)] {
+            if !f.labels.contains(&c) {
+                return Err(MetricsError::InvalidArgument {
+                    what: format!("class `{name}`"),
+                    reason: format!("it has no {split} texts"),
+                });
+            }
+        }
+    }
+    if classes.len() < 2 {
+        return Err(MetricsError::InvalidArgument {
+            what: "probe classes".into(),
+            reason: format!("{}: one-vs-rest needs at least two", classes.len()),
+        });
+    }
+    Ok(())
 }
 
 /// Probes every class of `classes` one against the rest: top-k probes for each `k` of `cfg`
@@ -479,35 +514,11 @@ pub fn sparse_probing(
     classes: &[String],
     cfg: &ProbingConfig,
 ) -> Result<Vec<ClassProbing>> {
-    train.check("training", classes.len())?;
-    test.check("test", classes.len())?;
-    if train.d != test.d {
-        return Err(shape_err(
-            "test features",
-            format!("{} values a row (as in training)", train.d),
-            format!("{}", test.d),
-        ));
-    }
+    check_splits(train, test, classes)?;
     if cfg.ks.contains(&0) {
         return Err(MetricsError::InvalidArgument {
             what: "probe k".into(),
             reason: "0 dimensions: k must be at least 1".into(),
-        });
-    }
-    for (c, name) in classes.iter().enumerate() {
-        for (split, f) in [("training", &train), ("test", &test)] {
-            if !f.labels.contains(&c) {
-                return Err(MetricsError::InvalidArgument {
-                    what: format!("class `{name}`"),
-                    reason: format!("it has no {split} texts"),
-                });
-            }
-        }
-    }
-    if classes.len() < 2 {
-        return Err(MetricsError::InvalidArgument {
-            what: "probe classes".into(),
-            reason: format!("{}: one-vs-rest needs at least two", classes.len()),
         });
     }
     (0..classes.len())

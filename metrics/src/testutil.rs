@@ -102,11 +102,22 @@ impl SpliceTarget for ToyModel {
 }
 
 fn standard(d_in: usize, d_sae: usize, w_enc: Vec<f32>, w_dec: Vec<f32>) -> SaeModel {
+    standard_with_biases(d_in, d_sae, w_enc, vec![0.0; d_sae], w_dec, vec![0.0; d_in])
+}
+
+fn standard_with_biases(
+    d_in: usize,
+    d_sae: usize,
+    w_enc: Vec<f32>,
+    b_enc: Vec<f32>,
+    w_dec: Vec<f32>,
+    b_dec: Vec<f32>,
+) -> SaeModel {
     let params = Params::new(vec![
         Param::new("W_enc", &[d_sae, d_in], true, w_enc),
-        Param::zeros("b_enc", &[d_sae], true),
+        Param::new("b_enc", &[d_sae], true, b_enc),
         Param::new("W_dec", &[d_sae, d_in], true, w_dec),
-        Param::zeros("b_dec", &[d_in], false),
+        Param::new("b_dec", &[d_in], false, b_dec),
     ]);
     let cfg = StandardTraining {
         decoder_norm: DecoderNorm::Free,
@@ -150,4 +161,17 @@ pub fn positive_part_sae(d: usize) -> SaeModel {
     let mut dec = w.clone();
     dec[d * d..].iter_mut().for_each(|x| *x = 0.0);
     standard(d, 2 * d, w, dec)
+}
+
+/// A ReLU SAE with seeded random weights and biases, `b_dec` included: an imperfect SAE whose
+/// reconstruction has an error and whose decoder is affine, not linear, in the codes.
+pub fn random_sae(d_in: usize, d_sae: usize, seed: u64) -> SaeModel {
+    let mut st = seed;
+    let mut draw =
+        |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| scale * lcg(&mut st)).collect() };
+    let w_enc = draw(d_sae * d_in, 1.0);
+    let b_enc = draw(d_sae, 0.1);
+    let w_dec = draw(d_sae * d_in, 0.5);
+    let b_dec = draw(d_in, 0.3);
+    standard_with_biases(d_in, d_sae, w_enc, b_enc, w_dec, b_dec)
 }
