@@ -25,31 +25,39 @@
 //!     --sae runs/main/saes/topk_12288 --sae runs/main/saes/standard_12288
 //! ```
 //!
+//! The same pooled features then give SAEBench's targeted probe perturbation (TPP) at no further
+//! forward pass: per class, a probe on every neuron; the N latents that matter most to it
+//! zero-ablated in the held-out windows (the SAE's error kept); the drop of its own probe less the
+//! mean drop of the other classes' probes (`metrics::targeted_probe_perturbation`), on the tasks of
+//! three classes or more. Neurons ablated the same way are the baseline.
+//!
 //! Writes `results.json` (per task, class and feature source; SAEBench's names for the averages:
-//! `llm_top_1_test_accuracy`, `sae_top_1_test_accuracy`, ...), `accuracy_vs_k.png`,
-//! `top1_by_task.png` and `report.html` into `--out`.
+//! `llm_top_1_test_accuracy`, `sae_top_1_test_accuracy`, `tpp_threshold_20_total_metric`, ...),
+//! `accuracy_vs_k.png`, `top1_by_task.png`, `tpp_vs_n.png` and `report.html` into `--out`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use activation_store::{CorpusName, Document, chunk_ranges, default_corpora_root, load_corpora};
 use anyhow::{Context, bail};
 use candle_core::Tensor;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use metrics::plots::{Series, plot_heatmap, plot_lines};
 use metrics::{
-    ClassProbing, HookedSplice, LabelledFeatures, PooledFeatures, ProbingConfig,
-    pooled_window_features, sparse_probing,
+    ClassProbes, ClassProbing, FeatureSource, HookedSplice, LabelledFeatures, PooledFeatures,
+    ProbingConfig, TppClass, TppConfig, pooled_window_features, sparse_probing,
+    targeted_probe_perturbation, tpp_mean,
 };
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 use sae_core::SaeModel;
 use serde::Serialize;
-use transformer_hooks::{Model, assets};
+use transformer_hooks::Model;
+
+mod tasks;
+use tasks::{
+    Setup, Task, WindowKey, choose_windows, load_all_corpora, make_task, tokenize_documents,
+    window_orders, window_tokens,
+};
 
 const TASKS: [&str; 5] = [
     "source",
@@ -90,6 +98,14 @@ struct Args {
     /// Skip the probes on every dimension (the slowest part at large widths).
     #[arg(long)]
     no_full: bool,
+    /// Targeted probe perturbation: numbers of latents (and, for the baseline, neurons) ablated
+    /// per class, comma-separated (SAEBench: 2,5,10,20,50,100,500).
+    #[arg(long, value_delimiter = ',', value_parser = sae_workbench::cli::at_least_one,
+          default_value = "2,5,10,20,50,100,500")]
+    tpp_n: Vec<usize>,
+    /// Skip targeted probe perturbation.
+    #[arg(long)]
+    no_tpp: bool,
     /// Windows per forward pass.
     #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 8)]
     batch_size: usize,
@@ -108,198 +124,6 @@ struct Args {
     out: PathBuf,
 }
 
-/// A task: documents with a class each.
-struct Task {
-    name: &'static str,
-    about: &'static str,
-    classes: Vec<String>,
-    /// (index into the corpus documents, class)
-    docs: Vec<(usize, usize)>,
-}
-
-/// The First Folio's grouping (Pericles, not in the Folio, with the comedies, as the late
-/// romances are there; Troilus and Cymbeline with the tragedies, as the Folio prints them).
-fn shakespeare_genre(work: &str) -> Option<&'static str> {
-    const COMEDIES: [&str; 15] = [
-        "alls_well_that_ends_well",
-        "as_you_like_it",
-        "comedy_of_errors",
-        "loves_labours_lost",
-        "measure_for_measure",
-        "merchant_of_venice",
-        "merry_wives_of_windsor",
-        "midsummer_nights_dream",
-        "much_ado_about_nothing",
-        "pericles",
-        "taming_of_the_shrew",
-        "tempest",
-        "twelfth_night",
-        "two_gentlemen_of_verona",
-        "winters_tale",
-    ];
-    const HISTORIES: [&str; 10] = [
-        "henry_iv_part_1",
-        "henry_iv_part_2",
-        "henry_v",
-        "henry_vi_part_1",
-        "henry_vi_part_2",
-        "henry_vi_part_3",
-        "henry_viii",
-        "john",
-        "richard_ii",
-        "richard_iii",
-    ];
-    const TRAGEDIES: [&str; 12] = [
-        "antony_and_cleopatra",
-        "coriolanus",
-        "cymbeline",
-        "hamlet",
-        "julius_caesar",
-        "lear",
-        "macbeth",
-        "othello",
-        "romeo_and_juliet",
-        "timon_of_athens",
-        "tragedy_of_titus_andronicus",
-        "troilus_and_cressida",
-    ];
-    if COMEDIES.contains(&work) {
-        Some("comedy")
-    } else if HISTORIES.contains(&work) {
-        Some("history")
-    } else if TRAGEDIES.contains(&work) {
-        Some("tragedy")
-    } else {
-        None // the poems and sonnets
-    }
-}
-
-/// `sotu/1790_george_washington_n` → (1790, "n").
-fn sotu_year_party(id: &str) -> Option<(u32, &str)> {
-    let stem = id.strip_prefix("sotu/")?;
-    let year = stem.split('_').next()?.parse().ok()?;
-    let party = stem.rsplit('_').next()?;
-    Some((year, party))
-}
-
-/// The class of document `id` in `task`, or `None` when the task leaves it out.
-fn class_of(task: &str, id: &str) -> Option<String> {
-    let mut parts = id.split('/');
-    let corpus = parts.next()?;
-    match task {
-        "source" => Some(corpus.to_string()),
-        "austen_novel" if corpus == "austen" => parts.next().map(str::to_string),
-        "shakespeare_genre" if corpus == "shakespeare" => {
-            shakespeare_genre(parts.next()?).map(str::to_string)
-        }
-        "sotu_era" => {
-            let (year, _) = sotu_year_party(id)?;
-            Some(
-                match year {
-                    ..=1860 => "1790-1860",
-                    1861..=1932 => "1861-1932",
-                    _ => "1933-2021",
-                }
-                .to_string(),
-            )
-        }
-        "sotu_party" => match sotu_year_party(id)?.1 {
-            "d" => Some("democrat".into()),
-            "r" => Some("republican".into()),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-fn make_task(name: &'static str, docs: &[Document]) -> Task {
-    let about = match name {
-        "source" => "which corpus a window comes from",
-        "austen_novel" => "which of Austen's six novels",
-        "shakespeare_genre" => "comedy, history or tragedy (First Folio), on held-out plays",
-        "sotu_era" => "the era of a State of the Union address",
-        _ => "the party of the president giving a State of the Union address",
-    };
-    let labelled: Vec<(usize, String)> = docs
-        .iter()
-        .enumerate()
-        .filter_map(|(i, d)| class_of(name, &d.id).map(|c| (i, c)))
-        .collect();
-    let mut classes: Vec<String> = labelled.iter().map(|(_, c)| c.clone()).collect();
-    classes.sort();
-    classes.dedup();
-    let docs = labelled
-        .into_iter()
-        .map(|(i, c)| (i, classes.binary_search(&c).unwrap_or(0)))
-        .collect();
-    Task {
-        name,
-        about,
-        classes,
-        docs,
-    }
-}
-
-/// A window: document index and the start of its text tokens.
-type WindowKey = (usize, usize);
-
-/// Windows with their class.
-type Labelled = Vec<(WindowKey, usize)>;
-
-/// Per class and split, windows drawn round-robin over the class's documents (each document's
-/// full windows in a seeded random order), so that no long document crowds out the rest.
-/// Returns (train, test) lists of (window, class).
-fn choose_windows(
-    task: &Task,
-    docs: &[Document],
-    doc_windows: &HashMap<usize, Vec<usize>>,
-    args: &Args,
-) -> (Labelled, Labelled) {
-    let (mut train, mut test) = (Vec::new(), Vec::new());
-    for class in 0..task.classes.len() {
-        let mut members: Vec<usize> = task
-            .docs
-            .iter()
-            .filter(|(_, c)| *c == class)
-            .map(|(d, _)| *d)
-            .collect();
-        members.sort_by(|a, b| docs[*a].id.cmp(&docs[*b].id));
-        // Every fourth document of the class, by id, is held out.
-        let (held, kept): (Vec<_>, Vec<_>) = members
-            .into_iter()
-            .enumerate()
-            .partition(|(i, _)| i % 4 == 3);
-        for (split, list, want) in [
-            (&kept, &mut train, args.train_per_class),
-            (&held, &mut test, args.test_per_class),
-        ] {
-            let orders: Vec<(usize, &[usize])> = split
-                .iter()
-                .map(|&(_, d)| (d, doc_windows.get(&d).map_or(&[][..], Vec::as_slice)))
-                .collect();
-            let mut taken = 0;
-            let mut round = 0;
-            while taken < want {
-                let mut any = false;
-                for (d, starts) in &orders {
-                    if let Some(&s) = starts.get(round) {
-                        any = true;
-                        if taken < want {
-                            list.push(((*d, s), class));
-                            taken += 1;
-                        }
-                    }
-                }
-                if !any {
-                    break;
-                }
-                round += 1;
-            }
-        }
-    }
-    (train, test)
-}
-
 /// For each feature source (the neurons, then each SAE) and each task: the probes per class.
 #[derive(Serialize)]
 struct TaskResult {
@@ -312,6 +136,18 @@ struct TaskResult {
     probes: BTreeMap<String, Vec<ClassProbing>>,
     /// SAE name → for each class, where its top-1 latent fires most (context, activation).
     top1_tokens: BTreeMap<String, Vec<Vec<(String, f32)>>>,
+    /// Targeted probe perturbation, for tasks of three classes or more (with two, the other
+    /// class's probe asks the same question reversed, so no ablation can spare it).
+    tpp: Option<TaskTpp>,
+}
+
+/// TPP of one task: the model's class probes and, per feature source, the ablations per class.
+#[derive(Serialize)]
+struct TaskTpp {
+    /// Each class's probe on every neuron, nothing ablated.
+    clean_accuracy: Vec<f64>,
+    /// Source name (`neurons` or an SAE) → one result per class.
+    sources: BTreeMap<String, Vec<TppClass>>,
 }
 
 fn mean(v: impl IntoIterator<Item = f64>) -> f64 {
@@ -341,6 +177,9 @@ fn main() -> anyhow::Result<()> {
     if args.ks.is_empty() || args.ks.contains(&0) {
         bail!("--ks {:?}: each k must be at least 1", args.ks);
     }
+    if !args.no_tpp && args.tpp_n.is_empty() {
+        bail!("--tpp-n is empty: give the numbers to ablate, or pass --no-tpp");
+    }
     let tasks: Vec<&'static str> = if args.tasks.is_empty() {
         TASKS.to_vec()
     } else {
@@ -353,64 +192,25 @@ fn main() -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?
     };
-    let mut saes = Vec::new();
-    for p in &args.sae {
-        saes.push(SaeModel::load(p).with_context(|| format!("loading --sae {}", p.display()))?);
-    }
-    let names = sae_names(&args.sae);
-    let hook = match (&args.hook, saes[0].hook_name()) {
-        (Some(h), _) => h.clone(),
-        (None, Some(h)) => h.to_string(),
-        (None, None) => bail!(
-            "SAE {} names no hook (cfg.json metadata.hook_name): pass --hook",
-            args.sae[0].display()
-        ),
-    };
-    for (s, p) in saes.iter().zip(&args.sae) {
-        if let Some(h) = s.hook_name()
-            && h != hook
-        {
-            bail!(
-                "--sae {} was trained on `{h}`, not `{hook}`: probe SAEs of one hook at a time",
-                p.display()
-            );
-        }
-    }
-    let model_path = args
-        .model
-        .clone()
-        .unwrap_or_else(|| assets::asset_path(assets::SMOLLM2));
-    let model_path = std::fs::canonicalize(&model_path).unwrap_or(model_path);
-    let model = Model::load(&model_path, &device).with_context(|| {
-        format!(
-            "loading model {} (python3 scripts/fetch_assets.py smollm2)",
-            model_path.display()
-        )
-    })?;
+    let Setup {
+        model,
+        model_path,
+        saes,
+        names,
+        hook,
+        bos,
+    } = Setup::load(
+        &args.sae,
+        args.model.as_deref(),
+        args.hook.as_deref(),
+        &device,
+        args.context,
+    )?;
     let target = HookedSplice::new(&model, &hook)?;
-    for (s, p) in saes.iter().zip(&args.sae) {
-        target
-            .check_sae(s)
-            .with_context(|| format!("--sae {}", p.display()))?;
-    }
-    let n_ctx = model.config().n_ctx;
-    if args.context > n_ctx {
-        bail!(
-            "--context {}: the model's context is {n_ctx} tokens",
-            args.context
-        );
-    }
-    let tok = model.tokenizer()?;
-    let bos = tok.bos_id().or(model.config().bos_token_id);
     let skip = usize::from(bos.is_some());
+    let tok = model.tokenizer()?;
 
-    let root = default_corpora_root();
-    let docs = load_corpora(&root, &CorpusName::ALL).with_context(|| {
-        format!(
-            "reading the corpora in {} (python3 scripts/fetch_assets.py corpora)",
-            root.display()
-        )
-    })?;
+    let docs = load_all_corpora()?;
     let task_defs: Vec<Task> = tasks.iter().map(|t| make_task(t, &docs)).collect();
     let needed: Vec<usize> = {
         let mut v: Vec<usize> = task_defs
@@ -422,40 +222,20 @@ fn main() -> anyhow::Result<()> {
         v
     };
     eprintln!("tokenizing {} documents", needed.len());
-    let tokens: HashMap<usize, Vec<u32>> = needed
-        .par_iter()
-        .map(|&d| {
-            let text = &docs[d].text;
-            let ids = if args.flatten_whitespace {
-                tok.encode(
-                    &text.split_whitespace().collect::<Vec<_>>().join(" "),
-                    false,
-                )?
-            } else {
-                tok.encode(text, false)?
-            };
-            Ok((d, ids))
-        })
-        .collect::<transformer_hooks::Result<_>>()?;
-    // Each document's full windows, in an order seeded by the run's seed and the document's id.
-    let doc_windows: HashMap<usize, Vec<usize>> = tokens
-        .iter()
-        .map(|(&d, ids)| {
-            let mut starts: Vec<usize> = chunk_ranges(ids.len(), args.context, bos.is_some())
-                .filter(|r| r.len() + skip == args.context)
-                .map(|r| r.start)
-                .collect();
-            let h = docs[d].id.bytes().fold(args.seed, |h, b| {
-                h.wrapping_mul(0x100_0000_01B3).wrapping_add(u64::from(b))
-            });
-            starts.shuffle(&mut ChaCha8Rng::seed_from_u64(h));
-            (d, starts)
-        })
-        .collect();
+    let tokens = tokenize_documents(tok, &docs, &needed, args.flatten_whitespace)?;
+    let doc_windows = window_orders(&tokens, &docs, args.context, bos.is_some(), args.seed);
 
     let chosen: Vec<_> = task_defs
         .iter()
-        .map(|t| choose_windows(t, &docs, &doc_windows, &args))
+        .map(|t| {
+            choose_windows(
+                t,
+                &docs,
+                &doc_windows,
+                args.train_per_class,
+                args.test_per_class,
+            )
+        })
         .collect();
     for (t, (tr, te)) in task_defs.iter().zip(&chosen) {
         for (c, name) in t.classes.iter().enumerate() {
@@ -487,14 +267,7 @@ fn main() -> anyhow::Result<()> {
             index.entry(*k).or_insert(n);
         }
     }
-    let mut windows = vec![Vec::new(); index.len()];
-    for (&(d, s), &i) in &index {
-        let ids = &tokens[&d];
-        let mut w = Vec::with_capacity(args.context);
-        w.extend(bos);
-        w.extend_from_slice(&ids[s..s + args.context - skip]);
-        windows[i] = w;
-    }
+    let windows = window_tokens(&index, &tokens, bos, args.context);
     eprintln!(
         "{} windows of {} tokens for {} tasks; model {}, hook {hook}, {} SAE(s)",
         windows.len(),
@@ -527,6 +300,11 @@ fn main() -> anyhow::Result<()> {
         full: !args.no_full,
         seed: args.seed,
         ..ProbingConfig::default()
+    };
+    let tpp_cfg = TppConfig {
+        n_values: args.tpp_n.clone(),
+        seed: args.seed,
+        ..TppConfig::default()
     };
     let mut sources: Vec<(String, &PooledFeatures)> = vec![("neurons".into(), &neurons)];
     sources.extend(names.iter().cloned().zip(codes.iter()));
@@ -592,6 +370,51 @@ fn main() -> anyhow::Result<()> {
                 top1_tokens.insert(name.clone(), v);
             }
         }
+        let tpp = if args.no_tpp || t.classes.len() < 3 {
+            None
+        } else {
+            eprintln!("targeted probe perturbation on {}", t.name);
+            let (ntr, ltr) = rows(tr, &neurons);
+            let (nte, lte) = rows(te, &neurons);
+            let train = LabelledFeatures {
+                x: &ntr,
+                d: neurons.d,
+                labels: &ltr,
+            };
+            let test = LabelledFeatures {
+                x: &nte,
+                d: neurons.d,
+                labels: &lte,
+            };
+            let probes = ClassProbes::fit(train, test, &t.classes, &tpp_cfg)?;
+            let mut by_source = BTreeMap::new();
+            by_source.insert(
+                "neurons".to_string(),
+                targeted_probe_perturbation(
+                    &probes,
+                    train,
+                    test,
+                    FeatureSource::Neurons,
+                    &tpp_cfg,
+                )?,
+            );
+            for ((name, sae), f) in names.iter().zip(&saes).zip(&codes) {
+                let (ctr, cte) = (rows(tr, f).0, rows(te, f).0);
+                let source = FeatureSource::Latents {
+                    sae,
+                    train_codes: &ctr,
+                    test_codes: &cte,
+                };
+                by_source.insert(
+                    name.clone(),
+                    targeted_probe_perturbation(&probes, train, test, source, &tpp_cfg)?,
+                );
+            }
+            Some(TaskTpp {
+                clean_accuracy: probes.clean_accuracy,
+                sources: by_source,
+            })
+        };
         results.push(TaskResult {
             task: t.name.to_string(),
             about: t.about.to_string(),
@@ -600,13 +423,14 @@ fn main() -> anyhow::Result<()> {
             test_windows: te.len(),
             probes,
             top1_tokens,
+            tpp,
         });
     }
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating --out {}", args.out.display()))?;
     let source_names: Vec<String> = sources.iter().map(|s| s.0.clone()).collect();
-    let summary = summarise(&results, &source_names, &cfg);
+    let summary = summarise(&results, &source_names, &cfg, &tpp_cfg);
     let out = serde_json::json!({
         "model": model_path,
         "hook": hook,
@@ -617,6 +441,7 @@ fn main() -> anyhow::Result<()> {
         "test_per_class": args.test_per_class,
         "windows": windows.len(),
         "config": cfg,
+        "tpp_config": (!args.no_tpp).then_some(&tpp_cfg),
         "summary": summary,
         "tasks": results,
         "seconds": { "features": features_s, "total": t0.elapsed().as_secs_f64() },
@@ -624,15 +449,18 @@ fn main() -> anyhow::Result<()> {
     let json_path = args.out.join("results.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&out)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
-    plots(&results, &source_names, &cfg, &args.out)?;
+    plots(&results, &source_names, &cfg, &tpp_cfg, &args.out)?;
     let html = report(
         &results,
         &source_names,
         &cfg,
         &summary,
-        &hook,
-        &model_path,
-        args.flatten_whitespace,
+        &tpp_cfg,
+        &RunInfo {
+            hook: &hook,
+            model: &model_path,
+            flattened: args.flatten_whitespace,
+        },
     );
     let html_path = args.out.join("report.html");
     std::fs::write(&html_path, html).with_context(|| format!("writing {}", html_path.display()))?;
@@ -658,29 +486,29 @@ fn main() -> anyhow::Result<()> {
             .collect();
         println!("  {s:>16}: {}", line.join(", "));
     }
+    if results.iter().any(|r| r.tpp.is_some()) {
+        println!(
+            "targeted probe perturbation, total = own probe's drop - others' mean drop \
+             (mean over the classes of tasks with three or more):"
+        );
+        for s in &source_names {
+            let line: Vec<String> = tpp_cfg
+                .n_values
+                .iter()
+                .map(|&n| {
+                    let v = &summary[s]["tpp"][format!("tpp_threshold_{n}_total_metric")];
+                    format!("N={n} {:.3}", v.as_f64().unwrap_or(f64::NAN))
+                })
+                .collect();
+            println!("  {s:>16}: {}", line.join(", "));
+        }
+    }
     println!(
-        "wrote {}, report.html and two PNGs in {:.0} s",
+        "wrote {}, report.html and the PNGs in {:.0} s",
         json_path.display(),
         t0.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// Names for the SAEs: their folder names, made unique.
-fn sae_names(paths: &[PathBuf]) -> Vec<String> {
-    let mut names = Vec::new();
-    for (i, p) in paths.iter().enumerate() {
-        let base = p
-            .file_name()
-            .map_or_else(|| format!("sae{i}"), |n| n.to_string_lossy().into_owned());
-        let name = if names.contains(&base) || base == "neurons" {
-            format!("{base}#{i}")
-        } else {
-            base
-        };
-        names.push(name);
-    }
-    names
 }
 
 /// Held-out windows per class whose tokens show what a top-1 latent fires on.
@@ -756,7 +584,31 @@ fn paired_difference(results: &[TaskResult], sae: &str, k: usize) -> serde_json:
         .flat_map(|r| r.probes[sae].iter().zip(&r.probes["neurons"]))
         .filter_map(|(a, b)| Some(a.top_k_accuracy(k)? - b.top_k_accuracy(k)?))
         .collect();
-    let (m, se) = mean_and_se(&d);
+    paired_summary(&d)
+}
+
+/// Every class's TPP ablations of `source`, over the tasks that have TPP.
+fn tpp_classes<'a>(results: &'a [TaskResult], source: &str) -> Vec<&'a TppClass> {
+    results
+        .iter()
+        .filter_map(|r| r.tpp.as_ref())
+        .flat_map(|t| t.sources[source].iter())
+        .collect()
+}
+
+/// The SAE's TPP total at `n` less the neurons', class by class (the same probes).
+fn tpp_paired_difference(results: &[TaskResult], sae: &str, n: usize) -> serde_json::Value {
+    let d: Vec<f64> = tpp_classes(results, sae)
+        .into_iter()
+        .zip(tpp_classes(results, "neurons"))
+        .filter_map(|(a, b)| Some(a.at(n)?.total - b.at(n)?.total))
+        .collect();
+    paired_summary(&d)
+}
+
+/// Mean and standard error of paired differences `d` (SAE minus neurons), with the classes won.
+fn paired_summary(d: &[f64]) -> serde_json::Value {
+    let (m, se) = mean_and_se(d);
     serde_json::json!({
         "mean": m,
         "standard_error": se,
@@ -767,7 +619,12 @@ fn paired_difference(results: &[TaskResult], sae: &str, k: usize) -> serde_json:
 }
 
 /// Mean held-out accuracy per source: over every class of every task, and per task.
-fn summarise(results: &[TaskResult], sources: &[String], cfg: &ProbingConfig) -> serde_json::Value {
+fn summarise(
+    results: &[TaskResult],
+    sources: &[String],
+    cfg: &ProbingConfig,
+    tpp_cfg: &TppConfig,
+) -> serde_json::Value {
     let mut out = serde_json::Map::new();
     for s in sources {
         let all: Vec<&ClassProbing> = results.iter().flat_map(|r| r.probes[s].iter()).collect();
@@ -805,15 +662,64 @@ fn summarise(results: &[TaskResult], sources: &[String], cfg: &ProbingConfig) ->
             })
             .collect();
         m.insert("per_task".into(), per_task.into());
+        if results.iter().any(|r| r.tpp.is_some()) {
+            m.insert("tpp".into(), tpp_summary(results, s, tpp_cfg));
+        }
         out.insert(s.clone(), m.into());
     }
     out.into()
+}
+
+/// TPP per `n`, under SAEBench's key names, as the mean over every class of the tasks with TPP;
+/// for an SAE also its paired difference from the neurons; and the totals per task.
+fn tpp_summary(results: &[TaskResult], source: &str, tpp_cfg: &TppConfig) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    let classes: Vec<TppClass> = tpp_classes(results, source).into_iter().cloned().collect();
+    for &n in &tpp_cfg.n_values {
+        let key = |what: &str| format!("tpp_threshold_{n}_{what}");
+        m.insert(
+            key("total_metric"),
+            tpp_mean(&classes, n, |a| a.total).into(),
+        );
+        m.insert(
+            key("intended_diff_only"),
+            tpp_mean(&classes, n, |a| a.intended_diff).into(),
+        );
+        m.insert(
+            key("unintended_diff_only"),
+            tpp_mean(&classes, n, |a| a.unintended_diff).into(),
+        );
+        if source != "neurons" {
+            m.insert(
+                key("total_minus_neurons"),
+                tpp_paired_difference(results, source, n),
+            );
+        }
+    }
+    let per_task: serde_json::Map<String, serde_json::Value> = results
+        .iter()
+        .filter_map(|r| Some((r.task.clone(), r.tpp.as_ref()?)))
+        .map(|(task, t)| {
+            let totals: serde_json::Map<String, serde_json::Value> = tpp_cfg
+                .n_values
+                .iter()
+                .map(|&n| {
+                    let v = tpp_mean(&t.sources[source], n, |a| a.total);
+                    (format!("tpp_threshold_{n}_total_metric"), v.into())
+                })
+                .collect();
+            (task, totals.into())
+        })
+        .collect();
+    m.insert("per_task".into(), per_task.into());
+    m.into()
 }
 
 fn plots(
     results: &[TaskResult],
     sources: &[String],
     cfg: &ProbingConfig,
+    tpp_cfg: &TppConfig,
     out: &Path,
 ) -> anyhow::Result<()> {
     // Accuracy against k, with ± one standard error over the classes of all tasks.
@@ -866,7 +772,46 @@ fn plots(
             &out.join("top1_by_task.png"),
         )?;
     }
+    if results.iter().any(|r| r.tpp.is_some()) {
+        let series: Vec<Series> = sources
+            .iter()
+            .map(|s| {
+                let classes = tpp_classes(results, s);
+                let points = tpp_cfg
+                    .n_values
+                    .iter()
+                    .map(|&n| {
+                        let v: Vec<f64> = classes
+                            .iter()
+                            .filter_map(|c| Some(c.at(n)?.total))
+                            .collect();
+                        let (m, se) = mean_and_se(&v);
+                        (n as f64, m, m - se, m + se)
+                    })
+                    .collect();
+                Series {
+                    name: s.clone(),
+                    points,
+                }
+            })
+            .collect();
+        plot_lines(
+            &series,
+            "TPP total: own probe's drop minus the others' mean drop (± s.e.)",
+            "N (latents or neurons ablated per class)",
+            "TPP total",
+            true,
+            &out.join("tpp_vs_n.png"),
+        )?;
+    }
     Ok(())
+}
+
+/// What the report says about the run it comes from.
+struct RunInfo<'a> {
+    hook: &'a str,
+    model: &'a Path,
+    flattened: bool,
 }
 
 fn report(
@@ -874,10 +819,14 @@ fn report(
     sources: &[String],
     cfg: &ProbingConfig,
     summary: &serde_json::Value,
-    hook: &str,
-    model: &Path,
-    flattened: bool,
+    tpp_cfg: &TppConfig,
+    run: &RunInfo<'_>,
 ) -> String {
+    let RunInfo {
+        hook,
+        model,
+        flattened,
+    } = *run;
     use metrics::html::escape_html as esc;
     let mut h = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>Sparse probing: {hook}</title>\
@@ -973,121 +922,96 @@ fn report(
         }
         h += "</table>";
     }
+    h += &tpp_report(results, sources, summary, tpp_cfg);
     h + "</body></html>"
+}
+
+/// The report's TPP section: the totals per N for each source, then per class at one N.
+fn tpp_report(
+    results: &[TaskResult],
+    sources: &[String],
+    summary: &serde_json::Value,
+    tpp_cfg: &TppConfig,
+) -> String {
+    use metrics::html::escape_html as esc;
+    if !results.iter().any(|r| r.tpp.is_some()) {
+        return String::new();
+    }
+    let mut h = String::from(
+        "<h2>Targeted probe perturbation</h2><p>For each class, a probe on every neuron (one \
+         against the rest) is fitted; the N latents (or neurons) that matter most to it (mean \
+         code higher on the class, times the probe weight along the latent's decoder direction) \
+         are zero-ablated in the held-out windows, keeping the SAE's error. <i>Intended</i> is the \
+         drop of that class's probe accuracy, <i>unintended</i> the mean drop of the other \
+         classes' probes, <i>total</i> their difference: high when a class can be removed \
+         without touching its neighbours. Tasks with two classes are left out (the other probe \
+         asks the same question reversed).</p><img src=\"tpp_vs_n.png\" width=\"640\">\
+         <table><tr><th class=l>source: total (intended / unintended)</th>",
+    );
+    for &n in &tpp_cfg.n_values {
+        h += &format!("<th>N = {n}</th>");
+    }
+    h += "</tr>";
+    for s in sources {
+        h += &format!("<tr><td class=l>{}</td>", esc(s));
+        for &n in &tpp_cfg.n_values {
+            let v = |what: &str| {
+                summary[s]["tpp"][format!("tpp_threshold_{n}_{what}")]
+                    .as_f64()
+                    .unwrap_or(f64::NAN)
+            };
+            h += &format!(
+                "<td>{:.3} ({:.3} / {:.3})</td>",
+                v("total_metric"),
+                v("intended_diff_only"),
+                v("unintended_diff_only")
+            );
+        }
+        h += "</tr>";
+    }
+    h += "</table>";
+    // Per class at the middle N (20 with SAEBench's list).
+    let n = tpp_cfg.n_values[tpp_cfg.n_values.len() / 2];
+    for r in results {
+        let Some(t) = &r.tpp else { continue };
+        h += &format!(
+            "<h3>{} at N = {n}</h3><table><tr><th class=l>class</th><th>clean probe</th>",
+            esc(&r.task)
+        );
+        for s in sources {
+            h += &format!("<th>{} total</th>", esc(s));
+        }
+        h += "<th class=l>the first two latents ablated, per SAE</th></tr>";
+        for (c, class) in r.classes.iter().enumerate() {
+            h += &format!(
+                "<tr><td class=l>{}</td><td>{:.3}</td>",
+                esc(class),
+                t.clean_accuracy[c]
+            );
+            for s in sources {
+                let total = t.sources[s][c].at(n).map_or(f64::NAN, |a| a.total);
+                h += &format!("<td>{total:.3}</td>");
+            }
+            let firsts: Vec<String> = sources
+                .iter()
+                .skip(1)
+                .filter_map(|s| {
+                    let a = t.sources[s][c].ablations.iter().max_by_key(|a| a.n)?;
+                    let ids: Vec<String> =
+                        a.features.iter().take(2).map(|f| format!("#{f}")).collect();
+                    Some(format!("{}: {}", esc(s), ids.join(", ")))
+                })
+                .collect();
+            h += &format!("<td class=l>{}</td></tr>", firsts.join("; "));
+        }
+        h += "</table>";
+    }
+    h
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn documents_get_the_classes_of_each_task() {
-        let cases = [
-            ("source", "moby-dick/chapter-001", Some("moby-dick")),
-            ("austen_novel", "austen/emma/chapter-01", Some("emma")),
-            ("austen_novel", "sotu/1790_george_washington_n", None),
-            ("shakespeare_genre", "shakespeare/hamlet", Some("tragedy")),
-            ("shakespeare_genre", "shakespeare/henry_v", Some("history")),
-            ("shakespeare_genre", "shakespeare/tempest", Some("comedy")),
-            ("shakespeare_genre", "shakespeare/sonnets", None),
-            ("sotu_era", "sotu/1860_james_buchanan_d", Some("1790-1860")),
-            ("sotu_era", "sotu/1861_abraham_lincoln_r", Some("1861-1932")),
-            ("sotu_era", "sotu/2021_joseph_r_biden_d", Some("1933-2021")),
-            ("sotu_era", "moby-dick/chapter-001", None),
-            (
-                "sotu_party",
-                "sotu/1861_abraham_lincoln_r",
-                Some("republican"),
-            ),
-            ("sotu_party", "sotu/2021_joseph_r_biden_d", Some("democrat")),
-            ("sotu_party", "sotu/1790_george_washington_n", None),
-        ];
-        for (task, id, want) in cases {
-            assert_eq!(class_of(task, id).as_deref(), want, "{task} {id}");
-        }
-    }
-
-    /// Every work of the pinned Shakespeare corpus is a play with a genre or one of its five
-    /// poems (a misspelt name in the tables would silently drop a play).
-    #[test]
-    fn every_play_in_the_corpus_has_its_genre() {
-        let root = default_corpora_root();
-        let Ok(docs) = activation_store::load_corpus(&root, CorpusName::Shakespeare) else {
-            eprintln!("skipping: corpora not fetched (python3 scripts/fetch_assets.py corpora)");
-            return;
-        };
-        let works: Vec<&str> = docs.iter().map(|d| &d.id["shakespeare/".len()..]).collect();
-        let poems = [
-            "lovers_complaint",
-            "passionate_pilgrim",
-            "phoenix_and_the_turtle",
-            "rape_of_lucrece",
-            "sonnets",
-        ];
-        assert_eq!(works.len(), 42);
-        for w in works {
-            assert_eq!(shakespeare_genre(w).is_none(), poems.contains(&w), "{w}");
-        }
-        let task = make_task("shakespeare_genre", &docs);
-        let per_class: Vec<usize> = (0..3)
-            .map(|c| task.docs.iter().filter(|d| d.1 == c).count())
-            .collect();
-        assert_eq!(task.classes, ["comedy", "history", "tragedy"]);
-        assert_eq!(per_class, [15, 10, 12]);
-    }
-
-    #[test]
-    fn windows_are_held_out_by_document_and_spread_over_documents() {
-        let docs: Vec<Document> = (0..12)
-            .map(|i| Document {
-                id: format!("c/{i:02}"),
-                text: String::new(),
-            })
-            .collect();
-        // Documents 0-7 are class 0, 8-11 class 1; each has three windows.
-        let task = Task {
-            name: "t",
-            about: "",
-            classes: vec!["a".into(), "b".into()],
-            docs: (0..12).map(|d| (d, usize::from(d >= 8))).collect(),
-        };
-        let doc_windows: HashMap<usize, Vec<usize>> =
-            (0..12).map(|d| (d, vec![200, 100, 0])).collect();
-        let args = Args::parse_from([
-            "sparse_probing",
-            "--sae",
-            "x",
-            "--train-per-class",
-            "5",
-            "--test-per-class",
-            "4",
-        ]);
-        let (train, test) = choose_windows(&task, &docs, &doc_windows, &args);
-        let docs_of = |l: &Labelled, c: usize| -> Vec<usize> {
-            l.iter().filter(|w| w.1 == c).map(|w| w.0.0).collect()
-        };
-        // Class 0: documents 3 and 7 (every fourth by id) are held out.
-        assert_eq!(
-            docs_of(&train, 0),
-            vec![0, 1, 2, 4, 5],
-            "one window from each of five documents first"
-        );
-        assert!(
-            train.iter().filter(|w| w.1 == 0).all(|w| w.0.1 == 200),
-            "each document's first window in its order"
-        );
-        assert_eq!(docs_of(&test, 0), vec![3, 7, 3, 7]);
-        // Class 1: document 11 held out, its three windows all that the test split can have.
-        assert_eq!(docs_of(&train, 1), vec![8, 9, 10, 8, 9]);
-        assert_eq!(docs_of(&test, 1), vec![11, 11, 11]);
-        for (tr, _) in &train {
-            assert!(
-                !test.iter().any(|(te, _)| te.0 == tr.0),
-                "document {} in both splits",
-                tr.0
-            );
-        }
-    }
 
     #[test]
     fn bad_numbers_are_refused_naming_the_flag() {
@@ -1097,6 +1021,7 @@ mod tests {
                 ("--train-per-class", "0"),
                 ("--test-per-class", "0"),
                 ("--batch-size", "0"),
+                ("--tpp-n", "0"),
             ],
         );
     }

@@ -19,6 +19,9 @@
 //!   from the rest ([`sparse_probing`], on features from [`pooled_window_features`]).
 //! - Targeted probe perturbation (SAEBench's TPP): ablating the latents that matter to one
 //!   class's probe should blind that probe and spare the others ([`targeted_probe_perturbation`]).
+//! - Spurious correlation removal (SAEBench's SCR): ablating the latents of a spurious attribute
+//!   should let a probe trained where it went with the concept read the concept alone
+//!   ([`spurious_correlation_removal`]).
 //! - Next-token log-probabilities and KL from logits ([`next_token_log_probs`], [`HostLogits`]).
 //!
 //! Loss recovered for an SAE on its own hook (`examples/eval_sae` is this with flags):
@@ -61,6 +64,7 @@ pub mod plots;
 mod probing;
 mod reconstruction;
 mod sae_ops;
+mod scr;
 mod spliced;
 #[cfg(test)]
 mod testutil;
@@ -84,11 +88,13 @@ pub use reconstruction::{
     ReconstructionMetrics,
 };
 pub use sae_ops::{decoder_row, feature_column, reconstruct};
+pub use scr::{ScrAblation, ScrConfig, ScrProbes, TwoAttributes, spurious_correlation_removal};
 pub use spliced::{
     GroupEvaluation, HookEdit, MeanActivation, SpliceTarget, SplicedConfig, SplicedEvaluation,
     SplicedNll, TokenGroups, evaluate_spliced, evaluate_spliced_grouped, evaluate_spliced_many,
     loss_recovered, splice_positions,
 };
 pub use tpp::{
-    ClassProbes, TppAblation, TppClass, TppConfig, TppSource, targeted_probe_perturbation, tpp_mean,
+    ClassProbes, FeatureSource, TppAblation, TppClass, TppConfig, targeted_probe_perturbation,
+    tpp_mean,
 };

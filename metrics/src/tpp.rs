@@ -129,9 +129,9 @@ impl ClassProbes {
     }
 }
 
-/// The dimensions TPP ablates.
+/// The dimensions an ablation removes (TPP's and SCR's).
 #[derive(Clone, Copy)]
-pub enum TppSource<'a> {
+pub enum FeatureSource<'a> {
     /// The hook's own dimensions; an ablated neuron is set to zero.
     Neurons,
     /// An SAE's latents, given as the pooled codes of the same rows as the activations
@@ -142,6 +142,47 @@ pub enum TppSource<'a> {
         train_codes: &'a [f32],
         test_codes: &'a [f32],
     },
+}
+
+impl FeatureSource<'_> {
+    /// For latents: the SAE reads `d` values, and the codes are `n_train` and `n_test` finite
+    /// rows of `d_sae`. `eval` names the evaluation in the errors.
+    pub(crate) fn check(&self, eval: &str, d: usize, n_train: usize, n_test: usize) -> Result<()> {
+        let FeatureSource::Latents {
+            sae,
+            train_codes,
+            test_codes,
+        } = self
+        else {
+            return Ok(());
+        };
+        if sae.d_in() != d {
+            return Err(shape_err(
+                "the SAE's d_in",
+                format!("{d}, the width of the activations {eval} ablates"),
+                format!("{}", sae.d_in()),
+            ));
+        }
+        for (what, codes, n) in [
+            ("training", train_codes, n_train),
+            ("test", test_codes, n_test),
+        ] {
+            if codes.len() != n * sae.d_sae() {
+                return Err(shape_err(
+                    format!("{eval} {what} codes"),
+                    format!("{n} rows of {} latents", sae.d_sae()),
+                    format!("{} values", codes.len()),
+                ));
+            }
+            if let Some(v) = codes.iter().find(|v| !v.is_finite()) {
+                return Err(MetricsError::NonFinite {
+                    what: format!("a {eval} {what} code"),
+                    value: f64::from(*v),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One ablation: class `class`'s `n` largest-effect dimensions removed.
@@ -186,17 +227,18 @@ pub fn tpp_mean(
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-/// Each dimension's effect on class `class`'s probe: `max(0, mean over the class's training rows
-/// - mean over its negatives)` of the dimension's pooled value, times the probe's weight along the
-/// dimension's direction (its decoder row for a latent, the unit vector for a neuron).
-fn effects(
-    probes: &ClassProbes,
-    class: usize,
+/// Each dimension's effect on a probe: the mean of its pooled value over the positive rows of
+/// `rows` less that over the negatives (floored at zero when `floor`, as TPP does), times the
+/// probe's weight along the dimension's direction (its decoder row for a latent, the unit vector
+/// for a neuron).
+pub(crate) fn effects(
+    rows: &[usize],
+    y: &[bool],
     values: &[f32],
     width: usize,
+    floor: bool,
     direction_weight: &dyn Fn(usize) -> f64,
 ) -> Vec<f64> {
-    let (rows, y) = &probes.train[class];
     let mut pos = vec![0.0f64; width];
     let mut neg = vec![0.0f64; width];
     let (mut np, mut nn) = (0usize, 0usize);
@@ -214,14 +256,15 @@ fn effects(
     (0..width)
         .map(|f| {
             let diff = pos[f] / np.max(1) as f64 - neg[f] / nn.max(1) as f64;
-            diff.max(0.0) * direction_weight(f)
+            let diff = if floor { diff.max(0.0) } else { diff };
+            diff * direction_weight(f)
         })
         .collect()
 }
 
 /// The `n` largest non-zero effects, largest first (ties: the lower index), as SAEBench's
 /// `select_top_n_features`.
-fn top_n(effects: &[f64], n: usize) -> Vec<usize> {
+pub(crate) fn top_n(effects: &[f64], n: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..effects.len()).filter(|&f| effects[f] != 0.0).collect();
     idx.sort_by(|&a, &b| effects[b].total_cmp(&effects[a]).then(a.cmp(&b)));
     idx.truncate(n);
@@ -233,7 +276,7 @@ fn top_n(effects: &[f64], n: usize) -> Vec<usize> {
 /// parallel.
 ///
 /// ```
-/// use metrics::{ClassProbes, LabelledFeatures, TppConfig, TppSource, tpp_mean,
+/// use metrics::{ClassProbes, LabelledFeatures, TppConfig, FeatureSource, tpp_mean,
 ///     targeted_probe_perturbation};
 ///
 /// // Three classes of texts, each marked by its own neuron: ablating that neuron blinds the
@@ -248,7 +291,7 @@ fn top_n(effects: &[f64], n: usize) -> Vec<usize> {
 /// let data = LabelledFeatures { x: &x, d: 3, labels: &labels };
 /// let cfg = TppConfig { n_values: vec![1], ..TppConfig::default() };
 /// let probes = ClassProbes::fit(data, data, &classes, &cfg).unwrap();
-/// let res = targeted_probe_perturbation(&probes, data, data, TppSource::Neurons, &cfg).unwrap();
+/// let res = targeted_probe_perturbation(&probes, data, data, FeatureSource::Neurons, &cfg).unwrap();
 /// for (c, class) in res.iter().enumerate() {
 ///     assert_eq!(class.ablations[0].features, vec![c]);
 /// }
@@ -263,7 +306,7 @@ pub fn targeted_probe_perturbation(
     probes: &ClassProbes,
     train: LabelledFeatures<'_>,
     test: LabelledFeatures<'_>,
-    source: TppSource<'_>,
+    source: FeatureSource<'_>,
     cfg: &TppConfig,
 ) -> Result<Vec<TppClass>> {
     check_splits(train, test, &probes.classes)?;
@@ -291,58 +334,12 @@ pub fn targeted_probe_perturbation(
     let d = probes.d;
     let n_test = test.labels.len();
     let classes = probes.classes.len();
-    if let TppSource::Latents {
-        sae,
-        train_codes,
-        test_codes,
-    } = source
-    {
-        if sae.d_in() != d {
-            return Err(shape_err(
-                "the SAE's d_in",
-                format!("{d}, the width of the activations TPP ablates"),
-                format!("{}", sae.d_in()),
-            ));
-        }
-        for (what, codes, n) in [
-            ("training", train_codes, probes.n_train),
-            ("test", test_codes, n_test),
-        ] {
-            if codes.len() != n * sae.d_sae() {
-                return Err(shape_err(
-                    format!("TPP {what} codes"),
-                    format!("{n} rows of {} latents", sae.d_sae()),
-                    format!("{} values", codes.len()),
-                ));
-            }
-            if let Some(v) = codes.iter().find(|v| !v.is_finite()) {
-                return Err(MetricsError::NonFinite {
-                    what: format!("a TPP {what} code"),
-                    value: f64::from(*v),
-                });
-            }
-        }
-    }
+    source.check("TPP", d, probes.n_train, n_test)?;
     (0..classes)
         .into_par_iter()
         .map(|class| {
-            let eff = match source {
-                TppSource::Neurons => {
-                    let w = &probes.probes[class].weights;
-                    effects(probes, class, train.x, d, &|f| w[f])
-                }
-                TppSource::Latents {
-                    sae, train_codes, ..
-                } => {
-                    let w = &probes.probes[class].weights;
-                    let along = |f: usize| {
-                        sae.w_dec_row(f).map_or(0.0, |row| {
-                            row.iter().zip(w).map(|(&r, &w)| f64::from(r) * w).sum()
-                        })
-                    };
-                    effects(probes, class, train_codes, sae.d_sae(), &along)
-                }
-            };
+            let (rows, y) = &probes.train[class];
+            let eff = source_effects(source, train.x, d, rows, y, &probes.probes[class], true);
             let mut ablations = Vec::with_capacity(cfg.n_values.len());
             for &n in &cfg.n_values {
                 let features = top_n(&eff, n);
@@ -370,24 +367,51 @@ pub fn targeted_probe_perturbation(
         .collect()
 }
 
+/// The effects (see [`effects`]) of `source`'s dimensions on `probe`, over training `rows`
+/// labelled `y`; `acts` are the pooled activations (`d` wide) the neurons' values come from.
+pub(crate) fn source_effects(
+    source: FeatureSource<'_>,
+    acts: &[f32],
+    d: usize,
+    rows: &[usize],
+    y: &[bool],
+    probe: &LogisticProbe,
+    floor: bool,
+) -> Vec<f64> {
+    let w = &probe.weights;
+    match source {
+        FeatureSource::Neurons => effects(rows, y, acts, d, floor, &|f| w[f]),
+        FeatureSource::Latents {
+            sae, train_codes, ..
+        } => {
+            let along = |f: usize| {
+                sae.w_dec_row(f).map_or(0.0, |row| {
+                    row.iter().zip(w).map(|(&r, &w)| f64::from(r) * w).sum()
+                })
+            };
+            effects(rows, y, train_codes, sae.d_sae(), floor, &along)
+        }
+    }
+}
+
 /// The held-out activations `x` with `features` ablated.
-fn ablate(
+pub(crate) fn ablate(
     x: &[f32],
     d: usize,
     n: usize,
     features: &[usize],
-    source: TppSource<'_>,
+    source: FeatureSource<'_>,
 ) -> Result<Vec<f32>> {
     let mut out = x.to_vec();
     match source {
-        TppSource::Neurons => {
+        FeatureSource::Neurons => {
             for row in out.chunks_mut(d) {
                 for &f in features {
                     row[f] = 0.0;
                 }
             }
         }
-        TppSource::Latents {
+        FeatureSource::Latents {
             sae, test_codes, ..
         } => {
             // decode(c restricted to S) - decode(0): the latents' share, whatever the decoder's
@@ -476,7 +500,8 @@ mod tests {
             probes.clean_accuracy
         );
         let neurons =
-            targeted_probe_perturbation(&probes, train, test, TppSource::Neurons, &cfg).unwrap();
+            targeted_probe_perturbation(&probes, train, test, FeatureSource::Neurons, &cfg)
+                .unwrap();
         for (c, r) in neurons.iter().enumerate() {
             let one = r.at(1).unwrap();
             assert_eq!(
@@ -515,7 +540,7 @@ mod tests {
             &probes,
             train,
             test,
-            TppSource::Latents {
+            FeatureSource::Latents {
                 sae: &sae,
                 train_codes: &ctr,
                 test_codes: &cte,
@@ -551,7 +576,7 @@ mod tests {
         };
         let w = &probes.probes[0].weights;
         let dec = [[1.0, 0.0], [1.0, -2.0]];
-        let e = effects(&probes, 0, &codes, 2, &|f| {
+        let e = effects(rows, y, &codes, 2, true, &|f| {
             dec[f][0] * w[0] + dec[f][1] * w[1]
         });
         for j in 0..2 {
@@ -579,7 +604,7 @@ mod tests {
         };
         let classes = names(3);
         let probes = ClassProbes::fit(f, f, &classes, &TppConfig::default()).unwrap();
-        let err = |src: TppSource<'_>, cfg: &TppConfig| {
+        let err = |src: FeatureSource<'_>, cfg: &TppConfig| {
             targeted_probe_perturbation(&probes, f, f, src, cfg)
                 .unwrap_err()
                 .to_string()
@@ -588,11 +613,11 @@ mod tests {
             n_values: vec![0],
             ..TppConfig::default()
         };
-        assert!(err(TppSource::Neurons, &zero).contains("at least one"));
+        assert!(err(FeatureSource::Neurons, &zero).contains("at least one"));
         let sae = perfect_sae(8);
         let short = vec![0.0f32; 5];
         let e = err(
-            TppSource::Latents {
+            FeatureSource::Latents {
                 sae: &sae,
                 train_codes: &short,
                 test_codes: &short,
@@ -606,7 +631,7 @@ mod tests {
         let wide = perfect_sae(9);
         let codes = vec![0.0f32; 30 * 18];
         let e = err(
-            TppSource::Latents {
+            FeatureSource::Latents {
                 sae: &wide,
                 train_codes: &codes,
                 test_codes: &codes,
@@ -623,7 +648,7 @@ mod tests {
             &probes,
             fewer,
             f,
-            TppSource::Neurons,
+            FeatureSource::Neurons,
             &TppConfig::default(),
         )
         .unwrap_err()
@@ -662,7 +687,7 @@ mod tests {
         mass.sort_by(|a, b| b.0.total_cmp(&a.0));
         let chosen: Vec<usize> = mass[..5].iter().map(|m| m.1).collect();
         assert!(mass[4].0 > 0.0, "the chosen latents fire");
-        let src = TppSource::Latents {
+        let src = FeatureSource::Latents {
             sae: &sae,
             train_codes: codes,
             test_codes: codes,
