@@ -20,7 +20,8 @@
 //! ```
 //!
 //! Writes `results.json` (SAEBench's `scr_metric_threshold_{n}` per source, averaged over the
-//! pairs, and everything per pair), `scr_vs_n.png` and `report.html` into `--out`.
+//! pairs, and everything per pair), `scr_<pair>.png` (the biased and concept probes' accuracy
+//! against N) and `report.html` into `--out`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -498,7 +499,7 @@ fn main() -> anyhow::Result<()> {
         println!("  {s:>16}: {}", line.join(", "));
     }
     println!(
-        "wrote {}, report.html and scr_vs_n.png in {:.0} s",
+        "wrote {}, report.html and a PNG per pair in {:.0} s",
         json_path.display(),
         t0.elapsed().as_secs_f64()
     );
@@ -537,53 +538,46 @@ fn summarise(results: &[PairResult], sources: &[String], cfg: &ScrConfig) -> ser
     out.into()
 }
 
+/// One PNG per pair: the biased and the concept probe's held-out accuracy after ablating N of
+/// each source's dimensions (a mean score over pairs would hide what the ablation does to each).
 fn plot(
     results: &[PairResult],
     sources: &[String],
     cfg: &ScrConfig,
     out: &Path,
 ) -> anyhow::Result<()> {
-    let series: Vec<Series> = sources
-        .iter()
-        .map(|s| {
-            let points = cfg
-                .n_values
-                .iter()
-                .filter_map(|&n| {
-                    let v: Vec<f64> = results
-                        .iter()
-                        .filter_map(|r| r.ablations[s].iter().find(|a| a.n == n)?.score)
-                        .collect();
-                    let m = mean_of(v.iter().map(|&x| Some(x)))?;
-                    let se = if v.len() > 1 {
-                        let var =
-                            v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64;
-                        (var / v.len() as f64).sqrt()
-                    } else {
-                        0.0
-                    };
-                    Some((n as f64, m, m - se, m + se))
-                })
-                .collect();
-            Series {
-                name: s.clone(),
-                points,
+    type Pick = fn(&ScrAblation) -> f64;
+    let picks: [(&str, Pick); 2] = [
+        ("biased probe", |a| a.biased_accuracy),
+        ("concept probe", |a| a.concept_accuracy),
+    ];
+    for r in results {
+        let mut series = Vec::new();
+        for s in sources {
+            for (what, pick) in picks {
+                let points = r.ablations[s]
+                    .iter()
+                    .filter(|a| cfg.n_values.contains(&a.n))
+                    .map(|a| {
+                        let v = pick(a);
+                        (a.n as f64, v, v, v)
+                    })
+                    .collect();
+                series.push(Series {
+                    name: format!("{s}: {what}"),
+                    points,
+                });
             }
-        })
-        .filter(|s| !s.points.is_empty())
-        .collect();
-    if series.is_empty() {
-        eprintln!("no pair had a gap to close: scr_vs_n.png not drawn");
-        return Ok(());
+        }
+        plot_lines(
+            &series,
+            &format!("{}: concept accuracy with the layout ablated", r.pair),
+            "N (latents or neurons ablated)",
+            "held-out concept accuracy",
+            true,
+            &out.join(format!("scr_{}.png", r.pair)),
+        )?;
     }
-    plot_lines(
-        &series,
-        "SCR: share of the biased probe's gap closed (mean over pairs, ± s.e.)",
-        "N (latents or neurons ablated)",
-        "SCR score",
-        true,
-        &out.join("scr_vs_n.png"),
-    )?;
     Ok(())
 }
 
@@ -607,7 +601,7 @@ fn report(
          groups. The N latents (or neurons) that matter most to the layout probe are \
          zero-ablated in held-out windows (the SAE's error kept). Score: (biased probe's accuracy \
          after − before) / (concept probe's − biased probe's before).</p>\
-         <img src=\"scr_vs_n.png\" width=\"640\">",
+",
         esc(hook),
         esc(&model.display().to_string())
     );
@@ -640,7 +634,8 @@ fn report(
             }
             h += "</tr>";
         }
-        h += "</table><p>The three latents of each SAE that matter most to the layout probe, \
+        h += &format!("</table><img src=\"scr_{}.png\" width=\"640\">", r.pair);
+        h += "<p>The three latents of each SAE that matter most to the layout probe, \
               with their mean code on printed / flattened held-out windows: ";
         let cells: Vec<String> = r
             .layout_latents
