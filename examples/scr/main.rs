@@ -29,11 +29,11 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
+
 use metrics::plots::{Series, plot_lines};
 use metrics::{
     FeatureSource, PooledFeatures, ScrAblation, ScrConfig, ScrProbes, TwoAttributes,
-    pooled_window_features, spurious_correlation_removal,
+    spurious_correlation_removal,
 };
 use serde::Serialize;
 
@@ -202,12 +202,6 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let device = sae_workbench::cli::device(&args.device)
         .with_context(|| format!("--device {}", args.device))?;
-    if args.context < 3 {
-        bail!(
-            "--context {}: a window needs BOS and at least two tokens",
-            args.context
-        );
-    }
     if args.n.is_empty() {
         bail!("--n is empty: give the numbers of latents to ablate");
     }
@@ -224,6 +218,13 @@ fn main() -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?
     };
+    let setup = Setup::load(
+        &args.sae,
+        args.model.as_deref(),
+        args.hook.as_deref(),
+        &device,
+        args.context,
+    )?;
     let Setup {
         model,
         model_path,
@@ -231,14 +232,8 @@ fn main() -> anyhow::Result<()> {
         names,
         hook,
         bos,
-    } = Setup::load(
-        &args.sae,
-        args.model.as_deref(),
-        args.hook.as_deref(),
-        &device,
-        args.context,
-    )?;
-    let skip = usize::from(bos.is_some());
+    } = &setup;
+    let bos = *bos;
     let tok = model.tokenizer()?;
     let docs = load_all_corpora()?;
 
@@ -338,23 +333,7 @@ fn main() -> anyhow::Result<()> {
         model_path.display(),
         saes.len()
     );
-    let pb = ProgressBar::new(windows.len() as u64).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_message("activations");
-    let sae_refs: Vec<&sae_core::SaeModel> = saes.iter().collect();
-    let (neurons, codes) = pooled_window_features(
-        &model,
-        &hook,
-        &sae_refs,
-        &windows,
-        args.batch_size,
-        skip,
-        Some(&pb),
-    )?;
-    pb.finish_and_clear();
+    let (neurons, codes) = setup.pooled_features(&windows, args.batch_size)?;
     let features_s = t0.elapsed().as_secs_f64();
 
     let cfg = ScrConfig {
@@ -398,7 +377,7 @@ fn main() -> anyhow::Result<()> {
             spurious_correlation_removal(&probes, train, test, FeatureSource::Neurons, &cfg)?,
         );
         let mut layout_latents = BTreeMap::new();
-        for ((name, sae), f) in names.iter().zip(&saes).zip(&codes) {
+        for ((name, sae), f) in names.iter().zip(saes).zip(&codes) {
             let (ktr, kte) = (rows(&w.train, f), rows(&w.test, f));
             let source = FeatureSource::Latents {
                 sae,

@@ -42,12 +42,11 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use candle_core::Tensor;
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
+
 use metrics::plots::{Series, plot_heatmap, plot_lines};
 use metrics::{
     ClassProbes, ClassProbing, FeatureSource, HookedSplice, LabelledFeatures, PooledFeatures,
-    ProbingConfig, TppClass, TppConfig, pooled_window_features, sparse_probing,
-    targeted_probe_perturbation, tpp_mean,
+    ProbingConfig, TppClass, TppConfig, sparse_probing, targeted_probe_perturbation, tpp_mean,
 };
 use sae_core::SaeModel;
 use serde::Serialize;
@@ -168,12 +167,6 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let device = sae_workbench::cli::device(&args.device)
         .with_context(|| format!("--device {}", args.device))?;
-    if args.context < 3 {
-        bail!(
-            "--context {}: a window needs BOS and at least two tokens",
-            args.context
-        );
-    }
     if args.ks.is_empty() || args.ks.contains(&0) {
         bail!("--ks {:?}: each k must be at least 1", args.ks);
     }
@@ -192,6 +185,13 @@ fn main() -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?
     };
+    let setup = Setup::load(
+        &args.sae,
+        args.model.as_deref(),
+        args.hook.as_deref(),
+        &device,
+        args.context,
+    )?;
     let Setup {
         model,
         model_path,
@@ -199,13 +199,8 @@ fn main() -> anyhow::Result<()> {
         names,
         hook,
         bos,
-    } = Setup::load(
-        &args.sae,
-        args.model.as_deref(),
-        args.hook.as_deref(),
-        &device,
-        args.context,
-    )?;
+    } = &setup;
+    let bos = *bos;
     let target = HookedSplice::new(&model, &hook)?;
     let skip = usize::from(bos.is_some());
     let tok = model.tokenizer()?;
@@ -276,23 +271,7 @@ fn main() -> anyhow::Result<()> {
         model_path.display(),
         saes.len()
     );
-    let pb = ProgressBar::new(windows.len() as u64).with_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_message("activations");
-    let sae_refs: Vec<&SaeModel> = saes.iter().collect();
-    let (neurons, codes) = pooled_window_features(
-        &model,
-        &hook,
-        &sae_refs,
-        &windows,
-        args.batch_size,
-        skip,
-        Some(&pb),
-    )?;
-    pb.finish_and_clear();
+    let (neurons, codes) = setup.pooled_features(&windows, args.batch_size)?;
     let features_s = t0.elapsed().as_secs_f64();
 
     let cfg = ProbingConfig {
@@ -398,7 +377,7 @@ fn main() -> anyhow::Result<()> {
                     &tpp_cfg,
                 )?,
             );
-            for ((name, sae), f) in names.iter().zip(&saes).zip(&codes) {
+            for ((name, sae), f) in names.iter().zip(saes).zip(&codes) {
                 let (ctr, cte) = (rows(tr, f).0, rows(te, f).0);
                 let source = FeatureSource::Latents {
                     sae,

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use activation_store::{CorpusName, Document, chunk_ranges, default_corpora_root, load_corpora};
 use anyhow::{Context, bail};
 use candle_core::Device;
-use metrics::HookedSplice;
+use indicatif::{ProgressBar, ProgressStyle};
+use metrics::{HookedSplice, PooledFeatures, pooled_window_features};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -236,6 +237,9 @@ impl Setup {
         device: &Device,
         context: usize,
     ) -> anyhow::Result<Self> {
+        if context < 3 {
+            bail!("--context {context}: a window needs BOS and at least two tokens");
+        }
         let mut saes = Vec::new();
         for p in sae_paths {
             saes.push(SaeModel::load(p).with_context(|| format!("loading --sae {}", p.display()))?);
@@ -305,6 +309,38 @@ fn sae_names(paths: &[PathBuf]) -> Vec<String> {
         names.push(name);
     }
     names
+}
+
+impl Setup {
+    /// Each window's mean activation at the hook and mean code of each SAE (BOS left out), with
+    /// a progress bar: the forward passes, nearly all of an example's time.
+    ///
+    /// # Errors
+    /// The model's and the SAEs' (see [`pooled_window_features`]).
+    pub fn pooled_features(
+        &self,
+        windows: &[Vec<u32>],
+        batch_size: usize,
+    ) -> metrics::Result<(PooledFeatures, Vec<PooledFeatures>)> {
+        let pb = ProgressBar::new(windows.len() as u64).with_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        pb.set_message("activations");
+        let saes: Vec<&SaeModel> = self.saes.iter().collect();
+        let out = pooled_window_features(
+            &self.model,
+            &self.hook,
+            &saes,
+            windows,
+            batch_size,
+            usize::from(self.bos.is_some()),
+            Some(&pb),
+        );
+        pb.finish_and_clear();
+        out
+    }
 }
 
 /// Every pinned corpus's documents.

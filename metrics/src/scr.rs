@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{MetricsError, Result, shape_err};
 use crate::probing::LogisticProbe;
-use crate::tpp::{FeatureSource, ablate, source_effects, top_n};
+use crate::tpp::{FeatureSource, ablate, check_ablation, source_effects, top_n};
 
 /// Texts as rows of pooled features (`n x d`, row-major) with two yes/no attributes each. The
 /// four groups should be of equal size, so that neither attribute predicts the other.
@@ -215,29 +215,15 @@ pub fn spurious_correlation_removal(
 ) -> Result<Vec<ScrAblation>> {
     train.check("training")?;
     test.check("test")?;
-    for (what, f, n) in [
-        ("training", &train, probes.n_train),
-        ("test", &test, probes.n_test),
-    ] {
-        if f.d != probes.d || f.concept.len() != n {
-            return Err(shape_err(
-                format!("SCR {what} texts"),
-                format!(
-                    "the {n} rows of {} values the probes were fitted on",
-                    probes.d
-                ),
-                format!("{} rows of {}", f.concept.len(), f.d),
-            ));
-        }
-    }
-    if cfg.n_values.is_empty() || cfg.n_values.contains(&0) {
-        return Err(MetricsError::InvalidArgument {
-            what: "SCR n".into(),
-            reason: format!("{:?}: ablate at least one dimension per step", cfg.n_values),
-        });
-    }
+    check_ablation(
+        "SCR",
+        probes.d,
+        [probes.n_train, probes.n_test],
+        [(train.d, train.concept.len()), (test.d, test.concept.len())],
+        &cfg.n_values,
+        &source,
+    )?;
     let d = probes.d;
-    source.check("SCR", d, probes.n_train, probes.n_test)?;
     let effects = scr_effects(probes, train, source);
     let gap = probes.concept_accuracy - probes.biased_accuracy;
     cfg.n_values

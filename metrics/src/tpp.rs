@@ -144,6 +144,35 @@ pub enum FeatureSource<'a> {
     },
 }
 
+/// The checks TPP and SCR make before ablating: the training and test features (`given`,
+/// width and rows) are those the probes were fitted on (`d` wide, `fitted` rows), every N is at
+/// least 1, and the source fits. `eval` names the evaluation in the errors.
+pub(crate) fn check_ablation(
+    eval: &str,
+    d: usize,
+    fitted: [usize; 2],
+    given: [(usize, usize); 2],
+    n_values: &[usize],
+    source: &FeatureSource<'_>,
+) -> Result<()> {
+    for ((split, n), (width, rows)) in ["training", "test"].into_iter().zip(fitted).zip(given) {
+        if width != d || rows != n {
+            return Err(shape_err(
+                format!("{eval} {split} features"),
+                format!("the {n} rows of {d} values the probes were fitted on"),
+                format!("{rows} rows of {width}"),
+            ));
+        }
+    }
+    if n_values.is_empty() || n_values.contains(&0) {
+        return Err(MetricsError::InvalidArgument {
+            what: format!("{eval} n"),
+            reason: format!("{n_values:?}: ablate at least one dimension per step"),
+        });
+    }
+    source.check(eval, d, fitted[0], fitted[1])
+}
+
 impl FeatureSource<'_> {
     /// For latents: the SAE reads `d` values, and the codes are `n_train` and `n_test` finite
     /// rows of `d_sae`. `eval` names the evaluation in the errors.
@@ -310,31 +339,17 @@ pub fn targeted_probe_perturbation(
     cfg: &TppConfig,
 ) -> Result<Vec<TppClass>> {
     check_splits(train, test, &probes.classes)?;
-    for (what, f, n) in [
-        ("training", &train, probes.n_train),
-        ("test", &test, probes.n_test),
-    ] {
-        if f.d != probes.d || f.labels.len() != n {
-            return Err(shape_err(
-                format!("TPP {what} features"),
-                format!(
-                    "the {n} rows of {} values the probes were fitted on",
-                    probes.d
-                ),
-                format!("{} rows of {}", f.labels.len(), f.d),
-            ));
-        }
-    }
-    if cfg.n_values.is_empty() || cfg.n_values.contains(&0) {
-        return Err(MetricsError::InvalidArgument {
-            what: "TPP n".into(),
-            reason: format!("{:?}: ablate at least one dimension per step", cfg.n_values),
-        });
-    }
+    check_ablation(
+        "TPP",
+        probes.d,
+        [probes.n_train, probes.n_test],
+        [(train.d, train.labels.len()), (test.d, test.labels.len())],
+        &cfg.n_values,
+        &source,
+    )?;
     let d = probes.d;
     let n_test = test.labels.len();
     let classes = probes.classes.len();
-    source.check("TPP", d, probes.n_train, n_test)?;
     (0..classes)
         .into_par_iter()
         .map(|class| {
