@@ -454,7 +454,7 @@ fn main() -> anyhow::Result<()> {
     let html_path = args.out.join("report.html");
     std::fs::write(
         &html_path,
-        report(&results, &sources, &cfg, &hook, &model_path),
+        report(&results, &sources, &cfg, hook, model_path),
     )
     .with_context(|| format!("writing {}", html_path.display()))?;
 

@@ -201,7 +201,7 @@ fn main() -> anyhow::Result<()> {
         bos,
     } = &setup;
     let bos = *bos;
-    let target = HookedSplice::new(&model, &hook)?;
+    let target = HookedSplice::new(model, hook)?;
     let skip = usize::from(bos.is_some());
     let tok = model.tokenizer()?;
 
@@ -332,7 +332,7 @@ fn main() -> anyhow::Result<()> {
                     .take(TOP_TOKEN_WINDOWS)
                     .map(|(k, _)| &windows[index[k]])
                     .collect();
-                let acts = hook_rows(&model, &target, &held)?;
+                let acts = hook_rows(model, &target, &held)?;
                 for (si, sae) in saes.iter().enumerate() {
                     let latent = probes[&names[si]][c]
                         .top_k
@@ -340,7 +340,7 @@ fn main() -> anyhow::Result<()> {
                         .find(|p: &&metrics::TopKProbe| p.k == 1)
                         .map(|p| p.features[0]);
                     per_sae[si].push(match latent {
-                        Some(l) => top_tokens(&model, sae, l, &acts, skip)?,
+                        Some(l) => top_tokens(model, sae, l, &acts, skip)?,
                         None => Vec::new(),
                     });
                 }
@@ -436,8 +436,8 @@ fn main() -> anyhow::Result<()> {
         &summary,
         &tpp_cfg,
         &RunInfo {
-            hook: &hook,
-            model: &model_path,
+            hook,
+            model: model_path,
             flattened: args.flatten_whitespace,
         },
     );
