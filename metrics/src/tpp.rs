@@ -6,7 +6,8 @@
 //! unlearning rely on. SAEBench's recipe, kept so that numbers compare:
 //!
 //! 1. one probe per class (one against the rest, balanced) on the model's own pooled activations
-//!    at the SAE's hook, every dimension;
+//!    at the SAE's hook, every dimension (SAEBench fits it with AdamW and early stopping; here,
+//!    as in [`crate::sparse_probing`], it is the L2-regularised optimum with C = 1);
 //! 2. each latent's effect on class `i`'s probe: its mean pooled code on the class's texts minus
 //!    that on the other texts, floored at zero, times the probe weight read along its decoder
 //!    direction, `w_i · W_dec[f]`;
