@@ -299,13 +299,45 @@ fn main() -> anyhow::Result<()> {
                 .collect();
             (x, list.iter().map(|w| w.1).collect())
         };
+        let (ntr, ltr) = rows(tr, &neurons);
+        let (nte, lte) = rows(te, &neurons);
+        let neuron_train = LabelledFeatures {
+            x: &ntr,
+            d: neurons.d,
+            labels: &ltr,
+        };
+        let neuron_test = LabelledFeatures {
+            x: &nte,
+            d: neurons.d,
+            labels: &lte,
+        };
+        let tpp_probes = if args.no_tpp || t.classes.len() < 3 {
+            None
+        } else {
+            Some(ClassProbes::fit(
+                neuron_train,
+                neuron_test,
+                &t.classes,
+                &tpp_cfg,
+            )?)
+        };
+        // TPP's class probes are the neurons' full-width probes (the same rows, C and seed):
+        // fitted once, for both.
+        let shared_full = tpp_probes
+            .as_ref()
+            .filter(|_| cfg.full && cfg.c == tpp_cfg.c && cfg.seed == tpp_cfg.seed);
         let mut probes = BTreeMap::new();
         let mut top1_tokens = BTreeMap::new();
         for (name, f) in &sources {
             eprintln!("probing {} with {name}", t.name);
             let (xtr, ltr) = rows(tr, f);
             let (xte, lte) = rows(te, f);
-            let res = sparse_probing(
+            let shared = shared_full.filter(|_| name == "neurons");
+            let run_cfg = ProbingConfig {
+                full: cfg.full && shared.is_none(),
+                ..cfg.clone()
+            };
+            let mut res = sparse_probing(
                 LabelledFeatures {
                     x: &xtr,
                     d: f.d,
@@ -317,8 +349,14 @@ fn main() -> anyhow::Result<()> {
                     labels: &lte,
                 },
                 &t.classes,
-                &cfg,
+                &run_cfg,
             )?;
+            if let Some(shared) = shared {
+                for (c, r) in res.iter_mut().enumerate() {
+                    r.full_test_accuracy = Some(shared.clean_accuracy[c]);
+                    r.unconverged += usize::from(!shared.probes[c].converged);
+                }
+            }
             probes.insert(name.clone(), res);
         }
         // What each SAE's top-1 latent of a class fires on, in that class's held-out windows
@@ -349,23 +387,9 @@ fn main() -> anyhow::Result<()> {
                 top1_tokens.insert(name.clone(), v);
             }
         }
-        let tpp = if args.no_tpp || t.classes.len() < 3 {
-            None
-        } else {
+        let tpp = if let Some(probes) = tpp_probes {
             eprintln!("targeted probe perturbation on {}", t.name);
-            let (ntr, ltr) = rows(tr, &neurons);
-            let (nte, lte) = rows(te, &neurons);
-            let train = LabelledFeatures {
-                x: &ntr,
-                d: neurons.d,
-                labels: &ltr,
-            };
-            let test = LabelledFeatures {
-                x: &nte,
-                d: neurons.d,
-                labels: &lte,
-            };
-            let probes = ClassProbes::fit(train, test, &t.classes, &tpp_cfg)?;
+            let (train, test) = (neuron_train, neuron_test);
             let mut by_source = BTreeMap::new();
             by_source.insert(
                 "neurons".to_string(),
@@ -393,6 +417,8 @@ fn main() -> anyhow::Result<()> {
                 clean_accuracy: probes.clean_accuracy,
                 sources: by_source,
             })
+        } else {
+            None
         };
         results.push(TaskResult {
             task: t.name.to_string(),

@@ -292,26 +292,7 @@ impl Setup {
             bos,
         })
     }
-}
 
-/// Names for the SAEs: their folder names, made unique.
-fn sae_names(paths: &[PathBuf]) -> Vec<String> {
-    let mut names = Vec::new();
-    for (i, p) in paths.iter().enumerate() {
-        let base = p
-            .file_name()
-            .map_or_else(|| format!("sae{i}"), |n| n.to_string_lossy().into_owned());
-        let name = if names.contains(&base) || base == "neurons" {
-            format!("{base}#{i}")
-        } else {
-            base
-        };
-        names.push(name);
-    }
-    names
-}
-
-impl Setup {
     /// Each window's mean activation at the hook and mean code of each SAE (BOS left out), with
     /// a progress bar: the forward passes, nearly all of an example's time.
     ///
@@ -341,6 +322,23 @@ impl Setup {
         pb.finish_and_clear();
         out
     }
+}
+
+/// Names for the SAEs: their folder names, made unique.
+fn sae_names(paths: &[PathBuf]) -> Vec<String> {
+    let mut names = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        let base = p
+            .file_name()
+            .map_or_else(|| format!("sae{i}"), |n| n.to_string_lossy().into_owned());
+        let name = if names.contains(&base) || base == "neurons" {
+            format!("{base}#{i}")
+        } else {
+            base
+        };
+        names.push(name);
+    }
+    names
 }
 
 /// Every pinned corpus's documents.

@@ -84,6 +84,17 @@ pub(crate) fn shape_err(
     }
 }
 
+/// `NonFinite` naming the first NaN or infinity of `values` as `what()`, or `Ok`.
+pub(crate) fn check_finite(values: &[f32], what: impl FnOnce() -> String) -> Result<()> {
+    match values.iter().find(|v| !v.is_finite()) {
+        Some(v) => Err(MetricsError::NonFinite {
+            what: what(),
+            value: f64::from(*v),
+        }),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> MetricsError {
     let path = path.into();
     move |source| MetricsError::Io { path, source }

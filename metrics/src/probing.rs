@@ -27,7 +27,7 @@ use rayon::prelude::*;
 use sae_core::SaeModel;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{MetricsError, Result, shape_err};
+use crate::error::{MetricsError, Result, check_finite, shape_err};
 use crate::hooked::HookedSplice;
 
 /// Texts as rows of features (`n x d`, row-major) with a class index each.
@@ -57,13 +57,7 @@ impl LabelledFeatures<'_> {
                 reason: format!("class {bad}, but there are {n_classes} classes"),
             });
         }
-        if let Some(v) = self.x.iter().find(|v| !v.is_finite()) {
-            return Err(MetricsError::NonFinite {
-                what: format!("a {what} feature"),
-                value: f64::from(*v),
-            });
-        }
-        Ok(())
+        check_finite(self.x, || format!("a {what} feature"))
     }
 }
 
@@ -223,12 +217,7 @@ impl LogisticProbe {
                 reason: format!("{positives} of {n} rows are positive: a probe needs both classes"),
             });
         }
-        if let Some(v) = x.iter().find(|v| !v.is_finite()) {
-            return Err(MetricsError::NonFinite {
-                what: "a probe input".into(),
-                value: f64::from(*v),
-            });
-        }
+        check_finite(x, || "a probe input".into())?;
         let active: Vec<usize> = (0..d)
             .filter(|&j| (0..n).any(|i| x[i * d + j] != 0.0))
             .collect();

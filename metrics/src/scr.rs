@@ -22,7 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{MetricsError, Result, shape_err};
+use crate::error::{MetricsError, Result, check_finite, shape_err};
 use crate::probing::LogisticProbe;
 use crate::tpp::{FeatureSource, ablate, check_ablation, source_effects, top_n};
 
@@ -65,13 +65,7 @@ impl TwoAttributes<'_> {
                 });
             }
         }
-        if let Some(v) = self.x.iter().find(|v| !v.is_finite()) {
-            return Err(MetricsError::NonFinite {
-                what: format!("an SCR {what} feature"),
-                value: f64::from(*v),
-            });
-        }
-        Ok(())
+        check_finite(self.x, || format!("an SCR {what} feature"))
     }
 
     fn rows(&self, keep: impl Fn(usize) -> bool) -> (Vec<f32>, Vec<usize>) {
@@ -271,7 +265,7 @@ fn scr_effects(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::perfect_sae;
+    use crate::testutil::{perfect_sae, perfect_sae_codes};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -344,16 +338,7 @@ mod tests {
         // The SAE with features ±e_j: dimension 1 is carried by latents 1 (where it is
         // positive) and d + 1 (negative); ablating both is ablating the neuron.
         let sae = perfect_sae(d);
-        let codes = |x: &[f32]| -> Vec<f32> {
-            x.chunks(d)
-                .flat_map(|r| {
-                    let pos: Vec<f32> = r.iter().map(|v| v.max(0.0)).collect();
-                    let neg: Vec<f32> = r.iter().map(|v| (-v).max(0.0)).collect();
-                    pos.into_iter().chain(neg)
-                })
-                .collect()
-        };
-        let (ktr, kte) = (codes(&xtr), codes(&xte));
+        let (ktr, kte) = (perfect_sae_codes(&xtr, d), perfect_sae_codes(&xte, d));
         let latents = spurious_correlation_removal(
             &probes,
             train,

@@ -140,6 +140,17 @@ pub fn perfect_sae(d: usize) -> SaeModel {
     standard(d, 2 * d, w.clone(), w)
 }
 
+/// [`perfect_sae`]'s codes of rows `x` (`d` wide): `ReLU(x)` then `ReLU(-x)`, row by row.
+pub fn perfect_sae_codes(x: &[f32], d: usize) -> Vec<f32> {
+    x.chunks(d)
+        .flat_map(|r| {
+            let pos: Vec<f32> = r.iter().map(|v| v.max(0.0)).collect();
+            let neg: Vec<f32> = r.iter().map(|v| (-v).max(0.0)).collect();
+            pos.into_iter().chain(neg)
+        })
+        .collect()
+}
+
 /// An SAE whose decoder is zero: its reconstruction is the zero vector (zero-ablation).
 pub fn zero_sae(d: usize) -> SaeModel {
     let mut w = vec![0.0; 2 * d * d];

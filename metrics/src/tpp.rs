@@ -29,7 +29,7 @@ use rayon::prelude::*;
 use sae_core::{SaeModel, SparseCodes};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{MetricsError, Result, shape_err};
+use crate::error::{MetricsError, Result, check_finite, shape_err};
 use crate::probing::{LabelledFeatures, LogisticProbe, balanced_one_vs_rest, check_splits, gather};
 
 /// What TPP ablates and how its probes are fitted.
@@ -204,12 +204,7 @@ impl FeatureSource<'_> {
                     format!("{} values", codes.len()),
                 ));
             }
-            if let Some(v) = codes.iter().find(|v| !v.is_finite()) {
-                return Err(MetricsError::NonFinite {
-                    what: format!("a {eval} {what} code"),
-                    value: f64::from(*v),
-                });
-            }
+            check_finite(codes, || format!("a {eval} {what} code"))?;
         }
         Ok(())
     }
@@ -465,7 +460,7 @@ pub(crate) fn ablate(
 mod tests {
     use super::*;
     use crate::probing::pooled_window_features;
-    use crate::testutil::{perfect_sae, random_sae};
+    use crate::testutil::{perfect_sae, perfect_sae_codes, random_sae};
     use candle_core::{Device, Tensor};
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
@@ -542,16 +537,7 @@ mod tests {
         // The SAE with features ±e_j and codes ReLU(±x): ablating latent j removes exactly
         // x_j (x > 0 here), so the latents' TPP is the neurons' to the bit.
         let sae = perfect_sae(d);
-        let codes = |x: &[f32]| -> Vec<f32> {
-            x.chunks(d)
-                .flat_map(|r| {
-                    let pos: Vec<f32> = r.iter().map(|v| v.max(0.0)).collect();
-                    let neg: Vec<f32> = r.iter().map(|v| (-v).max(0.0)).collect();
-                    pos.into_iter().chain(neg)
-                })
-                .collect()
-        };
-        let (ctr, cte) = (codes(&xtr), codes(&xte));
+        let (ctr, cte) = (perfect_sae_codes(&xtr, d), perfect_sae_codes(&xte, d));
         let latents = targeted_probe_perturbation(
             &probes,
             train,
