@@ -54,6 +54,7 @@
 //! ```
 
 mod ablation;
+mod absorption;
 mod error;
 mod examples;
 mod hooked;
@@ -71,6 +72,10 @@ mod testutil;
 mod tpp;
 
 pub use ablation::{ContextAblation, TokenEffects, ablate_feature, top_logit_effects};
+pub use absorption::{
+    Absorption, AbsorptionConfig, AbsorptionProbes, AbsorptionSummary, BinaryScores,
+    ClassAbsorption, KSparseProbe, WordAbsorption, feature_absorption,
+};
 pub use error::{MetricsError, Result};
 pub use examples::{Example, ExampleCollector, IntervalExamples, RowSource, collect_examples};
 pub use hooked::{HookedSplice, token_batches};

@@ -43,7 +43,7 @@ impl LabelledFeatures<'_> {
         &self.x[i * self.d..(i + 1) * self.d]
     }
 
-    fn check(&self, what: &str, n_classes: usize) -> Result<()> {
+    pub(crate) fn check(&self, what: &str, n_classes: usize) -> Result<()> {
         if self.d == 0 || self.x.len() != self.labels.len() * self.d {
             return Err(shape_err(
                 format!("{what} features"),
@@ -81,10 +81,21 @@ struct Objective<'a> {
     n: usize,
     d: usize,
     y: &'a [f64],
+    /// Each row's weight in the loss: 1 for every row, or sklearn's `class_weight="balanced"`
+    /// (`n / (2 n_class)`), the pair (positive, negative).
+    class_weight: (f64, f64),
     l2: f64,
 }
 
 impl Objective<'_> {
+    fn row_weight(&self, y: f64) -> f64 {
+        if y > 0.5 {
+            self.class_weight.0
+        } else {
+            self.class_weight.1
+        }
+    }
+
     fn margins(&self, p: &[f64]) -> Vec<f64> {
         let (w, b) = p.split_at(self.d);
         self.x
@@ -117,7 +128,7 @@ fn softplus(z: f64) -> f64 {
     }
 }
 
-fn sigmoid(z: f64) -> f64 {
+pub(crate) fn sigmoid(z: f64) -> f64 {
     if z >= 0.0 {
         1.0 / (1.0 + (-z).exp())
     } else {
@@ -135,7 +146,7 @@ impl CostFunction for Objective<'_> {
         let loss: f64 = z
             .iter()
             .zip(self.y)
-            .map(|(&z, &y)| softplus(z) - y * z)
+            .map(|(&z, &y)| self.row_weight(y) * (softplus(z) - y * z))
             .sum::<f64>()
             / self.n as f64;
         let w = &p[..self.d];
@@ -152,7 +163,7 @@ impl Gradient for Objective<'_> {
         let r: Vec<f64> = z
             .iter()
             .zip(self.y)
-            .map(|(&z, &y)| (sigmoid(z) - y) / self.n as f64)
+            .map(|(&z, &y)| self.row_weight(y) * (sigmoid(z) - y) / self.n as f64)
             .collect();
         let d = self.d;
         let mut g = self
@@ -196,6 +207,20 @@ impl LogisticProbe {
     /// `ShapeMismatch` for sizes that disagree, `InvalidArgument` for `c <= 0` or labels of one
     /// class only, `NonFinite` for a NaN or infinite feature.
     pub fn fit(x: &[f32], d: usize, y: &[bool], c: f64) -> Result<Self> {
+        Self::fit_weighted(x, d, y, c, false)
+    }
+
+    /// [`LogisticProbe::fit`] with sklearn's `class_weight="balanced"`: each class's rows weigh
+    /// `n / (2 n_class)`, so a rare class (one letter of 26) counts as much as the rest. SAEBench's
+    /// absorption probes are fitted this way.
+    ///
+    /// # Errors
+    /// As [`LogisticProbe::fit`].
+    pub fn fit_balanced(x: &[f32], d: usize, y: &[bool], c: f64) -> Result<Self> {
+        Self::fit_weighted(x, d, y, c, true)
+    }
+
+    fn fit_weighted(x: &[f32], d: usize, y: &[bool], c: f64, balanced: bool) -> Result<Self> {
         let n = y.len();
         if d == 0 || x.len() != n * d {
             return Err(shape_err(
@@ -226,15 +251,28 @@ impl LogisticProbe {
             .flat_map(|i| active.iter().map(move |&j| f64::from(x[i * d + j])))
             .collect();
         let ys: Vec<f64> = y.iter().map(|&v| f64::from(u8::from(v))).collect();
+        let class_weight = if balanced {
+            (
+                n as f64 / (2.0 * positives as f64),
+                n as f64 / (2.0 * (n - positives) as f64),
+            )
+        } else {
+            (1.0, 1.0)
+        };
         let objective = Objective {
             x: &xa,
             n,
             d: da,
             y: &ys,
+            class_weight,
             l2: 1.0 / (c * n as f64),
         };
-        // Start from the intercept that fits the class balance, every weight zero.
-        let p = positives as f64 / n as f64;
+        // Start from the intercept that fits the (weighted) class balance, every weight zero.
+        let p = if balanced {
+            0.5
+        } else {
+            positives as f64 / n as f64
+        };
         let mut init = vec![0.0f64; da + 1];
         init[da] = (p / (1.0 - p)).ln();
         let solver = LBFGS::new(MoreThuenteLineSearch::new(), 10)
@@ -672,11 +710,13 @@ mod tests {
     fn the_gradient_is_the_objectives_derivative() {
         let (n, d) = (17, 6);
         let (x, y, p) = objective_parts(n, d, 3);
+        // Unequal class weights, as `fit_balanced` gives, so that both rows' kinds are checked.
         let f = Objective {
             x: &x,
             n,
             d,
             y: &y,
+            class_weight: (2.5, 0.7),
             l2: 0.37,
         };
         let g = f.gradient(&p).unwrap();
@@ -696,8 +736,53 @@ mod tests {
         let mut zero = vec![0.0; d + 1];
         zero[d] = 0.4;
         let g0 = f.gradient(&zero).unwrap();
-        let mean_r = y.iter().map(|&y| sigmoid(0.4) - y).sum::<f64>() / n as f64;
+        let mean_r = y
+            .iter()
+            .map(|&y| f.row_weight(y) * (sigmoid(0.4) - y))
+            .sum::<f64>()
+            / n as f64;
         assert!((g0[d] - mean_r).abs() < 1e-12);
+    }
+
+    #[test]
+    fn balanced_weights_equal_replicating_the_rare_class() {
+        // 10 positives and 30 negatives: balanced weights are 2 and 2/3, i.e. two thirds of an
+        // unweighted fit with the positives tripled; for the same optimum that fit's penalty
+        // 1/(2C') must be 3/2 of 1/(2C): C' = 2C/3.
+        let (n, d) = (40, 5);
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        use rand::Rng;
+        let y: Vec<bool> = (0..n).map(|i| i % 4 == 0).collect();
+        let x: Vec<f32> = (0..n * d)
+            .map(|i| rng.random_range(-1.0..1.0) + if y[i / d] && i % d == 1 { 0.8 } else { 0.0 })
+            .collect();
+        let balanced = LogisticProbe::fit_balanced(&x, d, &y, 1.0).unwrap();
+        let (mut xr, mut yr) = (Vec::new(), Vec::new());
+        for (row, &label) in x.chunks(d).zip(&y) {
+            for _ in 0..if label { 3 } else { 1 } {
+                xr.extend_from_slice(row);
+                yr.push(label);
+            }
+        }
+        let replicated = LogisticProbe::fit(&xr, d, &yr, 2.0 / 3.0).unwrap();
+        assert!(balanced.converged && replicated.converged);
+        for (a, b) in balanced.weights.iter().zip(&replicated.weights) {
+            assert!(
+                (a - b).abs() < 1e-5,
+                "{:?} vs {:?}",
+                balanced.weights,
+                replicated.weights
+            );
+        }
+        assert!((balanced.bias - replicated.bias).abs() < 1e-5);
+        // And they differ from the unweighted fit, whose intercept leans to the majority.
+        let plain = LogisticProbe::fit(&x, d, &y, 1.0).unwrap();
+        assert!(
+            plain.bias < balanced.bias - 0.5,
+            "{} vs {}",
+            plain.bias,
+            balanced.bias
+        );
     }
 
     #[test]

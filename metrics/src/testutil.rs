@@ -101,6 +101,18 @@ impl SpliceTarget for ToyModel {
     }
 }
 
+/// A ReLU SAE with the given decoder (`d_sae x d_in`) and its transpose as encoder, no biases:
+/// for tests that supply their own codes and need only the decoder's rows.
+pub fn sae_with_decoder(d_in: usize, d_sae: usize, w_dec: Vec<f32>) -> SaeModel {
+    let mut w_enc = vec![0.0; d_sae * d_in];
+    for f in 0..d_sae {
+        for j in 0..d_in {
+            w_enc[f * d_in + j] = w_dec[f * d_in + j];
+        }
+    }
+    standard(d_in, d_sae, w_enc, w_dec)
+}
+
 fn standard(d_in: usize, d_sae: usize, w_enc: Vec<f32>, w_dec: Vec<f32>) -> SaeModel {
     standard_with_biases(d_in, d_sae, w_enc, vec![0.0; d_sae], w_dec, vec![0.0; d_in])
 }
