@@ -898,18 +898,13 @@ mod tests {
         );
     }
 
+    /// Activations, labels and codes of one split.
+    type Split = (Vec<f32>, Vec<usize>, SparseCodes);
+
     /// Three classes along e0, e1, e2 of a 6-wide hook. Latents 0-2 are the classes' own; latents
     /// 3, 4, 5 are "token" latents along (e0 + e3/e4/e5)/√2 that each replace latent 0 on one
     /// held-out word of class 0 (and on two training words each).
-    fn absorbed_world() -> (
-        SaeModel,
-        Vec<f32>,
-        Vec<usize>,
-        SparseCodes,
-        Vec<f32>,
-        Vec<usize>,
-        SparseCodes,
-    ) {
+    fn absorbed_world() -> (SaeModel, Split, Split) {
         let (d_in, d_sae) = (6, 6);
         let s = std::f32::consts::FRAC_1_SQRT_2;
         let mut w_dec = vec![0.0f32; d_sae * d_in];
@@ -946,12 +941,12 @@ mod tests {
         };
         let (xtr, ltr, ctr) = make(60, 2);
         let (xte, lte, cte) = make(40, 1);
-        (sae, xtr, ltr, ctr, xte, lte, cte)
+        (sae, (xtr, ltr, ctr), (xte, lte, cte))
     }
 
     #[test]
     fn token_latents_that_replace_the_class_latent_are_found_absorbing_it() {
-        let (sae, xtr, ltr, ctr, xte, lte, cte) = absorbed_world();
+        let (sae, (xtr, ltr, ctr), (xte, lte, cte)) = absorbed_world();
         let train = LabelledFeatures {
             x: &xtr,
             d: 6,
@@ -1008,7 +1003,7 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_named() {
-        let (sae, xtr, ltr, ctr, xte, lte, cte) = absorbed_world();
+        let (sae, (xtr, ltr, ctr), (xte, lte, cte)) = absorbed_world();
         let train = LabelledFeatures {
             x: &xtr,
             d: 6,
