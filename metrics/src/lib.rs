@@ -86,7 +86,7 @@ pub use pages::{
 pub use probing::{
     ClassProbing, LabelledFeatures, LogisticProbe, MAX_PROBE_ITERATIONS, PooledFeatures,
     ProbingConfig, TopKProbe, balanced_one_vs_rest, pooled_window_features, sparse_probing,
-    top_k_by_mean_difference,
+    token_activations, top_k_by_mean_difference,
 };
 pub use reconstruction::{
     DEFAULT_DENSE_THRESHOLD, DensityHistogram, FeatureDensity, ReconstructionAccumulator,

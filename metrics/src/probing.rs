@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{MetricsError, Result, check_finite, shape_err};
 use crate::hooked::HookedSplice;
+use crate::spliced::SpliceTarget;
 
 /// Texts as rows of features (`n x d`, row-major) with a class index each.
 #[derive(Debug, Clone, Copy)]
@@ -690,6 +691,68 @@ pub fn pooled_window_features(
     Ok((acts, codes))
 }
 
+/// Runs `model` over `sequences` (token ids of any lengths, `batch` at a time, padded on the
+/// right and masked) up to `hook`, and returns the hook's activation at `positions[i]` of
+/// sequence `i`: `sequences.len()` rows of the hook's width. This is how a probe reads one token
+/// (a word in a prompt) rather than a whole window; padding changes nothing at the real positions.
+///
+/// # Errors
+/// An unknown hook, `positions` of another count or past their sequence's end, an empty
+/// sequence, `batch == 0`, and the model's own errors.
+pub fn token_activations(
+    model: &transformer_hooks::Model,
+    hook: &str,
+    sequences: &[Vec<u32>],
+    positions: &[usize],
+    batch: usize,
+    progress: Option<&ProgressBar>,
+) -> Result<PooledFeatures> {
+    let target = HookedSplice::new(model, hook)?;
+    if batch == 0 {
+        return Err(MetricsError::InvalidArgument {
+            what: "batch".into(),
+            reason: "0 sequences per forward pass".into(),
+        });
+    }
+    if positions.len() != sequences.len() {
+        return Err(shape_err(
+            "token positions",
+            format!("one per sequence ({})", sequences.len()),
+            format!("{}", positions.len()),
+        ));
+    }
+    if let Some((i, s)) = sequences
+        .iter()
+        .enumerate()
+        .find(|(i, s)| positions[*i] >= s.len())
+    {
+        return Err(MetricsError::InvalidArgument {
+            what: format!("token position of sequence {i}"),
+            reason: format!("{} in a sequence of {} tokens", positions[i], s.len()),
+        });
+    }
+    let hp = target.hook();
+    let mut out = PooledFeatures {
+        d: target.hook_width(),
+        rows: Vec::with_capacity(sequences.len() * target.hook_width()),
+    };
+    for (chunk, pos) in sequences.chunks(batch).zip(positions.chunks(batch)) {
+        let (tokens, mask) = model.pad_batch(chunk, 0, false)?;
+        let mut hooks = transformer_hooks::Hooks::new()
+            .capture(hp)
+            .stop_at_deepest_capture();
+        let cache = model.forward_masked(&tokens, &mask, &mut hooks)?.cache;
+        let h = cache.require(hp)?.to_dtype(candle_core::DType::F32)?;
+        for (row, &p) in pos.iter().enumerate() {
+            out.rows.extend(h.get(row)?.get(p)?.to_vec1::<f32>()?);
+        }
+        if let Some(pb) = progress {
+            pb.inc(chunk.len() as u64);
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -951,6 +1014,59 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../transformer-hooks/tests/fixtures/tiny/llama");
         Model::load(&dir, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn token_activations_are_each_sequences_own_at_its_position() {
+        let model = tiny_llama();
+        let hook = "blocks.0.hook_resid_post";
+        let hp: HookPoint = hook.parse().unwrap();
+        let seqs: Vec<Vec<u32>> = (0..5u32)
+            .map(|s| (0..4 + 3 * s).map(|t| 1 + (s * 13 + t * 5) % 100).collect())
+            .collect();
+        let positions = [3, 0, 9, 12, 5];
+        let got = token_activations(&model, hook, &seqs, &positions, 2, None).unwrap();
+        let d = model.config().d_model;
+        assert_eq!((got.d, got.rows.len()), (d, 5 * d));
+        for (i, ids) in seqs.iter().enumerate() {
+            // Each sequence alone, unpadded.
+            let t = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+            let h = model.run_with_cache(&t, &[hp]).unwrap();
+            let want: Vec<f32> = h
+                .require(hp)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .get(positions[i])
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for j in 0..d {
+                assert!(
+                    (got.rows[i * d + j] - want[j]).abs() < 1e-4,
+                    "sequence {i} dim {j}: {} vs {}",
+                    got.rows[i * d + j],
+                    want[j]
+                );
+            }
+        }
+        let e = token_activations(&model, hook, &seqs, &[3, 0, 10, 12, 5], 2, None).unwrap_err();
+        assert!(
+            e.to_string().contains("10 in a sequence of 10 tokens"),
+            "{e}"
+        );
+        let e = token_activations(&model, hook, &seqs, &[1, 2], 2, None).unwrap_err();
+        assert!(e.to_string().contains("one per sequence (5)"), "{e}");
+        let e = token_activations(
+            &model,
+            "blocks.9.hook_resid_post",
+            &seqs,
+            &positions,
+            2,
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("blocks.9"), "{e}");
     }
 
     #[test]
