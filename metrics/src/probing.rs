@@ -1041,13 +1041,8 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            for j in 0..d {
-                assert!(
-                    (got.rows[i * d + j] - want[j]).abs() < 1e-4,
-                    "sequence {i} dim {j}: {} vs {}",
-                    got.rows[i * d + j],
-                    want[j]
-                );
+            for (j, (g, w)) in got.rows[i * d..(i + 1) * d].iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-4, "sequence {i} dim {j}: {g} vs {w}");
             }
         }
         let e = token_activations(&model, hook, &seqs, &[3, 0, 10, 12, 5], 2, None).unwrap_err();
