@@ -43,10 +43,10 @@ use metrics::{
 use sae_workbench::sae_core::{SaeModel, SparseCodes};
 use sae_workbench::transformer_hooks::candle_core::{Device, Tensor};
 
+mod spelling;
 #[path = "../sparse_probing/tasks.rs"]
 #[allow(dead_code)]
 mod tasks;
-mod spelling;
 
 use spelling::{SUFFIX, Word, prompt, vocabulary_words, word_position};
 use tasks::Setup;
@@ -294,8 +294,14 @@ fn main() -> anyhow::Result<()> {
             recall: probes.test[l].recall,
         })
         .collect();
-    let passing = probe_rows.iter().filter(|p| p.f1 > cfg.min_probe_f1).count();
-    eprintln!("letter probes: {passing} of 26 above F1 {}", cfg.min_probe_f1);
+    let passing = probe_rows
+        .iter()
+        .filter(|p| p.f1 > cfg.min_probe_f1)
+        .count();
+    eprintln!(
+        "letter probes: {passing} of 26 above F1 {}",
+        cfg.min_probe_f1
+    );
 
     let mut saes = BTreeMap::new();
     for (sae, name) in setup.saes.iter().zip(&setup.names) {
@@ -447,9 +453,9 @@ fn plot_by_letter(r: &Results, out: &Path) -> anyhow::Result<()> {
         }
         plot_lines(
             &series,
-            &format!("{title} at {} (letters whose probe passes F1 0.6)", r.hook),
-            "letter (0 = a ... 25 = z)",
-            "share of the probe's true positives",
+            &format!("{title}, {}", r.hook),
+            "letter (0 = a ... 25 = z; letters whose probe passes F1 0.6)",
+            "mean over the words the probe reads",
             false,
             &out.join(file),
         )?;

@@ -87,7 +87,9 @@ mod tests {
     #[test]
     fn words_are_letters_after_at_most_one_space() {
         assert!(is_word(" cat") && is_word("Cat") && is_word("x"));
-        for bad in ["", " ", "  cat", "cat ", "can't", "naïve", "a1", "\ncat", " C++"] {
+        for bad in [
+            "", " ", "  cat", "cat ", "can't", "naïve", "a1", "\ncat", " C++",
+        ] {
             assert!(!is_word(bad), "{bad:?}");
         }
         assert_eq!(letter_of(" Zebra"), Some(25));
@@ -105,7 +107,10 @@ mod tests {
         assert_eq!(lines.len(), 4);
         assert_eq!(lines[3], " cat has the first letter:");
         for l in &lines[..3] {
-            assert!(!l.starts_with(" cat "), "the word itself is not an example: {p:?}");
+            assert!(
+                !l.starts_with(" cat "),
+                "the word itself is not an example: {p:?}"
+            );
             let (w, answer) = l.split_once(" has the first letter: ").unwrap();
             let first = w.trim_start().chars().next().unwrap().to_ascii_uppercase();
             assert_eq!(answer, first.to_string(), "{l}");
@@ -134,7 +139,9 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let mut found = 0;
         for w in words.iter().step_by(97) {
-            let ids = tok.encode(&prompt(&w.text, &texts, 10, &mut rng), false).unwrap();
+            let ids = tok
+                .encode(&prompt(&w.text, &texts, 10, &mut rng), false)
+                .unwrap();
             if let Some(p) = word_position(&ids, &suffix, w.id) {
                 assert_eq!(tok.decode(&ids[p..p + 1]).unwrap(), w.text);
                 found += 1;

@@ -787,6 +787,15 @@ mod tests {
         );
         assert!((w.absorption_fraction - 0.75).abs() < 1e-12, "{w:?}");
         assert!(!w.full_absorption, "the main latent fired");
+        // Uncapped: main 0.5 and one absorber 1.0 of 2.0: the absorber's share of the two.
+        let w = word_absorption(
+            2,
+            2.0,
+            &[latent(0, 0.5, 0.9), latent(3, 1.0, 0.3)],
+            &main,
+            &cfg,
+        );
+        assert!((w.absorption_fraction - 1.0 / 1.5).abs() < 1e-12, "{w:?}");
         // A latent at cosine 0.05 is no absorber (0.1), but can fully absorb (0.025).
         let w = word_absorption(3, 2.0, &[latent(3, 1.5, 0.05)], &main, &cfg);
         assert_eq!(w.absorption_fraction, 0.0);
@@ -903,7 +912,9 @@ mod tests {
 
     /// Three classes along e0, e1, e2 of a 6-wide hook. Latents 0-2 are the classes' own; latents
     /// 3, 4, 5 are "token" latents along (e0 + e3/e4/e5)/√2 that each replace latent 0 on one
-    /// held-out word of class 0 (and on two training words each).
+    /// held-out word of class 0 (and on two training words each). Their decoder rows have norm 4
+    /// (their codes a quarter), so a latent's projection is its row's, not its cosine. One more
+    /// held-out word of class 0 looks like class 1 (latent 1), and the probe misses it.
     fn absorbed_world() -> (SaeModel, Split, Split) {
         let (d_in, d_sae) = (6, 6);
         let s = std::f32::consts::FRAC_1_SQRT_2;
@@ -912,8 +923,8 @@ mod tests {
             w_dec[c * d_in + c] = 1.0;
         }
         for t in 3..6 {
-            w_dec[t * d_in] = s;
-            w_dec[t * d_in + t] = s;
+            w_dec[t * d_in] = 4.0 * s;
+            w_dec[t * d_in + t] = 4.0 * s;
         }
         let sae = sae_with_decoder(d_in, d_sae, w_dec.clone());
         let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -929,7 +940,10 @@ mod tests {
                     } else {
                         c
                     };
-                    let a: f32 = rng.random_range(1.5..2.5);
+                    let mut a: f32 = rng.random_range(1.5..2.5);
+                    if latent >= 3 {
+                        a /= 4.0;
+                    }
                     for j in 0..d_in {
                         x.push(a * w_dec[latent * d_in + j] + rng.random_range(-0.1..0.1));
                     }
@@ -937,10 +951,17 @@ mod tests {
                     rows.push(vec![(latent as u32, a)]);
                 }
             }
-            (x, labels, SparseCodes::from_rows(d_sae, rows))
+            (x, labels, rows)
         };
-        let (xtr, ltr, ctr) = make(60, 2);
-        let (xte, lte, cte) = make(40, 1);
+        let (xtr, ltr, rtr) = make(60, 2);
+        let (mut xte, mut lte, mut rte) = make(40, 1);
+        xte.extend([0.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
+        lte.push(0);
+        rte.push(vec![(1, 2.0)]);
+        let (ctr, cte) = (
+            SparseCodes::from_rows(d_sae, rtr),
+            SparseCodes::from_rows(d_sae, rte),
+        );
         (sae, (xtr, ltr, ctr), (xte, lte, cte))
     }
 
@@ -968,8 +989,10 @@ mod tests {
         };
         let res = feature_absorption(&sae, &probes, &ctr, &ltr, test, &cte, &cfg).unwrap();
         let c0 = &res.classes[0];
-        // Each token latent adds one word of 40 (F1 +0.013): not a split of the class latent.
+        // Each token latent adds one word of 41 (F1 +0.013): not a split of the class latent.
         assert_eq!(c0.split_features, vec![0], "{:?}", c0.k_sparse);
+        // 41 held-out words of class 0, one of which the probe misreads.
+        assert_eq!(lte.iter().filter(|&&l| l == 0).count(), 41);
         assert_eq!(c0.probe_true_positives, 40);
         let absorbed: Vec<&WordAbsorption> =
             c0.words.iter().filter(|w| w.full_absorption).collect();
@@ -1021,7 +1044,7 @@ mod tests {
         let e = err(feature_absorption(
             &sae, &probes, &ctr, &ltr, test, &ctr, &cfg,
         ));
-        assert!(e.contains("test codes") && e.contains("120 rows"), "{e}");
+        assert!(e.contains("test codes") && e.contains("121 rows"), "{e}");
         // Codes of another SAE's width.
         let wide = SparseCodes::from_rows(7, vec![vec![]; 180]);
         let e = err(feature_absorption(
