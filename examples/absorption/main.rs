@@ -582,6 +582,68 @@ fn report(r: &Results) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sae_workbench::transformer_hooks::{Model, assets};
+
+    /// The model knows a word's first letter at the word's token, and not at the newline just
+    /// before it (which has not seen the word): the probes read where the prompt says.
+    #[test]
+    fn the_model_knows_the_first_letter_at_the_words_token_and_not_before_it() {
+        let Some(path) = assets::asset_or_skip(assets::SMOLLM2) else {
+            return;
+        };
+        let model = Model::load(&path, &Device::Cpu).unwrap();
+        let tok = model.tokenizer().unwrap();
+        let bos = tok.bos_id().or(model.config().bos_token_id);
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        // Five common letters, whole words with a leading space.
+        let keep = [b'c', b'm', b'p', b's', b't'].map(|c| (c - b'a') as usize);
+        let mut words: Vec<Word> = vocabulary_words(tok)
+            .unwrap()
+            .into_iter()
+            .filter(|w| w.text.starts_with(' ') && w.text.len() >= 5 && keep.contains(&w.letter))
+            .map(|w| Word {
+                letter: keep.iter().position(|&l| l == w.letter).unwrap(),
+                ..w
+            })
+            .collect();
+        words.shuffle(&mut rng);
+        words.truncate(600);
+        let (tr, te) = words.split_at(450);
+        let (train, dropped) = build_split(tr, tok, bos, 10, &mut rng).unwrap();
+        let (test, _) = build_split(te, tok, bos, 10, &mut rng).unwrap();
+        assert!(dropped < 10, "{dropped} of 450 words lost their token");
+        let hook = "blocks.4.hook_resid_post";
+        let (ltr, lte) = (train.labels(), test.labels());
+        let mean_f1 = |shift: usize| {
+            let read = |s: &Split| {
+                let at: Vec<usize> = s.positions.iter().map(|p| p - shift).collect();
+                token_activations(&model, hook, &s.sequences, &at, 16, None).unwrap()
+            };
+            let (a, b) = (read(&train), read(&test));
+            let probes = AbsorptionProbes::fit(
+                LabelledFeatures {
+                    x: &a.rows,
+                    d: a.d,
+                    labels: &ltr,
+                },
+                LabelledFeatures {
+                    x: &b.rows,
+                    d: b.d,
+                    labels: &lte,
+                },
+                5,
+                1.0,
+                None,
+            )
+            .unwrap();
+            probes.test.iter().map(|s| s.f1).sum::<f64>() / 5.0
+        };
+        let at_word = mean_f1(0);
+        let before = mean_f1(1);
+        eprintln!("mean F1 at the word's token {at_word:.3}, at the newline before it {before:.3}");
+        assert!(at_word > 0.7, "F1 {at_word:.3} at the word's token");
+        assert!(before < 0.45, "F1 {before:.3} at the newline before it");
+    }
 
     #[test]
     fn bad_numbers_are_refused_naming_the_flag() {
