@@ -74,7 +74,7 @@ struct Args {
     #[arg(long, value_parser = sae_workbench::cli::fraction, default_value_t = 0.8)]
     train_fraction: f64,
     /// Solved examples in each prompt (SAEBench: 10).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 10)]
     icl: usize,
     /// Largest k of the k-sparse probes (SAEBench: 10).
     #[arg(long, value_parser = sae_workbench::cli::at_least_one, default_value_t = 10)]
@@ -213,9 +213,6 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let device = sae_workbench::cli::device(&args.device)
         .with_context(|| format!("--device {}", args.device))?;
-    if args.icl == 0 {
-        bail!("--icl 0: the prompt needs solved examples for the model to know the task");
-    }
     let setup = Setup::load(
         &args.sae,
         args.model.as_deref(),
@@ -653,6 +650,7 @@ mod tests {
                 ("--train-fraction", "1.5"),
                 ("--max-k", "0"),
                 ("--batch-size", "0"),
+                ("--icl", "0"),
             ],
         );
     }

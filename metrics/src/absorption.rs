@@ -132,11 +132,11 @@ impl AbsorptionProbes {
         c: f64,
         progress: Option<&ProgressBar>,
     ) -> Result<Self> {
-        train.check("absorption training", n_classes)?;
-        test.check("absorption test", n_classes)?;
+        train.check("training word", n_classes)?;
+        test.check("held-out word", n_classes)?;
         if train.d != test.d {
             return Err(shape_err(
-                "absorption test activations",
+                "held-out word features",
                 format!("rows of {} values, as the training rows", train.d),
                 format!("rows of {}", test.d),
             ));
@@ -312,10 +312,10 @@ fn check_inputs(
             ),
         });
     }
-    test.check("absorption test", n_classes)?;
+    test.check("held-out word", n_classes)?;
     if test.d != sae.d_in() {
         return Err(shape_err(
-            "absorption test activations",
+            "held-out word features",
             format!("rows of the SAE's d_in = {}", sae.d_in()),
             format!("rows of {}", test.d),
         ));
@@ -345,7 +345,9 @@ fn check_inputs(
                 format!("{} rows of {}", codes.n_tokens, codes.d_sae),
             ));
         }
-        check_finite(&codes.values, || format!("an absorption {what} value"))?;
+        check_finite(&codes.values, || {
+            format!("a value of the absorption {what}")
+        })?;
     }
     if cfg.max_k == 0 || cfg.max_absorbers == 0 {
         return Err(MetricsError::InvalidArgument {
@@ -1065,7 +1067,7 @@ mod tests {
         let e = err(feature_absorption(
             &sae, &probes, &ctr, &ltr, t2, &cte, &cfg,
         ));
-        assert!(e.contains("NaN") || e.contains("finite"), "{e}");
+        assert_eq!(e, "a held-out word feature is not finite (NaN)");
         // A label beyond the probes' classes.
         let mut l2 = ltr.clone();
         l2[0] = 3;
