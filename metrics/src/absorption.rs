@@ -912,6 +912,19 @@ mod tests {
     /// Activations, labels and codes of one split.
     type Split = (Vec<f32>, Vec<usize>, SparseCodes);
 
+    fn features<'a>(split: &'a Split) -> LabelledFeatures<'a> {
+        LabelledFeatures {
+            x: &split.0,
+            d: 6,
+            labels: &split.1,
+        }
+    }
+
+    /// The world's letter probes, fitted on its training split.
+    fn world_probes(train: &Split, test: &Split) -> AbsorptionProbes {
+        AbsorptionProbes::fit(features(train), features(test), 3, 1.0, None).unwrap()
+    }
+
     /// Three classes along e0, e1, e2 of a 6-wide hook. Latents 0-2 are the classes' own; latents
     /// 3, 4, 5 are "token" latents along (e0 + e3/e4/e5)/√2 that each replace latent 0 on one
     /// held-out word of class 0 (and on two training words each). Their decoder rows have norm 4
@@ -969,18 +982,10 @@ mod tests {
 
     #[test]
     fn token_latents_that_replace_the_class_latent_are_found_absorbing_it() {
-        let (sae, (xtr, ltr, ctr), (xte, lte, cte)) = absorbed_world();
-        let train = LabelledFeatures {
-            x: &xtr,
-            d: 6,
-            labels: &ltr,
-        };
-        let test = LabelledFeatures {
-            x: &xte,
-            d: 6,
-            labels: &lte,
-        };
-        let probes = AbsorptionProbes::fit(train, test, 3, 1.0, None).unwrap();
+        let (sae, tr, te) = absorbed_world();
+        let probes = world_probes(&tr, &te);
+        let ((_, ltr, ctr), (_, lte, cte)) = (&tr, &te);
+        let test = features(&te);
         for s in &probes.test {
             assert!(s.f1 > 0.95, "the classes are linear: {s:?}");
         }
@@ -989,7 +994,7 @@ mod tests {
             max_k: 4,
             ..AbsorptionConfig::default()
         };
-        let res = feature_absorption(&sae, &probes, &ctr, &ltr, test, &cte, &cfg).unwrap();
+        let res = feature_absorption(&sae, &probes, ctr, ltr, test, cte, &cfg).unwrap();
         let c0 = &res.classes[0];
         // Each token latent adds one word of 41 (F1 +0.013): not a split of the class latent.
         assert_eq!(c0.split_features, vec![0], "{:?}", c0.k_sparse);
@@ -1022,35 +1027,25 @@ mod tests {
             min_classes: 4,
             ..cfg
         };
-        let res = feature_absorption(&sae, &probes, &ctr, &ltr, test, &cte, &strict).unwrap();
+        let res = feature_absorption(&sae, &probes, ctr, ltr, test, cte, &strict).unwrap();
         assert!(res.summary.is_none());
     }
 
     #[test]
     fn bad_inputs_are_named() {
-        let (sae, (xtr, ltr, ctr), (xte, lte, cte)) = absorbed_world();
-        let train = LabelledFeatures {
-            x: &xtr,
-            d: 6,
-            labels: &ltr,
-        };
-        let test = LabelledFeatures {
-            x: &xte,
-            d: 6,
-            labels: &lte,
-        };
-        let probes = AbsorptionProbes::fit(train, test, 3, 1.0, None).unwrap();
+        let (sae, tr, te) = absorbed_world();
+        let probes = world_probes(&tr, &te);
+        let ((xtr, ltr, ctr), (xte, lte, cte)) = (&tr, &te);
+        let test = features(&te);
         let cfg = AbsorptionConfig::default();
         let err = |r: Result<Absorption>| r.unwrap_err().to_string();
         // Codes of the training rows given for the test rows.
-        let e = err(feature_absorption(
-            &sae, &probes, &ctr, &ltr, test, &ctr, &cfg,
-        ));
+        let e = err(feature_absorption(&sae, &probes, ctr, ltr, test, ctr, &cfg));
         assert!(e.contains("test codes") && e.contains("121 rows"), "{e}");
         // Codes of another SAE's width.
         let wide = SparseCodes::from_rows(7, vec![vec![]; 180]);
         let e = err(feature_absorption(
-            &sae, &probes, &wide, &ltr, test, &cte, &cfg,
+            &sae, &probes, &wide, ltr, test, cte, &cfg,
         ));
         assert!(
             e.contains("training codes") && e.contains("6 latents"),
@@ -1062,38 +1057,34 @@ mod tests {
         let t2 = LabelledFeatures {
             x: &bad,
             d: 6,
-            labels: &lte,
+            labels: lte,
         };
-        let e = err(feature_absorption(
-            &sae, &probes, &ctr, &ltr, t2, &cte, &cfg,
-        ));
+        let e = err(feature_absorption(&sae, &probes, ctr, ltr, t2, cte, &cfg));
         assert_eq!(e, "a held-out word feature is not finite (NaN)");
         // A label beyond the probes' classes.
         let mut l2 = ltr.clone();
         l2[0] = 3;
-        let e = err(feature_absorption(
-            &sae, &probes, &ctr, &l2, test, &cte, &cfg,
-        ));
+        let e = err(feature_absorption(&sae, &probes, ctr, &l2, test, cte, &cfg));
         assert!(e.contains("class 3"), "{e}");
         // Probes of another count, and a zero max_k.
         let two = AbsorptionProbes {
             probes: probes.probes[..2].to_vec(),
             test: probes.test.clone(),
         };
-        let e = err(feature_absorption(&sae, &two, &ctr, &ltr, test, &cte, &cfg));
+        let e = err(feature_absorption(&sae, &two, ctr, ltr, test, cte, &cfg));
         assert!(e.contains("2 probes with 3 test scores"), "{e}");
         let zero = AbsorptionConfig {
             max_k: 0,
             ..AbsorptionConfig::default()
         };
         let e = err(feature_absorption(
-            &sae, &probes, &ctr, &ltr, test, &cte, &zero,
+            &sae, &probes, ctr, ltr, test, cte, &zero,
         ));
         assert!(e.contains("max_k"), "{e}");
         // A class without training rows.
         let only01: Vec<usize> = ltr.iter().map(|&l| l.min(1)).collect();
         let t01 = LabelledFeatures {
-            x: &xtr,
+            x: xtr,
             d: 6,
             labels: &only01,
         };
