@@ -401,54 +401,13 @@ fn evaluate_class(
     let n_split = split_count(&f1s, cfg.f1_jump_threshold);
     let split_features: Vec<usize> = ranking[..n_split].to_vec();
 
-    // The probe's unit direction and each latent's decoder projection and cosine along it.
-    let norm = probe.weights.iter().map(|w| w * w).sum::<f64>().sqrt();
-    let p_hat: Vec<f64> = probe
-        .weights
-        .iter()
-        .map(|w| if norm > 0.0 { w / norm } else { 0.0 })
-        .collect();
-    let along: Vec<f64> = w_dec
-        .iter()
-        .map(|row| row.iter().zip(&p_hat).map(|(&r, p)| f64::from(r) * p).sum())
-        .collect();
-    let cos: Vec<f64> = w_dec
-        .iter()
-        .zip(&along)
-        .map(|(row, a)| {
-            let n = row
-                .iter()
-                .map(|&r| f64::from(r).powi(2))
-                .sum::<f64>()
-                .sqrt();
-            if n > 0.0 { a / n } else { 0.0 }
-        })
-        .collect();
-
+    let frame = ProbeFrame::new(&probe.weights, w_dec);
     let mut words = Vec::new();
     for (row, x) in test.x.chunks(test.d).enumerate() {
         if !y_test[row] || probe.decision(x) <= 0.0 {
             continue;
         }
-        let probe_projection: f64 = x.iter().zip(&p_hat).map(|(&v, p)| f64::from(v) * p).sum();
-        let (fs, vs) = test_codes.row(row);
-        let active: Vec<LatentProjection> = fs
-            .iter()
-            .zip(vs)
-            .map(|(&f, &a)| LatentProjection {
-                feature: f as usize,
-                activation: a,
-                projection: f64::from(a) * along[f as usize],
-                cos: cos[f as usize],
-            })
-            .collect();
-        words.push(word_absorption(
-            row,
-            probe_projection,
-            &active,
-            &split_features,
-            cfg,
-        ));
+        words.push(frame.word(row, x, test_codes.row(row), &split_features, cfg));
     }
     let probe_true_positives = words.len();
     let n_full_absorption = words.iter().filter(|w| w.full_absorption).count();
@@ -471,6 +430,68 @@ fn evaluate_class(
         full_absorption_rate: per_word(n_full_absorption as f64),
         words,
     })
+}
+
+/// One probe's unit direction `p̂` with each latent's decoder projection `W_dec[f] · p̂` and
+/// cosine along it: what SAEBench's calculator needs to judge a word.
+pub(crate) struct ProbeFrame {
+    p_hat: Vec<f64>,
+    along: Vec<f64>,
+    cos: Vec<f64>,
+}
+
+impl ProbeFrame {
+    pub(crate) fn new(probe_weights: &[f64], w_dec: &[&[f32]]) -> Self {
+        let norm = probe_weights.iter().map(|w| w * w).sum::<f64>().sqrt();
+        let p_hat: Vec<f64> = probe_weights
+            .iter()
+            .map(|w| if norm > 0.0 { w / norm } else { 0.0 })
+            .collect();
+        let along: Vec<f64> = w_dec
+            .iter()
+            .map(|row| row.iter().zip(&p_hat).map(|(&r, p)| f64::from(r) * p).sum())
+            .collect();
+        let cos = w_dec
+            .iter()
+            .zip(&along)
+            .map(|(row, a)| {
+                let n = row
+                    .iter()
+                    .map(|&r| f64::from(r).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                if n > 0.0 { a / n } else { 0.0 }
+            })
+            .collect();
+        ProbeFrame { p_hat, along, cos }
+    }
+
+    /// The verdicts on the word of test row `row`: activation `x`, code `(features, values)`.
+    pub(crate) fn word(
+        &self,
+        row: usize,
+        x: &[f32],
+        (features, values): (&[u32], &[f32]),
+        main: &[usize],
+        cfg: &AbsorptionConfig,
+    ) -> WordAbsorption {
+        let probe_projection: f64 = x
+            .iter()
+            .zip(&self.p_hat)
+            .map(|(&v, p)| f64::from(v) * p)
+            .sum();
+        let active: Vec<LatentProjection> = features
+            .iter()
+            .zip(values)
+            .map(|(&f, &a)| LatentProjection {
+                feature: f as usize,
+                activation: a,
+                projection: f64::from(a) * self.along[f as usize],
+                cos: self.cos[f as usize],
+            })
+            .collect();
+        word_absorption(row, probe_projection, &active, main, cfg)
+    }
 }
 
 /// How many of the ranked latents are main latents: k grows while its F1 beats the best so far
@@ -1092,5 +1113,112 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("class 2 has no training row"), "{e}");
+    }
+
+    /// SAEBench's own calculator (sae-bench 0.6.0) judged these words; so must `ProbeFrame`.
+    /// And sklearn's balanced logistic regressions, which SAEBench's k-sparse probes are.
+    /// (`scripts/absorption_fixtures.py` wrote the file.)
+    #[test]
+    fn words_and_balanced_probes_match_saebench_and_sklearn() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/absorption/saebench.json");
+        let fixture: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let floats = |v: &serde_json::Value| -> Vec<f64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let cfg = AbsorptionConfig::default();
+        let mut judged = 0;
+        for problem in fixture["words"].as_array().unwrap() {
+            let (d_in, d_sae) = (
+                problem["d_in"].as_u64().unwrap() as usize,
+                problem["d_sae"].as_u64().unwrap() as usize,
+            );
+            let to_f32 = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+            let w_dec = to_f32(floats(&problem["w_dec"]));
+            let acts = to_f32(floats(&problem["acts"]));
+            let dense = to_f32(floats(&problem["codes"]));
+            let main: Vec<usize> = problem["main"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m.as_u64().unwrap() as usize)
+                .collect();
+            let rows: Vec<&[f32]> = w_dec.chunks(d_in).collect();
+            let frame = ProbeFrame::new(&floats(&problem["probe"]), &rows);
+            let n = acts.len() / d_in;
+            let codes = SparseCodes::from_dense(&dense, n, d_sae);
+            for (i, want) in problem["words"].as_array().unwrap().iter().enumerate() {
+                let got = frame.word(
+                    i,
+                    &acts[i * d_in..(i + 1) * d_in],
+                    codes.row(i),
+                    &main,
+                    &cfg,
+                );
+                // SAEBench rounds the cosines to f32, so latent projections agree to about 1e-8.
+                let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs().max(1.0);
+                let (fraction, projection) = (
+                    want["absorption_fraction"].as_f64().unwrap(),
+                    want["probe_projection"].as_f64().unwrap(),
+                );
+                assert!(
+                    close(got.probe_projection, projection),
+                    "word {i}: {got:?} vs {want}"
+                );
+                assert!(
+                    close(got.absorption_fraction, fraction),
+                    "word {i}: {got:?} vs {want}"
+                );
+                assert_eq!(
+                    got.full_absorption,
+                    want["full_absorption"].as_bool().unwrap(),
+                    "word {i}: {got:?} vs {want}"
+                );
+                // SAEBench ranks inactive latents at 0 too; where an active one leads, it is ours.
+                let top = want["top_projection"].as_f64().unwrap();
+                if top > 0.0 {
+                    assert_eq!(
+                        got.top_feature,
+                        Some(want["top_feature"].as_u64().unwrap() as usize)
+                    );
+                    assert!(close(got.top_projection, top), "word {i}: {} vs {top}", got.top_projection);
+                }
+                judged += 1;
+            }
+        }
+        assert_eq!(judged, 160);
+        for problem in fixture["balanced"].as_array().unwrap() {
+            let d = problem["d"].as_u64().unwrap() as usize;
+            let x: Vec<f32> = floats(&problem["x"])
+                .into_iter()
+                .map(|v| v as f32)
+                .collect();
+            let y: Vec<bool> = problem["y"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_bool().unwrap())
+                .collect();
+            let p = LogisticProbe::fit_balanced(&x, d, &y, 1.0).unwrap();
+            for (a, b) in p.weights.iter().zip(floats(&problem["coef"])) {
+                assert!(
+                    (a - b).abs() < 1e-5 * b.abs().max(1.0),
+                    "{:?} vs {}",
+                    p.weights,
+                    problem["coef"]
+                );
+            }
+            let b = problem["intercept"].as_f64().unwrap();
+            assert!(
+                (p.bias - b).abs() < 1e-5 * b.abs().max(1.0),
+                "{} vs {b}",
+                p.bias
+            );
+        }
     }
 }
