@@ -1186,7 +1186,11 @@ mod tests {
                         got.top_feature,
                         Some(want["top_feature"].as_u64().unwrap() as usize)
                     );
-                    assert!(close(got.top_projection, top), "word {i}: {} vs {top}", got.top_projection);
+                    assert!(
+                        close(got.top_projection, top),
+                        "word {i}: {} vs {top}",
+                        got.top_projection
+                    );
                 }
                 judged += 1;
             }
