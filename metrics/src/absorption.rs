@@ -379,11 +379,19 @@ fn evaluate_class(
     let y_train: Vec<bool> = train_labels.iter().map(|&l| l == class).collect();
     let y_test: Vec<bool> = test.labels.iter().map(|&l| l == class).collect();
     let ranking = l1_ranking(train_codes, &y_train, cfg.l1_penalty, cfg.l1_max_iterations);
+    // The top `max_k` latents' columns, read from the codes once; each k takes a prefix.
+    let top = &ranking[..cfg.max_k.min(ranking.len())];
+    let (all_tr, all_te) = (columns(train_codes, top), columns(test_codes, top));
+    let prefix = |all: &[f32], k: usize| -> Vec<f32> {
+        all.chunks(top.len().max(1))
+            .flat_map(|row| row[..k].iter().copied())
+            .collect()
+    };
     let mut k_sparse = Vec::with_capacity(cfg.max_k);
-    for k in 1..=cfg.max_k.min(ranking.len()) {
+    for k in 1..=top.len() {
         let features = ranking[..k].to_vec();
-        let xtr = columns(train_codes, &features);
-        let xte = columns(test_codes, &features);
+        let xtr = prefix(&all_tr, k);
+        let xte = prefix(&all_te, k);
         let scores = if y_train.contains(&true) && y_train.contains(&false) {
             let p = LogisticProbe::fit_balanced(&xtr, k, &y_train, cfg.c)?;
             let predicted: Vec<bool> = xte.chunks(k).map(|r| p.decision(r) > 0.0).collect();
